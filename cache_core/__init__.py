@@ -1,0 +1,24 @@
+"""cache_core: which tokens of each video chunk to recompute at every denoising step.
+
+Model-agnostic (torch only, no ComfyUI, no MAGI-1): the sampler asks a per-run ``CacheState`` what to
+compute, runs its model on those tokens, and hands the velocity back.
+"""
+
+from .policy import MODES, PROXIES, CachePolicy
+from .state import ACTIONS, CacheState, ChunkStep, Decision, StepRecord
+from .weights import COMBINE_MODES, combine_weights, detail_weights, motion_weights
+
+__all__ = [
+    "ACTIONS",
+    "COMBINE_MODES",
+    "MODES",
+    "PROXIES",
+    "CachePolicy",
+    "CacheState",
+    "ChunkStep",
+    "Decision",
+    "StepRecord",
+    "combine_weights",
+    "detail_weights",
+    "motion_weights",
+]

@@ -1,0 +1,162 @@
+"""CachePolicy: every knob of the caching schedule, immutable and validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .state import CacheState
+from .weights import COMBINE_MODES, check_window
+
+MODES = ("off", "teacache", "flowcache", "motion", "motion_detail")
+PROXIES = ("latent", "denoised")
+
+
+@dataclass(frozen=True)
+class CachePolicy:
+    """How a sampling run decides which tokens of each chunk to recompute at every step.
+
+    Defaults reproduce the released MotionCache MAGI-1 configuration (warm-up 5, chunk-wise phase 20,
+    τ 0.0065, motion floor 0.6) with the MotionDetailCache defaults, plus the fixes to the released
+    code: guaranteed final full steps and velocity reuse rescaled by the current step size.
+
+    Phases of one chunk, from its own step counter k (0-based) out of ``num_steps``:
+
+    * ``k < warmup_steps``: always computed;
+    * ``k < warmup_steps + chunk_wise_steps``: the whole chunk is reused or recomputed (FlowCache);
+    * later: per-token masks (``motion`` / ``motion_detail``);
+    * ``k >= num_steps - final_full_steps``: always computed.
+
+    ``flowcache`` stays chunk-wise after warm-up; ``teacache`` makes one decision for the whole window.
+    """
+
+    mode: str = "motion_detail"
+    # Token-wise threshold τ: a token is recomputed once its accumulated weighted change reaches τ.
+    tau: float = 0.0065
+    # Chunk-level threshold (chunk-wise phase, flowcache, teacache); None means the same as tau.
+    chunk_tau: Optional[float] = None
+    warmup_steps: int = 5
+    chunk_wise_steps: int = 20
+    final_full_steps: int = 2
+    motion_floor: float = 0.6
+    motion_power: float = 1.0
+    detail_alpha: float = 0.5  # floor of the detail weights
+    detail_window_size: int = 3
+    detail_lambda: float = 0.5  # detail share of the "blend" combine mode
+    weight_combine_mode: str = "max"
+    # Weights from the noisy latent x_t (as released) or from the denoised estimate x_t + (1 - t)·v.
+    proxy: str = "latent"
+    # Most consecutive steps one token may be reused before it is forced fresh; None = no cap.
+    max_reuse: Optional[int] = None
+    # A sparse update touching fewer than this fraction of a chunk's tokens is deferred (tokens keep
+    # accumulating) unless a token is forced by max_reuse.
+    min_active_ratio: float = 0.0
+    # Reused tokens advance with cached velocity × current step size; False reproduces the released
+    # code, which re-applies the old displacement (cached velocity × the step size it was computed at).
+    rescale_reused_velocity: bool = True
+
+    def __post_init__(self):
+        _choice("mode", self.mode, MODES)
+        _number("tau", self.tau, low=0.0)
+        if self.chunk_tau is not None:
+            _number("chunk_tau", self.chunk_tau, low=0.0)
+        _integer("warmup_steps", self.warmup_steps, low=0)
+        _integer("chunk_wise_steps", self.chunk_wise_steps, low=0)
+        _integer("final_full_steps", self.final_full_steps, low=0)
+        _number("motion_floor", self.motion_floor, low=0.0, high=1.0)
+        _number("motion_power", self.motion_power, low=0.0, low_open=True)
+        _number("detail_alpha", self.detail_alpha, low=0.0, high=1.0)
+        check_window("detail_window_size", self.detail_window_size, math.inf, math.inf)
+        _number("detail_lambda", self.detail_lambda, low=0.0, high=1.0)
+        _choice("weight_combine_mode", self.weight_combine_mode, COMBINE_MODES)
+        _choice("proxy", self.proxy, PROXIES)
+        if self.max_reuse is not None:
+            _integer("max_reuse", self.max_reuse, low=1, none_hint=True)
+        _number("min_active_ratio", self.min_active_ratio, low=0.0, high=1.0)
+        if not isinstance(self.rescale_reused_velocity, bool):
+            raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
+
+    @property
+    def enabled(self):
+        return self.mode != "off"
+
+    @property
+    def chunk_threshold(self):
+        return self.tau if self.chunk_tau is None else self.chunk_tau
+
+    @property
+    def uses_token_weights(self):
+        return self.mode in ("motion", "motion_detail")
+
+    def new_state(self, *, num_steps, chunk_shape, patch=(2, 2)):
+        """Fresh per-run memory for this policy (create one per sampling run, drop it afterwards)."""
+        return CacheState(self, num_steps=num_steps, chunk_shape=chunk_shape, patch=patch)
+
+    def replace(self, **changes):
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def phase(self, step, num_steps):
+        """Which phase a chunk is in at its own step ``step`` of ``num_steps``.
+
+        One of "off", "warmup", "final", "window" (teacache), "chunk" or "token".
+        """
+        if self.mode == "off":
+            return "off"
+        if step < self.warmup_steps:
+            return "warmup"
+        if step >= num_steps - self.final_full_steps:
+            return "final"
+        if self.mode == "teacache":
+            return "window"
+        if self.mode == "flowcache" or step < self.warmup_steps + self.chunk_wise_steps:
+            return "chunk"
+        return "token"
+
+    # Presets. Provisional values: the benchmark issue calibrates them on the tiny model.
+    @classmethod
+    def slow(cls, **overrides):
+        """Quality first: the released MotionCache threshold with a reuse cap."""
+        return cls(**{"tau": 0.0065, "max_reuse": 4, **overrides})
+
+    @classmethod
+    def fast(cls, **overrides):
+        """Speed first: twice the threshold, fewer guaranteed refreshes."""
+        return cls(**{"tau": 0.013, "max_reuse": 6, "final_full_steps": 1, **overrides})
+
+    @classmethod
+    def preset(cls, name, **overrides):
+        """The named preset: "off", "slow", "fast", or "default" (the released configuration)."""
+        if name == "off":
+            return cls(**{"mode": "off", **overrides})
+        if name == "slow":
+            return cls.slow(**overrides)
+        if name == "fast":
+            return cls.fast(**overrides)
+        if name == "default":
+            return cls(**overrides)
+        raise ValueError(f"preset must be one of ('off', 'default', 'slow', 'fast'), got {name!r}")
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _number(name, value, *, low=None, high=None, low_open=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if low is not None and (value <= low if low_open else value < low):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, got {value!r}")
+
+
+def _integer(name, value, *, low, none_hint=False):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < low:
+        hint = " (use None for no cap)" if none_hint else ""
+        raise ValueError(f"{name} must be >= {low}{hint}, got {value}")
