@@ -130,11 +130,10 @@ class CacheState:
     def decide(self, chunk_steps):
         """Decide, for every chunk of the window at this step, what to compute. One host sync at most."""
         policy = self.policy
+        self._check_window(chunk_steps)  # before anything changes: a bad call leaves the state as it was
         plans = []
         for cs in chunk_steps:
             mem = self._chunks.setdefault(cs.chunk_id, _ChunkMemory())
-            if mem.pending is not None:
-                raise RuntimeError(f"chunk {cs.chunk_id}: velocity() was not called for its previous decision")
             delta = self._delta(mem, cs.feature) if policy.enabled else None
             phase = policy.phase(cs.step, self.num_steps)
             if phase in ("window", "chunk", "token") and (delta is None or mem.velocity is None):
@@ -172,9 +171,18 @@ class CacheState:
                 to_sync += [plan.active.sum().float(), n_forced, torch.isfinite(delta.value).float()]
         synced = torch.stack(to_sync).tolist() if to_sync else []
 
+        finite_slots = [(window_slot + 1, [p.cs.chunk_id for p in window])] if window else []
+        finite_slots += [(p.slot + 1, [p.cs.chunk_id]) for p in plans if p.phase == "chunk"]
+        finite_slots += [(p.slot + 2, [p.cs.chunk_id]) for p in plans if p.phase == "token"]
+        bad = [c for slot, ids in finite_slots if synced[slot] < 0.5 for c in ids]
+        if bad:
+            raise ValueError(
+                f"non-finite values (NaN or Inf) in the change feature of chunk(s) {bad}; "
+                "the latent diverged, so the cache cannot decide"
+            )
+
         window_reuse = False
         if window:
-            self._check_finite(synced[window_slot + 1], [p.cs.chunk_id for p in window])
             window_reuse = synced[window_slot] > 0.5
             self._window_acc = window_acc if window_reuse else None
         decisions = []
@@ -183,12 +191,10 @@ class CacheState:
             if plan.phase == "window":
                 decision = self._whole_chunk(plan, "skip" if window_reuse else "dense")
             elif plan.phase == "chunk":
-                self._check_finite(synced[plan.slot + 1], [cs.chunk_id])
                 reuse = synced[plan.slot] > 0.5
                 mem.chunk_acc = plan.cand if reuse else None
                 decision = self._whole_chunk(plan, "skip" if reuse else "dense")
             elif plan.phase == "token":
-                self._check_finite(synced[plan.slot + 2], [cs.chunk_id])
                 decision = self._token_decision(plan, int(synced[plan.slot]), int(synced[plan.slot + 1]))
             else:  # off, warmup, final, forced: computed, accumulators cleared
                 mem.chunk_acc = None
@@ -209,14 +215,17 @@ class CacheState:
         sparse decision are read; may be None for a skip). For a dense decision it is returned as is.
         Do not modify the returned tensor in place: the state keeps it for later reuse.
         """
-        mem = self._chunks[decision.chunk_id]
-        if mem.pending is not decision:
+        mem = self._chunks.get(decision.chunk_id)
+        if mem is None or mem.pending is not decision:
             raise RuntimeError(f"chunk {decision.chunk_id}: velocity() needs the decision decide() just returned")
-        mem.pending = None
+        if decision.action != "skip" and (velocity is None or tuple(velocity.shape) != self.chunk_shape):
+            got = None if velocity is None else tuple(velocity.shape)
+            raise ValueError(f"velocity shape {got} does not match chunk_shape {self.chunk_shape}")
         dt = float(dt)
+        if not dt > 0:
+            raise ValueError(f"dt must be > 0, got {dt}")
+        mem.pending = None
         if decision.action == "dense":
-            if tuple(velocity.shape) != self.chunk_shape:
-                raise ValueError(f"velocity shape {tuple(velocity.shape)} does not match chunk_shape {self.chunk_shape}")
             if not self.policy.enabled:
                 return velocity
             mem.velocity = velocity.detach()
@@ -241,9 +250,11 @@ class CacheState:
         once it is clean, or None for the first chunk of the video).
         """
         policy = self.policy
+        mem = self._chunks.get(chunk_id)
+        if mem is None:
+            raise RuntimeError(f"observe() for chunk {chunk_id}, which decide() has not seen (or which was released)")
         if not policy.uses_token_weights:
             return
-        mem = self._chunks[chunk_id]
         if policy.proxy == "denoised":
             if velocity is None or t is None:
                 raise ValueError('proxy="denoised" needs the velocity and the time t after the step')
@@ -270,16 +281,31 @@ class CacheState:
         self._chunks.pop(chunk_id, None)
 
     # ----------------------------------------------------------------------------------------------
+    def _check_window(self, chunk_steps):
+        ids = [cs.chunk_id for cs in chunk_steps]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"a chunk appears twice in one window step: {ids}")
+        for cs in chunk_steps:
+            mem = self._chunks.get(cs.chunk_id)
+            if mem is not None and mem.pending is not None:
+                raise RuntimeError(f"chunk {cs.chunk_id}: velocity() was not called for its previous decision")
+            if not self.policy.enabled:
+                continue
+            if not isinstance(cs.feature, torch.Tensor):
+                raise ValueError(f"mode {self.policy.mode!r} needs a change feature (a tensor) for every chunk step")
+            prev = None if mem is None else mem.prev_feature
+            if prev is not None and prev.shape != cs.feature.shape:
+                raise ValueError(
+                    f"chunk {cs.chunk_id}: feature shape changed between steps: "
+                    f"{tuple(prev.shape)} -> {tuple(cs.feature.shape)}"
+                )
+
     def _delta(self, mem, feature):
         """Relative L1 change of the feature since the chunk's previous step, or None on its first."""
-        if feature is None:
-            raise ValueError(f"mode {self.policy.mode!r} needs a change feature for every chunk step")
         feature = feature.detach()
         prev, mem.prev_feature = mem.prev_feature, feature
         if prev is None:
             return None
-        if prev.shape != feature.shape:
-            raise ValueError(f"feature shape changed between steps: {tuple(prev.shape)} -> {tuple(feature.shape)}")
         num = (feature.float() - prev.float()).abs().mean()
         den = prev.float().abs().mean()
         return _Delta(num / (den + 1e-8), num, den)
@@ -327,11 +353,3 @@ class CacheState:
         ph, pw = self.patch
         grid = token_values.view(self.token_grid)
         return grid.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2).unsqueeze(0)
-
-    @staticmethod
-    def _check_finite(flag, chunk_ids):
-        if flag < 0.5:
-            raise ValueError(
-                f"non-finite values (NaN or Inf) in the change feature of chunk(s) {chunk_ids}; "
-                "the latent diverged, so the cache cannot decide"
-            )
