@@ -1,0 +1,147 @@
+"""The pack inside a real ComfyUI: registration, node schemas, the cache node's contract, a live server.
+
+Needs a ComfyUI checkout, which CI does not have: set COMFYUI_DIR to it (and COMFYUI_PYTHON to a Python
+that has ComfyUI's requirements, if not this one). ../shared/tools/comfyui/env.sh stands one up on CPU.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR or not (Path(COMFYUI_DIR) / "main.py").exists(),
+    reason="needs a ComfyUI checkout: set COMFYUI_DIR (CI has none)",
+)
+
+# Runs inside ComfyUI's environment: ComfyUI's root is the working directory (first on sys.path).
+IN_PROCESS = textwrap.dedent(
+    """
+    import asyncio, importlib.util, logging, sys
+    from comfy.cli_args import args
+    args.cpu = True  # before comfy.model_management probes for a GPU
+    import torch
+    import comfy.model_patcher
+    from comfy_api.latest import ComfyExtension, io
+
+    spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["magipack"] = pack
+    spec.loader.exec_module(pack)
+    import nodes  # ComfyUI's own module must still be ComfyUI's
+    assert hasattr(nodes, "NODE_CLASS_MAPPINGS"), "the pack shadowed ComfyUI's nodes module"
+
+    extension = asyncio.run(pack.comfy_entrypoint())
+    assert isinstance(extension, ComfyExtension)
+    node_list = asyncio.run(extension.get_node_list())
+    assert node_list, "no nodes registered"
+    ids = set()
+    for node in node_list:
+        schema = node.GET_SCHEMA()
+        assert schema.node_id.startswith("MAGI1") and schema.node_id not in ids, schema.node_id
+        ids.add(schema.node_id)
+        assert schema.category == "MAGI-1" and schema.display_name and schema.description
+        for inp in schema.inputs:
+            assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
+            default = getattr(inp, "default", None)
+            if getattr(inp, "options", None) is not None:
+                assert default in inp.options, f"{schema.node_id}.{inp.id}"
+            elif default is not None and getattr(inp, "min", None) is not None:
+                assert inp.min <= default <= inp.max, f"{schema.node_id}.{inp.id}"
+
+    # The cache node: a clone carrying the policy; the input model untouched; stacking replaces.
+    from magipack.cache_core import CachePolicy
+    from magipack.nodes.cache_policy import MAGI1MotionDetailCache, POLICY_KEY
+    schema = MAGI1MotionDetailCache.GET_SCHEMA()
+    defaults = {inp.id: inp.default for inp in schema.inputs if inp.id != "model"}
+    device = torch.device("cpu")
+    model = comfy.model_patcher.ModelPatcher(torch.nn.Linear(2, 2), load_device=device, offload_device=device)
+    options_before = repr(model.model_options)
+    patched = MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
+    assert patched is not model and repr(model.model_options) == options_before
+    assert patched.model is model.model  # same weights, only options differ
+    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy()
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    fast = MAGI1MotionDetailCache.execute(model=patched, **{**defaults, "preset": "fast", "mode": "motion"}).result[0]
+    policy = fast.model_options["transformer_options"][POLICY_KEY]
+    assert policy == CachePolicy.fast(mode="motion"), policy
+    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy()
+    assert any("replacing it" in r.getMessage() for r in records), "stacking must warn"
+
+    try:
+        MAGI1MotionDetailCache.execute(model=model, **{**defaults, "detail_window": 4})
+    except ValueError as error:
+        assert "detail_window_size must be odd" in str(error), error
+    else:
+        raise AssertionError("an even detail window must be refused")
+    print("OK", sorted(ids))
+    """
+)
+
+
+def test_pack_registers_and_cache_node_keeps_its_contract():
+    done = subprocess.run(
+        [COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + IN_PROCESS],
+        cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "OK ['MAGI1MotionDetailCache']" in done.stdout
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_live_server_lists_the_nodes():
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "custom_nodes").mkdir()
+        (tmp / "custom_nodes" / "ComfyUI-MAGI1-MotionDetailCache").symlink_to(ROOT)
+        (tmp / "extra_model_paths.yaml").write_text(f"magi_test:\n  custom_nodes: {tmp / 'custom_nodes'}\n")
+        port = free_port()
+        log = open(tmp / "server.log", "w")
+        server = subprocess.Popen(
+            [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+             "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
+             "--output-directory", str(tmp / "output"), "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml")],
+            cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
+        )
+        try:
+            info = None
+            deadline = time.time() + 240
+            while time.time() < deadline and server.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info/MAGI1MotionDetailCache", timeout=5) as r:
+                        info = json.load(r)
+                        break
+                except OSError:
+                    time.sleep(1)
+            text = (tmp / "server.log").read_text()
+            assert info, f"server did not answer; log:\n{text[-3000:]}"
+            node = info["MAGI1MotionDetailCache"]
+            assert node["category"] == "MAGI-1" and node["output"] == ["MODEL"]
+            assert set(node["input"]["required"]) >= {"model", "mode", "tau", "detail_window", "combine_mode", "proxy"}
+            ours = [line for line in text.splitlines() if "ComfyUI-MAGI1-MotionDetailCache" in line]
+            assert ours and not any("IMPORT FAILED" in line for line in ours), "\n".join(ours)
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+            log.close()
