@@ -76,11 +76,13 @@ def combine_weights(w_motion, w_detail, mode="max", lam=0.5):
 
 def _motion_weights_unchecked(latent, prev_frame, patch, floor, power):
     x = latent.float()
-    if prev_frame is not None:
-        x = torch.cat([prev_frame.float().unsqueeze(1), x], dim=1)
-    diff = (x[:, 1:] - x[:, :-1]).abs().mean(dim=0)  # [T', H, W]: each frame against its predecessor
-    scale = x.abs().amax(dim=(0, 2, 3))  # [T' + 1]: largest magnitude of each frame
+    diff = (x[:, 1:] - x[:, :-1]).abs().mean(dim=0)  # [T-1, H, W]: frames 1.. against their predecessor
+    scale = x.abs().amax(dim=(0, 2, 3))  # [T]: largest magnitude of each frame
     noise = NOISE_FLOOR * torch.maximum(scale[1:], scale[:-1])
+    if prev_frame is not None:
+        prev = prev_frame.float()
+        diff = torch.cat([(x[:, 0] - prev).abs().mean(dim=0, keepdim=True), diff])
+        noise = torch.cat([NOISE_FLOOR * torch.maximum(scale[:1], prev.abs().amax().view(1)), noise])
     n = _normalise_per_frame(F.avg_pool2d(diff.unsqueeze(1), patch).squeeze(1), noise)
     if power != 1.0:
         n = n.pow(power)

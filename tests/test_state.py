@@ -283,6 +283,13 @@ def test_tau_zero_computes_every_token_after_warmup(mode, seed):
     assert all(d.action == "dense" and d.n_active == d.n_tokens for d in decisions)
 
 
+def test_tau_zero_computes_even_tokens_whose_weight_is_zero():
+    # motion_floor 0 gives token 3 (no motion) weight 0, so its accumulator stays exactly 0: "A >= tau"
+    # still computes it when tau = 0 (a strict ">" would reuse it forever).
+    decisions, _ = run(token_policy(tau=0.0, motion_floor=0.0), 5, [0.1] * 4)
+    assert summary(decisions) == [("warmup", "dense", 6)] + [("token", "dense", 6)] * 4
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_mode_off_is_dense_everywhere_whatever_tau(seed):
     decisions = random_run(CachePolicy(mode="off", tau=1e9), seed)
