@@ -98,7 +98,7 @@ def _detail_weights_unchecked(latent, window, patch, floor):
     pad = window // 2
     if pad:
         mag = F.pad(mag, (pad, pad, pad, pad), mode="reflect")
-    # Two-pass population variance over each window (exact for constant regions, no cancellation).
+    # Two-pass population variance over each window (no E[m²] − E[m]² cancellation).
     patches = F.unfold(mag, kernel_size=window)  # [T, window², H·W]
     variance = (patches - patches.mean(dim=1, keepdim=True)).square().mean(dim=1).view(T, 1, H, W)
     noise = (NOISE_FLOOR * mag.amax(dim=(1, 2, 3))).square()  # a variance: the squared scale
