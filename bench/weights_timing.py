@@ -1,6 +1,6 @@
 """Time the per-step token-weight computation for one MAGI-1 chunk.
 
-    python bench/weights_timing.py [--size 720] [--repeats 50] [--device cpu]
+    python -m bench.weights_timing [--size 720] [--repeats 50] [--device cpu]    (from the repository root)
 
 A chunk at 720x720 is [16, 6, 90, 90] (16 latent channels, 6 latent frames, 90x90 latent pixels, 2x2
 patches → 12150 tokens). Prints the median time of motion, detail and combine, through the public
@@ -9,16 +9,12 @@ patches → 12150 tokens). Prints the median time of motion, detail and combine,
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere; bench only, not the pack
-
-from cache_core import combine_weights, detail_weights, motion_weights  # noqa: E402
-from cache_core.weights import _combine_unchecked, _detail_weights_unchecked, _motion_weights_unchecked  # noqa: E402
+from cache_core import combine_weights, detail_weights, motion_weights
+from cache_core.weights import _combine_unchecked, _detail_weights_unchecked, _motion_weights_unchecked
 
 
 def median_ms(fn, repeats, device):
