@@ -63,11 +63,8 @@ class ModelConfig:
         return cls(**values)
 
     def __post_init__(self):
-        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model_config.{name} must be a positive integer, got {value!r}")
-        for name in ("num_query_groups", "patch_size", "t_patch_size", "in_channels", "out_channels",
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
+                     "num_query_groups", "patch_size", "t_patch_size", "in_channels", "out_channels",
                      "caption_channels", "caption_max_length"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
