@@ -102,6 +102,7 @@ class _Plan:
     cand: Optional[torch.Tensor] = None  # accumulator value if reused
     active: Optional[torch.Tensor] = None  # token phase: bool [N]
     slot: int = 0  # where this plan's numbers sit in the synced list
+    finite_slot: Optional[int] = None  # where the finiteness flag of its Δ sits, if one was synced
 
 
 class CacheState:
@@ -149,13 +150,15 @@ class CacheState:
             delta = sum(p.delta.num for p in window) / (sum(p.delta.den for p in window) + 1e-8)
             window_acc = delta if self._window_acc is None else self._window_acc + delta
             window_slot = len(to_sync)
+            for plan in window:
+                plan.finite_slot = window_slot + 1
             to_sync += [(window_acc < policy.chunk_threshold).float(), torch.isfinite(delta).float()]
         for plan in plans:
             delta = plan.delta
             if plan.phase == "chunk":
                 mem = plan.mem
                 plan.cand = delta.value if mem.chunk_acc is None else mem.chunk_acc + delta.value
-                plan.slot = len(to_sync)
+                plan.slot, plan.finite_slot = len(to_sync), len(to_sync) + 1
                 to_sync += [(plan.cand < policy.chunk_threshold).float(), torch.isfinite(delta.value).float()]
             elif plan.phase == "token":
                 mem = self._token_memory(plan.mem, delta.value.device)
@@ -167,14 +170,11 @@ class CacheState:
                     forced = mem.token_reuses >= policy.max_reuse
                     plan.active = plan.active | forced
                     n_forced = forced.sum().float()
-                plan.slot = len(to_sync)
+                plan.slot, plan.finite_slot = len(to_sync), len(to_sync) + 2
                 to_sync += [plan.active.sum().float(), n_forced, torch.isfinite(delta.value).float()]
         synced = torch.stack(to_sync).tolist() if to_sync else []
 
-        finite_slots = [(window_slot + 1, [p.cs.chunk_id for p in window])] if window else []
-        finite_slots += [(p.slot + 1, [p.cs.chunk_id]) for p in plans if p.phase == "chunk"]
-        finite_slots += [(p.slot + 2, [p.cs.chunk_id]) for p in plans if p.phase == "token"]
-        bad = [c for slot, ids in finite_slots if synced[slot] < 0.5 for c in ids]
+        bad = [p.cs.chunk_id for p in plans if p.finite_slot is not None and synced[p.finite_slot] < 0.5]
         if bad:
             raise ValueError(
                 f"non-finite values (NaN or Inf) in the change feature of chunk(s) {bad}; "
