@@ -1,0 +1,497 @@
+"""The MAGI-1 DiT ("VideoDiTModel"): module and parameter names match the official checkpoints.
+
+One call denoises a window of consecutive chunks of the latent video, each at its own time ``t``
+(0 = noise, 1 = clean), and returns their velocities. Video tokens are 1x2x2 latent patches in
+(frame, row, column) order; a chunk is ``frames_per_chunk * (H/2) * (W/2)`` tokens.
+
+A layer is a parallel self-attention + cross-attention block and a sandwich-norm MLP, each branch
+gated per chunk: ``h = h + PostNorm(branch * tanh(gate))``; there is no shift/scale modulation.
+Self-attention is block-causal: the queries of window chunk ``j`` attend to all keys in the contiguous
+token range ``kv_range[j]`` (earlier clean chunks from the KV cache and window chunks up to itself).
+Cross-attention reads only the chunk's own valid caption tokens.
+
+Precision follows the official ``_high_precision_promoter``: the embedders, RoPE, q/k norms, post
+norms, final norm and final linear hold float32 weights; ``linear_proj`` computes in float32; the rest
+runs in the model's dtype (bfloat16 on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import BACKENDS, attend, attend_segments, resolve_backend
+from .config import ModelConfig
+
+TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep embedding
+TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
+PROJ_SHARDS = 8  # the attention output is interleaved in 8 shards before linear_proj (trained with TP 8)
+
+
+def distill_dt(num_steps, distill_interval=1):
+    """The step-size value distilled models embed with the timestep embedder and add to every chunk's
+    condition: ``num_steps / 2``, or ``8 / distill_interval`` on the 12-step shortcut schedule."""
+    if num_steps == 12:
+        return 4 / distill_interval * 2
+    return num_steps / 4 * 2
+
+
+class ZeroCenteredLayerNorm(nn.Module):
+    """LayerNorm whose stored weight is centred on 0 when ``one_plus`` (``apply_layernorm_1p``):
+    the scale applied is ``weight + 1``. Computes in the dtype of its input."""
+
+    def __init__(self, dim, eps, one_plus, dtype=None):
+        super().__init__()
+        self.eps = eps
+        self.one_plus = one_plus
+        self.weight = nn.Parameter(torch.empty(dim, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(dim, dtype=dtype))
+
+    def forward(self, x):
+        weight = self.weight + 1 if self.one_plus else self.weight
+        return F.layer_norm(x, self.weight.shape, weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cond_dim):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, t, round_to):
+        half = TIMESTEP_FREQUENCIES // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+        angles = t.float()[:, None] * freqs[None] * TIMESTEP_SCALE
+        embedding = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+        # The official model rounds the embedding to its storage dtype before the float32 MLP.
+        embedding = embedding.to(round_to).float()
+        return self.mlp(embedding)
+
+
+class CaptionEmbedder(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        width = int(config.hidden_size * config.xattn_cond_hidden_ratio)
+        self.y_proj_xattn = nn.Sequential(nn.Linear(config.caption_channels, width), nn.SiLU())
+        self.y_proj_adaln = nn.Sequential(nn.Linear(config.caption_channels, config.cond_dim))
+        # Rows [0, L) are the null caption; rows -2 / -1 feed adaLN for conditional / unconditional calls.
+        self.null_caption_embedding = nn.Parameter(torch.empty(config.caption_max_length, config.caption_channels))
+
+
+class RotaryEmbedding(nn.Module):
+    """3-D RoPE over (frame, row, column) with learned bands: ``dim // 8`` bands per axis, so
+    ``6 * (dim // 8)`` of each head's dims are rotated (96 of 128), NeoX style (halves, not pairs)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        exponent = torch.arange(dim // 8, dtype=torch.float32) / (dim // 8)
+        self.bands = nn.Parameter(1.0 / 10000.0 ** exponent)  # the checkpoint's learned values replace these
+
+    def forward(self, first_frame, frames, height, width):
+        """cos and sin ``(frames * height * width, 3 * bands)`` for frames ``first_frame ..`` of the video.
+
+        Frame positions are absolute latent-frame indices; row and column positions are centred and
+        rescaled to the extent of a 16x16 token grid, whatever the resolution.
+        """
+        device = self.bands.device
+        total = first_frame + frames
+        scale = math.sqrt(height * width / 256)
+        axes = []
+        for size, ref, centred in ((total, total, False), (height, height / scale, True), (width, width / scale, True)):
+            pos = torch.arange(size, device=device).float()
+            if centred:
+                pos = pos - (size - 1) / 2
+            if size > 1:
+                pos = pos / (size - 1) * (ref - 1)
+            axes.append(pos)
+        axes[0] = axes[0][first_frame:]
+        grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (T, H, W, 3)
+        angles = (grid[..., None] * self.bands.float()).reshape(frames * height * width, -1)
+        return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the first ``2 * cos.shape[-1]`` dims of ``x (N, S, heads, dim)`` by the angles of each token."""
+    half = cos.shape[-1]
+    cos, sin = cos[None, :, None], sin[None, :, None]
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest], dim=-1)
+
+
+class LinearQKV(nn.Module):
+    """The pre-attention LayerNorm and the four projections it feeds (self q/k/v, cross-attention q)."""
+
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        d, q_dim, kv_dim = config.hidden_size, config.num_attention_heads * config.kv_channels, \
+            config.num_query_groups * config.kv_channels
+        self.layer_norm = nn.LayerNorm(d, eps=config.layernorm_epsilon, dtype=dtype)
+        self.q = nn.Linear(d, q_dim, bias=False, dtype=dtype)
+        self.qx = nn.Linear(d, q_dim, bias=False, dtype=dtype)
+        self.k = nn.Linear(d, kv_dim, bias=False, dtype=dtype)
+        self.v = nn.Linear(d, kv_dim, bias=False, dtype=dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        eps, one_plus, hd = config.layernorm_epsilon, config.apply_layernorm_1p, config.kv_channels
+        q_dim = config.num_attention_heads * hd
+        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_query_groups, hd
+        self.linear_qkv = LinearQKV(config, dtype)
+        self.linear_kv_xattn = nn.Linear(int(config.hidden_size * config.xattn_cond_hidden_ratio),
+                                         2 * config.num_query_groups * hd, bias=False, dtype=dtype)
+        self.linear_proj = nn.Linear(2 * q_dim, config.hidden_size, bias=False, dtype=dtype)
+        self.q_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
+        self.k_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
+        self.q_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
+        self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
+
+    def forward(self, h, call, layer_index):
+        n, s, _ = h.shape
+        a = self.linear_qkv.layer_norm(h)
+        q = self._normed_rotated(self.linear_qkv.q(a), self.heads, self.q_layernorm, call)
+        k = self._normed_rotated(self.linear_qkv.k(a), self.kv_heads, self.k_layernorm, call)
+        v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim)
+        self_out = call.self_attention(q, k, v, layer_index)
+
+        qx = self.q_layernorm_xattn(self.linear_qkv.qx(a).view(n, s, self.heads, self.head_dim))
+        kv = self.linear_kv_xattn(call.caption).view(-1, self.kv_heads, 2 * self.head_dim)
+        kx = self.k_layernorm_xattn(kv[..., :self.head_dim])
+        vx = kv[..., self.head_dim:]
+        cross_out = attend_segments(qx.reshape(n * s, self.heads, self.head_dim), kx, vx,
+                                    call.query_lengths, call.caption_lengths, call.backend)
+
+        # [self | cross] -> 8 interleaved shards [self_0, cross_0, self_1, cross_1, ...]
+        out = torch.stack([self_out.reshape(n, s, PROJ_SHARDS, -1), cross_out.view(n, s, PROJ_SHARDS, -1)], dim=3)
+        out = out.reshape(n, s, -1).float()
+        return F.linear(out, self.linear_proj.weight.float())
+
+    def _normed_rotated(self, x, heads, norm, call):
+        x = norm(x.view(*x.shape[:2], heads, self.head_dim).float())
+        return apply_rotary(x, call.rope_cos, call.rope_sin).to(call.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        self.gated = config.gated_linear_unit
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype)
+        self.linear_fc1 = nn.Linear(config.hidden_size, config.fc1_out, bias=False, dtype=dtype)
+        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, dtype=dtype)
+
+    def forward(self, h):
+        x = self.linear_fc1(self.layer_norm(h))
+        if self.gated:  # SwiGLU: the first half is the gate
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        else:
+            x = F.gelu(x)
+        return self.linear_fc2(x)
+
+
+class AdaModulateLayer(nn.Module):
+    """The two per-chunk output gates (attention, MLP) of a layer, from the chunk's condition."""
+
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(config.cond_dim, int(2 * config.hidden_size * config.cond_gating_ratio),
+                                            dtype=dtype))
+
+    def forward(self, condition):
+        gates = self.proj(F.silu(condition))
+        return torch.tanh(gates.float()).to(gates.dtype).float().chunk(2, dim=-1)  # soft cap 1
+
+
+class TransformerLayer(nn.Module):
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        eps, one_plus = config.layernorm_epsilon, config.apply_layernorm_1p
+        self.ada_modulate_layer = AdaModulateLayer(config, dtype)
+        self.self_attention = Attention(config, dtype)
+        self.self_attn_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
+        self.mlp = MLP(config, dtype)
+        self.mlp_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
+
+    def forward(self, h, call, layer_index):
+        gate_attn, gate_mlp = self.ada_modulate_layer(call.condition)
+        attn = self.self_attention(h, call, layer_index)
+        h = (self.self_attn_post_norm(attn * call.per_token(gate_attn)) + h.float()).to(call.dtype)
+        mlp = self.mlp(h)
+        return (self.mlp_post_norm(mlp.float() * call.per_token(gate_mlp)) + h.float()).to(call.dtype)
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, dtype):
+        super().__init__()
+        self.layers = nn.ModuleList(TransformerLayer(config, dtype) for _ in range(config.num_layers))
+        self.final_layernorm = ZeroCenteredLayerNorm(config.hidden_size, config.layernorm_epsilon,
+                                                     config.apply_layernorm_1p, torch.float32)
+
+
+class FinalLinear(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        patch = config.t_patch_size * config.patch_size * config.patch_size
+        self.linear = nn.Linear(config.hidden_size, patch * config.out_channels, bias=False)
+
+
+class MagiDiT(nn.Module):
+    """The MAGI-1 DiT. Build it with ``magi1.build_dit`` or load it with ``magi1.load_dit``."""
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32):
+        super().__init__()
+        self.config = config
+        c = config
+        self.x_embedder = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=(c.t_patch_size, c.patch_size, c.patch_size),
+                                    stride=(c.t_patch_size, c.patch_size, c.patch_size), bias=False)
+        self.t_embedder = TimestepEmbedder(c.cond_dim)
+        self.y_embedder = CaptionEmbedder(c)
+        self.rope = RotaryEmbedding(c.hidden_size // c.num_attention_heads)
+        self.videodit_blocks = TransformerBlock(c, dtype)
+        self.final_linear = FinalLinear(c)
+        self.attention_backend = "auto"
+        self.variant = None  # set by load_dit: e.g. "4.5B_distill"; None for a bare build
+        self.distill = False  # distilled checkpoints add the step-size embedding (see ``distill_dt``)
+
+    @property
+    def dtype(self):
+        """The compute dtype of the transformer layers (their weights' dtype)."""
+        return self.videodit_blocks.layers[0].self_attention.linear_qkv.q.weight.dtype
+
+    @property
+    def device(self):
+        return self.x_embedder.weight.device
+
+    def set_attention_backend(self, name):
+        """``"auto"`` (flash-attn on CUDA when installed, else SDPA), ``"flash"`` or ``"sdpa"``."""
+        if name not in BACKENDS:
+            raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
+        self.attention_backend = name
+
+    @torch.no_grad()
+    def forward(self, x, t, caption, caption_mask, kv_range, *, slice_point=0, unconditional=False,
+                distill_dt=None, cache=None, cache_write_chunks=0, active=None):
+        """Velocities of a window of chunks.
+
+        Args:
+            x: ``(N, C, T, H, W)`` latents of the window's chunks (``C`` = 16 latent channels), oldest
+                first; ``T`` is a multiple of the chunk count. ``N > 1`` runs independent sequences
+                (the unconditional guidance pass, one chunk each) and needs no cache.
+            t: ``(N, chunks)`` time of each chunk, 0 = noise, 1 = clean.
+            caption: ``(N, chunks, L, caption_channels)`` caption tokens of each chunk.
+            caption_mask: ``(N, chunks, L)``, true for the caption tokens to attend to.
+            kv_range: ``(chunks, 2)`` host integers (or a tensor): window chunk ``j`` attends to key
+                tokens ``[start, end)``, numbered from the start of the video (the cache's rows,
+                then this window from ``slice_point * chunk_tokens``). Same for every sequence.
+            slice_point: chunks of the video before the window (absolute positions start there).
+            unconditional: adaLN reads the learned unconditional token instead of the conditional one.
+            distill_dt: for distilled checkpoints, the step-size value (``magi1.dit.distill_dt``).
+            cache: a ``KVCache`` holding the keys/values before the window (required when a range
+                reaches before the window, or for a sparse call).
+            cache_write_chunks: how many leading window chunks have their fresh keys/values stored
+                in ``cache`` at their positions (0: the call reads the cache only).
+            active: sparse forward. ``None`` computes every token; otherwise one entry per window
+                chunk: ``None`` (all tokens), or a 1-D index tensor of the chunk's tokens to compute
+                (empty: skip the chunk). Tokens not computed keep the keys/values stored in ``cache``
+                (so those chunks must be among the written ones) and get a zero velocity.
+
+        Returns:
+            ``(N, C, T, H, W)`` float32 velocities.
+        """
+        config = self.config
+        n, _, frames, height, width = x.shape
+        chunks = t.shape[1]
+        call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
+
+        # Patch embedding (float32); the 24B model doubles the 16 latent channels into its 32 inputs.
+        x = x.float() * config.x_rescale_factor
+        if config.half_channel_vae:
+            x = torch.cat([x, x], dim=1)
+        h = self.x_embedder(x)  # (N, D, T, H/2, W/2)
+        h = h.flatten(2).transpose(1, 2).to(call.dtype)  # (N, tokens, D)
+        if call.selected is not None:
+            h = h[:, call.selected]
+
+        cos, sin = self.rope(slice_point * call.frames_per_chunk, frames, call.grid_h, call.grid_w)
+        if call.selected is not None:
+            cos, sin = cos[call.selected], sin[call.selected]
+        call.rope_cos, call.rope_sin = cos, sin
+
+        # Per-chunk condition: timestep (+ step size) embedding plus the learned adaLN caption token.
+        t_flat = t.reshape(-1).float()
+        t_emb = self.t_embedder(t_flat, call.dtype)
+        if distill_dt is not None:
+            t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)), call.dtype)
+        token = self.y_embedder.null_caption_embedding[-1 if unconditional else -2].float()
+        y_adaln = self.y_embedder.y_proj_adaln(token)
+        call.condition = (t_emb.view(n, chunks, -1) + y_adaln).to(call.dtype)
+
+        # Caption tokens for cross-attention: only the valid ones, packed chunk after chunk.
+        valid = caption_mask.reshape(-1, caption_mask.shape[-1]).bool()
+        call.caption_lengths = valid.sum(dim=1).tolist()
+        y = caption.reshape(-1, caption.shape[-1])[valid.reshape(-1)].float()
+        call.caption = self.y_embedder.y_proj_xattn(y).to(call.dtype)
+
+        for index, layer in enumerate(self.videodit_blocks.layers):
+            h = layer(h, call, index)
+
+        h = self.videodit_blocks.final_layernorm(h.float())
+        out = F.linear(h, self.final_linear.linear.weight.float())  # (N, tokens, pT*pH*pW*C)
+        if call.selected is not None:
+            full = out.new_zeros(n, chunks * call.chunk_tokens, out.shape[-1])
+            full[:, call.selected] = out
+            out = full
+        pt, p = config.t_patch_size, config.patch_size
+        out = out.view(n, frames // pt, call.grid_h, call.grid_w, pt, p, p, config.out_channels)
+        out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, config.out_channels, frames, height, width)
+        if config.half_channel_vae:
+            out = out[:, : config.out_channels // 2]
+        return out / config.x_rescale_factor
+
+
+@dataclass
+class _KeySpace:
+    """One layer's keys/values as seen by this call: the cache rows ``[first, boundary)`` (the clean
+    prefix the call reads and the window rows it has just written), then ``tail``: fresh keys/values
+    of the window chunks not written to the cache (positions ``boundary ..``)."""
+
+    first: int
+    boundary: int
+    cached: Optional[tuple]
+    tail: tuple
+
+    def keys(self, start, end):
+        parts_k, parts_v = [], []
+        if start < self.boundary:
+            k, v = self.cached
+            rows = slice(start - self.first, min(end, self.boundary) - self.first)
+            parts_k.append(k[None, rows])
+            parts_v.append(v[None, rows])
+        if end > self.boundary:
+            k, v = self.tail
+            rows = slice(max(start, self.boundary) - self.boundary, end - self.boundary)
+            parts_k.append(k[:, rows])
+            parts_v.append(v[:, rows])
+        if len(parts_k) == 1:
+            return parts_k[0], parts_v[0]
+        return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
+
+
+class _Call:
+    """Everything one forward call shares across layers: token layout, key ranges, cache access."""
+
+    def __init__(self, model, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active):
+        config = model.config
+        if x.dim() != 5 or t.dim() != 2 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"x must be (N, C, T, H, W) and t (N, chunks); got {tuple(x.shape)} and {tuple(t.shape)}")
+        n, channels, frames, height, width = x.shape
+        chunks = t.shape[1]
+        if channels != config.latent_channels:
+            raise ValueError(f"x has {channels} channels; this model takes {config.latent_channels}")
+        p, pt = config.patch_size, config.t_patch_size
+        if frames % chunks or (frames // chunks) % pt or height % p or width % p:
+            raise ValueError(f"x of {frames} frames x {height} x {width} does not split into {chunks} chunks of "
+                             f"{pt}x{p}x{p} patches")
+        if tuple(caption_mask.shape[:2]) != (n, chunks):
+            raise ValueError(f"caption_mask must be (N, chunks, L) = ({n}, {chunks}, L), got {tuple(caption_mask.shape)}")
+        self.dtype = model.dtype
+        self.backend = resolve_backend(model.attention_backend, x.device, self.dtype)
+        self.frames_per_chunk = frames // chunks
+        self.grid_h, self.grid_w = height // p, width // p
+        self.chunk_tokens = ct = self.frames_per_chunk // pt * self.grid_h * self.grid_w
+        self.start = slice_point * ct  # absolute position of the window's first token
+        self.cache = cache
+        self.batch = n
+
+        ranges = kv_range.tolist() if torch.is_tensor(kv_range) else [list(r) for r in kv_range]
+        if len(ranges) != chunks or any(len(r) != 2 for r in ranges):
+            raise ValueError(f"kv_range must hold one [start, end) per window chunk ({chunks}), got {ranges}")
+        self.ranges = [(int(a), int(b)) for a, b in ranges]
+        window_end = self.start + chunks * ct
+        lowest = 0 if cache is not None else self.start
+        for j, (a, b) in enumerate(self.ranges):
+            if not lowest <= a < b <= window_end:
+                raise ValueError(f"kv_range[{j}] = [{a}, {b}) must lie in [{lowest}, {window_end})"
+                                 + ("" if cache is not None else " (keys before the window need a cache)"))
+
+        # Which tokens to compute.
+        written = int(cache_write_chunks)
+        if not 0 <= written <= chunks or (written and cache is None):
+            raise ValueError(f"cache_write_chunks must be in [0, {chunks}] and needs a cache, got {written}")
+        if cache is not None and (n != 1 or self.start + written * ct > cache.capacity):
+            raise ValueError(f"a cached call takes one sequence and writes within the cache's {cache.capacity} "
+                             f"tokens; got N={n} writing up to token {self.start + written * ct}")
+        self.written = written
+        self.query_lengths = [ct] * (n * chunks)
+        self.selected = None
+        chunk_of_token = None
+        if active is not None:
+            if n != 1:
+                raise ValueError(f"a sparse call (active) takes one sequence, got N={n}")
+            if len(active) != chunks:
+                raise ValueError(f"active must hold one entry per window chunk ({chunks}), got {len(active)}")
+            indices, counts = [], []
+            for j, idx in enumerate(active):
+                if idx is None:
+                    idx = torch.arange(ct, device=x.device)
+                elif j >= written:
+                    raise ValueError(f"window chunk {j} is sparse but its keys/values are not in the cache: "
+                                     f"sparse chunks must be among the first cache_write_chunks ({written})")
+                indices.append(idx.to(device=x.device, dtype=torch.long) + j * ct)
+                counts.append(int(idx.numel()))
+            self.selected = torch.cat(indices)
+            self.query_lengths = counts
+            chunk_of_token = torch.repeat_interleave(torch.arange(chunks, device=x.device),
+                                                     torch.tensor(counts, device=x.device),
+                                                     output_size=sum(counts))
+        if chunk_of_token is None:
+            chunk_of_token = torch.arange(chunks, device=x.device).repeat_interleave(ct)
+        self.chunk_of_token = chunk_of_token
+        self.first = min([a for a, _ in self.ranges] + [self.start])
+        self.boundary = self.start + written * ct
+        self.written_tokens = sum(self.query_lengths[:written])
+        if self.selected is not None and written:
+            self.written_rows = self.selected[: self.written_tokens]  # relative to the window start
+        else:
+            self.written_rows = None
+
+    def per_token(self, per_chunk):
+        """``(N, chunks, D)`` -> ``(N, tokens, D)`` for the tokens this call computes."""
+        return per_chunk[:, self.chunk_of_token]
+
+    def self_attention(self, q, k, v, layer):
+        """Block-causal attention: the computed queries of window chunk j attend to ``ranges[j]``."""
+        space = self._key_space(k, v, layer)
+        out = torch.empty_like(q)
+        offset = 0
+        for j, (start, end) in enumerate(self.ranges):
+            count = self.query_lengths[j]
+            if count:
+                keys, values = space.keys(start, end)
+                out[:, offset:offset + count] = attend(q[:, offset:offset + count], keys, values, self.backend)
+            offset += count
+        return out
+
+    def _key_space(self, k, v, layer):
+        if self.cache is None:
+            return _KeySpace(self.first, self.boundary, None, (k, v))
+        k0, v0 = k[0], v[0]
+        cached_k, cached_v = self.cache.read(layer, self.first, self.boundary)
+        if self.written:
+            window = self.start - self.first
+            fresh_k, fresh_v = k0[: self.written_tokens], v0[: self.written_tokens]
+            if self.written_rows is None:
+                cached_k[window:].copy_(fresh_k)
+                cached_v[window:].copy_(fresh_v)
+            else:
+                cached_k[window:].index_copy_(0, self.written_rows, fresh_k)
+                cached_v[window:].index_copy_(0, self.written_rows, fresh_v)
+            if self.cache.offload:
+                self.cache.write(layer, self.start, cached_k[window:], cached_v[window:])
+        tail = (k[:, self.written_tokens:], v[:, self.written_tokens:])
+        return _KeySpace(self.first, self.boundary, (cached_k, cached_v), tail)

@@ -1,0 +1,210 @@
+"""Build the DiT from a config, or load it from the official safetensors checkpoints (never pickles)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelConfig
+from .dit import MagiDiT
+
+# The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
+# tensors have one of these shapes gets the matching settings that tensors cannot show (x rescale,
+# channel duplication, norm flavour).
+OFFICIAL_MODEL_CONFIGS = {
+    "4.5B": dict(num_layers=34, hidden_size=3072, ffn_hidden_size=12288, num_attention_heads=24,
+                 num_query_groups=8, kv_channels=128, layernorm_epsilon=1e-6, apply_layernorm_1p=True,
+                 x_rescale_factor=1.0, half_channel_vae=False, params_dtype=torch.bfloat16, patch_size=2,
+                 t_patch_size=1, in_channels=16, out_channels=16, cond_hidden_ratio=0.25, caption_channels=4096,
+                 caption_max_length=800, xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0,
+                 gated_linear_unit=False),
+    "24B": dict(num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48,
+                num_query_groups=8, kv_channels=128, layernorm_epsilon=1e-6, apply_layernorm_1p=True,
+                x_rescale_factor=0.1, half_channel_vae=True, params_dtype=torch.bfloat16, patch_size=2,
+                t_patch_size=1, in_channels=32, out_channels=32, cond_hidden_ratio=0.25, caption_channels=4096,
+                caption_max_length=800, xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0,
+                gated_linear_unit=True),
+}
+CONFIG_METADATA_KEY = "magi1_model_config"  # optional JSON model_config in a checkpoint's metadata
+_UNPICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def build_dit(model_config, *, device=None, dtype=None):
+    """The DiT for an official ``model_config`` (dict, whole config JSON dict, or ``ModelConfig``).
+
+    ``dtype`` is the compute dtype of the transformer layers (default: the config's ``params_dtype``,
+    else float32); the modules the official code promotes to float32 stay float32. On
+    ``device="meta"`` nothing is allocated. Weights are uninitialised: load them.
+    """
+    config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
+    if dtype is None:
+        dtype = config.params_dtype or torch.float32
+    with torch.device(device if device is not None else "cpu"):
+        return MagiDiT(config, dtype=dtype)
+
+
+def load_dit(path, *, device=None, dtype=None, distill=None):
+    """Load an official MAGI-1 DiT checkpoint.
+
+    ``path``: a ``model.safetensors.index.json``, any shard of a sharded checkpoint (its siblings are
+    found through the index beside it), a single ``.safetensors`` file, or a folder holding one of those.
+    The size (4.5B / 24B) comes from the tensors. Base and distill checkpoints hold identical tensors:
+    ``distill`` defaults to whether the path names it (the official folders are ``*_distill`` /
+    ``inference_weight.distill``). FP8 ``distill_quant`` checkpoints are refused.
+
+    Tensors are read one file at a time straight into the model built on the meta device (no second
+    copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
+    (default: bfloat16 on CUDA, float32 elsewhere).
+    """
+    files = checkpoint_files(path)
+    shapes, dtypes, metadata = {}, {}, {}
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            metadata.update(f.metadata() or {})
+            for key in f.keys():
+                part = f.get_slice(key)
+                shapes[key] = tuple(part.get_shape())
+                dtypes[key] = part.get_dtype()
+    _refuse_fp8(shapes, dtypes, path)
+    config, size = infer_config(shapes, metadata)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    model = build_dit(config, device="meta", dtype=dtype)
+    check_state_dict(model, shapes)
+    targets = dict(model.state_dict(keep_vars=True))
+    for file in files:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            part = {key: f.get_tensor(key).to(device=device, dtype=targets[key].dtype) for key in f.keys()}
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
+    still_meta = [k for k, v in model.state_dict().items() if v.is_meta]
+    if still_meta:  # check_state_dict guarantees every key is in the files; this guards the assignment
+        raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
+    model.eval().requires_grad_(False)
+    if distill is None:
+        distill = "distill" in os.path.abspath(str(path)).lower() or metadata.get("magi1_distill") == "true"
+    model.distill = bool(distill)
+    model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}"
+    return model
+
+
+def checkpoint_files(path):
+    """The safetensors files of the checkpoint at ``path`` (see ``load_dit``)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no MAGI-1 checkpoint at {path}")
+    if path.endswith(_UNPICKLED):
+        raise ValueError(f"{os.path.basename(path)} is a pickle-based file; only .safetensors checkpoints are loaded "
+                         "(the official MAGI-1 weights are published as safetensors)")
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        indexes = [n for n in names if n.endswith(".safetensors.index.json")]
+        singles = [n for n in names if n.endswith(".safetensors")]
+        if len(indexes) == 1:
+            return checkpoint_files(os.path.join(path, indexes[0]))
+        if not indexes and len(singles) == 1:
+            return [os.path.join(path, singles[0])]
+        raise ValueError(f"{path} holds {len(indexes)} index files and {len(singles)} .safetensors files; "
+                         "pass the model.safetensors.index.json (sharded) or the .safetensors file itself")
+    if path.endswith(".json"):
+        return _shards_of_index(path)
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{os.path.basename(path)}: expected a .safetensors file or a .safetensors.index.json")
+    folder, name = os.path.split(os.path.abspath(path))
+    for index in sorted(n for n in os.listdir(folder) if n.endswith(".safetensors.index.json")):
+        shards = _shards_of_index(os.path.join(folder, index))
+        if os.path.join(folder, name) in shards:
+            return shards
+    return [os.path.abspath(path)]
+
+
+def _shards_of_index(index_path):
+    with open(index_path) as f:
+        index = json.load(f)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_path} is not a safetensors index (no weight_map)")
+    folder = os.path.dirname(os.path.abspath(index_path))
+    shards = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    missing = [os.path.basename(s) for s in shards if not os.path.exists(s)]
+    if missing:
+        raise FileNotFoundError(f"{os.path.basename(index_path)} lists shards that are not in {folder}: {missing}")
+    return shards
+
+
+def _refuse_fp8(shapes, dtypes, path):
+    fp8 = any("F8" in d for d in dtypes.values()) or any(k.endswith(("weight_scale", "smooth_scale")) for k in shapes)
+    if fp8:
+        size = "24B" if shapes.get("x_embedder.weight", (0,))[0] == 6144 else "4.5B"
+        raise ValueError(
+            f"{path} is an FP8 'distill_quant' MAGI-1 checkpoint, which this pack does not run (its layers need "
+            f"flashinfer FP8 kernels). Use the bf16 '{size}_distill' checkpoint instead "
+            f"(huggingface.co/sand-ai/MAGI-1, ckpt/magi/{size}_distill): same model, same speed settings."
+        )
+
+
+def infer_config(shapes, metadata=None):
+    """``(ModelConfig, size)`` of a checkpoint from its tensor shapes; ``size`` is "4.5B", "24B" or None.
+
+    A checkpoint that carries its ``model_config`` as JSON in the safetensors metadata (key
+    ``magi1_model_config``, as the pack's own tiny model does) is taken at its word.
+    """
+    metadata = metadata or {}
+    if CONFIG_METADATA_KEY in metadata:
+        return ModelConfig.from_dict(json.loads(metadata[CONFIG_METADATA_KEY])), None
+    required = ("x_embedder.weight", "final_linear.linear.weight", "y_embedder.null_caption_embedding",
+                "videodit_blocks.layers.0.self_attention.linear_qkv.q.weight",
+                "videodit_blocks.layers.0.self_attention.linear_qkv.k.weight",
+                "videodit_blocks.layers.0.self_attention.q_layernorm.weight",
+                "videodit_blocks.layers.0.mlp.linear_fc1.weight", "videodit_blocks.layers.0.mlp.linear_fc2.weight",
+                "t_embedder.mlp.0.weight")
+    absent = [k for k in required if k not in shapes]
+    if absent:
+        sample = sorted(shapes)[:5]
+        raise ValueError(f"not a MAGI-1 DiT checkpoint: {len(absent)} of its defining tensors are missing "
+                         f"(first: {absent[:5]}); the file's {len(shapes)} tensors start with {sample}")
+    hidden, in_channels, t_patch, patch, _ = shapes["x_embedder.weight"]
+    head_dim = shapes["videodit_blocks.layers.0.self_attention.q_layernorm.weight"][0]
+    layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(r"videodit_blocks\.layers\.(\d+)\.", k))}
+    ffn = shapes["videodit_blocks.layers.0.mlp.linear_fc2.weight"][1]
+    fc1 = shapes["videodit_blocks.layers.0.mlp.linear_fc1.weight"][0]
+    caption_length, caption_channels = shapes["y_embedder.null_caption_embedding"]
+    values = dict(
+        num_layers=max(layer_ids) + 1, hidden_size=hidden, ffn_hidden_size=ffn,
+        num_attention_heads=shapes["videodit_blocks.layers.0.self_attention.linear_qkv.q.weight"][0] // head_dim,
+        num_query_groups=shapes["videodit_blocks.layers.0.self_attention.linear_qkv.k.weight"][0] // head_dim,
+        kv_channels=head_dim, patch_size=patch, t_patch_size=t_patch, in_channels=in_channels,
+        out_channels=shapes["final_linear.linear.weight"][0] // (t_patch * patch * patch),
+        cond_hidden_ratio=shapes["t_embedder.mlp.0.weight"][0] / hidden,
+        caption_channels=caption_channels, caption_max_length=caption_length, gated_linear_unit=fc1 == 2 * ffn,
+    )
+    for size, official in OFFICIAL_MODEL_CONFIGS.items():
+        if all(official[k] == v for k, v in values.items()):
+            return ModelConfig(**official), size
+    # Not an official size: official defaults for what tensors cannot show.
+    values.update(layernorm_epsilon=1e-6, apply_layernorm_1p=True, params_dtype=torch.bfloat16)
+    return ModelConfig(**values), None
+
+
+def check_state_dict(model, shapes):
+    """Raise a clear error unless ``shapes`` (key -> shape) are exactly the model's tensors."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != tuple(shapes[k]))
+    if missing or unexpected or wrong:
+        lines = ["the checkpoint is not a MAGI-1 DiT of the inferred architecture:"]
+        if missing:
+            lines.append(f"  {len(missing)} missing keys, first: {missing[:5]}")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected keys, first: {unexpected[:5]}")
+        if wrong:
+            lines.append("  wrong shapes: " + ", ".join(f"{k} {tuple(shapes[k])} (expected {expected[k]})"
+                                                         for k in wrong[:5]))
+        raise ValueError("\n".join(lines))
