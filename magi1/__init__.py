@@ -4,6 +4,6 @@ from .config import ModelConfig
 from .dit import MagiDiT, distill_dt
 from .flops import FlopCount, flops
 from .kv_cache import KVCache
-from .loader import build_dit, load_dit
+from .loader import build_dit, load_dit, random_dit
 
-__all__ = ["FlopCount", "KVCache", "MagiDiT", "ModelConfig", "build_dit", "distill_dt", "flops", "load_dit"]
+__all__ = ["FlopCount", "KVCache", "MagiDiT", "ModelConfig", "build_dit", "distill_dt", "flops", "load_dit", "random_dit"]

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
-from .dit import MagiDiT
+from .dit import MagiDiT, RotaryEmbedding, ZeroCenteredLayerNorm
 
 # The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
 # tensors have one of these shapes gets the matching settings that tensors cannot show (x rescale,
@@ -70,7 +70,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
                 shapes[key] = tuple(part.get_shape())
                 dtypes[key] = part.get_dtype()
     _refuse_fp8(shapes, dtypes, path)
-    config, size = infer_config(shapes, metadata)
+    config, size = infer_config(shapes, metadata, dtypes)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -149,7 +149,7 @@ def _refuse_fp8(shapes, dtypes, path):
         )
 
 
-def infer_config(shapes, metadata=None):
+def infer_config(shapes, metadata=None, dtypes=None):
     """``(ModelConfig, size)`` of a checkpoint from its tensor shapes; ``size`` is "4.5B", "24B" or None.
 
     A checkpoint that carries its ``model_config`` as JSON in the safetensors metadata (key
@@ -187,8 +187,10 @@ def infer_config(shapes, metadata=None):
     for size, official in OFFICIAL_MODEL_CONFIGS.items():
         if all(official[k] == v for k, v in values.items()):
             return ModelConfig(**official), size
-    # Not an official size: official defaults for what tensors cannot show.
-    values.update(layernorm_epsilon=1e-6, apply_layernorm_1p=True, params_dtype=torch.bfloat16)
+    # Not an official size: official defaults for what tensors cannot show; the file's storage dtype.
+    stored = (dtypes or {}).get("videodit_blocks.layers.0.self_attention.linear_qkv.q.weight", "BF16")
+    values.update(layernorm_epsilon=1e-6, apply_layernorm_1p=True,
+                  params_dtype={"F32": torch.float32, "F16": torch.float16}.get(stored, torch.bfloat16))
     return ModelConfig(**values), None
 
 
@@ -208,3 +210,35 @@ def check_state_dict(model, shapes):
             lines.append("  wrong shapes: " + ", ".join(f"{k} {tuple(shapes[k])} (expected {expected[k]})"
                                                          for k in wrong[:5]))
         raise ValueError("\n".join(lines))
+
+
+def random_dit(model_config, *, seed=0, device=None, dtype=None):
+    """A DiT with random weights of sensible scale (for tests, benchmarks and training from scratch):
+    matrices ~ N(0, 1/fan_in), biases ~ 0.1 N(0, 1), norm scales ~ 1 + 0.1 N(0, 1), the null caption
+    ~ N(0, 1), RoPE bands = defaults * (1 + 0.1 N(0, 1)). Drawn on the CPU, so a seed gives the same
+    weights on every device."""
+    model = build_dit(model_config, device="meta", dtype=dtype)
+    generator = torch.Generator().manual_seed(int(seed))
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    modules = dict(model.named_modules())
+    values = {}
+    for name, param in model.named_parameters():
+        module_name, _, leaf = name.rpartition(".")
+        module = modules[module_name]
+        noise = torch.randn(param.shape, generator=generator)
+        if isinstance(module, RotaryEmbedding):
+            dim = model.config.hidden_size // model.config.num_attention_heads
+            default = 1.0 / 10000.0 ** (torch.arange(dim // 8, dtype=torch.float32) / (dim // 8))
+            value = default * (1 + 0.1 * noise)
+        elif isinstance(module, (torch.nn.LayerNorm, ZeroCenteredLayerNorm)):
+            one = leaf == "weight" and not getattr(module, "one_plus", False)
+            value = float(one) + 0.1 * noise
+        elif leaf == "bias":
+            value = 0.1 * noise
+        elif leaf == "null_caption_embedding":
+            value = noise
+        else:
+            value = noise / param[0].numel() ** 0.5
+        values[name] = value.to(device=device, dtype=param.dtype)
+    model.load_state_dict(values, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
