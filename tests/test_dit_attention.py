@@ -118,3 +118,15 @@ def test_host_syncs_do_not_grow_with_the_number_of_layers(monkeypatch, sparse):
             model(**args)
         counts.append(counter.count)
     assert counts[0] == counts[1] and counts[0] >= 1, counts  # >= 1: the caption lengths, once per call
+
+
+def test_timing_script_runs_on_cpu(capsys):
+    from bench import dit_timing
+
+    dit_timing.main(["--size", "tiny", "--device", "cpu", "--height", "32", "--width", "48", "--repeats", "1",
+                     "--fractions", "0.5"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("MAGI-1 tiny DiT, 32x48: one chunk of 36 tokens")
+    dense, half = lines[2].split(), lines[3].split()
+    assert dense[:2] == ["sdpa", "dense"] and half[:2] == ["sdpa", "0.50"]
+    assert abs(float(half[4]) - 0.5) < 0.05  # FLOP ratio of half the tokens

@@ -88,3 +88,26 @@ def test_forward_matches_official(name):
             assert relative_error(cache.values[i][start:start + count], kv[..., hd:]) <= TOLERANCE
     else:
         assert written is None or description["inference_params"] is None or not args["cache"]
+
+
+@pytest.mark.parametrize("name, change", [
+    ("distill24_near_clean", dict(distill_dt=None)),  # the step-size embedding matters
+    ("distill45_interval", dict(distill_dt=distill_dt(12, 1))),  # and its 12-step interval rule
+    ("base_kv_cond", dict(unconditional=True)),  # the adaLN token matters
+    ("base_kv_cond", dict(first_range_for_all=True)),  # each chunk's own key range matters
+    ("base_kv_cond_pre", dict(zero_cache=True)),  # the clean chunk read from the cache matters
+])
+def test_fixtures_detect_a_wrong_call(name, change):
+    """The comparison is sharp: each of these deliberate mistakes moves the output far past the tolerance."""
+    description, tensors = load_fixture(name)
+    model = model_of(description, tensors)
+    args = call_arguments(description, tensors, model)
+    change = dict(change)
+    if change.pop("zero_cache", False):
+        for buffer in args["cache"].keys + args["cache"].values:
+            buffer.zero_()
+    if change.pop("first_range_for_all", False):  # the released cache code's mistake (cache.md 7.1 P1)
+        change["kv_range"] = [args["kv_range"][0].tolist()] * len(args["kv_range"])
+    args.update(change)
+    err = relative_error(model(**args), tensors["out.x"])
+    assert err > 100 * TOLERANCE, f"{name} with {sorted(change)}: relative error only {err:.2e}"
