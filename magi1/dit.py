@@ -406,7 +406,6 @@ class _Call:
         self.chunk_tokens = ct = self.frames_per_chunk // pt * self.grid_h * self.grid_w
         self.start = slice_point * ct  # absolute position of the window's first token
         self.cache = cache
-        self.batch = n
 
         ranges = kv_range.tolist() if torch.is_tensor(kv_range) else [list(r) for r in kv_range]
         if len(ranges) != chunks or any(len(r) != 2 for r in ranges):
