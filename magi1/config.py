@@ -74,9 +74,10 @@ class ModelConfig:
                 f"model_config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_query_groups ({self.num_query_groups})"
             )
-        if self.hidden_size % 8:
+        if self.hidden_size % 8 or (self.num_attention_heads * self.kv_channels) % 8:
             # the attention output is interleaved in 8 shards before linear_proj (trained with TP 8)
-            raise ValueError(f"model_config.hidden_size must be a multiple of 8, got {self.hidden_size}")
+            raise ValueError(f"model_config.hidden_size ({self.hidden_size}) and num_attention_heads * kv_channels "
+                             f"({self.num_attention_heads * self.kv_channels}) must be multiples of 8")
         if self.half_channel_vae and self.in_channels % 2:
             raise ValueError(f"half_channel_vae needs an even in_channels, got {self.in_channels}")
         for name in ("layernorm_epsilon", "x_rescale_factor", "cond_hidden_ratio"):

@@ -317,7 +317,8 @@ class MagiDiT(nn.Module):
         if call.selected is not None:
             h = h[:, call.selected]
 
-        cos, sin = self.rope(slice_point * call.frames_per_chunk, frames, call.grid_h, call.grid_w)
+        pt = config.t_patch_size  # RoPE counts patched frames, from the first frame of the video
+        cos, sin = self.rope(slice_point * call.frames_per_chunk // pt, frames // pt, call.grid_h, call.grid_w)
         if call.selected is not None:
             cos, sin = cos[call.selected], sin[call.selected]
         call.rope_cos, call.rope_sin = cos, sin
@@ -346,7 +347,7 @@ class MagiDiT(nn.Module):
             full = out.new_zeros(n, chunks * call.chunk_tokens, out.shape[-1])
             full[:, call.selected] = out
             out = full
-        pt, p = config.t_patch_size, config.patch_size
+        p = config.patch_size
         out = out.view(n, frames // pt, call.grid_h, call.grid_w, pt, p, p, config.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, config.out_channels, frames, height, width)
         if config.half_channel_vae:
