@@ -1,0 +1,101 @@
+"""The autoregressive denoising schedule of MAGI-1, as released: the time grid, and for every forward
+step which chunks are in the window, at which of their own steps, and which keys each one sees.
+
+Chunks are denoised in a sliding window of ``window_size`` chunks, staggered by
+``num_steps // window_size`` steps (one "stage"): the oldest window chunk is the most denoised. When a
+chunk has had all ``num_steps`` updates it leaves the window, and at the first step of the next stage
+it is re-run once at ``clean_t`` to refresh its keys/values in the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+
+NOISE2CLEAN_KVRANGE = (5, 4, 3, 2)  # key range, in chunks (itself included), per stage of a chunk
+CLEAN_CHUNK_KVRANGE = 1
+CLEAN_T = 0.9999
+
+
+def time_grid(num_steps, shortcut_mode="8,16,16", shift=3.0):
+    """The ``num_steps + 1`` times ``t_0 = 0 .. t_N = 1`` (float32): ``u**2`` warped by the SD3 shift.
+
+    12 steps use the released shortcut spacing (per quarter: 1/8, 1/16, 1/16 of u; "16,16,8" reverses).
+    """
+    if num_steps == 12:
+        base = torch.linspace(0, 1, 5) / 4
+        base = base[:3] if shortcut_mode == "16,16,8" else torch.cat([base[:1], base[2:4]])
+        u = torch.cat([base + offset for offset in torch.linspace(0, 1, 5)])[: num_steps + 1]
+    else:
+        u = torch.linspace(0, 1, num_steps + 1)
+    s = u ** 2
+    inv = 1.0 / shift
+    return inv * s / (1 + (inv - 1) * s)
+
+
+def step_intervals(num_steps, shortcut_mode="8,16,16"):
+    """The shortcut interval of each sub-step of a stage (what distilled models embed; 1 unless 12 steps)."""
+    if num_steps % 3 == 0:
+        pattern = [1, 1, 2] if shortcut_mode == "16,16,8" else [2, 1, 1]
+        return pattern * (num_steps // 3)
+    return [1] * num_steps
+
+
+@dataclass(frozen=True)
+class WindowStep:
+    """One forward step of the window.
+
+    ``chunks``: the noisy chunks ``[start, end)`` denoised at this step, oldest first, and ``steps``
+    their own step indices (how many updates each has had). ``refresh_clean`` says the call also
+    re-encodes chunk ``start - 1``, now clean, in front of them. ``kv_ranges`` gives, for every chunk of
+    the call (the clean one first when refreshed), the chunks ``[first, end)`` its queries attend to.
+    """
+
+    start: int
+    end: int
+    steps: Tuple[int, ...]
+    refresh_clean: bool
+    stage_index: int  # sub-step within the stage, 0 .. num_steps // window_size - 1
+    kv_ranges: Tuple[Tuple[int, int], ...]
+
+    @property
+    def slice_point(self):
+        """Chunks before the call's first chunk (all clean, read from the cache)."""
+        return self.start - 1 if self.refresh_clean else self.start
+
+
+def total_forward_steps(chunk_num, num_steps, window_size, chunk_offset=0):
+    return num_steps // window_size * (chunk_num + window_size - 1 - chunk_offset)
+
+
+def window_step(step, *, chunk_num, num_steps, window_size, chunk_offset=0,
+                noise2clean_kvrange=NOISE2CLEAN_KVRANGE, clean_chunk_kvrange=CLEAN_CHUNK_KVRANGE):
+    """The window at forward step ``step`` (0 .. ``total_forward_steps`` - 1).
+
+    ``chunk_offset``: leading chunks that are already clean (a prefix video), never denoised.
+    """
+    if num_steps % window_size or num_steps % len(noise2clean_kvrange):
+        raise ValueError(f"num_steps ({num_steps}) must be a multiple of window_size ({window_size}) and of "
+                         f"the {len(noise2clean_kvrange)} kv-range stages")
+    total = total_forward_steps(chunk_num, num_steps, window_size, chunk_offset)
+    if not 0 <= step < total:
+        raise ValueError(f"step must be in [0, {total}), got {step}")
+    per_stage = num_steps // window_size
+    stage, index = divmod(step, per_stage)
+    i = chunk_offset + stage
+    start, end = max(chunk_offset, i - window_size + 1), min(chunk_num, i + 1)
+    t_start = max(0, i - chunk_num + 1)
+    t_end = min(window_size, i - chunk_offset + 1)
+    steps = tuple(s * per_stage + index for s in reversed(range(t_start, t_end)))
+    refresh = start > chunk_offset and index == 0
+    kv_steps = ((num_steps,) if refresh else ()) + steps
+    first_chunk = start - 1 if refresh else start
+    per_kv_stage = num_steps // len(noise2clean_kvrange)
+    ranges = []
+    for j, s in enumerate(kv_steps):
+        width = clean_chunk_kvrange if s == num_steps else noise2clean_kvrange[s // per_kv_stage]
+        last = first_chunk + j + 1
+        ranges.append((max(0, last - width), last))
+    return WindowStep(start, end, steps, refresh, index, tuple(ranges))
