@@ -22,14 +22,13 @@ OFFICIAL_MODEL_CONFIGS = {
                  t_patch_size=1, in_channels=16, out_channels=16, cond_hidden_ratio=0.25, caption_channels=4096,
                  caption_max_length=800, xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0,
                  gated_linear_unit=False),
-    "24B": dict(num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48,
-                num_query_groups=8, kv_channels=128, layernorm_epsilon=1e-6, apply_layernorm_1p=True,
-                x_rescale_factor=0.1, half_channel_vae=True, params_dtype=torch.bfloat16, patch_size=2,
-                t_patch_size=1, in_channels=32, out_channels=32, cond_hidden_ratio=0.25, caption_channels=4096,
-                caption_max_length=800, xattn_cond_hidden_ratio=1.0, cond_gating_ratio=1.0,
-                gated_linear_unit=True),
 }
+OFFICIAL_MODEL_CONFIGS["24B"] = dict(
+    OFFICIAL_MODEL_CONFIGS["4.5B"], num_layers=48, hidden_size=6144, ffn_hidden_size=16384, num_attention_heads=48,
+    x_rescale_factor=0.1, half_channel_vae=True, in_channels=32, out_channels=32, gated_linear_unit=True,
+)
 CONFIG_METADATA_KEY = "magi1_model_config"  # optional JSON model_config in a checkpoint's metadata
+DISTILL_METADATA_KEY = "magi1_distill"  # optional "true" in a checkpoint's metadata
 _UNPICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -88,7 +87,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
         raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
     model.eval().requires_grad_(False)
     if distill is None:
-        distill = "distill" in os.path.abspath(str(path)).lower() or metadata.get("magi1_distill") == "true"
+        distill = "distill" in os.path.abspath(str(path)).lower() or metadata.get(DISTILL_METADATA_KEY) == "true"
     model.distill = bool(distill)
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}"
     return model

@@ -187,7 +187,6 @@ def test_pickle_files_are_refused_without_being_opened(tmp_path, name):
 
 
 def test_metadata_config_and_distill_flag(tmp_path):
-    model = tiny_model(3)
     config = dict(TINY, x_rescale_factor=0.5)
     model = magi1.random_dit(config, seed=3)
     save_single(model, tmp_path / "tiny.safetensors",
