@@ -274,6 +274,15 @@ class MagiDiT(nn.Module):
         self.attention_backend = name
 
     @torch.no_grad()
+    def patch_embedding(self, x):
+        """The float32 patch embedding ``(N, D, T, H/2, W/2)`` of latents ``(N, 16, T, H, W)``: the first
+        thing a forward computes, and the change feature the caches compare between steps."""
+        x = x.float() * self.config.x_rescale_factor
+        if self.config.half_channel_vae:  # the 24B model doubles the 16 latent channels into its 32 inputs
+            x = torch.cat([x, x], dim=1)
+        return self.x_embedder(x)
+
+    @torch.no_grad()
     def forward(self, x, t, caption, caption_mask, kv_range, *, slice_point=0, unconditional=False,
                 distill_dt=None, cache=None, cache_write_chunks=0, active=None):
         """Velocities of a window of chunks.
@@ -308,11 +317,7 @@ class MagiDiT(nn.Module):
         chunks = t.shape[1]
         call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
 
-        # Patch embedding (float32); the 24B model doubles the 16 latent channels into its 32 inputs.
-        x = x.float() * config.x_rescale_factor
-        if config.half_channel_vae:
-            x = torch.cat([x, x], dim=1)
-        h = self.x_embedder(x)  # (N, D, T, H/2, W/2)
+        h = self.patch_embedding(x)  # (N, D, T, H/2, W/2)
         h = h.flatten(2).transpose(1, 2).to(call.dtype)  # (N, tokens, D)
         if call.selected is not None:
             h = h[:, call.selected]
