@@ -129,8 +129,13 @@ class CacheState:
 
     # ----------------------------------------------------------------------------------------------
     def decide(self, chunk_steps):
-        """Decide, for every chunk of the window at this step, what to compute. One host sync at most."""
+        """Decide, for every chunk of the window at this step, what to compute. One host sync at most.
+
+        ``chunk_steps``: ``ChunkStep``s, or ``(chunk_id, step, feature)`` tuples (so that a sampler can
+        drive a state without importing this package).
+        """
         policy = self.policy
+        chunk_steps = [cs if isinstance(cs, ChunkStep) else ChunkStep(*cs) for cs in chunk_steps]
         self._check_window(chunk_steps)  # before anything changes: a bad call leaves the state as it was
         plans = []
         for cs in chunk_steps:

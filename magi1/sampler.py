@@ -31,8 +31,6 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from cache_core import ChunkStep, CachePolicy
-
 from .dit import distill_dt
 from .flops import flops
 from .kv_cache import KVCache
@@ -191,11 +189,11 @@ class _Run:
         config = model.config
         self.model, self.config, self.guidance = model, config, guidance
         self.device = model.device
-        if policy is not None and not isinstance(policy, CachePolicy):
+        if policy is not None and not callable(getattr(policy, "new_state", None)):
             raise TypeError(f"policy must be a cache_core.CachePolicy or None, got {type(policy).__name__}")
-        self.policy = policy if policy is not None else CachePolicy(mode="off")
-        self.caching = self.policy.enabled
-        self.token_mode = self.policy.uses_token_weights
+        self.policy = policy
+        self.caching = policy is not None and policy.enabled
+        self.token_mode = self.caching and policy.uses_token_weights
         self.passes = guidance.passes or (1 if model.distill else 3)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -240,7 +238,7 @@ class _Run:
         self.chunk_scales = [guidance.scales(t) for t in self.grid[:-1]]
         self.on_step, self.should_stop = on_step, should_stop
 
-        self.stats = SampleStats(mode=self.policy.mode)
+        self.stats = SampleStats(mode="off" if policy is None else policy.mode)
         if record_masks:
             self.stats.masks = MaskRecorder(layout.chunk_num, self.cw, layout.latent_height // config.patch_size,
                                             layout.latent_width // config.patch_size)
@@ -367,10 +365,10 @@ class _Run:
         t_noisy = [self.grid[s] for s in plan.steps]
 
         decisions = None
-        if self.caching:
-            features = model.patch_embedding(x_noisy[None])[0].to(model.dtype)
-            decisions = self.state.decide([ChunkStep(c, s, features[:, j * cw:(j + 1) * cw])
-                                           for j, (c, s) in enumerate(zip(noisy, plan.steps))])
+        if self.caching:  # one chunk at a time, so that the features in memory stay chunk-sized
+            decisions = self.state.decide([
+                (c, s, model.patch_embedding(x_noisy[None, :, j * cw:(j + 1) * cw])[0].to(model.dtype))
+                for j, (c, s) in enumerate(zip(noisy, plan.steps))])
 
         velocity = self._velocities(plan, x_call, t_noisy, decisions)
         if self.stats.masks is not None:
@@ -401,9 +399,8 @@ class _Run:
                 self.state.release(c)
 
         if self.on_step is not None:
-            t_after = torch.tensor([self.grid[s + 1] for s in plan.steps], device=self.device)
-            preview = torch.cat([x_new[:, j * cw:(j + 1) * cw] + (1 - t_after[j]) * used[j]
-                                 for j in range(len(noisy))], dim=1)
+            preview = torch.cat([x_new[:, j * cw:(j + 1) * cw] + (1 - self.grid[s + 1]) * used[j]
+                                 for j, s in enumerate(plan.steps)], dim=1)
             self.on_step(StepProgress(step, self.total_steps, (plan.start, plan.end), preview))
 
     def _pad_prefix(self, x_call, first_frame):
@@ -418,7 +415,10 @@ class _Run:
         if chunk == 0:
             return None
         tail = self.state.proxy_tail(chunk - 1)
-        return tail if tail is not None else self.x[:, chunk * self.cw - 1]
+        if tail is not None:
+            return tail
+        frame = chunk * self.cw - 1  # the previous chunk is clean: its last frame
+        return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
 
     def _record(self, step, chunk, chunk_step, t, decision):
         if decision is None:
@@ -549,7 +549,7 @@ class _Run:
         chunks = len(t[0])
         caption = self.caption_table[rows].view(sequences, chunks, *self.caption_table.shape[1:])
         mask = self.caption_mask_table[rows].view(sequences, chunks, -1)
-        t = torch.tensor(t, dtype=torch.float32, device=self.device)
+        t = torch.tensor(t, dtype=torch.float32).to(self.device, non_blocking=True)
         out = self.model(x, t, caption, mask, ranges, slice_point=slice_point, unconditional=unconditional,
                          distill_dt=self._distill_dt(stage), cache=cache, cache_write_chunks=write, active=active)
         self.stats.model_calls += 1

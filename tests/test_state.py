@@ -514,3 +514,18 @@ def test_a_rejected_call_leaves_the_state_unchanged():
     reference.velocity(r, None, 0.1)
     assert (d.phase, d.action) == (r.phase, r.action) == ("chunk", "skip")
     torch.testing.assert_close(state._chunks[0].chunk_acc, reference._chunks[0].chunk_acc)
+
+
+def test_plain_tuples_drive_a_state_like_chunk_steps():
+    """A sampler that does not import cache_core passes (chunk_id, step, feature) tuples."""
+    policy = CachePolicy(mode="flowcache", tau=0.5, warmup_steps=1)
+    feats = features([0.1, 0.1, 0.9])
+    shape = tuple(LATENT.shape)
+    with_steps, with_tuples = (policy.new_state(num_steps=6, chunk_shape=shape) for _ in range(2))
+    for k in range(4):
+        (a,) = with_steps.decide([ChunkStep(0, k, feats[k])])
+        (b,) = with_tuples.decide([(0, k, feats[k])])
+        assert (a.action, a.phase) == (b.action, b.phase)
+        for state, d in ((with_steps, a), (with_tuples, b)):
+            state.velocity(d, None if d.action == "skip" else torch.ones(shape), 0.1)
+    assert [r.action for r in with_tuples.records] == ["dense", "skip", "skip", "dense"]
