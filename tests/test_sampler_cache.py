@@ -450,3 +450,15 @@ def test_bad_guidance_is_refused_clearly():
         Guidance(passes=2)
     with pytest.raises(ValueError, match="same length"):
         Guidance(text_scales=(7.5,))
+
+
+def test_the_cache_benchmark_runs_and_reports_every_policy(capsys):
+    from bench import sampler_cache
+
+    assert sampler_cache.main(["--size", "fixture", "--height", "32", "--width", "32", "--frames", "24",
+                               "--steps", "8", "--repeats", "1", "--taus", "0.1,1"]) == 0
+    out = capsys.readouterr().out
+    for name in ("off", "motion_detail tau=0.1", "motion_detail tau=1", "sparse gathers/scatters"):
+        assert name in out
+    row = next(line for line in out.splitlines() if line.startswith("motion_detail tau=1 "))
+    assert float(row.split()[4].rstrip("x")) > 1.0  # a large threshold saves FLOPs
