@@ -246,17 +246,19 @@ class _Run:
 
     # ---------------------------------------------------------------------------------------------- setup
     def _captions(self, caption, caption_mask, negative_caption, negative_mask):
-        """One table of caption rows on the device (null first, then per generated chunk: positive,
-        negative) and their valid-token counts on the host (one sync, here)."""
+        """One table of distinct caption rows on the device (the null caption first) with their
+        valid-token counts on the host (one sync, here), and each generated chunk's row per stream."""
         config, layout = self.config, self.layout
         generated = layout.chunk_num - layout.chunk_offset
-        null = self.model.y_embedder.null_caption_embedding.detach().float()
+        null = self.model.y_embedder.null_caption_embedding.detach().float().to(self.device)
         length = null.shape[0]
-        null_mask = torch.arange(length, device=null.device) < NULL_CAPTION_TOKENS
+        null_mask = torch.arange(length, device=self.device) < NULL_CAPTION_TOKENS
 
-        def per_chunk(name, emb, mask):
+        def rows_of(name, emb, mask):
+            if mask is None:
+                raise ValueError(f"{name} needs its mask (which caption tokens are valid)")
             if emb.dim() == 2:
-                emb, mask = emb[None], mask[None] if mask.dim() == 1 else mask
+                emb, mask = emb[None], mask[None]
             if emb.dim() != 3 or emb.shape[1:] != (length, config.caption_channels):
                 raise ValueError(f"{name} must be (chunks, {length}, {config.caption_channels}) or ({length}, "
                                  f"{config.caption_channels}), got {list(emb.shape)}")
@@ -265,29 +267,31 @@ class _Run:
                                  f"(give one per generated chunk, or one for all)")
             if tuple(mask.shape) != tuple(emb.shape[:2]):
                 raise ValueError(f"{name} mask must be {list(emb.shape[:2])}, got {list(mask.shape)}")
-            emb, mask = emb.to(self.device, torch.float32), mask.to(self.device).bool()
-            return emb.expand(generated, -1, -1), mask.expand(generated, -1)
+            return emb.to(self.device, torch.float32), mask.to(self.device).bool()
 
-        if caption_mask is None:
-            raise ValueError("caption_mask is required (which caption tokens are valid)")
-        positive, positive_mask = per_chunk("caption", caption, caption_mask)
-        null = null.to(self.device)
-        null_mask = null_mask.to(self.device)
-        if not bool(positive_mask.any()):  # no prompt: the released pipeline then uses the null caption
-            positive, positive_mask = null.expand(generated, -1, -1), null_mask.expand(generated, -1)
+        embeddings, masks = [null[None]], [null_mask[None]]
+
+        def add(emb, mask):
+            """Table rows of the generated chunks for these captions (one row may serve all)."""
+            first = sum(e.shape[0] for e in embeddings)
+            embeddings.append(emb)
+            masks.append(mask)
+            return [first + (i if emb.shape[0] > 1 else 0) for i in range(generated)]
+
+        positive, positive_mask = rows_of("caption", caption, caption_mask)
+        # An empty prompt: the released pipeline then uses the null caption.
+        self.positive_rows = add(positive, positive_mask) if bool(positive_mask.any()) else [0] * generated
+        self.negative_rows = [0] * generated
         if negative_caption is not None:
-            negative, negative_mask = per_chunk("negative_caption", negative_caption, negative_mask)
-        else:
-            negative, negative_mask = null.expand(generated, -1, -1), null_mask.expand(generated, -1)
-        self.caption_table = torch.cat([null[None], positive, negative])
-        self.caption_mask_table = torch.cat([null_mask[None], positive_mask, negative_mask])
+            self.negative_rows = add(*rows_of("negative_caption", negative_caption, negative_mask))
+        self.caption_table = torch.cat(embeddings)
+        self.caption_mask_table = torch.cat(masks)
         self.caption_lengths = self.caption_mask_table.sum(dim=1).tolist()
 
     def _caption_row(self, chunk, stream):
         """Row of the caption table for a noisy chunk in a stream ("positive" or "negative")."""
-        generated = self.layout.chunk_num - self.layout.chunk_offset
-        index = chunk - self.layout.chunk_offset
-        return 1 + index if stream == "positive" else 1 + generated + index
+        rows = self.positive_rows if stream == "positive" else self.negative_rows
+        return rows[chunk - self.layout.chunk_offset]
 
     def _allocate(self, offload):
         model, layout, ct = self.model, self.layout, self.ct

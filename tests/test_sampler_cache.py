@@ -462,3 +462,24 @@ def test_the_cache_benchmark_runs_and_reports_every_policy(capsys):
         assert name in out
     row = next(line for line in out.splitlines() if line.startswith("motion_detail tau=1 "))
     assert float(row.split()[4].rstrip("x")) > 1.0  # a large threshold saves FLOPs
+
+
+def test_captions_one_for_all_chunks_and_negative_prompts(runs):
+    model, args, latent = runs["base"]
+    caption, mask = args["caption"], args["caption_mask"]
+    assert torch.equal(caption[0], caption[-1])  # the fixture repeats one prompt
+    one = generate(model, **{**args, "caption": caption[0], "caption_mask": mask[0]}).latent
+    assert torch.equal(one, latent)
+
+    null = model.y_embedder.null_caption_embedding.detach()
+    null_mask = torch.arange(null.shape[0]) < 50
+    same = generate(model, **args, negative_caption=null, negative_mask=null_mask).latent
+    assert torch.equal(same, latent)
+    other = generate(model, **args, negative_caption=torch.randn_like(null), negative_mask=null_mask).latent
+    assert relative_error(other, latent) > 1e-3
+
+    distilled_model, distilled_args, distilled = runs["distill45"]  # one pass: no unconditional stream
+    null = distilled_model.y_embedder.null_caption_embedding.detach()
+    ignored = generate(distilled_model, **distilled_args, negative_caption=torch.randn_like(null),
+                       negative_mask=torch.ones(null.shape[0], dtype=torch.bool)).latent
+    assert torch.equal(ignored, distilled)

@@ -54,7 +54,7 @@ def load(config):
                        chunk_offset=prefix // width)
 
 
-@pytest.mark.parametrize("config", ["base", "distill24", "distill45"])
+@pytest.mark.parametrize("config", ["base", "base_i2v", "distill24", "distill45"])
 def test_every_official_call_is_planned(config):
     calls, setup = load(config)
     grid = time_grid(setup["num_steps"])
