@@ -254,27 +254,52 @@ class CacheState:
         (``proxy_tail(chunk_id - 1)`` while that chunk is still denoising, its clean latent's last frame
         once it is clean, or None for the first chunk of the video).
         """
+        self.observe_window([(chunk_id, step, latent, velocity, t)], prev_frame)
+
+    def observe_window(self, chunks, prev_frame=None):
+        """``observe`` for consecutive chunks of one window at once, oldest first: ``chunks`` holds
+        ``(chunk_id, step, latent, velocity, t)``; ``prev_frame`` is the frame before the first one.
+
+        The weights are computed in one pass over the window's frames (each frame's weights depend
+        only on it and the frame before), which is what keeps this cheap for small chunks.
+        """
         policy = self.policy
-        mem = self._chunks.get(chunk_id)
-        if mem is None:
-            raise RuntimeError(f"observe() for chunk {chunk_id}, which decide() has not seen (or which was released)")
-        if not policy.uses_token_weights:
+        ids = [c[0] for c in chunks]
+        if ids and ids != list(range(ids[0], ids[0] + len(ids))):
+            raise ValueError(f"observe_window needs consecutive chunks, oldest first; got {ids}")
+        memories = []
+        for chunk_id, *_ in chunks:
+            mem = self._chunks.get(chunk_id)
+            if mem is None:
+                raise RuntimeError(f"observe() for chunk {chunk_id}, which decide() has not seen (or which was released)")
+            memories.append(mem)
+        if not policy.uses_token_weights or not chunks:
             return
-        if policy.proxy == "denoised":
-            if velocity is None or t is None:
-                raise ValueError('proxy="denoised" needs the velocity and the time t after the step')
-            proxy = latent + (1.0 - float(t)) * velocity
-        else:
-            proxy = latent
-        mem.proxy_tail = proxy[:, -1].detach()
-        if policy.phase(step + 1, self.num_steps) != "token":
-            mem.weights = None  # the next step does not read weights
+        proxies = []
+        for (_, _, latent, velocity, t), mem in zip(chunks, memories):
+            if policy.proxy == "denoised":
+                if velocity is None or t is None:
+                    raise ValueError('proxy="denoised" needs the velocity and the time t after the step')
+                proxy = latent + (1.0 - float(t)) * velocity
+            else:
+                proxy = latent
+            mem.proxy_tail = proxy[:, -1].detach()
+            proxies.append(proxy)
+        needed = [policy.phase(step + 1, self.num_steps) == "token" for _, step, *_ in chunks]
+        for mem, need in zip(memories, needed):
+            if not need:
+                mem.weights = None  # the next step does not read weights
+        if not any(needed):
             return
+        proxy = proxies[0] if len(proxies) == 1 else torch.cat(proxies, dim=1)
         weights = _motion_weights_unchecked(proxy, prev_frame, self.patch, policy.motion_floor, policy.motion_power)
         if policy.mode == "motion_detail":
             detail = _detail_weights_unchecked(proxy, policy.detail_window_size, self.patch, policy.detail_alpha)
             weights = _combine_unchecked(weights, detail, policy.weight_combine_mode, policy.detail_lambda)
-        mem.weights = weights.reshape(-1)
+        frames = [p.shape[1] for p in proxies]
+        for mem, need, w in zip(memories, needed, torch.split(weights, frames)):
+            if need:
+                mem.weights = w.reshape(-1)
 
     def proxy_tail(self, chunk_id):
         """Last frame of the chunk's latest weight proxy (None if unknown): the next chunk's prev_frame."""

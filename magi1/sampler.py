@@ -40,6 +40,7 @@ from .schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, step_i
 
 TEMPORAL_DOWNSAMPLE = 4  # video frames per latent frame
 NULL_CAPTION_TOKENS = 50  # the null caption attends to the first 50 rows of the learned null embedding
+FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
 
 class SamplingInterrupted(RuntimeError):
@@ -369,10 +370,9 @@ class _Run:
         t_noisy = [self.grid[s] for s in plan.steps]
 
         decisions = None
-        if self.caching:  # one chunk at a time, so that the features in memory stay chunk-sized
-            decisions = self.state.decide([
-                (c, s, model.patch_embedding(x_noisy[None, :, j * cw:(j + 1) * cw])[0].to(model.dtype))
-                for j, (c, s) in enumerate(zip(noisy, plan.steps))])
+        if self.caching:
+            features = self._change_features(x_noisy, len(noisy))
+            decisions = self.state.decide([(c, s, f) for c, s, f in zip(noisy, plan.steps, features)])
 
         velocity = self._velocities(plan, x_call, t_noisy, decisions)
         if self.stats.masks is not None:
@@ -391,12 +391,11 @@ class _Run:
                 used.append(v)
         self.x[:, plan.start * cw: plan.end * cw] = x_new
 
+        if self.caching:  # the token weights of the next step, from the updated latents
+            self.state.observe_window(
+                [(c, s, x_new[:, j * cw:(j + 1) * cw], None if used is None else used[j], self.grid[s + 1])
+                 for j, (c, s) in enumerate(zip(noisy, plan.steps))], self._previous_frame(plan.start))
         for j, (c, s) in enumerate(zip(noisy, plan.steps)):
-            if self.caching:
-                frames = slice(j * cw, (j + 1) * cw)
-                t_after = self.grid[s + 1]
-                self.state.observe(c, s, x_new[:, frames], velocity=None if used is None else used[j], t=t_after,
-                                   prev_frame=self._previous_frame(c))
             self._record(step, c, s, t_noisy[j], None if decisions is None else decisions[j])
         for c, s in zip(noisy, plan.steps):
             if s + 1 == self.steps and self.caching:
@@ -406,6 +405,16 @@ class _Run:
             preview = torch.cat([x_new[:, j * cw:(j + 1) * cw] + (1 - self.grid[s + 1]) * used[j]
                                  for j, s in enumerate(plan.steps)], dim=1)
             self.on_step(StepProgress(step, self.total_steps, (plan.start, plan.end), preview))
+
+    def _change_features(self, x_noisy, chunks):
+        """Each noisy chunk's patch embedding in the model dtype (what the cache compares between
+        steps, as released): one convolution for a small window, chunk by chunk for a large one so
+        that the float32 intermediate stays chunk-sized."""
+        model, cw = self.model, self.cw
+        if self.ct * chunks * self.config.hidden_size * 4 <= FEATURE_BATCH_BYTES:
+            embedded = model.patch_embedding(x_noisy[None])[0]
+            return [embedded[:, j * cw:(j + 1) * cw].to(model.dtype) for j in range(chunks)]
+        return [model.patch_embedding(x_noisy[None, :, j * cw:(j + 1) * cw])[0].to(model.dtype) for j in range(chunks)]
 
     def _pad_prefix(self, x_call, first_frame):
         """Image-to-video / continuation: the prefix latents overwrite their frames before every forward."""

@@ -529,3 +529,27 @@ def test_plain_tuples_drive_a_state_like_chunk_steps():
         for state, d in ((with_steps, a), (with_tuples, b)):
             state.velocity(d, None if d.action == "skip" else torch.ones(shape), 0.1)
     assert [r.action for r in with_tuples.records] == ["dense", "skip", "skip", "dense"]
+
+
+@pytest.mark.parametrize("proxy", ["latent", "denoised"])
+@pytest.mark.parametrize("mode", ["motion", "motion_detail"])
+def test_observing_a_window_at_once_equals_chunk_by_chunk(proxy, mode):
+    policy = CachePolicy(mode=mode, proxy=proxy, warmup_steps=0, chunk_wise_steps=0, final_full_steps=0)
+    g = torch.Generator().manual_seed(7)
+    shape = (4, 3, 6, 8)
+    latents = [torch.randn(shape, generator=g) for _ in range(3)]
+    velocities = [torch.randn(shape, generator=g) for _ in range(3)]
+    prev = torch.randn(shape[0], *shape[2:], generator=g)
+    states = [policy.new_state(num_steps=8, chunk_shape=shape) for _ in range(2)]
+    for state in states:
+        state.decide([ChunkStep(c, c - 3, torch.ones(2)) for c in (3, 4, 5)])
+    one, window = states
+    for i, c in enumerate((3, 4, 5)):
+        one.observe(c, c - 3, latents[i], velocities[i], 0.4, prev if i == 0 else one.proxy_tail(c - 1))
+    window.observe_window([(c, c - 3, latents[i], velocities[i], 0.4) for i, c in enumerate((3, 4, 5))], prev)
+    for c in (3, 4, 5):
+        a, b = one._chunks[c], window._chunks[c]
+        assert a.weights is not None and torch.allclose(a.weights, b.weights, rtol=0, atol=1e-6)
+        assert torch.equal(a.proxy_tail, b.proxy_tail)
+    with pytest.raises(ValueError, match="consecutive"):
+        window.observe_window([(3, 0, latents[0], None, None), (5, 2, latents[2], None, None)])
