@@ -232,8 +232,8 @@ class _Run:
         self.x = noise.to(self.device, torch.float32, copy=True)
 
         self._captions(caption, caption_mask, negative_caption, negative_mask)
-        self.grid = time_grid(steps).tolist()  # float32 values
         self.grid32 = time_grid(steps)
+        self.grid = self.grid32.tolist()  # the same float32 values as host numbers
         self.intervals = step_intervals(steps)
         self.total_steps = total_forward_steps(layout.chunk_num, steps, window_size, layout.chunk_offset)
         self.chunk_scales = [guidance.scales(t) for t in self.grid[:-1]]
@@ -358,7 +358,7 @@ class _Run:
         return distill_dt(self.steps, self.intervals[stage_index])
 
     def _step(self, step):
-        layout, cw, ct, model = self.layout, self.cw, self.ct, self.model
+        layout, cw = self.layout, self.cw
         plan = window_step(step, chunk_num=layout.chunk_num, num_steps=self.steps, window_size=self.window_size,
                            chunk_offset=layout.chunk_offset)
         refresh = int(plan.refresh_clean)

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 import cache_core.state as cache_state
-import magi1.sampler as sampler_module
 from cache_core import CachePolicy
 from cache_core.state import Decision
 from magi1 import KVCache, distill_dt, flops
