@@ -193,14 +193,14 @@ def infer_config(shapes, metadata=None, dtypes=None):
     return ModelConfig(**values), None
 
 
-def check_state_dict(model, shapes):
+def check_state_dict(model, shapes, what="MAGI-1 DiT"):
     """Raise a clear error unless ``shapes`` (key -> shape) are exactly the model's tensors."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
     wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != tuple(shapes[k]))
     if missing or unexpected or wrong:
-        lines = ["the checkpoint is not a MAGI-1 DiT of the inferred architecture:"]
+        lines = [f"the checkpoint is not a {what} of the inferred architecture:"]
         if missing:
             lines.append(f"  {len(missing)} missing keys, first: {missing[:5]}")
         if unexpected:
