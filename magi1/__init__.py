@@ -7,9 +7,12 @@ from .kv_cache import KVCache
 from .loader import build_dit, load_dit, random_dit
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 from .sampler import Guidance, SampleResult, SamplingInterrupted, StepProgress, VideoLayout, generate
+from .text import SpecialTokens, chunk_captions, find_special_tokens, null_caption, prepare_prompt
+from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
-    "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "MagiDiT", "MaskRecorder", "ModelConfig", "SampleResult",
-    "SampleStats", "SamplingInterrupted", "StepProgress", "VideoLayout", "build_dit", "distill_dt", "flops",
-    "generate", "load_dit", "random_dit",
+    "LATENT_SCALE", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "MagiDiT", "MagiVAE", "MaskRecorder",
+    "ModelConfig", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
+    "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
+    "flops", "generate", "load_dit", "load_vae", "null_caption", "prepare_prompt", "random_dit", "random_vae",
 ]

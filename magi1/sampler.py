@@ -35,11 +35,11 @@ from .dit import distill_dt
 from .flops import flops
 from .kv_cache import KVCache
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
+from .text import null_caption
 from .schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, step_intervals, time_grid,
                        total_forward_steps, window_step)
 
 TEMPORAL_DOWNSAMPLE = 4  # video frames per latent frame
-NULL_CAPTION_TOKENS = 50  # the null caption attends to the first 50 rows of the learned null embedding
 FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
 
@@ -251,9 +251,8 @@ class _Run:
         valid-token counts on the host (one sync, here), and each generated chunk's row per stream."""
         config, layout = self.config, self.layout
         generated = layout.chunk_num - layout.chunk_offset
-        null = self.model.y_embedder.null_caption_embedding.detach().float().to(self.device)
+        null, null_mask = null_caption(self.model.y_embedder.null_caption_embedding.to(self.device))
         length = null.shape[0]
-        null_mask = torch.arange(length, device=self.device) < NULL_CAPTION_TOKENS
 
         def rows_of(name, emb, mask):
             if mask is None:

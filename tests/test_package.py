@@ -100,7 +100,7 @@ def test_pyproject_metadata():
     project = meta["project"]
     assert project["name"] == "magi1-motiondetailcache" and project["version"] == "0.1.0" and project["description"]
     deps = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
-    assert deps == {"torch", "einops", "numpy", "safetensors"}
+    assert deps == {"torch", "einops", "numpy", "safetensors", "ftfy", "beautifulsoup4"}
     assert project["optional-dependencies"]["gpu"] == ["flash-attn"]
     assert any(d.startswith("pytest") for d in project["optional-dependencies"]["test"])
     assert "Repository" in project["urls"]
@@ -116,7 +116,7 @@ def test_pyproject_metadata():
 def test_requirements_are_loose_and_flash_attn_optional():
     lines = [ln.strip() for ln in (ROOT / "requirements.txt").read_text().splitlines()]
     reqs = [ln for ln in lines if ln and not ln.startswith("#")]
-    assert {r.split(">")[0] for r in reqs} == {"torch", "einops", "numpy", "safetensors"}
+    assert {r.split(">")[0] for r in reqs} == {"torch", "einops", "numpy", "safetensors", "ftfy", "beautifulsoup4"}
     assert not any("==" in r for r in reqs), "pins break other packs"
 
 
