@@ -95,6 +95,102 @@ IN_PROCESS = textwrap.dedent(
 )
 
 
+# The release's T5 encoding, rebuilt from a stock CLIP (nodes/t5.py) on a tiny random T5 v1.1: the CLIP
+# is what CLIPLoader type "mochi" builds (genmo.mochi_te + MochiT5Tokenizer, the real tokenizer), only
+# with a tiny config; the reference is transformers' T5EncoderModel with the official tokenizer call.
+T5_PATH = textwrap.dedent(
+    """
+    import importlib.util, sys, types
+    from comfy.cli_args import args
+    args.cpu = True  # before comfy.model_management probes for a GPU
+    import torch
+    import comfy.sd, comfy.sd1_clip, comfy.text_encoders.genmo as genmo, comfy.text_encoders.sd3_clip as sd3_clip
+    from transformers import AutoTokenizer, T5Config, T5EncoderModel
+
+    spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
+    pack = importlib.util.module_from_spec(spec); sys.modules["magipack"] = pack; spec.loader.exec_module(pack)
+    from magipack.nodes.t5 import t5_states
+    from magipack.magi1.text import prepare_prompt
+
+    TINY = {"d_ff": 64, "d_kv": 8, "d_model": 32, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
+            "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 4, "num_layers": 2, "pad_token_id": 0,
+            "eos_token_id": 1, "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
+            "vocab_size": 32128, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+    real_json = comfy.sd1_clip.json
+    comfy.sd1_clip.json = types.SimpleNamespace(load=lambda f: dict(TINY))  # the stock classes, a tiny config
+    import nodes
+    assert "mochi" in nodes.CLIPLoader.INPUT_TYPES()["required"]["type"][0]  # the loader type the README names
+
+    def build(target_clip, tokenizer, sd):
+        target = types.SimpleNamespace(clip=target_clip, tokenizer=tokenizer, params={})
+        clip = comfy.sd.CLIP(target, parameters=1, model_options={"dtype": torch.float32})
+        missing, _ = clip.load_sd(sd)
+        assert not missing, missing
+        return clip
+
+    g = torch.Generator().manual_seed(0)
+    # The release's encoder, as T5Embedder runs it: HF T5EncoderModel, tokenizer padded to 800, mask on.
+    reference = T5EncoderModel(T5Config(**TINY)).eval()
+    sd = {k: torch.randn(v.shape, generator=g) * (0.05 if "shared" in k or "embed" in k else 0.2) + (1.0 if "layer_norm" in k else 0.0)
+          for k, v in reference.state_dict().items()}
+    sd["encoder.embed_tokens.weight"] = sd["shared.weight"]  # one table (tied in T5)
+    reference.load_state_dict(sd)
+    sd = {k: v for k, v in sd.items() if k != "encoder.embed_tokens.weight"}
+    mochi = build(genmo.mochi_te(), genmo.MochiT5Tokenizer, sd)  # what CLIPLoader type "mochi" builds
+    tokenizer = AutoTokenizer.from_pretrained("comfy/text_encoders/t5_tokenizer")
+    prompts = ["A red fox trots across a snowy meadow at dawn, cinematic lighting.",
+               "Two CATS (playing:1.3) with a ball of yarn... https://x.com #12",
+               "a b c " * 120, "the quick brown fox " * 220]
+    for prompt in prompts:
+        states, mask = t5_states(mochi, prompt)
+        batch = tokenizer([prepare_prompt(prompt)], max_length=800, padding="max_length", truncation=True,
+                          return_attention_mask=True, add_special_tokens=True, return_tensors="pt")
+        with torch.no_grad():
+            expected = reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state[0]
+        n = int(batch["attention_mask"].sum())
+        assert int(mask.sum()) == n and bool(mask[:n].all()), (int(mask.sum()), n)
+        err = float((states[:n] - expected[:n]).norm() / expected[:n].norm())
+        print("prompt tokens", n, "of", states.shape[0], "relative error", err)
+        assert err < 1e-5
+
+    import comfy.text_encoders.pixart_t5 as pixart_t5
+    pixart = build(pixart_t5.pixart_te(), pixart_t5.PixArtTokenizer, sd)  # no padding, no mask: also exact
+    states, mask = t5_states(pixart, prompts[1])
+    batch = tokenizer([prepare_prompt(prompts[1])], max_length=800, padding="max_length", truncation=True, return_tensors="pt")
+    n = int(batch["attention_mask"].sum())
+    with torch.no_grad():
+        expected = reference(**batch).last_hidden_state[0, :n]
+    assert states.shape[0] == n and bool(mask.all())
+    assert float((states - expected).norm() / expected.norm()) < 1e-5
+
+    class PaddedT5(comfy.sd1_clip.SD1ClipModel):  # T5 padded to 77 without a mask (the SD3/Flux T5 setting)
+        def __init__(self, device="cpu", dtype=None, model_options={}):
+            super().__init__(device=device, dtype=dtype, name="t5xxl", clip_model=sd3_clip.T5XXLModel, model_options=model_options)
+    class PaddedTokenizer(comfy.sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):
+            super().__init__(embedding_directory=embedding_directory, tokenizer_data=tokenizer_data, clip_name="t5xxl", tokenizer=sd3_clip.T5XXLTokenizer)
+    padded = build(PaddedT5, PaddedTokenizer, sd)
+    try:
+        t5_states(padded, prompts[0])
+    except ValueError as error:
+        assert "type 'mochi'" in str(error), error
+    else:
+        raise AssertionError("a padded prompt without a mask must be refused")
+    comfy.sd1_clip.json = real_json
+    print("T5 OK")
+    """
+)
+
+
+def test_t5_states_from_stock_clip_match_the_release_encoding():
+    done = subprocess.run(
+        [COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + T5_PATH],
+        cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "T5 OK" in done.stdout
+
+
 def test_pack_registers_and_cache_node_keeps_its_contract():
     done = subprocess.run(
         [COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + IN_PROCESS],
