@@ -177,6 +177,22 @@ T5_PATH = textwrap.dedent(
     else:
         raise AssertionError("a padded prompt without a mask must be refused")
     comfy.sd1_clip.json = real_json
+
+    # The special-token table is found in models/text_encoders, or refused with where to get it.
+    import tempfile, numpy as np, folder_paths
+    from magipack.nodes.t5 import special_tokens
+    try:
+        special_tokens()
+    except FileNotFoundError as error:
+        assert "SandAI-org/MAGI-1" in str(error) and "text_encoders" in str(error), error
+    else:
+        raise AssertionError("no table anywhere must be an error")
+    folder = tempfile.mkdtemp()
+    other = np.random.default_rng(0).normal(size=(100, 4096))
+    np.savez(folder + "/special_tokens.npz", other_tokens=other)
+    folder_paths.add_model_folder_path("text_encoders", folder)
+    table = special_tokens()
+    assert torch.equal(table.hq, torch.from_numpy(other[1].astype(np.float16)).float())
     print("T5 OK")
     """
 )
