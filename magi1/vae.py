@@ -89,10 +89,6 @@ class VAEConfig:
         return asdict(self)
 
     @property
-    def latent_channels(self):
-        return self.z_chans
-
-    @property
     def position_grid(self):
         """The (frames, rows, columns) token grid the position embedding was trained on."""
         size = self.video_size // self.patch_size
