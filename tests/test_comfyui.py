@@ -198,22 +198,20 @@ T5_PATH = textwrap.dedent(
 )
 
 
-def test_t5_states_from_stock_clip_match_the_release_encoding():
-    done = subprocess.run(
-        [COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + T5_PATH],
-        cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=600,
-    )
+def run_in_comfyui(script, timeout=600):
+    """Run ``script`` with ComfyUI's Python in its root, with ``PACK`` set to this checkout; its stdout."""
+    done = subprocess.run([COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + script], cwd=COMFYUI_DIR,
+                          capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "T5 OK" in done.stdout
+    return done.stdout
+
+
+def test_t5_states_from_stock_clip_match_the_release_encoding():
+    assert "T5 OK" in run_in_comfyui(T5_PATH)
 
 
 def test_pack_registers_and_cache_node_keeps_its_contract():
-    done = subprocess.run(
-        [COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + IN_PROCESS],
-        cwd=COMFYUI_DIR, capture_output=True, text=True, timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "OK ['MAGI1MotionDetailCache']" in done.stdout
+    assert "OK ['MAGI1MotionDetailCache']" in run_in_comfyui(IN_PROCESS)
 
 
 def free_port():
