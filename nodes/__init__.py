@@ -1,5 +1,8 @@
 """ComfyUI nodes of the pack: thin glue over ``cache_core`` and ``magi1``. Imported only inside ComfyUI."""
 
 from .cache_policy import MAGI1MotionDetailCache
+from .loaders import MAGI1DiTLoader, MAGI1VAELoader
+from .sampler import MAGI1Decode, MAGI1Sampler
+from .text_encode import MAGI1TextEncode
 
-NODES = [MAGI1MotionDetailCache]
+NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1MotionDetailCache, MAGI1Sampler, MAGI1Decode]

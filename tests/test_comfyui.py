@@ -56,8 +56,9 @@ IN_PROCESS = textwrap.dedent(
         for inp in schema.inputs:
             assert inp.tooltip, f"{schema.node_id}.{inp.id} has no tooltip"
             default = getattr(inp, "default", None)
-            if getattr(inp, "options", None) is not None:
-                assert default in inp.options, f"{schema.node_id}.{inp.id}"
+            if getattr(inp, "options", None) is not None:  # file lists have no default
+                assert default in inp.options or (default is None and inp.id in ("checkpoint", "vae_name")), \
+                    f"{schema.node_id}.{inp.id}"
             elif default is not None and getattr(inp, "min", None) is not None:
                 assert inp.min <= default <= inp.max, f"{schema.node_id}.{inp.id}"
 
@@ -198,6 +199,91 @@ T5_PATH = textwrap.dedent(
 )
 
 
+# The nodes executed in-process on a tiny random DiT and VAE placed in ComfyUI's model folders:
+# loader -> cache -> sampler (twice: identical) -> decode, image-to-video, and the errors users meet.
+NODES_RUN = textwrap.dedent(
+    """
+    import asyncio, importlib.util, json, os, sys, tempfile
+    from comfy.cli_args import args
+    args.cpu = True  # before comfy.model_management probes for a GPU
+    import numpy as np
+    import torch
+    import folder_paths
+    from safetensors.torch import save_file
+
+    spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
+    pack = importlib.util.module_from_spec(spec)
+    sys.modules["magipack"] = pack
+    spec.loader.exec_module(pack)
+    from magipack.magi1 import VAEConfig, random_dit, random_vae
+    from magipack.nodes.cache_policy import MAGI1MotionDetailCache
+    from magipack.nodes.loaders import MAGI1DiTLoader, MAGI1VAELoader
+    from magipack.nodes.sampler import MAGI1Decode, MAGI1Sampler
+
+    # A tiny random DiT, VAE and special-token table in ComfyUI's model folders.
+    root = tempfile.mkdtemp()
+    for sub in ("diffusion_models", "vae", "text_encoders"):
+        os.makedirs(os.path.join(root, sub))
+        folder_paths.add_model_folder_path(sub, os.path.join(root, sub), is_default=True)
+    config = json.load(open(PACK + "/tests/fixtures/pipeline/distill45.json"))["model_config"]
+    dit = random_dit(config, seed=0)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
+              os.path.join(root, "diffusion_models", "tiny_distill.safetensors"),
+              metadata={"magi1_model_config": json.dumps(config)})
+    vae_config = VAEConfig(embed_dim=256, depth=1, num_heads=4, mlp_ratio=1.0, video_size=32)
+    vae = random_vae(vae_config, seed=0)
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(root, "vae", "tiny_vae.safetensors"),
+              metadata={"magi1_vae_config": json.dumps(vae_config.to_dict())})
+    width = config["caption_channels"]
+    np.savez(os.path.join(root, "text_encoders", "special_tokens.npz"),
+             other_tokens=np.random.default_rng(0).normal(size=(100, width)))
+
+    positive = [[torch.randn(1, 7, width), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}]]
+    model = MAGI1DiTLoader.execute(checkpoint="tiny_distill.safetensors", variant="auto", weight_dtype="auto",
+                                   attention="auto").result[0]
+    assert model.model.diffusion_model.distill and model.model.diffusion_model.dtype == torch.float32
+    defaults = {i.id: i.default for i in MAGI1MotionDetailCache.GET_SCHEMA().inputs if i.id != "model"}
+    cached = MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
+    vae = MAGI1VAELoader.execute(vae_name="tiny_vae.safetensors", weight_dtype="auto").result[0]
+    request = dict(positive=positive, width=32, height=32, frames=48, steps=8, seed=1, guidance=7.5)
+    latent, report, masks = MAGI1Sampler.execute(model=cached, record_masks=True, **request).result
+    again = MAGI1Sampler.execute(model=cached, record_masks=True, **request).result[0]
+    assert torch.equal(latent["samples"], again["samples"]), "two runs from the same patched model must agree"
+    plain = MAGI1Sampler.execute(model=model, **request).result[0]
+    assert latent["samples"].shape == (1, 16, 12, 4, 4), latent["samples"].shape
+    assert "computed" in report and masks.shape[-1] == 3 and masks.shape[0] >= 8, masks.shape
+    print("report:", report)
+    frames = MAGI1Decode.execute(vae=vae, samples=latent, tile_size=256).result[0]
+    assert frames.shape == (48, 32, 32, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1, frames.shape
+    # image-to-video from the first decoded frame
+    i2v = MAGI1Sampler.execute(model=model, vae=vae, start_image=frames[:1], **request).result[0]
+    assert i2v["samples"].shape == (1, 16, 18, 4, 4), i2v["samples"].shape  # the image + 12 new, in whole chunks
+
+    def refused(match, **changes):
+        try:
+            MAGI1Sampler.execute(model=model, **{**request, **changes})
+        except ValueError as error:
+            assert match in str(error), error
+        else:
+            raise AssertionError(f"{changes} must be refused")
+
+    refused("nearest valid value is 48", width=40)
+    refused("needs the MAGI-1 VAE", start_image=frames[:1])
+    refused("not ['start_image', 'prefix_latent']", vae=vae, start_image=frames[:1], prefix_latent=latent)
+    os.remove(os.path.join(root, "text_encoders", "special_tokens.npz"))
+    try:
+        MAGI1Sampler.execute(model=model, **request)
+    except FileNotFoundError as error:
+        assert "special_tokens.npz" in str(error)
+    else:
+        raise AssertionError("missing special tokens must be refused")
+    print("NODES OK")
+    """
+)
+NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1MotionDetailCache", "MAGI1Sampler", "MAGI1TextEncode",
+            "MAGI1VAELoader"]
+
+
 def run_in_comfyui(script, timeout=600):
     """Run ``script`` with ComfyUI's Python in its root, with ``PACK`` set to this checkout; its stdout."""
     done = subprocess.run([COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + script], cwd=COMFYUI_DIR,
@@ -211,7 +297,11 @@ def test_t5_states_from_stock_clip_match_the_release_encoding():
 
 
 def test_pack_registers_and_cache_node_keeps_its_contract():
-    assert "OK ['MAGI1MotionDetailCache']" in run_in_comfyui(IN_PROCESS)
+    assert f"OK {NODE_IDS}" in run_in_comfyui(IN_PROCESS)
+
+
+def test_nodes_generate_and_decode_on_a_tiny_model():
+    assert "NODES OK" in run_in_comfyui(NODES_RUN)
 
 
 def free_port():
@@ -249,6 +339,10 @@ def test_live_server_lists_the_nodes():
             node = info["MAGI1MotionDetailCache"]
             assert node["category"] == "MAGI-1" and node["output"] == ["MODEL"]
             assert set(node["input"]["required"]) >= {"model", "mode", "tau", "detail_window", "combine_mode", "proxy"}
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=30) as r:
+                every = json.load(r)
+            assert all(every.get(node_id, {}).get("category") == "MAGI-1" for node_id in NODE_IDS), \
+                sorted(k for k in every if k.startswith("MAGI1"))
             ours = [line for line in text.splitlines() if "ComfyUI-MAGI1-MotionDetailCache" in line]
             assert ours and not any("IMPORT FAILED" in line for line in ours), "\n".join(ours)
         finally:

@@ -1,0 +1,96 @@
+"""MAGI1DiTLoader and MAGI1VAELoader: the official checkpoints from ComfyUI's model folders."""
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+
+from ..magi1 import load_dit, load_vae
+
+MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
+DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ATTENTION = ("auto", "sdpa", "flash")
+
+
+class MagiModel(torch.nn.Module):
+    """What a MAGI-1 MODEL's ModelPatcher holds (ComfyUI keeps its bookkeeping, such as ``device``, on this
+    module): the DiT as ``diffusion_model``, as in ComfyUI's own models."""
+
+    def __init__(self, dit):
+        super().__init__()
+        self.diffusion_model = dit
+
+
+def checkpoint_choices(folder):
+    """Loadable files of a model folder: single .safetensors files and sharded checkpoints' index files."""
+    return sorted(name for name in folder_paths.get_filename_list(folder)
+                  if name.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def compute_dtype(choice, device):
+    """The release's dtype (bfloat16) on a GPU, float32 on the CPU, unless the user picked one."""
+    if DTYPES[choice] is not None:
+        return DTYPES[choice]
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+class MAGI1DiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MAGI1DiTLoader",
+            display_name="MAGI-1 DiT Loader",
+            category="MAGI-1",
+            description=("Loads an official MAGI-1 DiT (4.5B or 24B, base or distill) from models/diffusion_models: "
+                         "a .safetensors file, or any shard or the index of a sharded checkpoint."),
+            inputs=[
+                io.Combo.Input("checkpoint", options=checkpoint_choices("diffusion_models"), tooltip=(
+                    "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json. "
+                    "The size is read from the tensors.")),
+                io.Combo.Input("variant", options=["auto", "base", "distill"], default="auto", tooltip=(
+                    "Base and distill checkpoints hold the same tensors. auto: distill when the path says "
+                    "'distill'. Distilled models sample with 1 guidance pass and few steps, base ones with 3.")),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
+                    "auto: bfloat16 on a GPU (as released), float32 on the CPU. float32 doubles the memory.")),
+                io.Combo.Input("attention", options=list(ATTENTION), default="auto", tooltip=(
+                    "auto: flash-attn on CUDA when installed, else PyTorch SDPA. Both give the same result.")),
+            ],
+            outputs=[io.Model.Output(tooltip="The MAGI-1 model, managed by ComfyUI's memory manager.")],
+        )
+
+    @classmethod
+    def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
+        path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
+        load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
+        distill = None if variant == "auto" else variant == "distill"
+        model = load_dit(path, device=offload_device, dtype=compute_dtype(weight_dtype, load_device), distill=distill)
+        model.set_attention_backend(attention)
+        return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model), load_device=load_device,
+                                                              offload_device=offload_device))
+
+
+class MAGI1VAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MAGI1VAELoader",
+            display_name="MAGI-1 VAE Loader",
+            category="MAGI-1",
+            description="Loads the official MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) from models/vae.",
+            inputs=[
+                io.Combo.Input("vae_name", options=checkpoint_choices("vae"), tooltip=(
+                    "The MAGI-1 VAE weights (any file name; a config.json beside them is read if present).")),
+                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
+                    "auto: bfloat16 on a GPU (as released), float32 on the CPU.")),
+            ],
+            outputs=[MAGI1_VAE.Output(tooltip="The MAGI-1 VAE, for MAGI-1 Decode and for start images or videos.")],
+        )
+
+    @classmethod
+    def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
+        device = mm.vae_device()
+        vae = load_vae(folder_paths.get_full_path_or_raise("vae", vae_name), device=device,
+                       dtype=compute_dtype(weight_dtype, device))
+        return io.NodeOutput(vae)
