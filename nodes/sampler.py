@@ -24,6 +24,14 @@ def conditioning_states(conditioning, name):
     return states[0], mask[0]
 
 
+def check_vae(vae, config):
+    """The VAE must make the latents this DiT denoises: 16 channels, 8x smaller, 4x fewer frames."""
+    if (vae.config.z_chans, vae.spatial_factor, vae.temporal_factor) != (config.latent_channels, 8, 4):
+        raise ValueError(f"this VAE ({vae.config.z_chans} channels, {vae.spatial_factor}x/{vae.temporal_factor}x) "
+                         f"does not match the MAGI-1 DiT ({config.latent_channels} channels, 8x/4x): load the "
+                         "MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) with MAGI-1 VAE Loader")
+
+
 def images_to_video(images):
     """ComfyUI IMAGE ``[F, H, W, 3]`` in 0..1 -> ``[3, F, H, W]`` in [-1, 1]."""
     return images.movedim(-1, 0) * 2.0 - 1.0
@@ -88,12 +96,14 @@ class MAGI1Sampler(io.ComfyNode):
                 start_image=None, prefix_video=None, prefix_latent=None, record_masks=False,
                 kv_offload=False) -> io.NodeOutput:
         policy = model.model_options.get("transformer_options", {}).get(POLICY_KEY)
-        prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent)
-        mm.load_models_gpu([model], force_full_load=True)
-        dit = model.model.diffusion_model
+        dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "y_embedder"):
             raise ValueError("MAGI-1 Sampler needs a model from MAGI-1 DiT Loader")
         config = dit.config
+        if vae is not None:
+            check_vae(vae, config)
+        prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent)
+        mm.load_models_gpu([model], force_full_load=True)
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset

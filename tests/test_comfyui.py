@@ -270,6 +270,8 @@ NODES_RUN = textwrap.dedent(
     refused("nearest valid value is 48", width=40)
     refused("needs the MAGI-1 VAE", start_image=frames[:1])
     refused("not ['start_image', 'prefix_latent']", vae=vae, start_image=frames[:1], prefix_latent=latent)
+    other = random_vae(VAEConfig(embed_dim=64, depth=1, num_heads=4, patch_size=4, video_size=16), seed=1)
+    refused("does not match the MAGI-1 DiT", vae=other, start_image=frames[:1])
     os.remove(os.path.join(root, "text_encoders", "special_tokens.npz"))
     try:
         MAGI1Sampler.execute(model=model, **request)
