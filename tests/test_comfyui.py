@@ -26,20 +26,27 @@ pytestmark = pytest.mark.skipif(
     reason="needs a ComfyUI checkout: set COMFYUI_DIR (CI has none)",
 )
 
-# Runs inside ComfyUI's environment: ComfyUI's root is the working directory (first on sys.path).
-IN_PROCESS = textwrap.dedent(
+# Every script below runs after this, inside ComfyUI's environment (ComfyUI's root is the working
+# directory, first on sys.path): CPU only, and the pack imported as ``magipack`` from this checkout.
+PRELUDE = textwrap.dedent(
     """
-    import asyncio, importlib.util, logging, sys
+    import importlib.util, sys
     from comfy.cli_args import args
     args.cpu = True  # before comfy.model_management probes for a GPU
-    import torch
-    import comfy.model_patcher
-    from comfy_api.latest import ComfyExtension, io
 
     spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
     pack = importlib.util.module_from_spec(spec)
     sys.modules["magipack"] = pack
     spec.loader.exec_module(pack)
+    """
+)
+IN_PROCESS = textwrap.dedent(
+    """
+    import asyncio, logging
+    import torch
+    import comfy.model_patcher
+    from comfy_api.latest import ComfyExtension, io
+
     import nodes  # ComfyUI's own module must still be ComfyUI's
     assert hasattr(nodes, "NODE_CLASS_MAPPINGS"), "the pack shadowed ComfyUI's nodes module"
 
@@ -101,15 +108,11 @@ IN_PROCESS = textwrap.dedent(
 # with a tiny config; the reference is transformers' T5EncoderModel with the official tokenizer call.
 T5_PATH = textwrap.dedent(
     """
-    import importlib.util, sys, types
-    from comfy.cli_args import args
-    args.cpu = True  # before comfy.model_management probes for a GPU
+    import types
     import torch
     import comfy.sd, comfy.sd1_clip, comfy.text_encoders.genmo as genmo, comfy.text_encoders.sd3_clip as sd3_clip
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
-    spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
-    pack = importlib.util.module_from_spec(spec); sys.modules["magipack"] = pack; spec.loader.exec_module(pack)
     from magipack.nodes.t5 import t5_states
     from magipack.magi1.text import prepare_prompt
 
@@ -203,18 +206,12 @@ T5_PATH = textwrap.dedent(
 # loader -> cache -> sampler (twice: identical) -> decode, image-to-video, and the errors users meet.
 NODES_RUN = textwrap.dedent(
     """
-    import asyncio, importlib.util, json, os, sys, tempfile
-    from comfy.cli_args import args
-    args.cpu = True  # before comfy.model_management probes for a GPU
+    import json, os, tempfile
     import numpy as np
     import torch
     import folder_paths
     from safetensors.torch import save_file
 
-    spec = importlib.util.spec_from_file_location("magipack", PACK + "/__init__.py", submodule_search_locations=[PACK])
-    pack = importlib.util.module_from_spec(spec)
-    sys.modules["magipack"] = pack
-    spec.loader.exec_module(pack)
     from magipack.magi1 import VAEConfig, random_dit, random_vae
     from magipack.nodes.cache_policy import MAGI1MotionDetailCache
     from magipack.nodes.loaders import MAGI1DiTLoader, MAGI1VAELoader
@@ -288,7 +285,7 @@ NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1MotionDetailCache", "MAGI1Sam
 
 def run_in_comfyui(script, timeout=600):
     """Run ``script`` with ComfyUI's Python in its root, with ``PACK`` set to this checkout; its stdout."""
-    done = subprocess.run([COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + script], cwd=COMFYUI_DIR,
+    done = subprocess.run([COMFYUI_PYTHON, "-c", f"PACK = {str(ROOT)!r}\n" + PRELUDE + script], cwd=COMFYUI_DIR,
                           capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
