@@ -273,7 +273,6 @@ class MagiDiT(nn.Module):
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
         self.attention_backend = name
 
-    @torch.no_grad()
     def patch_embedding(self, x):
         """The float32 patch embedding ``(N, D, T, H/2, W/2)`` of latents ``(N, 16, T, H, W)``: the first
         thing a forward computes, and the change feature the caches compare between steps."""
@@ -282,7 +281,6 @@ class MagiDiT(nn.Module):
             x = torch.cat([x, x], dim=1)
         return self.x_embedder(x)
 
-    @torch.no_grad()
     def forward(self, x, t, caption, caption_mask, kv_range, *, slice_point=0, unconditional=False,
                 distill_dt=None, cache=None, cache_write_chunks=0, active=None):
         """Velocities of a window of chunks.

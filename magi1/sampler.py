@@ -176,7 +176,8 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
                guidance=guidance or Guidance(), policy=policy, window_size=window_size, chunk_width=chunk_width,
                kv_offload=kv_offload, on_step=on_step, should_stop=should_stop, record_masks=record_masks)
     try:
-        return run.sample()
+        with torch.no_grad():
+            return run.sample()
     finally:
         run.close()
 

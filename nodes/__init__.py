@@ -3,6 +3,7 @@
 from .cache_policy import MAGI1MotionDetailCache
 from .loaders import MAGI1DiTLoader, MAGI1VAELoader
 from .sampler import MAGI1Decode, MAGI1Sampler
-from .text_encode import MAGI1TextEncode
+from .text_encode import MAGI1TextEncode, MAGI1TinyTextEncode
 
-NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1MotionDetailCache, MAGI1Sampler, MAGI1Decode]
+NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1TinyTextEncode, MAGI1MotionDetailCache, MAGI1Sampler,
+         MAGI1Decode]

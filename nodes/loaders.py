@@ -8,7 +8,9 @@ import comfy.model_patcher
 import folder_paths
 
 from ..magi1 import load_dit, load_vae
+from ..magi1 import tiny
 
+TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
 MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash")
@@ -18,15 +20,17 @@ class MagiModel(torch.nn.Module):
     """What a MAGI-1 MODEL's ModelPatcher holds (ComfyUI keeps its bookkeeping, such as ``device``, on this
     module): the DiT as ``diffusion_model``, as in ComfyUI's own models."""
 
-    def __init__(self, dit):
+    def __init__(self, dit, special_tokens=None):
         super().__init__()
         self.diffusion_model = dit
+        self.special_tokens = special_tokens  # the tiny model's own table; None: the user's special_tokens.npz
 
 
 def checkpoint_choices(folder):
-    """Loadable files of a model folder: single .safetensors files and sharded checkpoints' index files."""
-    return sorted(name for name in folder_paths.get_filename_list(folder)
-                  if name.endswith((".safetensors", ".safetensors.index.json")))
+    """The built-in tiny model, then the loadable files of a model folder: single .safetensors files and
+    sharded checkpoints' index files."""
+    return [TINY_CHOICE] + sorted(name for name in folder_paths.get_filename_list(folder)
+                                  if name.endswith((".safetensors", ".safetensors.index.json")))
 
 
 def compute_dtype(choice, device):
@@ -47,8 +51,9 @@ class MAGI1DiTLoader(io.ComfyNode):
                          "a .safetensors file, or any shard or the index of a sharded checkpoint."),
             inputs=[
                 io.Combo.Input("checkpoint", options=checkpoint_choices("diffusion_models"), tooltip=(
-                    "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json. "
-                    "The size is read from the tensors.")),
+                    "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json "
+                    "(the size is read from the tensors), or the built-in tiny demo model (CPU, 64x64 videos; "
+                    "pair it with MAGI-1 Tiny Text Encode and the built-in VAE).")),
                 io.Combo.Input("variant", options=["auto", "base", "distill"], default="auto", tooltip=(
                     "Base and distill checkpoints hold the same tensors. auto: distill when the path says "
                     "'distill'. Distilled models sample with 1 guidance pass and few steps, base ones with 3.")),
@@ -62,12 +67,16 @@ class MAGI1DiTLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
-        path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         distill = None if variant == "auto" else variant == "distill"
+        tokens = None
+        if checkpoint == TINY_CHOICE:
+            path, distill, tokens = tiny.DIT_FILE, True, tiny.tiny_special_tokens()
+        else:
+            path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
         model = load_dit(path, device=offload_device, dtype=compute_dtype(weight_dtype, load_device), distill=distill)
         model.set_attention_backend(attention)
-        return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model), load_device=load_device,
+        return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model, tokens), load_device=load_device,
                                                               offload_device=offload_device))
 
 
@@ -81,7 +90,8 @@ class MAGI1VAELoader(io.ComfyNode):
             description="Loads the official MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) from models/vae.",
             inputs=[
                 io.Combo.Input("vae_name", options=checkpoint_choices("vae"), tooltip=(
-                    "The MAGI-1 VAE weights (any file name; a config.json beside them is read if present).")),
+                    "The MAGI-1 VAE weights (any file name; a config.json beside them is read if present), or "
+                    "the built-in tiny demo model's VAE.")),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
                     "auto: bfloat16 on a GPU (as released), float32 on the CPU.")),
             ],
@@ -91,6 +101,6 @@ class MAGI1VAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
         device = mm.vae_device()
-        vae = load_vae(folder_paths.get_full_path_or_raise("vae", vae_name), device=device,
-                       dtype=compute_dtype(weight_dtype, device))
+        path = tiny.VAE_FILE if vae_name == TINY_CHOICE else folder_paths.get_full_path_or_raise("vae", vae_name)
+        vae = load_vae(path, device=device, dtype=compute_dtype(weight_dtype, device))
         return io.NodeOutput(vae)

@@ -1,5 +1,7 @@
 """MAGI1Sampler: the autoregressive MAGI-1 sampler as a node; MAGI1Decode: latents to frames."""
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
@@ -11,9 +13,12 @@ from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
 from .t5 import special_tokens
 
+T5_WIDTH = 4096  # what the official checkpoints read
 
-def conditioning_states(conditioning, name):
-    """The T5 states ``(L, D)`` and mask ``(L,)`` of the first entry of a CONDITIONING."""
+
+def conditioning_states(conditioning, name, width):
+    """The text states ``(L, D)`` and mask ``(L,)`` of the first entry of a CONDITIONING, checked against
+    the width the DiT reads (4096 for T5-XXL, 64 for the tiny demo model)."""
     if not conditioning:
         raise ValueError(f"{name} is empty; connect MAGI-1 Text Encode")
     states, options = conditioning[0][0], conditioning[0][1]
@@ -21,6 +26,11 @@ def conditioning_states(conditioning, name):
     if mask is None:
         raise ValueError(f"{name} has no attention mask: encode the prompt with MAGI-1 Text Encode (T5-XXL loaded "
                          "with CLIPLoader, type 'mochi')")
+    if states.shape[-1] != width:
+        raise ValueError(
+            f"{name} holds {states.shape[-1]}-wide text states but this model reads {width}-wide ones: encode the "
+            "prompt with " + ("MAGI-1 Tiny Text Encode (the built-in tiny model has its own text encoder)"
+                              if width != T5_WIDTH else "MAGI-1 Text Encode and T5-XXL (CLIPLoader, type 'mochi')"))
     return states[0], mask[0]
 
 
@@ -30,6 +40,14 @@ def check_vae(vae, config):
         raise ValueError(f"this VAE ({vae.config.z_chans} channels, {vae.spatial_factor}x/{vae.temporal_factor}x) "
                          f"does not match the MAGI-1 DiT ({config.latent_channels} channels, 8x/4x): load the "
                          "MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) with MAGI-1 VAE Loader")
+
+
+def fit_frames(images, width, height):
+    """IMAGE frames resized to ``width`` x ``height`` (bicubic, stretched like the release's ffmpeg scale)."""
+    if tuple(images.shape[1:3]) == (height, width):
+        return images
+    resized = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "bicubic", "disabled")
+    return resized.movedim(1, -1).clamp(0.0, 1.0)
 
 
 def images_to_video(images):
@@ -72,9 +90,11 @@ class MAGI1Sampler(io.ComfyNode):
                     "Optional negative prompt for base models; without it the learned null caption is used, "
                     "as released.")),
                 MAGI1_VAE.Input("vae", optional=True, tooltip="Needed to encode a start image or prefix video."),
-                io.Image.Input("start_image", optional=True, tooltip="Image-to-video: the first frame (needs vae)."),
+                io.Image.Input("start_image", optional=True, tooltip=(
+                    "Image-to-video: the first frame (needs vae); resized to width x height.")),
                 io.Image.Input("prefix_video", optional=True, tooltip=(
-                    "Video continuation: frames to continue from (needs vae); a multiple of 4 frames.")),
+                    "Video continuation: frames to continue from (needs vae); resized to width x height. The "
+                    "VAE encodes 1, 4, 8, 12, 13, 16, ... frames: longer clips keep their last such count.")),
                 io.Latent.Input("prefix_latent", optional=True, tooltip=(
                     "Video continuation from MAGI-1 latents instead of frames (no vae needed).")),
                 io.Boolean.Input("record_masks", default=False, optional=True, tooltip=(
@@ -102,18 +122,19 @@ class MAGI1Sampler(io.ComfyNode):
         config = dit.config
         if vae is not None:
             check_vae(vae, config)
-        prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent)
+        prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent, width, height)
         mm.load_models_gpu([model], force_full_load=True)
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
-        states, mask = conditioning_states(positive, "positive")
-        caption, caption_mask = chunk_captions(states, mask, chunks, special_tokens(),
-                                               length=config.caption_max_length)
+        states, mask = conditioning_states(positive, "positive", config.caption_channels)
+        tokens = getattr(model.model, "special_tokens", None) or special_tokens()
+        caption, caption_mask = chunk_captions(states, mask, chunks, tokens, length=config.caption_max_length)
         negative_caption = negative_mask = None
         if negative is not None:
-            negative_caption, negative_mask = chunk_captions(*conditioning_states(negative, "negative"), chunks,
-                                                             length=config.caption_max_length)
+            negative_caption, negative_mask = chunk_captions(
+                *conditioning_states(negative, "negative", config.caption_channels), chunks,
+                length=config.caption_max_length)
         text_scales = (guidance, guidance, guidance, 0.0, 0.0)
         progress = comfy.utils.ProgressBar(1)
 
@@ -133,8 +154,10 @@ class MAGI1Sampler(io.ComfyNode):
         return io.NodeOutput(latent, result.stats.summary(), masks)
 
     @staticmethod
-    def prefix(vae, start_image, prefix_video, prefix_latent):
-        """The clean latents to start from ([16, P, h, w]), or None for text-to-video."""
+    def prefix(vae, start_image, prefix_video, prefix_latent, width, height):
+        """The clean latents to start from ([16, P, h, w]), or None for text-to-video. Images are resized
+        to the video size (stretched, as the release does); a prefix video keeps its last frames that
+        the VAE can encode in whole tiles (1, 4, 8, 12, 13, 16, ...)."""
         given = [name for name, value in (("start_image", start_image), ("prefix_video", prefix_video),
                                           ("prefix_latent", prefix_latent)) if value is not None]
         if len(given) > 1:
@@ -146,6 +169,11 @@ class MAGI1Sampler(io.ComfyNode):
             return None
         if vae is None:
             raise ValueError(f"{given[0]} needs the MAGI-1 VAE: connect MAGI-1 VAE Loader to vae")
+        usable = max(n for n in range(1, images.shape[0] + 1) if vae.encodable_frames(n))
+        if usable < images.shape[0]:
+            logging.warning("MAGI-1 Sampler: the prefix video has %d frames; continuing from its last %d (the VAE "
+                            "encodes 1, 4, 8, 12, 13, 16, ... frames)", images.shape[0], usable)
+        images = fit_frames(images[images.shape[0] - usable:], width, height)
         return vae.encode(images_to_video(images.to(vae.device)), VAETiling()).cpu()
 
 

@@ -1,7 +1,9 @@
-"""MAGI1TextEncode: a prompt through the stock T5-XXL CLIP into CONDITIONING the MAGI-1 sampler reads."""
+"""MAGI1TextEncode: a prompt through the stock T5-XXL CLIP into CONDITIONING the MAGI-1 sampler reads.
+MAGI1TinyTextEncode: the same for the built-in tiny demo model, through its own small text encoder."""
 
 from comfy_api.latest import io
 
+from ..magi1 import tiny
 from .t5 import t5_states
 
 
@@ -27,4 +29,31 @@ class MAGI1TextEncode(io.ComfyNode):
     @classmethod
     def execute(cls, clip, prompt) -> io.NodeOutput:
         states, mask = t5_states(clip, prompt)
+        return io.NodeOutput([[states[None], {"attention_mask": mask[None]}]])
+
+
+class MAGI1TinyTextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MAGI1TinyTextEncode",
+            display_name="MAGI-1 Tiny Text Encode (demo)",
+            category="MAGI-1",
+            description=("Encodes a prompt for the built-in tiny demo model with its own small text encoder (no "
+                         "T5 needed). It knows the words of its training captions, e.g. 'a red ball moving left "
+                         "over a checkerboard'. Real checkpoints use MAGI-1 Text Encode."),
+            inputs=[
+                io.String.Input("prompt", multiline=True, default="a red ball moving right over a checkerboard",
+                                tooltip=("Colours (red, green, blue, yellow, white, purple, orange, black), shapes "
+                                         "(ball, square, triangle), motions (moving left/right/up/down, bouncing, "
+                                         "spinning, growing, shrinking, standing still), backgrounds (checkerboard, "
+                                         "striped wall, grassy field, gray wall, blue sky), 'the camera pans "
+                                         "left/right'. Other words are ignored.")),
+            ],
+            outputs=[io.Conditioning.Output(tooltip="The tiny model's caption states and their mask.")],
+        )
+
+    @classmethod
+    def execute(cls, prompt) -> io.NodeOutput:
+        states, mask = tiny.load_tiny_text_encoder().encode(prompt)
         return io.NodeOutput([[states[None], {"attention_mask": mask[None]}]])

@@ -1,0 +1,252 @@
+"""Train the tiny MAGI-1 demo model from scratch on procedural videos (``magi1.tiny.scenes``).
+
+    python -m magi1.tiny.train --out magi1/tiny/weights
+
+Reproducible from ``--seed`` (scenes, noise and initial weights all come from it; CPU, float32). Three
+stages: the VAE as an autoencoder of 12-frame clips (the release's temporal tile), its latents rescaled
+so that ``LATENT_SCALE`` makes them unit-variance; then the DiT, the text encoder and the special
+tokens together, with flow matching on clips of 1-3 chunks laid out as the sampler calls the model:
+clean chunks at ``CLEAN_T`` with the null caption seeing only themselves, then noisy chunks whose times
+are staggered by a quarter of the schedule, with the key ranges of their stage. Weights are written
+in float16 with their configs in the safetensors metadata, so the ordinary loaders read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
+from ..schedule import CLEAN_T, NOISE2CLEAN_KVRANGE
+from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS
+from ..vae import LATENT_SCALE, VAEConfig, random_vae
+from .scenes import scene_batch
+from .text_encoder import TextEncoderConfig, TinyTextEncoder, grammar_vocabulary, save_text_encoder
+
+SIZE = 64  # training and demo frame size (pixels)
+CHUNK_FRAMES = 24  # video frames per chunk (6 latent frames)
+DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
+                         num_query_groups=2, kv_channels=64, apply_layernorm_1p=True, params_dtype=torch.float16,
+                         in_channels=16, out_channels=16, caption_channels=64)
+# The decoder unfolds each token into embed_dim / (8 * 8 * 4) pixel channels before its last 3x3x3 convolution:
+# 768 gives 3 (the release's 1024 gives 4); fewer cannot carry colour. One block a side keeps it small.
+VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
+DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
+VAE_METADATA_KEY = "magi1_vae_config"
+
+
+def _shift(u, shift=3.0):
+    """The schedule's time for a position ``u`` in [0, 1] of the step grid (``schedule.time_grid``)."""
+    s = u ** 2
+    return s / shift / (1 + (1 / shift - 1) * s)
+
+
+def _lr(step, total, peak, warmup=200):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ------------------------------------------------------------------------------------------------ VAE
+def train_vae(seed, steps, batch=8, log=print):
+    vae = random_vae(VAE_CONFIG, seed=seed).train().requires_grad_(True)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed + 1)
+    began = time.time()
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, 1e-3)
+        videos, _ = scene_batch(seed * 1_000_003 + step, batch, 48, SIZE)
+        start = int(torch.randint(0, 48 - 12 + 1, (), generator=generator))
+        video = videos[:, :, start:start + 12]
+        mean = vae.encoder(video)[:, : VAE_CONFIG.z_chans]
+        # a little latent noise so that the decoder tolerates the DiT's imperfect latents
+        z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=generator)
+        recon = vae.decoder(z)
+        loss = F.mse_loss(recon, video) + 0.2 * F.l1_loss(recon, video) + 1e-4 * mean.pow(2).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            psnr = 10 * math.log10(4 / F.mse_loss(recon.detach().clamp(-1, 1), video).item())
+            log(f"vae {step:5d}/{steps} loss {loss.item():.4f} psnr {psnr:.1f} dB ({time.time() - began:.0f} s)")
+    vae.eval().requires_grad_(False)
+    _unit_latents(vae, seed)
+    return vae
+
+
+@torch.no_grad()
+def _unit_latents(vae, seed):
+    """Rescale the latent space so that ``mean * LATENT_SCALE`` has unit variance (the DiT's scale): the
+    encoder's mean rows by ``k``, the decoder's input by ``1 / k``; reconstructions are unchanged."""
+    videos, _ = scene_batch(seed + 7, 32, 12, SIZE)
+    std = vae.encoder(videos)[:, : VAE_CONFIG.z_chans].std().item()
+    k = 1.0 / (LATENT_SCALE * std)
+    z = VAE_CONFIG.z_chans
+    vae.encoder.last_layer.weight[:z] *= k
+    vae.encoder.last_layer.bias[:z] *= k
+    vae.decoder.proj_in.weight /= k
+
+
+# ------------------------------------------------------------------------------------------------ DiT
+class Captions(torch.nn.Module):
+    """The text side trained with the DiT: the text encoder and the special-token table (HQ, durations)."""
+
+    def __init__(self, seed):
+        super().__init__()
+        torch.manual_seed(seed + 2)
+        self.encoder = TinyTextEncoder(TextEncoderConfig(tuple(grammar_vocabulary()), width=DIT_CONFIG.caption_channels))
+        torch.nn.init.normal_(self.encoder.position_embedding, std=0.02)
+        self.other_tokens = torch.nn.Parameter(torch.randn(DURATION_TOKENS.stop, DIT_CONFIG.caption_channels))
+
+
+def _batch_captions(captions, model, prompts, chunks, clean):
+    """Caption tokens ``(B, chunks, 50, D)`` and masks as the sampler builds them (``chunk_captions``):
+    a noisy chunk ``j`` reads ``[DURATION(chunks - 1 - j), HQ, text...]``, a clean one the null caption."""
+    tokens = [captions.encoder.tokenize(p) for p in prompts]
+    ids, masks = torch.stack([t[0] for t in tokens]), torch.stack([t[1] for t in tokens])
+    states = captions.encoder(ids, masks)  # (B, 32, D)
+    b, width = states.shape[0], states.shape[2]
+    length = NULL_CAPTION_TOKENS
+    rows, row_masks = [], []
+    for j in range(chunks):
+        if j < clean:
+            rows.append(model.y_embedder.null_caption_embedding[:length].expand(b, -1, -1))
+            row_masks.append(torch.ones(b, length, dtype=torch.bool))
+            continue
+        duration = captions.other_tokens[DURATION_TOKENS.start + min(chunks - 1 - j, len(DURATION_TOKENS) - 1)]
+        prefix = torch.stack([duration, captions.other_tokens[HQ_TOKEN]]).expand(b, -1, -1)
+        row = torch.cat([prefix, states], dim=1)
+        pad = length - row.shape[1]
+        rows.append(torch.cat([row, row.new_zeros(b, pad, width)], dim=1))
+        row_masks.append(torch.cat([torch.ones(b, 2, dtype=torch.bool), masks, torch.zeros(b, pad, dtype=torch.bool)], 1))
+    return torch.stack(rows, dim=1), torch.stack(row_masks, dim=1)
+
+
+@torch.no_grad()
+def _encode(vae, videos):
+    """DiT latents of videos ``(B, 3, F, H, W)``, encoded in the release's 12-frame temporal tiles."""
+    b, c, f, h, w = videos.shape
+    tiles = videos.view(b, c, f // 12, 12, h, w).transpose(1, 2).reshape(-1, c, 12, h, w)
+    mean = vae.encoder(tiles)[:, : VAE_CONFIG.z_chans] * LATENT_SCALE
+    return mean.view(b, f // 12, *mean.shape[1:]).transpose(1, 2).flatten(2, 3)
+
+
+def train_dit(vae, seed, steps, batch=8, log=print, checkpoint=None):
+    model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
+    with torch.no_grad():
+        model.final_linear.linear.weight.mul_(0.1)
+    captions = Captions(seed)
+    params = list(model.parameters()) + list(captions.parameters())
+    optimizer = torch.optim.AdamW(params, lr=4e-4, betas=(0.9, 0.99), weight_decay=0.01)
+    ema_model, ema_captions = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(captions).requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed + 3)
+    cw = CHUNK_FRAMES // 4
+    ct = cw * (SIZE // 8 // DIT_CONFIG.patch_size) ** 2
+    began, running = time.time(), 0.0
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr(step, steps, 4e-4)
+        chunks = 1 + int(torch.multinomial(torch.tensor([0.2, 0.4, 0.4]), 1, generator=generator))
+        clean = int(torch.randint(0, chunks, (), generator=generator))
+        videos, prompts = scene_batch(seed * 1_000_003 + 500_000 + step, batch, chunks * CHUNK_FRAMES, SIZE)
+        z = _encode(vae, videos)
+        noise = torch.randn(z.shape, generator=generator)
+        # staggered times: the oldest noisy chunk at u, each newer one a quarter of the schedule behind
+        stage = int(torch.randint(0, len(NOISE2CLEAN_KVRANGE), (), generator=generator))
+        u = (stage + torch.rand(batch, generator=generator)) / len(NOISE2CLEAN_KVRANGE)
+        t = torch.full((batch, chunks), CLEAN_T)
+        ranges = []
+        for j in range(chunks):
+            if j < clean:
+                ranges.append((j * ct, (j + 1) * ct))
+                continue
+            t[:, j] = _shift((u - (j - clean) / len(NOISE2CLEAN_KVRANGE)).clamp(min=0))
+            width = NOISE2CLEAN_KVRANGE[max(0, stage - (j - clean))]
+            ranges.append((max(0, j + 1 - width) * ct, (j + 1) * ct))
+        if clean < chunks and float(torch.rand((), generator=generator)) < 0.25:
+            ranges[clean] = (clean * ct, (clean + 1) * ct)  # the distilled sampler's nearly-clean copy sees itself
+        tt = t.repeat_interleave(cw, dim=1)[:, None, :, None, None]
+        x = torch.where(tt >= CLEAN_T, z, tt * z + (1 - tt) * noise)
+        caption, caption_mask = _batch_captions(captions, model, prompts, chunks, clean)
+        dt = DISTILL_DTS[int(torch.randint(0, len(DISTILL_DTS), (), generator=generator))]
+        v = model(x, t, caption, caption_mask, ranges, distill_dt=dt)
+        noisy = slice(clean * cw, chunks * cw)
+        loss = F.mse_loss(v[:, :, noisy], (z - noise)[:, :, noisy])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_model, model), (ema_captions, captions)):
+                for e, p in zip(ema.parameters(), live.parameters()):
+                    e.lerp_(p, 1 - decay)
+        running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"dit {step:5d}/{steps} loss {running:.4f} ({time.time() - began:.0f} s)")
+        if checkpoint is not None and step and step % 500 == 0:
+            checkpoint(ema_model, ema_captions)
+    return ema_model.eval(), ema_captions.eval()
+
+
+# ------------------------------------------------------------------------------------------------ files
+def save_all(out, vae, model, captions):
+    os.makedirs(out, exist_ok=True)
+    config = dataclasses.asdict(DIT_CONFIG)
+    config["params_dtype"] = "torch.float16"
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
+              os.path.join(out, "dit.safetensors"),
+              metadata={CONFIG_METADATA_KEY: json.dumps(config), DISTILL_METADATA_KEY: "true"})
+    if vae is not None:
+        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()},
+                  os.path.join(out, "vae.safetensors"),
+                  metadata={VAE_METADATA_KEY: json.dumps(dataclasses.asdict(VAE_CONFIG))})
+    save_text_encoder(captions.encoder, os.path.join(out, "text_encoder.safetensors"))
+    np.savez(os.path.join(out, "special_tokens.npz"),
+             other_tokens=captions.other_tokens.detach().numpy().astype(np.float16))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--dit-steps", type=int, default=3000)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
+    parser.add_argument("--vae", help="reuse a trained vae.safetensors instead of training one")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    began = time.time()
+    if args.vae:
+        from ..vae import load_vae
+        vae = load_vae(args.vae, dtype=torch.float32)
+    else:
+        vae = train_vae(args.seed, args.vae_steps)
+        os.makedirs(args.out, exist_ok=True)
+        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()},
+                  os.path.join(args.out, "vae.safetensors"),
+                  metadata={VAE_METADATA_KEY: json.dumps(dataclasses.asdict(VAE_CONFIG))})
+    model, captions = train_dit(vae, args.seed, args.dit_steps,
+                                checkpoint=lambda m, c: save_all(args.out, None, m, c))
+    save_all(args.out, None, model, captions)
+    print(f"trained in {(time.time() - began) / 60:.1f} min; weights in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""The example workflows: every UI-format file (workflows/*.json) is a well-formed 0.4 graph of stock
+nodes and ours, and its API-format twin (workflows/api/*.json) is exactly what it converts to. The
+conversion here uses the nodes' own schemas (through the stand-ins of comfy_stubs), not the generator's
+tables; tests/test_comfyui.py checks the stock nodes' widget order below against a real ComfyUI."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from comfy_stubs import WIDGET_KINDS, pack_nodes
+
+ROOT = Path(__file__).resolve().parents[1]
+UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
+API_DIR = ROOT / "workflows" / "api"
+
+# Stock nodes the workflows may use: widget names in order, and UI-only values after some of them
+# (an upload button's value). Checked against /object_info by tests/test_comfyui.py.
+STOCK_WIDGETS = {
+    "CLIPLoader": ["clip_name", "type", "device"],
+    "LoadImage": ["image"],
+    "LoadVideo": ["file"],
+    "GetVideoComponents": [],
+    "CreateVideo": ["fps"],
+    "SaveVideo": ["filename_prefix", "format", "codec"],
+    "PreviewImage": [],
+    "PreviewAny": [],
+}
+STOCK_UI_EXTRAS = {("LoadImage", "image"), ("LoadVideo", "file")}
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+EXPECTED = {"magi1_tiny_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation"}
+
+
+@pytest.fixture(scope="module")
+def schemas():
+    with pack_nodes() as nodes:
+        yield {node.GET_SCHEMA().node_id: node.GET_SCHEMA() for node in nodes}
+
+
+def widget_inputs(schema):
+    return [inp for inp in schema.inputs if inp.kind in WIDGET_KINDS]
+
+
+def ui_to_api(ui, schemas):
+    """The API prompt a UI-format graph stands for: widget values by name, links as [source id, slot]."""
+    links = {link[0]: link for link in ui["links"]}
+    api = {}
+    for node in ui["nodes"]:
+        kind = node["type"]
+        if kind in FRONTEND_ONLY:
+            continue
+        values = list(node.get("widgets_values") or [])
+        inputs = {}
+        if kind in schemas:
+            for inp in widget_inputs(schemas[kind]):
+                inputs[inp.id] = values.pop(0)
+                if inp.options.get("control_after_generate"):
+                    assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), node["id"]
+        else:
+            for name in STOCK_WIDGETS[kind]:
+                inputs[name] = values.pop(0)
+                if (kind, name) in STOCK_UI_EXTRAS:
+                    values.pop(0)
+        assert not values, f"node {node['id']} ({kind}) has {len(values)} widget values too many"
+        for socket in node.get("inputs", []):
+            if socket.get("link") is not None:
+                _, source, slot, target, _, _ = links[socket["link"]]
+                assert target == node["id"]
+                inputs[socket["name"]] = [str(source), slot]
+        api[str(node["id"])] = {"class_type": kind, "inputs": inputs}
+    return api
+
+
+def test_every_example_has_an_api_twin():
+    assert {p.stem for p in UI_FILES} == EXPECTED
+    assert {p.stem for p in API_DIR.glob("*.json")} == EXPECTED
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_ui_file_is_a_wellformed_graph(path, schemas):
+    ui = json.loads(path.read_text())
+    assert ui["version"] == 0.4
+    nodes = {node["id"]: node for node in ui["nodes"]}
+    assert len(nodes) == len(ui["nodes"]) and ui["last_node_id"] >= max(nodes)
+    assert ui["last_link_id"] >= max(link[0] for link in ui["links"])
+    for node in ui["nodes"]:
+        for key in ("pos", "size", "flags", "order", "mode", "properties"):
+            assert key in node, (node["id"], key)
+        assert node["type"] in schemas or node["type"] in STOCK_WIDGETS or node["type"] in FRONTEND_ONLY, node["type"]
+        if node["type"] in schemas:  # our nodes: the inputs are the schema's sockets, in its order
+            sockets = [inp.id for inp in schemas[node["type"]].inputs if inp.kind not in WIDGET_KINDS]
+            assert [socket["name"] for socket in node["inputs"]] == sockets, node["type"]
+            assert node["properties"]["cnr_id"] == "magi1-motiondetailcache"
+    for link_id, source, slot, target, target_slot, kind in ui["links"]:
+        output = nodes[source]["outputs"][slot]
+        socket = nodes[target]["inputs"][target_slot]
+        assert link_id in output["links"] and socket["link"] == link_id
+        assert output["type"] == kind and socket["type"] in (kind, "*")
+    for node in ui["nodes"]:  # no dangling references
+        for socket in node.get("inputs", []):
+            assert socket["link"] is None or any(link[0] == socket["link"] for link in ui["links"])
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_api_twin_is_the_ui_graph(path, schemas):
+    ui = json.loads(path.read_text())
+    api = json.loads((API_DIR / path.name).read_text())
+    expected = ui_to_api(ui, schemas)
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()} == expected
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_our_widget_values_are_valid(path, schemas):
+    from magi1.sampler import VideoLayout
+
+    api = json.loads((API_DIR / path.name).read_text())
+    for node in api.values():
+        schema = schemas.get(node["class_type"])
+        if schema is None:
+            continue
+        for inp in widget_inputs(schema):
+            value, where = node["inputs"][inp.id], f"{path.stem}: {schema.node_id}.{inp.id}"
+            if inp.id in ("checkpoint", "vae_name"):  # file lists: the built-in model or a safetensors file
+                assert value == "MAGI-1 tiny demo (built-in)" or value.endswith((".safetensors", ".index.json")), where
+            elif "options" in inp.options:
+                assert value in inp.options["options"], where
+            elif "min" in inp.options:
+                assert inp.options["min"] <= value <= inp.options["max"], where
+        if schema.node_id == "MAGI1Sampler":
+            inputs = node["inputs"]
+            VideoLayout.plan(inputs["frames"], inputs["height"], inputs["width"])  # a size the model takes
+            assert inputs["steps"] % 4 == 0
+
+
+def test_demo_runs_the_builtin_tiny_model():
+    api = json.loads((API_DIR / "magi1_tiny_demo.json").read_text())
+    kinds = {node["class_type"]: node["inputs"] for node in api.values()}
+    assert kinds["MAGI1DiTLoader"]["checkpoint"] == kinds["MAGI1VAELoader"]["vae_name"] == "MAGI-1 tiny demo (built-in)"
+    assert "MAGI1TinyTextEncode" in kinds and "CLIPLoader" not in kinds
+    assert kinds["MAGI1MotionDetailCache"]["mode"] == "motion_detail"
+    assert {"SaveVideo", "CreateVideo"} <= set(kinds)
+
+
+def test_files_are_what_the_builder_writes(tmp_path):
+    spec = importlib.util.spec_from_file_location("build_workflows", ROOT / "workflows" / "build_workflows.py")
+    build = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = build  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(build)
+    finally:
+        del sys.modules[spec.name]
+    for name, graph in build.WORKFLOWS.items():
+        nodes = graph()
+        assert json.loads((ROOT / "workflows" / f"{name}.json").read_text()) == build.to_ui(name, nodes), name
+        assert json.loads((API_DIR / f"{name}.json").read_text()) == build.to_api(nodes), name
