@@ -122,6 +122,7 @@ class MAGI1Sampler(io.ComfyNode):
         config = dit.config
         if vae is not None:
             check_vae(vae, config)
+        VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before encoding
         prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent, width, height)
         mm.load_models_gpu([model], force_full_load=True)
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],

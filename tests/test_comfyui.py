@@ -12,6 +12,8 @@ import sys
 import tempfile
 import textwrap
 import time
+import types
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -255,6 +257,11 @@ NODES_RUN = textwrap.dedent(
     # image-to-video from the first decoded frame
     i2v = MAGI1Sampler.execute(model=model, vae=vae, start_image=frames[:1], **request).result[0]
     assert i2v["samples"].shape == (1, 16, 18, 4, 4), i2v["samples"].shape  # the image + 12 new, in whole chunks
+    # another size is resized to the video's; 9 prefix frames keep their last 8 (2 latent frames)
+    resized = MAGI1Sampler.execute(model=model, vae=vae, start_image=torch.rand(1, 24, 40, 3), **request).result[0]
+    assert resized["samples"].shape == (1, 16, 18, 4, 4), resized["samples"].shape
+    v2v = MAGI1Sampler.execute(model=model, vae=vae, prefix_video=frames[:9], **request).result[0]
+    assert v2v["samples"].shape == (1, 16, 16, 4, 4), v2v["samples"].shape  # 2 + 12 new in 3 chunks, after the prefix
 
     def refused(match, **changes):
         try:
@@ -265,6 +272,8 @@ NODES_RUN = textwrap.dedent(
             raise AssertionError(f"{changes} must be refused")
 
     refused("nearest valid value is 48", width=40)
+    wide = [[torch.randn(1, 7, width + 8), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}]]
+    refused(f"holds {width + 8}-wide text states but this model reads {width}-wide", positive=wide)
     refused("needs the MAGI-1 VAE", start_image=frames[:1])
     refused("not ['start_image', 'prefix_latent']", vae=vae, start_image=frames[:1], prefix_latent=latent)
     other = random_vae(VAEConfig(embed_dim=64, depth=1, num_heads=4, patch_size=4, video_size=16), seed=1)
@@ -280,7 +289,7 @@ NODES_RUN = textwrap.dedent(
     """
 )
 NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1MotionDetailCache", "MAGI1Sampler", "MAGI1TextEncode",
-            "MAGI1VAELoader"]
+            "MAGI1TinyTextEncode", "MAGI1VAELoader"]
 
 
 def run_in_comfyui(script, timeout=600):
@@ -309,42 +318,155 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_live_server_lists_the_nodes():
+@pytest.fixture(scope="module")
+def server():
+    """A real ComfyUI on CPU with the pack (symlinked into a custom_nodes folder of its own): its URL,
+    output folder and log."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "custom_nodes").mkdir()
         (tmp / "custom_nodes" / "ComfyUI-MAGI1-MotionDetailCache").symlink_to(ROOT)
         (tmp / "extra_model_paths.yaml").write_text(f"magi_test:\n  custom_nodes: {tmp / 'custom_nodes'}\n")
         port = free_port()
-        log = open(tmp / "server.log", "w")
-        server = subprocess.Popen(
+        log_path = tmp / "server.log"
+        log = open(log_path, "w")
+        process = subprocess.Popen(
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
              "--output-directory", str(tmp / "output"), "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml")],
             cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
         )
+        url = f"http://127.0.0.1:{port}"
         try:
-            info = None
             deadline = time.time() + 240
-            while time.time() < deadline and server.poll() is None:
+            while time.time() < deadline and process.poll() is None:
                 try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info/MAGI1MotionDetailCache", timeout=5) as r:
-                        info = json.load(r)
-                        break
+                    get(url, "/system_stats")
+                    break
                 except OSError:
                     time.sleep(1)
-            text = (tmp / "server.log").read_text()
-            assert info, f"server did not answer; log:\n{text[-3000:]}"
-            node = info["MAGI1MotionDetailCache"]
-            assert node["category"] == "MAGI-1" and node["output"] == ["MODEL"]
-            assert set(node["input"]["required"]) >= {"model", "mode", "tau", "detail_window", "combine_mode", "proxy"}
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/object_info", timeout=30) as r:
-                every = json.load(r)
-            assert all(every.get(node_id, {}).get("category") == "MAGI-1" for node_id in NODE_IDS), \
-                sorted(k for k in every if k.startswith("MAGI1"))
-            ours = [line for line in text.splitlines() if "ComfyUI-MAGI1-MotionDetailCache" in line]
-            assert ours and not any("IMPORT FAILED" in line for line in ours), "\n".join(ours)
+            else:
+                raise AssertionError(f"server did not answer; log:\n{log_path.read_text()[-3000:]}")
+            yield types.SimpleNamespace(url=url, port=port, output=tmp / "output", log=log_path)
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            process.terminate()
+            process.wait(timeout=30)
             log.close()
+
+
+def get(url, route, timeout=30):
+    with urllib.request.urlopen(url + route, timeout=timeout) as response:
+        return json.load(response)
+
+
+def post(url, route, body):
+    request = urllib.request.Request(url + route, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as error:
+        raise AssertionError(f"{route}: HTTP {error.code}: {error.read().decode()[:3000]}") from None
+
+
+def test_live_server_lists_the_nodes(server):
+    node = get(server.url, "/object_info/MAGI1MotionDetailCache")["MAGI1MotionDetailCache"]
+    assert node["category"] == "MAGI-1" and node["output"] == ["MODEL"]
+    assert set(node["input"]["required"]) >= {"model", "mode", "tau", "detail_window", "combine_mode", "proxy"}
+    for node_id in NODE_IDS:
+        assert get(server.url, f"/object_info/{node_id}")[node_id]["category"] == "MAGI-1", node_id
+    every = get(server.url, "/object_info")
+    assert sorted(k for k in every if k.startswith("MAGI1")) == NODE_IDS
+    ours = [line for line in server.log.read_text().splitlines() if "ComfyUI-MAGI1-MotionDetailCache" in line]
+    assert ours and not any("IMPORT FAILED" in line for line in ours), "\n".join(ours)
+    loader = every["MAGI1DiTLoader"]["input"]["required"]["checkpoint"]
+    assert "MAGI-1 tiny demo (built-in)" in loader[0] or loader[1].get("options", [None])[0] == "MAGI-1 tiny demo (built-in)"
+
+
+def test_stock_nodes_take_the_widgets_the_workflows_give(server):
+    from test_workflows import STOCK_WIDGETS
+
+    widget_types = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+    for kind, expected in STOCK_WIDGETS.items():
+        info = get(server.url, f"/object_info/{kind}")[kind]
+        declared = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+        widgets = [name for name in order if isinstance(declared[name][0], list) or declared[name][0] in widget_types]
+        assert widgets == expected, (kind, widgets)
+
+
+def needs_no_external_weights(api):
+    """Only the built-in tiny model: no file-picking loader other than ours set to the built-in choice."""
+    for node in api.values():
+        inputs = node["inputs"]
+        if node["class_type"] in ("CLIPLoader", "LoadImage", "LoadVideo"):
+            return False
+        if node["class_type"] == "MAGI1DiTLoader" and inputs["checkpoint"] != "MAGI-1 tiny demo (built-in)":
+            return False
+        if node["class_type"] == "MAGI1VAELoader" and inputs["vae_name"] != "MAGI-1 tiny demo (built-in)":
+            return False
+    return True
+
+
+def expected_frames(api):
+    """Frames of the saved video: the sampler's frames in whole 24-frame chunks, decoded in 12-frame tiles."""
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    latent_frames = -(-sampler["frames"] // 24) * 6
+    return sum(1 if size == 1 else 4 * size for size in (min(3, latent_frames - s) for s in range(0, latent_frames, 3)))
+
+
+def video_frames(path):
+    """(frames, width, height) of a video file, decoded with PyAV in ComfyUI's environment."""
+    script = ("import av, sys; c = av.open(sys.argv[1]); s = c.streams.video[0]; "
+              "n = sum(1 for _ in c.decode(s)); print(n, s.width, s.height)")
+    done = subprocess.run([COMFYUI_PYTHON, "-c", script, str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return tuple(int(v) for v in done.stdout.split())
+
+
+API_WORKFLOWS = sorted((ROOT / "workflows" / "api").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", API_WORKFLOWS, ids=lambda p: p.stem)
+def test_api_workflows_without_external_weights_run(server, path):
+    api = json.loads(path.read_text())
+    if not needs_no_external_weights(api):
+        pytest.skip(f"{path.name} needs the official checkpoints")
+    began = time.time()
+    prompt_id = post(server.url, "/prompt", {"prompt": api, "client_id": "magi1-tests"})["prompt_id"]
+    history = {}
+    while time.time() - began < 600 and not history:
+        time.sleep(1)
+        history = get(server.url, f"/history/{prompt_id}")
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    videos = [item for output in entry["outputs"].values() for item in output.get("images", []) + output.get("video", [])
+              if str(item.get("filename", "")).endswith(".mp4")]
+    assert videos, entry["outputs"]
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    file = server.output / videos[0]["subfolder"] / videos[0]["filename"]
+    assert video_frames(file) == (expected_frames(api), sampler["width"], sampler["height"])
+    reports = [text for output in entry["outputs"].values() for text in output.get("text", [])]
+    assert any("computed" in text for text in reports), reports
+    print(f"{path.name}: {time.time() - began:.1f} s, {videos[0]['filename']}, report: {reports}")
+
+
+def test_comfy_cli_runs_the_demo(server):
+    comfy = Path(COMFYUI_PYTHON).parent / "comfy"
+    if not comfy.exists():
+        pytest.skip(f"needs comfy-cli (>= 1.23) beside {COMFYUI_PYTHON}")
+    before = set(server.output.rglob("*.mp4"))
+    for name, bump in (("magi1_tiny_demo.json", 1), ("api/magi1_tiny_demo.json", 2)):
+        graph = json.loads((ROOT / "workflows" / name).read_text())
+        if "nodes" in graph:  # UI format: the sampler's seed is its fifth widget value
+            next(node for node in graph["nodes"] if node["type"] == "MAGI1Sampler")["widgets_values"][4] += bump
+        else:
+            next(node for node in graph.values() if node["class_type"] == "MAGI1Sampler")["inputs"]["seed"] += bump
+        path = server.output.parent / f"cli_{bump}.json"  # another seed: not a cached result
+        path.write_text(json.dumps(graph))
+        done = subprocess.run([str(comfy), "--workspace", COMFYUI_DIR, "--skip-prompt", "run", "--workflow", str(path),
+                               "--wait", "--port", str(server.port), "--timeout", "300"],
+                              capture_output=True, text=True, timeout=900, env={**os.environ, "DO_NOT_TRACK": "1"})
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    made = set(server.output.rglob("*.mp4")) - before
+    assert len(made) == 2, made

@@ -1,0 +1,95 @@
+"""The built-in tiny demo model: its files load through the ordinary loaders, it generates end to end on
+the CPU (with and without the cache), its text encoder and scene grammar agree, and its training script
+runs."""
+
+import os
+import re
+
+import pytest
+import torch
+
+import magi1
+from cache_core import CachePolicy
+from magi1 import tiny
+from magi1.tiny import scenes, train
+from magi1.tiny.text_encoder import grammar_vocabulary
+
+FILES = (tiny.DIT_FILE, tiny.VAE_FILE, tiny.TEXT_ENCODER_FILE, tiny.SPECIAL_TOKENS_FILE)
+
+
+def test_shipped_files_are_small_safetensors_and_npz():
+    assert sum(os.path.getsize(f) for f in FILES) <= 25 * 2**20
+    assert all(f.endswith((".safetensors", ".npz")) for f in FILES)
+
+
+def test_loads_with_the_official_loaders():
+    dit = tiny.load_tiny_dit()
+    assert dit.distill and dit.config == train.DIT_CONFIG
+    assert magi1.load_dit(tiny.DIT_FILE).distill  # the checkpoint says so itself
+    vae = tiny.load_tiny_vae()
+    assert vae.config == train.VAE_CONFIG and (vae.spatial_factor, vae.temporal_factor) == (8, 4)
+    tokens = tiny.tiny_special_tokens()
+    assert tokens.hq.shape == (dit.config.caption_channels,)
+
+
+def test_text_encoder_reads_the_caption_grammar():
+    encoder = tiny.load_tiny_text_encoder()
+    ids, mask = encoder.tokenize("A red ball, moving LEFT over a checkerboard!")
+    words = [encoder.config.vocabulary[i] for i in ids[mask]]
+    assert words == ["a", "red", "ball", "moving", "left", "over", "a", "checkerboard", "<end>"]
+    unknown, _ = encoder.tokenize("a zebra")
+    assert encoder.config.vocabulary[int(unknown[1])] == "<unk>"
+    states, mask = encoder.encode("a red ball")
+    again, _ = encoder.encode("a red ball")
+    assert torch.equal(states, again) and states.shape == (encoder.config.max_tokens, 64) and int(mask.sum()) == 4
+    assert not torch.equal(states, encoder.encode("a blue ball")[0])
+
+
+def test_scene_captions_use_only_known_words_and_render_deterministically():
+    vocabulary = set(grammar_vocabulary())
+    videos, captions = scenes.scene_batch(5, 24, 8, 32)
+    assert videos.shape == (24, 3, 8, 32, 32) and videos.min() >= -1 and videos.max() <= 1
+    for caption in captions:
+        assert set(re.findall("[a-z]+", caption)) <= vocabulary, caption
+    again, same = scenes.scene_batch(5, 24, 8, 32)
+    assert torch.equal(videos, again) and captions == same
+    moving = scenes.Scene("ball", "red", "moving right", "gray wall", None, 0.2, 0.5, 0.1, 0.3, 0)
+    video = scenes.render(moving, 24, 32)
+    redness = (video[0] - video[1]).clamp(min=0).sum(dim=1)  # (frames, width): where the red ball is
+    columns = torch.arange(32, dtype=torch.float32)
+    centre = (redness * columns).sum(-1) / redness.sum(-1)
+    assert centre[-1] > centre[0] + 5  # it moves right
+
+
+def generate(prompt, policy=None, frames=24, steps=tiny.STEPS):
+    dit, encoder = tiny.load_tiny_dit(), tiny.load_tiny_text_encoder()
+    states, mask = encoder.encode(prompt)
+    chunks = -(-frames // 24)
+    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, tiny.tiny_special_tokens())
+    return magi1.generate(dit, caption, caption_mask, frames=frames, height=tiny.SIZE, width=tiny.SIZE, steps=steps,
+                          seed=0, policy=policy)
+
+
+def test_generates_and_decodes_a_video_end_to_end():
+    result = generate("a yellow square bouncing over a striped wall", frames=48)
+    assert result.latent.shape == (16, 12, 8, 8) and torch.isfinite(result.latent).all()
+    video = tiny.load_tiny_vae().decode(result.latent)
+    assert video.shape == (3, 48, 64, 64) and torch.isfinite(video).all()
+    cached = generate("a yellow square bouncing over a striped wall", CachePolicy.slow(warmup_steps=2, chunk_wise_steps=2),
+                      frames=48)
+    assert cached.stats.computed_fraction < 1.0 and cached.latent.shape == result.latent.shape
+
+
+def test_training_script_runs_a_few_steps(tmp_path):
+    vae_config = train.VAE_CONFIG
+    small = magi1.VAEConfig(**{**vae_config.__dict__, "video_size": 32})
+    vae = magi1.random_vae(small, seed=0)
+    original = train.SIZE
+    try:
+        train.SIZE = 32
+        model, captions = train.train_dit(vae, seed=1, steps=2, batch=2, log=lambda line: None)
+    finally:
+        train.SIZE = original
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    train.save_all(tmp_path, None, model, captions)
+    assert magi1.load_dit(tmp_path / "dit.safetensors").distill
