@@ -4,8 +4,8 @@ runs."""
 
 import os
 import re
+from pathlib import Path
 
-import pytest
 import torch
 
 import magi1
@@ -14,6 +14,7 @@ from magi1 import tiny
 from magi1.tiny import scenes, train
 from magi1.tiny.text_encoder import grammar_vocabulary
 
+ROOT = Path(__file__).resolve().parents[1]
 FILES = (tiny.DIT_FILE, tiny.VAE_FILE, tiny.TEXT_ENCODER_FILE, tiny.SPECIAL_TOKENS_FILE)
 
 
@@ -93,3 +94,21 @@ def test_training_script_runs_a_few_steps(tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     train.save_all(tmp_path, None, model, captions)
     assert magi1.load_dit(tmp_path / "dit.safetensors").distill
+
+
+def test_demo_writes_an_mp4_and_prints_the_cache_report(tmp_path, capsys):
+    import importlib.util
+
+    import av
+
+    spec = importlib.util.spec_from_file_location("magi1_demo", ROOT / "demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    out = tmp_path / "demo.mp4"
+    demo.main(["a purple ball moving left over a checkerboard", "--out", str(out), "--frames", "24"])
+    printed = capsys.readouterr().out
+    assert "MAGI-1 cache motion_detail: computed" in printed and "wrote" in printed
+    with av.open(str(out)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        assert (frames, stream.width, stream.height) == (24, tiny.SIZE, tiny.SIZE)
