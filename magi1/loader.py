@@ -7,7 +7,7 @@ import os
 import re
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .dit import MagiDiT, RotaryEmbedding, ZeroCenteredLayerNorm
@@ -62,12 +62,10 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
     files = checkpoint_files(path)
     shapes, dtypes, metadata = {}, {}, {}
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            metadata.update(f.metadata() or {})
-            for key in f.keys():
-                part = f.get_slice(key)
-                shapes[key] = tuple(part.get_shape())
-                dtypes[key] = part.get_dtype()
+        file_shapes, file_dtypes, file_metadata = read_header(file)
+        shapes.update(file_shapes)
+        dtypes.update(file_dtypes)
+        metadata.update(file_metadata)
     _refuse_fp8(shapes, dtypes, path)
     config, size = infer_config(shapes, metadata, dtypes)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -91,6 +89,20 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
     model.distill = bool(distill)
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}"
     return model
+
+
+def read_header(file):
+    """``(shapes, dtypes, metadata)`` of a safetensors file, without reading its tensors; a clear error
+    for a file that is not one (an interrupted download, say)."""
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            slices = {key: f.get_slice(key) for key in f.keys()}
+            return ({k: tuple(v.get_shape()) for k, v in slices.items()}, {k: v.get_dtype() for k, v in slices.items()},
+                    metadata)
+    except SafetensorError as error:
+        raise ValueError(f"{file} is not a readable .safetensors file ({error}); the download is probably incomplete "
+                         "or damaged: download it again") from error
 
 
 def checkpoint_files(path):

@@ -516,12 +516,10 @@ def load_vae(path, *, device=None, dtype=None):
     metadata, else from the tensor shapes. ``dtype`` defaults to bfloat16 on CUDA (as released) and
     float32 elsewhere; norms and standardization always compute in float32.
     """
-    from .loader import check_state_dict  # one checker for all official checkpoints
+    from .loader import check_state_dict, read_header  # shared with the DiT's loader
 
     file = vae_file(path)
-    with safe_open(file, framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    shapes, _, metadata = read_header(file)
     beside = os.path.join(os.path.dirname(file), "config.json")
     if os.path.exists(beside):
         with open(beside) as fh:

@@ -131,6 +131,18 @@ def test_missing_shard_is_named(tmp_path):
         magi1.load_dit(folder / "model-00001-of-00003.safetensors")
 
 
+def test_damaged_shard_or_vae_file_is_named_with_the_fix(tmp_path):
+    folder = save_sharded(tiny_model(), tmp_path / "ckpt")
+    shard = folder / "model-00002-of-00003.safetensors"
+    shard.write_bytes(shard.read_bytes()[:5])  # an interrupted download
+    with pytest.raises(ValueError, match="model-00002-of-00003.safetensors is not a readable .safetensors file.*again"):
+        magi1.load_dit(folder)
+    vae = tmp_path / "magi1_vae.safetensors"
+    vae.write_text("{}")
+    with pytest.raises(ValueError, match="magi1_vae.safetensors is not a readable .safetensors file"):
+        magi1.load_vae(vae)
+
+
 def test_precision_rules(tmp_path):
     """The modules the official code promotes stay float32; the rest take the compute dtype."""
     save_single(tiny_model(), tmp_path / "tiny.safetensors")

@@ -76,7 +76,8 @@ def test_generates_and_decodes_a_video_end_to_end():
     assert result.latent.shape == (16, 12, 8, 8) and torch.isfinite(result.latent).all()
     video = tiny.load_tiny_vae().decode(result.latent)
     assert video.shape == (3, 48, 64, 64) and torch.isfinite(video).all()
-    cached = generate("a yellow square bouncing over a striped wall", CachePolicy.slow(warmup_steps=2, chunk_wise_steps=2),
+    cached = generate("a yellow square bouncing over a striped wall", CachePolicy(tau=0.1, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
+                                                                             max_reuse=4),
                       frames=48)
     assert cached.stats.computed_fraction < 1.0 and cached.latent.shape == result.latent.shape
 

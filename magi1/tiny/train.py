@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -60,7 +61,7 @@ def _lr(step, total, peak, warmup=200):
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def train_vae(seed, steps, batch=8, log=print):
+def train_vae(seed, steps, batch=8, log=functools.partial(print, flush=True)):
     vae = random_vae(VAE_CONFIG, seed=seed).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
@@ -145,7 +146,7 @@ def _encode(vae, videos):
     return mean.view(b, f // 12, *mean.shape[1:]).transpose(1, 2).flatten(2, 3)
 
 
-def train_dit(vae, seed, steps, batch=8, log=print, checkpoint=None):
+def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True), checkpoint=None):
     model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
     with torch.no_grad():
         model.final_linear.linear.weight.mul_(0.1)
@@ -224,8 +225,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=1500)
-    parser.add_argument("--dit-steps", type=int, default=3000)
+    parser.add_argument("--vae-steps", type=int, default=800)
+    parser.add_argument("--dit-steps", type=int, default=2800)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--vae", help="reuse a trained vae.safetensors instead of training one")
     args = parser.parse_args(argv)
