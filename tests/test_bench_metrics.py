@@ -1,0 +1,49 @@
+"""The benchmark's quality metrics against slow float64 loops on fresh random inputs."""
+
+import math
+
+import torch
+
+from bench.metrics import psnr, ssim
+
+
+def slow_ssim(video, reference, size=11, sigma=1.5):
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    half = (size - 1) / 2
+    weights = [[math.exp(-((i - half) ** 2 + (j - half) ** 2) / (2 * sigma ** 2)) for j in range(size)]
+               for i in range(size)]
+    total = sum(map(sum, weights))
+    values = []
+    channels, frames, height, width = video.shape
+    for c in range(channels):
+        for f in range(frames):
+            a, b = video[c, f].tolist(), reference[c, f].tolist()
+            for top in range(height - size + 1):
+                for left in range(width - size + 1):
+                    mx = my = xx = yy = xy = 0.0
+                    for i in range(size):
+                        for j in range(size):
+                            w = weights[i][j] / total
+                            p, q = a[top + i][left + j], b[top + i][left + j]
+                            mx, my, xx, yy, xy = mx + w * p, my + w * q, xx + w * p * p, yy + w * q * q, xy + w * p * q
+                    vx, vy, cxy = xx - mx * mx, yy - my * my, xy - mx * my
+                    values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2)))
+    return sum(values) / len(values)
+
+
+def test_ssim_matches_the_definition():
+    generator = torch.Generator().manual_seed(11)
+    reference = torch.rand(3, 2, 14, 13, generator=generator, dtype=torch.float64) * 2 - 1
+    video = (reference + 0.3 * torch.randn(reference.shape, generator=generator, dtype=torch.float64)).clamp(-1, 1)
+    assert abs(ssim(video, reference) - slow_ssim(video, reference)) < 1e-10
+    assert ssim(reference, reference) == 1.0
+
+
+def test_psnr():
+    generator = torch.Generator().manual_seed(12)
+    reference = torch.rand(3, 4, 8, 8, generator=generator) * 2 - 1
+    noise = torch.randn(reference.shape, generator=generator)
+    video = reference + noise
+    mse = sum(float(n) ** 2 for n in noise.double().flatten()) / noise.numel()
+    assert abs(psnr(video, reference) - 10 * math.log10(4 / mse)) < 1e-9
+    assert psnr(reference, reference) == math.inf
