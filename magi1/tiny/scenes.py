@@ -125,13 +125,15 @@ def _sprite_alpha(scene: Scene, xs, ys, cx, cy, radius, angle):
     return sdf
 
 
-def render(scene: Scene, frames: int, size: int = 64) -> torch.Tensor:
-    """The scene as video ``[3, frames, size, size]`` in [-1, 1]."""
+def render(scene: Scene, frames: int, size: int = 64, with_coverage=False):
+    """The scene as video ``[3, frames, size, size]`` in [-1, 1]; with ``with_coverage`` also the sprite's
+    coverage ``[frames, size, size]`` in 0..1 (what training weighs more)."""
     time = torch.arange(frames, dtype=torch.float32).view(frames, 1, 1) / FPS
     pixel = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     ys, xs = pixel.view(1, size, 1), pixel.view(1, 1, size)
     shift = {"left": -1.0, "right": 1.0, None: 0.0}[scene.pan] * scene.speed * time  # camera moves -> scene slides
     video = _background(scene, xs + shift + 0 * ys, ys + 0 * xs + 0 * time)
+    alpha = torch.zeros(frames, size, size)
     if scene.shape is not None:
         cx = torch.full_like(time, scene.x)
         cy = torch.full_like(time, scene.y)
@@ -158,11 +160,17 @@ def render(scene: Scene, frames: int, size: int = 64) -> torch.Tensor:
         # a little shading so that the sprite has texture of its own
         shade = 1.0 - 0.25 * ((xs - cx) + (ys - cy)) / radius.clamp(min=1e-3)
         video = video * (1 - alpha) + (color * shade.clamp(0.6, 1.3)).clamp(0, 1) * alpha
-    return video * 2 - 1
+    video = video * 2 - 1
+    return (video, alpha) if with_coverage else video
 
 
-def scene_batch(seed: int, count: int, frames: int, size: int = 64):
-    """``count`` scenes from ``seed``: videos ``[count, 3, frames, size, size]`` and their captions."""
+def scene_batch(seed: int, count: int, frames: int, size: int = 64, with_coverage=False):
+    """``count`` scenes from ``seed``: videos ``[count, 3, frames, size, size]`` and their captions (and
+    with ``with_coverage`` the sprites' coverage ``[count, frames, size, size]``)."""
     generator = torch.Generator().manual_seed(int(seed))
     scenes = [random_scene(generator) for _ in range(count)]
-    return torch.stack([render(s, frames, size) for s in scenes]), [s.caption for s in scenes]
+    rendered = [render(s, frames, size, with_coverage=True) for s in scenes]
+    videos, captions = torch.stack([r[0] for r in rendered]), [s.caption for s in scenes]
+    if with_coverage:
+        return videos, captions, torch.stack([r[1] for r in rendered])
+    return videos, captions

@@ -43,6 +43,7 @@ DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, nu
 # The decoder unfolds each token into embed_dim / (8 * 8 * 4) pixel channels before its last 3x3x3 convolution:
 # 768 gives 3 (the release's 1024 gives 4); fewer cannot carry colour. One block a side keeps it small.
 VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
+SPRITE_WEIGHT = 5.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
 VAE_METADATA_KEY = "magi1_vae_config"
 
@@ -161,10 +162,15 @@ def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, 4e-4)
-        chunks = 1 + int(torch.multinomial(torch.tensor([0.2, 0.4, 0.4]), 1, generator=generator))
+        chunks = 1 + int(torch.multinomial(torch.tensor([0.25, 0.5, 0.25]), 1, generator=generator))
         clean = int(torch.randint(0, chunks, (), generator=generator))
-        videos, prompts = scene_batch(seed * 1_000_003 + 500_000 + step, batch, chunks * CHUNK_FRAMES, SIZE)
+        videos, prompts, coverage = scene_batch(seed * 1_000_003 + 500_000 + step, batch, chunks * CHUNK_FRAMES,
+                                                SIZE, with_coverage=True)
         z = _encode(vae, videos)
+        # The sprites are small: their latent patches weigh SPRITE_WEIGHT times more in the loss, so that
+        # the model learns them (and their captions) as early as the backgrounds.
+        covered = F.max_pool3d(coverage[:, None], (4, 8, 8))
+        weight = 1 + (SPRITE_WEIGHT - 1) * covered
         noise = torch.randn(z.shape, generator=generator)
         # staggered times: the oldest noisy chunk at u, each newer one a quarter of the schedule behind
         stage = int(torch.randint(0, len(NOISE2CLEAN_KVRANGE), (), generator=generator))
@@ -186,7 +192,8 @@ def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True
         dt = DISTILL_DTS[int(torch.randint(0, len(DISTILL_DTS), (), generator=generator))]
         v = model(x, t, caption, caption_mask, ranges, distill_dt=dt)
         noisy = slice(clean * cw, chunks * cw)
-        loss = F.mse_loss(v[:, :, noisy], (z - noise)[:, :, noisy])
+        error = (v[:, :, noisy] - (z - noise)[:, :, noisy]).pow(2)
+        loss = (error * weight[:, :, noisy]).mean() / weight[:, :, noisy].mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
