@@ -109,7 +109,7 @@ def _background(scene: Scene, xs, ys):
     return a * (1 - mix) + b * mix
 
 
-def _sprite_alpha(scene: Scene, xs, ys, cx, cy, radius, angle):
+def _sprite_distance(scene: Scene, xs, ys, cx, cy, radius, angle):
     """Signed distance (units of the frame size, positive inside) to the sprite's edge."""
     dx, dy = xs - cx, ys - cy
     cos, sin = torch.cos(angle), torch.sin(angle)
@@ -132,7 +132,8 @@ def render(scene: Scene, frames: int, size: int = 64, with_coverage=False):
     pixel = (torch.arange(size, dtype=torch.float32) + 0.5) / size
     ys, xs = pixel.view(1, size, 1), pixel.view(1, 1, size)
     shift = {"left": -1.0, "right": 1.0, None: 0.0}[scene.pan] * scene.speed * time  # camera moves -> scene slides
-    video = _background(scene, xs + shift + 0 * ys, ys + 0 * xs + 0 * time)
+    grid = (frames, size, size)
+    video = _background(scene, (xs + shift).expand(grid), ys.expand(grid))
     alpha = torch.zeros(frames, size, size)
     if scene.shape is not None:
         cx = torch.full_like(time, scene.x)
@@ -155,7 +156,7 @@ def render(scene: Scene, frames: int, size: int = 64, with_coverage=False):
             radius = radius * (1 + 0.6 * time)
         elif scene.motion == "shrinking":
             radius = radius / (1 + 0.6 * time)
-        alpha = (_sprite_alpha(scene, xs, ys, cx, cy, radius, angle) * size + 0.5).clamp(0, 1)
+        alpha = (_sprite_distance(scene, xs, ys, cx, cy, radius, angle) * size + 0.5).clamp(0, 1)
         color = torch.tensor(COLORS[scene.color]).view(3, 1, 1, 1)
         # a little shading so that the sprite has texture of its own
         shade = 1.0 - 0.25 * ((xs - cx) + (ys - cy)) / radius.clamp(min=1e-3)

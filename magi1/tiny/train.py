@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
 from ..schedule import CLEAN_T, NOISE2CLEAN_KVRANGE
-from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS
+from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
 from ..vae import LATENT_SCALE, VAEConfig, random_vae
 from .scenes import scene_batch
 from .text_encoder import TextEncoderConfig, TinyTextEncoder, grammar_vocabulary, save_text_encoder
@@ -116,26 +116,20 @@ class Captions(torch.nn.Module):
 
 
 def _batch_captions(captions, model, prompts, chunks, clean):
-    """Caption tokens ``(B, chunks, 50, D)`` and masks as the sampler builds them (``chunk_captions``):
-    a noisy chunk ``j`` reads ``[DURATION(chunks - 1 - j), HQ, text...]``, a clean one the null caption."""
+    """Caption tokens ``(B, chunks, 50, D)`` and masks as the sampler reads them: a noisy chunk gets its
+    ``chunk_captions`` row (``[DURATION, HQ, text...]``), a clean one the null caption (50 rows)."""
     tokens = [captions.encoder.tokenize(p) for p in prompts]
     ids, masks = torch.stack([t[0] for t in tokens]), torch.stack([t[1] for t in tokens])
     states = captions.encoder(ids, masks)  # (B, 32, D)
-    b, width = states.shape[0], states.shape[2]
-    length = NULL_CAPTION_TOKENS
+    special = SpecialTokens(hq=captions.other_tokens[HQ_TOKEN],
+                            durations=captions.other_tokens[DURATION_TOKENS.start:DURATION_TOKENS.stop])
+    null = model.y_embedder.null_caption_embedding[:NULL_CAPTION_TOKENS]
     rows, row_masks = [], []
-    for j in range(chunks):
-        if j < clean:
-            rows.append(model.y_embedder.null_caption_embedding[:length].expand(b, -1, -1))
-            row_masks.append(torch.ones(b, length, dtype=torch.bool))
-            continue
-        duration = captions.other_tokens[DURATION_TOKENS.start + min(chunks - 1 - j, len(DURATION_TOKENS) - 1)]
-        prefix = torch.stack([duration, captions.other_tokens[HQ_TOKEN]]).expand(b, -1, -1)
-        row = torch.cat([prefix, states], dim=1)
-        pad = length - row.shape[1]
-        rows.append(torch.cat([row, row.new_zeros(b, pad, width)], dim=1))
-        row_masks.append(torch.cat([torch.ones(b, 2, dtype=torch.bool), masks, torch.zeros(b, pad, dtype=torch.bool)], 1))
-    return torch.stack(rows, dim=1), torch.stack(row_masks, dim=1)
+    for sample_states, sample_mask in zip(states, masks):
+        caption, mask = chunk_captions(sample_states, sample_mask, chunks, special, length=NULL_CAPTION_TOKENS)
+        rows.append(torch.cat([null.expand(clean, -1, -1), caption[clean:]]))
+        row_masks.append(torch.cat([torch.ones(clean, NULL_CAPTION_TOKENS, dtype=torch.bool), mask[clean:]]))
+    return torch.stack(rows), torch.stack(row_masks)
 
 
 @torch.no_grad()
