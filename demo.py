@@ -13,7 +13,7 @@ import time
 import torch
 
 from cache_core import MODES, CachePolicy
-from magi1 import chunk_captions, generate
+from magi1 import VideoLayout, chunk_captions, generate
 from magi1.tiny import SIZE, STEPS, load_tiny_dit, load_tiny_text_encoder, load_tiny_vae, tiny_special_tokens
 
 FPS = 24
@@ -50,7 +50,7 @@ def main(argv=None):
     began = time.perf_counter()
     dit, vae, encoder = load_tiny_dit(), load_tiny_vae(), load_tiny_text_encoder()
     states, mask = encoder.encode(args.prompt)
-    chunks = -(-args.frames // 24)
+    chunks = VideoLayout.plan(args.frames, SIZE, SIZE).chunk_num
     caption, caption_mask = chunk_captions(states, mask, chunks, tiny_special_tokens(),
                                            length=dit.config.caption_max_length)
     policy = CachePolicy(**{**TINY_CACHE, "mode": args.mode, "tau": args.tau})

@@ -66,7 +66,7 @@ def configurations(taus=TAUS):
 
 def run(rows, prompts, seeds, frames, steps, repeats, log=print):
     dit, vae, encoder = tiny.load_tiny_dit(), tiny.load_tiny_vae(), tiny.load_tiny_text_encoder()
-    chunks = -(-frames // 24)
+    chunks = magi1.VideoLayout.plan(frames, tiny.SIZE, tiny.SIZE).chunk_num
     captions = [magi1.chunk_captions(*encoder.encode(p), chunks, tiny.tiny_special_tokens()) for p in prompts]
     jobs = [(caption, seed) for caption in captions for seed in seeds]
 

@@ -65,7 +65,7 @@ def test_scene_captions_use_only_known_words_and_render_deterministically():
 def generate(prompt, policy=None, frames=24, steps=tiny.STEPS):
     dit, encoder = tiny.load_tiny_dit(), tiny.load_tiny_text_encoder()
     states, mask = encoder.encode(prompt)
-    chunks = -(-frames // 24)
+    chunks = magi1.VideoLayout.plan(frames, tiny.SIZE, tiny.SIZE).chunk_num
     caption, caption_mask = magi1.chunk_captions(states, mask, chunks, tiny.tiny_special_tokens())
     return magi1.generate(dit, caption, caption_mask, frames=frames, height=tiny.SIZE, width=tiny.SIZE, steps=steps,
                           seed=0, policy=policy)
@@ -93,7 +93,7 @@ def test_training_script_runs_a_few_steps(tmp_path):
     finally:
         train.SIZE = original
     assert all(torch.isfinite(p).all() for p in model.parameters())
-    train.save_all(tmp_path, None, model, captions)
+    train.save_dit(tmp_path, model, captions)
     assert magi1.load_dit(tmp_path / "dit.safetensors").distill
 
 

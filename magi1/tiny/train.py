@@ -31,7 +31,8 @@ from ..config import ModelConfig
 from ..loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
 from ..schedule import CLEAN_T, NOISE2CLEAN_KVRANGE
 from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
-from ..vae import LATENT_SCALE, VAEConfig, random_vae
+from ..vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
+from ..vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
 from .scenes import scene_batch
 from .text_encoder import TextEncoderConfig, TinyTextEncoder, grammar_vocabulary, save_text_encoder
 
@@ -45,7 +46,6 @@ DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, nu
 VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
 SPRITE_WEIGHT = 5.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
-VAE_METADATA_KEY = "magi1_vae_config"
 
 
 def _shift(u, shift=3.0):
@@ -206,17 +206,23 @@ def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True
 
 
 # ------------------------------------------------------------------------------------------------ files
-def save_all(out, vae, model, captions):
+def _half(module):
+    return {k: v.detach().half().contiguous() for k, v in module.state_dict().items()}
+
+
+def save_vae(out, vae):
+    os.makedirs(out, exist_ok=True)
+    save_file(_half(vae), os.path.join(out, "vae.safetensors"),
+              metadata={VAE_CONFIG_METADATA_KEY: json.dumps(VAE_CONFIG.to_dict())})
+
+
+def save_dit(out, model, captions):
+    """The DiT, the text encoder and the special-token table."""
     os.makedirs(out, exist_ok=True)
     config = dataclasses.asdict(DIT_CONFIG)
     config["params_dtype"] = "torch.float16"
-    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out, "dit.safetensors"),
+    save_file(_half(model), os.path.join(out, "dit.safetensors"),
               metadata={CONFIG_METADATA_KEY: json.dumps(config), DISTILL_METADATA_KEY: "true"})
-    if vae is not None:
-        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()},
-                  os.path.join(out, "vae.safetensors"),
-                  metadata={VAE_METADATA_KEY: json.dumps(dataclasses.asdict(VAE_CONFIG))})
     save_text_encoder(captions.encoder, os.path.join(out, "text_encoder.safetensors"))
     np.savez(os.path.join(out, "special_tokens.npz"),
              other_tokens=captions.other_tokens.detach().numpy().astype(np.float16))
@@ -235,18 +241,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     began = time.time()
-    if args.vae:
-        from ..vae import load_vae
-        vae = load_vae(args.vae, dtype=torch.float32)
-    else:
-        vae = train_vae(args.seed, args.vae_steps)
-        os.makedirs(args.out, exist_ok=True)
-        save_file({k: v.detach().half().contiguous() for k, v in vae.state_dict().items()},
-                  os.path.join(args.out, "vae.safetensors"),
-                  metadata={VAE_METADATA_KEY: json.dumps(dataclasses.asdict(VAE_CONFIG))})
-    model, captions = train_dit(vae, args.seed, args.dit_steps,
-                                checkpoint=lambda m, c: save_all(args.out, None, m, c))
-    save_all(args.out, None, model, captions)
+    vae = load_vae(args.vae, dtype=torch.float32) if args.vae else train_vae(args.seed, args.vae_steps)
+    save_vae(args.out, vae)
+    model, captions = train_dit(vae, args.seed, args.dit_steps, checkpoint=lambda m, c: save_dit(args.out, m, c))
+    save_dit(args.out, model, captions)
     print(f"trained in {(time.time() - began) / 60:.1f} min; weights in {args.out}")
 
 
