@@ -129,6 +129,45 @@ def equal_flops(rows, ratios=(1.25, 1.5, 2.0)):
     return "\n".join(lines)
 
 
+def best_family(rows, prefix="motion_detail"):
+    """The ``prefix`` family with the highest mean PSNR over the equal-FLOP points they all reach."""
+    families = list(dict.fromkeys(r.family for r in rows if r.family.startswith(prefix)))
+    ratios = [x for x in (1.25, 1.5, 2.0) if all(psnr_at(rows, f, x) is not None for f in families)]
+    if not ratios:  # no common range: the best mean PSNR
+        return max(families, key=lambda f: statistics.mean(r.psnr for r in rows if r.family == f))
+    return max(families, key=lambda f: statistics.mean(psnr_at(rows, f, x) for x in ratios))
+
+
+def suggest_presets(rows, family, margin_db=1.0):
+    """``slow``: the fastest τ of ``family`` whose PSNR stays within ``margin_db`` of the best PSNR any
+    cached configuration reaches while saving work (FLOP ratio >= 1.25); ``fast``: the τ whose FLOP saving
+    is nearest twice slow's. Returns ``(slow, fast)`` rows (None where no row qualifies)."""
+    saving = [r.psnr for r in rows if r.family != "off" and r.flop_ratio >= 1.25]
+    candidates = sorted((r for r in rows if r.family == family), key=lambda r: r.tau)
+    if not saving or not candidates:
+        return None, None
+    good = [r for r in candidates if r.psnr >= max(saving) - margin_db]
+    if not good:
+        return None, None
+    slow = max(good, key=lambda r: r.speedup)
+    target = 2 * (1 - 1 / slow.flop_ratio)
+    fast = min((r for r in candidates if r.tau >= slow.tau), key=lambda r: abs((1 - 1 / r.flop_ratio) - target))
+    return slow, fast
+
+
+def calibration(rows):
+    family = best_family(rows)
+    slow, fast = suggest_presets(rows, family)
+    lines = [f"Best MotionDetailCache variant at equal FLOPs: **{family}**."]
+    for name, row in (("slow", slow), ("fast", fast)):
+        if row is None:
+            lines.append(f"- {name}: no configuration qualifies")
+        else:
+            lines.append(f"- {name}: τ {row.tau:g} ({row.computed:.0%} of token-steps, {row.flop_ratio:.2f}x FLOPs, "
+                         f"{row.speedup:.2f}x wall, {row.psnr:.1f} dB)")
+    return "\n".join(lines)
+
+
 def plot(rows, path):
     import matplotlib
 
@@ -170,7 +209,10 @@ def main(argv=None):
               f"{tiny.SIZE}x{tiny.SIZE}, {args.steps} steps, CPU ({torch.get_num_threads()} threads), wall time the "
               f"median of {repeats} rounds. Every policy: warm-up {COMMON['warmup_steps']}, chunk-level "
               f"{COMMON['chunk_wise_steps']}, final full {COMMON['final_full_steps']} steps.")
-    report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows)])
+    report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows),
+                            "Presets this run suggests (slow: the fastest τ within 1 dB of the best PSNR any "
+                            "configuration reaches at >= 1.25x FLOPs; fast: about twice slow's FLOP saving):",
+                            calibration(rows)])
     print(report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.md"), "w") as f:

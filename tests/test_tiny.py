@@ -89,7 +89,7 @@ def test_training_script_runs_a_few_steps(tmp_path):
     original = train.SIZE
     try:
         train.SIZE = 32
-        model, captions = train.train_dit(vae, seed=1, steps=2, batch=2, log=lambda line: None)
+        model, captions = train.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
     finally:
         train.SIZE = original
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -113,3 +113,41 @@ def test_demo_writes_an_mp4_and_prints_the_cache_report(tmp_path, capsys):
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
         assert (frames, stream.width, stream.height) == (24, tiny.SIZE, tiny.SIZE)
+
+
+def test_policy_benchmark_quick_run_writes_table_and_plot(tmp_path, capsys):
+    from bench import policies
+
+    rows = policies.main(["--quick", "--frames", "24", "--steps", "8", "--out", str(tmp_path)])
+    families = {r.family for r in rows}
+    assert {"off", "teacache", "flowcache", "motion / latent", "motion / denoised"} <= families
+    assert {f"motion_detail {c} / {p}" for c in ("max", "product", "blend") for p in ("latent", "denoised")} <= families
+    off = rows[0]
+    assert off.family == "off" and off.computed == 1.0 and off.flop_ratio == 1.0 and off.psnr == 99.0
+    assert all(0.0 < r.computed <= 1.0 and r.flop_ratio >= 1.0 and r.speedup > 0 for r in rows)
+    # more reuse never computes more: the larger tau of each family computes at most what the smaller does
+    for family in families - {"off"}:
+        sweep = sorted((r.tau, r.computed) for r in rows if r.family == family)
+        assert all(b[1] <= a[1] for a, b in zip(sweep, sweep[1:])), (family, sweep)
+    written = (tmp_path / "results.md").read_text()
+    assert written.count("\n| ") >= len(rows) and "| motion_detail max / latent |" in written
+    assert "Presets this run suggests" in written and "Best MotionDetailCache variant" in written
+    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert "| off | 0 | 100% | 1.00x | 1.00x |" in capsys.readouterr().out
+
+
+def test_preset_suggestion_rule():
+    from bench.policies import Row, suggest_presets
+
+    def row(family, tau, ratio, psnr, speedup):
+        return Row(family, tau, None, computed=1 / ratio, flop_ratio=ratio, speedup=speedup, psnr=psnr)
+
+    rows = [row("off", 0, 1.0, 99.0, 1.0), row("flowcache", 0.1, 1.3, 40.0, 1.25),
+            row("md", 0.05, 1.1, 45.0, 1.08), row("md", 0.1, 1.4, 39.5, 1.35), row("md", 0.2, 1.8, 38.0, 1.7),
+            row("md", 0.4, 3.0, 30.0, 2.6), row("md", 0.8, 4.0, 25.0, 3.2)]
+    slow, fast = suggest_presets(rows, "md")
+    # best PSNR while saving work (>= 1.25x) is 40 dB: within 1 dB, the fastest is tau 0.1 (1.35x wall)
+    assert slow.tau == 0.1
+    # slow saves 1 - 1/1.4 = 29% of FLOPs; twice that is 57%: tau 0.2 saves 44%, tau 0.4 67%, tau 0.8 75%
+    assert fast.tau == 0.4
+    assert suggest_presets(rows, "missing") == (None, None)

@@ -25,8 +25,12 @@ MOTIONS = ("moving left", "moving right", "moving up", "moving down", "bouncing"
 BACKGROUNDS = ("checkerboard", "striped wall", "grassy field", "gray wall", "blue sky")
 PANS = ("left", "right")
 FPS = 24
-START = {"moving left": (0.75, 0.5), "moving right": (0.25, 0.5), "moving up": (0.5, 0.75),
-         "moving down": (0.5, 0.25), "bouncing": (0.5, 0.75)}  # sprite start (x, y), in frame sizes
+# Where a sprite may start (x range, y range, in frame sizes): anywhere, except that a moving sprite starts
+# on the side it moves away from, so that it stays in view for a couple of seconds.
+START = {"moving left": ((0.55, 0.8), (0.25, 0.75)), "moving right": ((0.2, 0.45), (0.25, 0.75)),
+         "moving up": ((0.25, 0.75), (0.55, 0.8)), "moving down": ((0.25, 0.75), (0.2, 0.45)),
+         "bouncing": ((0.25, 0.75), (0.7, 0.8))}
+ANYWHERE = ((0.25, 0.75), (0.25, 0.75))
 
 
 @dataclass(frozen=True)
@@ -70,11 +74,11 @@ def random_scene(generator: torch.Generator) -> Scene:
         return Scene(None, None, None, background, pan, 0.5, 0.5, 0.0, uniform(0.15, 0.3), pick(range(3)))
     shape, motion = pick(SHAPES), pick(MOTIONS)
     color = pick([c for c in COLORS if not (background == "blue sky" and c == "blue")])
-    # Where a sprite starts follows from its motion (a small jitter aside), so that a caption pins the
-    # layout down: a small model then learns it from few examples.
-    x, y = START.get(motion, (0.5, 0.5))
-    x, y = x + uniform(-0.04, 0.04), y + uniform(-0.04, 0.04)
-    size = {"growing": uniform(0.08, 0.1), "shrinking": uniform(0.2, 0.24)}.get(motion, uniform(0.13, 0.17))
+    # The position is random: the DiT has only relative (RoPE) positions, so it places a sprite where the
+    # noise suggests, the same way anywhere. Sprites span about two tokens (32 px) so that they are seen.
+    (x_low, x_high), (y_low, y_high) = START.get(motion, ANYWHERE)
+    x, y = uniform(x_low, x_high), uniform(y_low, y_high)
+    size = {"growing": uniform(0.1, 0.13), "shrinking": uniform(0.26, 0.3)}.get(motion, uniform(0.18, 0.23))
     return Scene(shape, color, motion, background, pan, x, y, size, uniform(0.2, 0.3), pick(range(3)))
 
 

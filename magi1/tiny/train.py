@@ -4,11 +4,12 @@
 
 Reproducible from ``--seed`` (scenes, noise and initial weights all come from it; CPU, float32). Three
 stages: the VAE as an autoencoder of 12-frame clips (the release's temporal tile), its latents rescaled
-so that ``LATENT_SCALE`` makes them unit-variance; then the DiT, the text encoder and the special
-tokens together, with flow matching on clips of 1-3 chunks laid out as the sampler calls the model:
-clean chunks at ``CLEAN_T`` with the null caption seeing only themselves, then noisy chunks whose times
-are staggered by a quarter of the schedule, with the key ranges of their stage. Weights are written
-in float16 with their configs in the safetensors metadata, so the ordinary loaders read them.
+so that ``LATENT_SCALE`` makes them unit-variance; then ``--scenes`` 3-chunk scenes encoded once; then
+the DiT, the text encoder and the special tokens together, with flow matching on clips of 1-3 chunks
+(prefixes of those scenes) laid out as the sampler calls the model: clean chunks at ``CLEAN_T`` with the
+null caption seeing only themselves, then noisy chunks whose times are staggered by a quarter of the
+schedule, with the key ranges of their stage. Weights are written in float16 with their configs in the
+safetensors metadata, so the ordinary loaders read them. About 50 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, nu
 # The decoder unfolds each token into embed_dim / (8 * 8 * 4) pixel channels before its last 3x3x3 convolution:
 # 768 gives 3 (the release's 1024 gives 4); fewer cannot carry colour. One block a side keeps it small.
 VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
-SPRITE_WEIGHT = 5.0  # loss weight of latent patches a sprite covers
+SPRITE_WEIGHT = 3.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
 
 
@@ -141,7 +142,30 @@ def _encode(vae, videos):
     return mean.view(b, f // 12, *mean.shape[1:]).transpose(1, 2).flatten(2, 3)
 
 
-def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True), checkpoint=None):
+@torch.no_grad()
+def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(print, flush=True)):
+    """``count`` scenes of ``chunks`` chunks, encoded once: DiT latents ``(count, 16, 6 * chunks, 8, 8)``, the
+    loss weight of each latent patch ``(count, 6 * chunks, 8, 8)`` and the captions. Encoding is half the
+    cost of a training step, and a shorter clip is a prefix of these (the VAE encodes 12-frame tiles alone)."""
+    latents, weights, captions = [], [], []
+    began = time.time()
+    for first in range(0, count, batch):
+        videos, prompts, coverage = scene_batch(seed * 1_000_003 + 500_000 + first, min(batch, count - first),
+                                                chunks * CHUNK_FRAMES, SIZE, with_coverage=True)
+        latents.append(_encode(vae, videos))
+        # sprites cover a few patches: those weigh SPRITE_WEIGHT times more, so they are learnt with the backgrounds
+        weights.append(1 + (SPRITE_WEIGHT - 1) * F.max_pool3d(coverage[:, None], (4, 8, 8))[:, 0])
+        captions += prompts
+    log(f"encoded {count} scenes ({time.time() - began:.0f} s)")
+    return torch.cat(latents), torch.cat(weights), captions
+
+
+def _inverse_shift(t, shift=3.0):
+    """The step-grid position ``u`` of a schedule time ``t`` (the inverse of ``_shift``)."""
+    return torch.sqrt(shift * t / (1 + (shift - 1) * t))
+
+
+def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None):
     model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
     with torch.no_grad():
         model.final_linear.linear.weight.mul_(0.1)
@@ -150,6 +174,7 @@ def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True
     optimizer = torch.optim.AdamW(params, lr=4e-4, betas=(0.9, 0.99), weight_decay=0.01)
     ema_model, ema_captions = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(captions).requires_grad_(False)
     generator = torch.Generator().manual_seed(seed + 3)
+    all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log)
     cw = CHUNK_FRAMES // 4
     ct = cw * (SIZE // 8 // DIT_CONFIG.patch_size) ** 2
     began, running = time.time(), 0.0
@@ -158,24 +183,28 @@ def train_dit(vae, seed, steps, batch=8, log=functools.partial(print, flush=True
             group["lr"] = _lr(step, steps, 4e-4)
         chunks = 1 + int(torch.multinomial(torch.tensor([0.25, 0.5, 0.25]), 1, generator=generator))
         clean = int(torch.randint(0, chunks, (), generator=generator))
-        videos, prompts, coverage = scene_batch(seed * 1_000_003 + 500_000 + step, batch, chunks * CHUNK_FRAMES,
-                                                SIZE, with_coverage=True)
-        z = _encode(vae, videos)
-        # The sprites are small: their latent patches weigh SPRITE_WEIGHT times more in the loss, so that
-        # the model learns them (and their captions) as early as the backgrounds.
-        covered = F.max_pool3d(coverage[:, None], (4, 8, 8))
-        weight = 1 + (SPRITE_WEIGHT - 1) * covered
+        pick = torch.randint(0, scenes, (batch,), generator=generator)
+        z, weight = all_latents[pick, :, :chunks * cw], all_weights[pick, None, :chunks * cw]
+        prompts = [all_prompts[i] for i in pick.tolist()]
         noise = torch.randn(z.shape, generator=generator)
-        # staggered times: the oldest noisy chunk at u, each newer one a quarter of the schedule behind
-        stage = int(torch.randint(0, len(NOISE2CLEAN_KVRANGE), (), generator=generator))
-        u = (stage + torch.rand(batch, generator=generator)) / len(NOISE2CLEAN_KVRANGE)
+        # Staggered times: the oldest noisy chunk at u, each newer one a quarter of the schedule behind. The
+        # sampler's grid puts half its steps at t < 0.1; half the batches draw t uniformly instead, so that
+        # the middle times, where a sprite takes shape, are learnt as well.
+        stages = len(NOISE2CLEAN_KVRANGE)
+        if float(torch.rand((), generator=generator)) < 0.5:
+            stage = int(torch.randint(0, stages, (), generator=generator))
+            u = (stage + torch.rand(batch, generator=generator)) / stages
+        else:
+            bounds = _shift(torch.arange(stages + 1) / stages)  # each stage's range of t
+            stage = min(stages - 1, int(torch.searchsorted(bounds, torch.rand((), generator=generator), right=True)) - 1)
+            u = _inverse_shift(bounds[stage] + (bounds[stage + 1] - bounds[stage]) * torch.rand(batch, generator=generator))
         t = torch.full((batch, chunks), CLEAN_T)
         ranges = []
         for j in range(chunks):
             if j < clean:
                 ranges.append((j * ct, (j + 1) * ct))
                 continue
-            t[:, j] = _shift((u - (j - clean) / len(NOISE2CLEAN_KVRANGE)).clamp(min=0))
+            t[:, j] = _shift((u - (j - clean) / stages).clamp(min=0))
             width = NOISE2CLEAN_KVRANGE[max(0, stage - (j - clean))]
             ranges.append((max(0, j + 1 - width) * ct, (j + 1) * ct))
         if clean < chunks and float(torch.rand((), generator=generator)) < 0.25:
@@ -232,8 +261,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--vae-steps", type=int, default=800)
-    parser.add_argument("--dit-steps", type=int, default=2800)
+    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--dit-steps", type=int, default=6000)
+    parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--vae", help="reuse a trained vae.safetensors instead of training one")
     args = parser.parse_args(argv)
@@ -243,7 +273,9 @@ def main(argv=None):
     began = time.time()
     vae = load_vae(args.vae, dtype=torch.float32) if args.vae else train_vae(args.seed, args.vae_steps)
     save_vae(args.out, vae)
-    model, captions = train_dit(vae, args.seed, args.dit_steps, checkpoint=lambda m, c: save_dit(args.out, m, c))
+    # the DiT learns the latents of the VAE as shipped (float16), whether it was just trained or reused
+    vae = load_vae(os.path.join(args.out, "vae.safetensors"), dtype=torch.float32)
+    model, captions = train_dit(vae, args.seed, args.dit_steps, scenes=args.scenes, checkpoint=lambda m, c: save_dit(args.out, m, c))
     save_dit(args.out, model, captions)
     print(f"trained in {(time.time() - began) / 60:.1f} min; weights in {args.out}")
 
