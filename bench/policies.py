@@ -33,9 +33,9 @@ PROMPTS = (
     "a striped wall, the camera pans left",
 )
 SEEDS = (0, 1)
-TAUS = {"teacache": (0.05, 0.1, 0.2, 0.4), "flowcache": (0.05, 0.1, 0.2, 0.4),
-        "motion": (0.05, 0.1, 0.2, 0.4), "motion_detail": (0.05, 0.1, 0.2, 0.4)}
-COMMON = dict(warmup_steps=2, chunk_wise_steps=2, final_full_steps=1)  # the same schedule for every policy
+SWEEP = (0.025, 0.05, 0.1, 0.2, 0.4)
+TAUS = {"teacache": SWEEP, "flowcache": SWEEP, "motion": SWEEP, "motion_detail": SWEEP}
+COMMON = dict(warmup_steps=2, chunk_wise_steps=2, final_full_steps=1, max_reuse=4)  # the same for every policy
 
 
 @dataclass
@@ -203,12 +203,13 @@ def main(argv=None):
     prompts, seeds, taus, repeats = PROMPTS, SEEDS, TAUS, args.repeats
     if args.quick:
         prompts, seeds, repeats = PROMPTS[:1], SEEDS[:1], 1
-        taus = {mode: values[1:3] for mode, values in TAUS.items()}
+        taus = {mode: values[2:4] for mode, values in TAUS.items()}
     rows = run(configurations(taus), prompts, seeds, args.frames, args.steps, repeats)
     header = (f"Tiny MAGI-1 (built-in), {len(prompts)} prompts x {len(seeds)} seeds, {args.frames} frames "
               f"{tiny.SIZE}x{tiny.SIZE}, {args.steps} steps, CPU ({torch.get_num_threads()} threads), wall time the "
               f"median of {repeats} rounds. Every policy: warm-up {COMMON['warmup_steps']}, chunk-level "
-              f"{COMMON['chunk_wise_steps']}, final full {COMMON['final_full_steps']} steps.")
+              f"{COMMON['chunk_wise_steps']}, final full {COMMON['final_full_steps']} steps, "
+              f"max_reuse {COMMON['max_reuse']}.")
     report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows),
                             "Presets this run suggests (slow: the fastest τ within 1 dB of the best PSNR any "
                             "configuration reaches at >= 1.25x FLOPs; fast: about twice slow's FLOP saving):",

@@ -196,8 +196,10 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
             u = (stage + torch.rand(batch, generator=generator)) / stages
         else:
             bounds = _shift(torch.arange(stages + 1) / stages)  # each stage's range of t
-            stage = min(stages - 1, int(torch.searchsorted(bounds, torch.rand((), generator=generator), right=True)) - 1)
-            u = _inverse_shift(bounds[stage] + (bounds[stage + 1] - bounds[stage]) * torch.rand(batch, generator=generator))
+            oldest = torch.rand((), generator=generator)
+            stage = min(stages - 1, int(torch.searchsorted(bounds, oldest, right=True)) - 1)
+            low, high = bounds[stage], bounds[stage + 1]
+            u = _inverse_shift(low + (high - low) * torch.rand(batch, generator=generator))
         t = torch.full((batch, chunks), CLEAN_T)
         ranges = []
         for j in range(chunks):
