@@ -17,9 +17,6 @@ from magi1 import VideoLayout, chunk_captions, generate
 from magi1.tiny import SIZE, STEPS, load_tiny_dit, load_tiny_text_encoder, load_tiny_vae, tiny_special_tokens
 
 FPS = 24
-# Cache settings for the tiny model's 8 steps a chunk: 2 full warm-up steps, 2 chunk-level ones, the last
-# step full, per-token reuse in between with each token refreshed at least every 4 steps.
-TINY_CACHE = dict(tau=0.1, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1, max_reuse=4)
 
 
 def write_mp4(video, path, fps=FPS):
@@ -44,7 +41,9 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default="motion_detail", choices=MODES, help="cache mode (off: no cache)")
-    parser.add_argument("--tau", type=float, default=TINY_CACHE["tau"], help="reuse threshold: higher, more reuse")
+    parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
+                        help="cache preset (calibrated on this model: bench/calibration.md)")
+    parser.add_argument("--tau", type=float, help="reuse threshold instead of the preset's: higher, more reuse")
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
@@ -53,7 +52,8 @@ def main(argv=None):
     chunks = VideoLayout.plan(args.frames, SIZE, SIZE).chunk_num
     caption, caption_mask = chunk_captions(states, mask, chunks, tiny_special_tokens(),
                                            length=dit.config.caption_max_length)
-    policy = CachePolicy(**{**TINY_CACHE, "mode": args.mode, "tau": args.tau})
+    overrides = {"mode": args.mode} if args.tau is None else {"mode": args.mode, "tau": args.tau}
+    policy = CachePolicy.preset(args.preset, **overrides)
     result = generate(dit, caption, caption_mask, frames=args.frames, height=SIZE, width=SIZE, steps=args.steps,
                       seed=args.seed, policy=policy)
     video = vae.decode(result.latent)

@@ -4,7 +4,7 @@ Model-agnostic (torch only, no ComfyUI, no MAGI-1): the sampler asks a per-run `
 compute, runs its model on those tokens, and hands the velocity back.
 """
 
-from .policy import MODES, PROXIES, CachePolicy
+from .policy import MODES, PRESET_SCHEDULE, PROXIES, CachePolicy
 from .state import ACTIONS, CacheState, ChunkStep, Decision, StepRecord
 from .weights import COMBINE_MODES, combine_weights, detail_weights, motion_weights
 
@@ -12,6 +12,7 @@ __all__ = [
     "ACTIONS",
     "COMBINE_MODES",
     "MODES",
+    "PRESET_SCHEDULE",
     "PROXIES",
     "CachePolicy",
     "CacheState",

@@ -12,7 +12,7 @@ def test_defaults_reproduce_the_released_motioncache_configuration():
     policy = CachePolicy()
     # released MotionCache MAGI-1 (cache.md §4.1)
     assert (policy.warmup_steps, policy.chunk_wise_steps, policy.tau, policy.motion_floor) == (5, 20, 0.0065, 0.6)
-    assert policy.chunk_threshold == 0.0065 and policy.motion_power == 1.0 and policy.proxy == "latent"
+    assert policy.chunk_threshold == 0.0065 and policy.motion_power == 1.0 and policy.proxy == "denoised"
     # MotionDetailCache defaults
     assert (policy.detail_alpha, policy.detail_window_size, policy.detail_lambda) == (0.5, 3, 0.5)
     assert policy.weight_combine_mode == "max" and policy.mode == "motion_detail"

@@ -45,8 +45,8 @@ def summary(decisions):
 
 
 def token_policy(**changes):
-    """motion mode, one warm-up step, straight into token-wise decisions, nothing forced at the end."""
-    base = dict(mode="motion", tau=0.25, warmup_steps=1, chunk_wise_steps=0, final_full_steps=0)
+    """motion mode on the latent, one warm-up step, straight into token-wise decisions, nothing forced at the end."""
+    base = dict(mode="motion", proxy="latent", tau=0.25, warmup_steps=1, chunk_wise_steps=0, final_full_steps=0)
     return CachePolicy(**{**base, **changes})
 
 
@@ -58,14 +58,14 @@ def test_observed_weights_are_the_hand_computed_ones():
 
 
 def test_phase_boundaries_follow_each_chunks_own_step_counter():
-    policy = CachePolicy(mode="motion", warmup_steps=2, chunk_wise_steps=3, final_full_steps=1, tau=1e9)
+    policy = CachePolicy(proxy="latent", mode="motion", warmup_steps=2, chunk_wise_steps=3, final_full_steps=1, tau=1e9)
     decisions, _ = run(policy, 10, [0.01] * 9)
     assert [d.phase for d in decisions] == ["warmup"] * 2 + ["chunk"] * 3 + ["token"] * 4 + ["final"]
     assert [policy.phase(k, 10) for k in range(10)] == [d.phase for d in decisions]
 
 
 def test_chunk_level_accumulator_crosses_tau_and_resets():
-    policy = CachePolicy(mode="flowcache", tau=0.25, warmup_steps=1, final_full_steps=0)
+    policy = CachePolicy(proxy="latent", mode="flowcache", tau=0.25, warmup_steps=1, final_full_steps=0)
     # accumulator: .1 skip, .2 skip, .3 recompute (reset), .3 recompute, .05 skip, .1 skip, .3 recompute
     decisions, _ = run(policy, 8, [0.1, 0.1, 0.1, 0.3, 0.05, 0.05, 0.2])
     assert [d.action for d in decisions] == ["dense", "skip", "skip", "dense", "dense", "skip", "skip", "dense"]
@@ -73,7 +73,7 @@ def test_chunk_level_accumulator_crosses_tau_and_resets():
 
 
 def test_chunk_tau_overrides_tau_for_whole_chunk_decisions():
-    policy = CachePolicy(mode="flowcache", tau=0.0, chunk_tau=0.25, warmup_steps=1, final_full_steps=0)
+    policy = CachePolicy(proxy="latent", mode="flowcache", tau=0.0, chunk_tau=0.25, warmup_steps=1, final_full_steps=0)
     decisions, _ = run(policy, 4, [0.1, 0.1, 0.1])
     assert [d.action for d in decisions] == ["dense", "skip", "skip", "dense"]
 
@@ -110,7 +110,7 @@ def test_max_reuse_forces_a_refresh():
 
 
 def test_max_reuse_caps_whole_chunk_reuse():
-    policy = CachePolicy(mode="flowcache", tau=10.0, warmup_steps=1, final_full_steps=0, max_reuse=2)
+    policy = CachePolicy(proxy="latent", mode="flowcache", tau=10.0, warmup_steps=1, final_full_steps=0, max_reuse=2)
     decisions, _ = run(policy, 8, [0.01] * 7)
     assert [(d.phase, d.action) for d in decisions] == [
         ("warmup", "dense"),
@@ -127,7 +127,8 @@ def test_max_reuse_caps_whole_chunk_reuse():
 def test_reuse_counts_carry_from_chunk_wise_into_token_wise_phase():
     # Two whole-chunk reuses (k1, k2), then token-wise: with max_reuse=3 every token has been reused
     # twice already, so by k4 all of them are forced.
-    policy = CachePolicy(mode="motion", tau=10.0, warmup_steps=1, chunk_wise_steps=2, final_full_steps=0, max_reuse=3)
+    policy = CachePolicy(
+        proxy="latent", mode="motion", tau=10.0, warmup_steps=1, chunk_wise_steps=2, final_full_steps=0, max_reuse=3)
     decisions, _ = run(policy, 5, [0.01] * 4)
     assert summary(decisions) == [
         ("warmup", "dense", 6),
@@ -163,7 +164,8 @@ def test_final_full_steps_are_always_computed_and_reset_accumulators():
 def test_token_phase_starts_from_zero_accumulators():
     # Chunk-wise accumulation reaches .2 before token-wise starts; if it leaked into the token
     # accumulators, the first token-wise step would already cross tau = .25.
-    policy = CachePolicy(mode="motion", tau=0.25, warmup_steps=1, chunk_wise_steps=2, final_full_steps=0)
+    policy = CachePolicy(
+        proxy="latent", mode="motion", tau=0.25, warmup_steps=1, chunk_wise_steps=2, final_full_steps=0)
     decisions, _ = run(policy, 5, [0.1] * 4)
     assert summary(decisions) == [
         ("warmup", "dense", 6),
@@ -232,7 +234,7 @@ def test_released_displacement_reuse_replays_the_old_step():
 
 
 def test_mode_off_never_reuses_and_needs_no_feature():
-    policy = CachePolicy(mode="off", tau=1e9)
+    policy = CachePolicy(proxy="latent", mode="off", tau=1e9)
     state = policy.new_state(num_steps=6, chunk_shape=SHAPE)
     for k in range(6):
         (d,) = state.decide([ChunkStep(0, k)])
@@ -277,7 +279,7 @@ MODES_WITH_REUSE = ["teacache", "flowcache", "motion", "motion_detail"]
 @pytest.mark.parametrize("mode", MODES_WITH_REUSE)
 @pytest.mark.parametrize("seed", range(3))
 def test_tau_zero_computes_every_token_after_warmup(mode, seed):
-    policy = CachePolicy(mode=mode, tau=0.0, warmup_steps=2, chunk_wise_steps=3, final_full_steps=0)
+    policy = CachePolicy(proxy="latent", mode=mode, tau=0.0, warmup_steps=2, chunk_wise_steps=3, final_full_steps=0)
     decisions = random_run(policy, seed)
     assert {d.phase for d in decisions} >= {"warmup"}
     assert all(d.action == "dense" and d.n_active == d.n_tokens for d in decisions)
@@ -292,19 +294,21 @@ def test_tau_zero_computes_even_tokens_whose_weight_is_zero():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_mode_off_is_dense_everywhere_whatever_tau(seed):
-    decisions = random_run(CachePolicy(mode="off", tau=1e9), seed)
+    decisions = random_run(CachePolicy(proxy="latent", mode="off", tau=1e9), seed)
     assert all(d.action == "dense" and d.phase == "off" for d in decisions)
 
 
 @pytest.mark.parametrize("mode", MODES_WITH_REUSE)
 def test_a_large_tau_does_reuse(mode):
     # The counterpart of the two tests above: they would pass trivially if nothing were ever reused.
-    decisions = random_run(CachePolicy(mode=mode, tau=1e9, warmup_steps=2, chunk_wise_steps=3, final_full_steps=1), 0)
+    decisions = random_run(CachePolicy(
+        proxy="latent", mode=mode, tau=1e9, warmup_steps=2, chunk_wise_steps=3, final_full_steps=1), 0)
     assert any(d.action == "skip" for d in decisions)
 
 
 def test_sparse_decisions_are_consistent():
-    policy = CachePolicy(mode="motion_detail", tau=0.1, warmup_steps=1, chunk_wise_steps=0, final_full_steps=1)
+    policy = CachePolicy(
+        proxy="latent", mode="motion_detail", tau=0.1, warmup_steps=1, chunk_wise_steps=0, final_full_steps=1)
     decisions = random_run(policy, 4)
     sparse = [d for d in decisions if d.action == "sparse"]
     assert sparse, "this configuration must produce sparse steps"
@@ -314,7 +318,8 @@ def test_sparse_decisions_are_consistent():
 
 
 def test_two_runs_from_one_policy_share_no_state():
-    policy = CachePolicy(mode="motion_detail", tau=0.1, warmup_steps=1, chunk_wise_steps=2, final_full_steps=1)
+    policy = CachePolicy(
+        proxy="latent", mode="motion_detail", tau=0.1, warmup_steps=1, chunk_wise_steps=2, final_full_steps=1)
     before = repr(policy)
     first, second = random_run(policy, 9), random_run(policy, 9)
     key = lambda d: (d.chunk_id, d.step, d.phase, d.action, d.n_active)  # noqa: E731
@@ -330,7 +335,7 @@ def test_teacache_makes_one_decision_for_the_window():
     # Chunk 0 changes by 10% a step and chunk 1 by 30%; the window's change is Σ|Δf| / Σ|f|:
     # k1 (.1 + .3) / 2 = .2 skip; k2 (.11 + .39) / 2.4 = .208, acc .408 skip; k3 .217, acc .625 compute.
     # Chunk 2 enters at k2 (warm-up, computed) and joins the window decision from k3 on.
-    policy = CachePolicy(mode="teacache", tau=0.5, warmup_steps=1, final_full_steps=0)
+    policy = CachePolicy(proxy="latent", mode="teacache", tau=0.5, warmup_steps=1, final_full_steps=0)
     state = policy.new_state(num_steps=10, chunk_shape=SHAPE)
     f0, f1, f2 = features([0.1] * 5), features([0.3] * 5), features([0.2] * 5)
     actions = []
@@ -378,7 +383,7 @@ def test_observed_weights_match_the_public_functions(proxy, combine):
 
 
 def test_weights_are_only_computed_when_the_next_step_reads_them():
-    policy = CachePolicy(mode="motion", warmup_steps=3, chunk_wise_steps=0, final_full_steps=0)
+    policy = CachePolicy(proxy="latent", mode="motion", warmup_steps=3, chunk_wise_steps=0, final_full_steps=0)
     state = policy.new_state(num_steps=6, chunk_shape=SHAPE)
     for k in range(3):
         (d,) = state.decide([ChunkStep(0, k, torch.ones(2) * (k + 1))])
@@ -518,7 +523,7 @@ def test_a_rejected_call_leaves_the_state_unchanged():
 
 def test_plain_tuples_drive_a_state_like_chunk_steps():
     """A sampler that does not import cache_core passes (chunk_id, step, feature) tuples."""
-    policy = CachePolicy(mode="flowcache", tau=0.5, warmup_steps=1)
+    policy = CachePolicy(proxy="latent", mode="flowcache", tau=0.5, warmup_steps=1)
     feats = features([0.1, 0.1, 0.9])
     shape = tuple(LATENT.shape)
     with_steps, with_tuples = (policy.new_state(num_steps=6, chunk_shape=shape) for _ in range(2))

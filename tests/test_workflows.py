@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from cache_core import CachePolicy
 from comfy_stubs import WIDGET_KINDS, pack_nodes
+from magi1 import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
@@ -141,6 +143,24 @@ def test_demo_runs_the_builtin_tiny_model():
     assert "MAGI1TinyTextEncode" in kinds and "CLIPLoader" not in kinds
     assert kinds["MAGI1MotionDetailCache"]["mode"] == "motion_detail"
     assert {"SaveVideo", "CreateVideo"} <= set(kinds)
+    assert kinds["MAGI1Sampler"]["steps"] == tiny.STEPS and kinds["MAGI1Sampler"]["width"] == tiny.SIZE
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_cache_nodes_show_the_slow_preset_they_select(path):
+    """Every example's cache node selects the calibrated slow preset and its widgets show the preset's
+    values, so that switching to custom changes nothing."""
+    api = json.loads((API_DIR / path.name).read_text())
+    cache = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1MotionDetailCache")
+    slow = CachePolicy.slow(mode=cache["mode"])
+    assert cache["preset"] == "slow"
+    shown = CachePolicy(mode=cache["mode"], tau=cache["tau"], warmup_steps=cache["warmup_steps"],
+                        chunk_wise_steps=cache["chunk_wise_steps"], final_full_steps=cache["final_full_steps"],
+                        motion_floor=cache["motion_floor"], detail_alpha=cache["detail_alpha"],
+                        detail_window_size=cache["detail_window"], detail_lambda=cache["detail_lambda"],
+                        weight_combine_mode=cache["combine_mode"], proxy=cache["proxy"],
+                        max_reuse=cache["max_reuse"] or None)
+    assert shown == slow
 
 
 def test_files_are_what_the_builder_writes(tmp_path):

@@ -99,12 +99,11 @@ def _real_model():
 
 
 def _cache(mode="motion_detail"):
-    """Cache settings for distilled runs of 8-16 steps a chunk: two full warm-up steps, two chunk-level ones,
-    then per-token reuse, each token refreshed at least every 4 steps; tau as measured on the tiny model
-    (about half the token-steps computed at 16 steps)."""
-    return dict(mode=mode, preset="custom", tau=0.1, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
+    """The calibrated ``slow`` preset (``CachePolicy.slow()``, bench/calibration.md; the workflow test checks
+    that they agree). The widgets show the preset's values, so switching to custom keeps them."""
+    return dict(mode=mode, preset="slow", tau=0.04, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
                 motion_floor=0.6, detail_alpha=0.5, detail_window=3, detail_lambda=0.5, combine_mode="max",
-                proxy="latent", max_reuse=4)
+                proxy="denoised", max_reuse=4)
 
 
 def _sampler(**widgets):
@@ -167,7 +166,7 @@ def tiny_demo():
         Node(4, "MAGI1TinyTextEncode", (40, 240), dict(prompt="a red ball moving right over a checkerboard"),
              size=(380, 150)),
         Node(5, "MAGI1VAELoader", (40, 440), dict(vae_name=TINY, weight_dtype="auto"), size=(380, 90)),
-        Node(6, "MAGI1Sampler", (840, 60), _sampler(width=64, height=64, frames=48, steps=8, seed=0,
+        Node(6, "MAGI1Sampler", (840, 60), _sampler(width=64, height=64, frames=48, steps=16, seed=0,
                                                     record_masks=True),
              links={"model": (2, 0), "positive": (4, 0)}, size=(360, 330)),
         Node(7, "MAGI1Decode", (1240, 60), dict(tile_size=256), links={"vae": (5, 0), "samples": (6, 0)},
