@@ -1,6 +1,6 @@
 """The cache policies side by side on the built-in tiny model: work saved against quality lost.
 
-    python -m bench.policies                 # about 15 minutes on 2 CPU cores
+    python -m bench.policies                 # about 20 minutes on 2 CPU cores
     python -m bench.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
     python -m bench.policies --calibrate     # the default policy over a fine τ grid: the presets (5 minutes)
 
