@@ -91,9 +91,14 @@ def test_training_script_runs_a_few_steps(tmp_path):
     try:
         train.SIZE = 32
         model, captions = train.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
+        again, _ = train.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
+        other, _ = train.train_dit(vae, seed=2, steps=4, batch=2, scenes=3, log=lambda line: None)
     finally:
         train.SIZE = original
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    # reproducible from the seed, and the seed matters
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    assert not torch.equal(model.final_linear.linear.weight, other.final_linear.linear.weight)
     train.save_dit(tmp_path, model, captions)
     assert magi1.load_dit(tmp_path / "dit.safetensors").distill
 
