@@ -35,8 +35,7 @@ PROMPTS = (
     "a striped wall, the camera pans left",
 )
 SEEDS = (0, 1)
-SWEEP = (0.025, 0.05, 0.1, 0.2, 0.4)
-TAUS = {"teacache": SWEEP, "flowcache": SWEEP, "motion": SWEEP, "motion_detail": SWEEP}
+TAUS = (0.025, 0.05, 0.1, 0.2, 0.4)  # every policy's sweep
 CALIBRATION_TAUS = (0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
 QUALITY_DB = 35.0  # the slow preset's quality bar: PSNR against off (SSIM about 0.96 on the tiny model)
 COMMON = PRESET_SCHEDULE  # the same schedule for every policy: the presets' (warm-up 2, chunk-level 2, final 1)
@@ -57,14 +56,14 @@ class Row:
 def configurations(taus=TAUS):
     rows = [Row("off", 0.0, None)]
     for mode in ("teacache", "flowcache"):
-        rows += [Row(mode, tau, CachePolicy(mode=mode, tau=tau, **COMMON)) for tau in taus[mode]]
+        rows += [Row(mode, tau, CachePolicy(mode=mode, tau=tau, **COMMON)) for tau in taus]
     for proxy in ("latent", "denoised"):
         rows += [Row(f"motion / {proxy}", tau, CachePolicy(mode="motion", tau=tau, proxy=proxy, **COMMON))
-                 for tau in taus["motion"]]
+                 for tau in taus]
         for combine in ("max", "product", "blend"):
             rows += [Row(f"motion_detail {combine} / {proxy}", tau,
                          CachePolicy(mode="motion_detail", tau=tau, proxy=proxy, weight_combine_mode=combine, **COMMON))
-                     for tau in taus["motion_detail"]]
+                     for tau in taus]
     return rows
 
 
@@ -206,7 +205,7 @@ def main(argv=None):
     prompts, seeds, taus, repeats = PROMPTS, SEEDS, TAUS, args.repeats
     if args.quick:
         prompts, seeds, repeats = PROMPTS[:1], SEEDS[:1], 1
-        taus = {mode: values[2:4] for mode, values in TAUS.items()}
+        taus = TAUS[2:4]
     default = CachePolicy(**COMMON)
     family = f"motion_detail {default.weight_combine_mode} / {default.proxy}"
     configs = configurations(taus)

@@ -34,10 +34,10 @@ from ..schedule import CLEAN_T, NOISE2CLEAN_KVRANGE
 from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
 from ..vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
 from ..vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
+from . import SIZE
 from .scenes import scene_batch
 from .text_encoder import TextEncoderConfig, TinyTextEncoder, grammar_vocabulary, save_text_encoder
 
-SIZE = 64  # training and demo frame size (pixels)
 CHUNK_FRAMES = 24  # video frames per chunk (6 latent frames)
 DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
                          num_query_groups=2, kv_channels=64, apply_layernorm_1p=True, params_dtype=torch.float16,
@@ -177,6 +177,8 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
     all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log)
     cw = CHUNK_FRAMES // 4
     ct = cw * (SIZE // 8 // DIT_CONFIG.patch_size) ** 2
+    stages = len(NOISE2CLEAN_KVRANGE)
+    stage_bounds = _shift(torch.arange(stages + 1) / stages)  # each stage's range of t
     began, running = time.time(), 0.0
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -190,15 +192,13 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
         # Staggered times: the oldest noisy chunk at u, each newer one a quarter of the schedule behind. The
         # sampler's grid puts half its steps at t < 0.1; half the batches draw t uniformly instead, so that
         # the middle times, where a sprite takes shape, are learnt as well.
-        stages = len(NOISE2CLEAN_KVRANGE)
         if float(torch.rand((), generator=generator)) < 0.5:
             stage = int(torch.randint(0, stages, (), generator=generator))
             u = (stage + torch.rand(batch, generator=generator)) / stages
         else:
-            bounds = _shift(torch.arange(stages + 1) / stages)  # each stage's range of t
             oldest = torch.rand((), generator=generator)
-            stage = min(stages - 1, int(torch.searchsorted(bounds, oldest, right=True)) - 1)
-            low, high = bounds[stage], bounds[stage + 1]
+            stage = min(stages - 1, int(torch.searchsorted(stage_bounds, oldest, right=True)) - 1)
+            low, high = stage_bounds[stage], stage_bounds[stage + 1]
             u = _inverse_shift(low + (high - low) * torch.rand(batch, generator=generator))
         t = torch.full((batch, chunks), CLEAN_T)
         ranges = []
