@@ -17,6 +17,7 @@ from magi1 import VideoLayout, chunk_captions, generate
 from magi1.tiny import SIZE, STEPS, load_tiny_dit, load_tiny_text_encoder, load_tiny_vae, tiny_special_tokens
 
 FPS = 24
+DEFAULT_PROMPT = "a red ball moving right over a checkerboard"
 
 
 def write_mp4(video, path, fps=FPS):
@@ -33,9 +34,23 @@ def write_mp4(video, path, fps=FPS):
         container.mux(stream.encode())
 
 
+def sample(prompt=DEFAULT_PROMPT, *, frames=48, steps=STEPS, seed=0, mode="motion_detail", preset="slow", tau=None):
+    """The demo's generation: ``(SampleResult, the tiny VAE to decode it with)``."""
+    dit, vae, encoder = load_tiny_dit(), load_tiny_vae(), load_tiny_text_encoder()
+    states, mask = encoder.encode(prompt)
+    chunks = VideoLayout.plan(frames, SIZE, SIZE).chunk_num
+    caption, caption_mask = chunk_captions(states, mask, chunks, tiny_special_tokens(),
+                                           length=dit.config.caption_max_length)
+    overrides = {"mode": mode} if tau is None else {"mode": mode, "tau": tau}
+    policy = CachePolicy.preset(preset, **overrides)
+    result = generate(dit, caption, caption_mask, frames=frames, height=SIZE, width=SIZE, steps=steps, seed=seed,
+                      policy=policy)
+    return result, vae
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("prompt", nargs="?", default="a red ball moving right over a checkerboard")
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT)
     parser.add_argument("--out", default="magi1_tiny_demo.mp4")
     parser.add_argument("--frames", type=int, default=48, help="video frames (24 per chunk)")
     parser.add_argument("--steps", type=int, default=STEPS)
@@ -47,15 +62,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     began = time.perf_counter()
-    dit, vae, encoder = load_tiny_dit(), load_tiny_vae(), load_tiny_text_encoder()
-    states, mask = encoder.encode(args.prompt)
-    chunks = VideoLayout.plan(args.frames, SIZE, SIZE).chunk_num
-    caption, caption_mask = chunk_captions(states, mask, chunks, tiny_special_tokens(),
-                                           length=dit.config.caption_max_length)
-    overrides = {"mode": args.mode} if args.tau is None else {"mode": args.mode, "tau": args.tau}
-    policy = CachePolicy.preset(args.preset, **overrides)
-    result = generate(dit, caption, caption_mask, frames=args.frames, height=SIZE, width=SIZE, steps=args.steps,
-                      seed=args.seed, policy=policy)
+    result, vae = sample(args.prompt, frames=args.frames, steps=args.steps, seed=args.seed, mode=args.mode,
+                         preset=args.preset, tau=args.tau)
     video = vae.decode(result.latent)
     write_mp4(video, args.out)
     print(result.stats.summary())
