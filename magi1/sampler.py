@@ -24,6 +24,7 @@ rows are copied from the official one), and ``uncond`` one chunk-sized cache per
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -73,6 +74,12 @@ class Guidance:
             raise ValueError(f"t_range must be ascending and start at 0, got {list(self.t_range)}")
         if not 0.0 <= self.near_clean_context_scale <= 1.0:
             raise ValueError(f"near_clean_context_scale must be in [0, 1], got {self.near_clean_context_scale}")
+
+    def with_text_scale(self, scale):
+        """A copy whose text scale is ``scale`` wherever the release guides by text (its 7.5 entries;
+        the nearly-clean ranges stay unguided)."""
+        text_scales = tuple(float(scale) if s else 0.0 for s in self.text_scales)
+        return dataclasses.replace(self, text_scales=text_scales)
 
     def scales(self, t):
         """``(s_prev, s_text)`` for a chunk at time ``t`` (a float32 value), as the official lookup."""
