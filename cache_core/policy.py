@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .checks import check_choice, check_int, check_number
 from .state import CacheState
 from .weights import COMBINE_MODES, check_window
 
@@ -62,23 +63,22 @@ class CachePolicy:
     rescale_reused_velocity: bool = True
 
     def __post_init__(self):
-        _choice("mode", self.mode, MODES)
-        _number("tau", self.tau, low=0.0)
+        check_choice("mode", self.mode, MODES)
+        check_number("tau", self.tau, low=0.0)
         if self.chunk_tau is not None:
-            _number("chunk_tau", self.chunk_tau, low=0.0)
-        _integer("warmup_steps", self.warmup_steps, low=0)
-        _integer("chunk_wise_steps", self.chunk_wise_steps, low=0)
-        _integer("final_full_steps", self.final_full_steps, low=0)
-        _number("motion_floor", self.motion_floor, low=0.0, high=1.0)
-        _number("motion_power", self.motion_power, low=0.0, low_open=True)
-        _number("detail_alpha", self.detail_alpha, low=0.0, high=1.0)
+            check_number("chunk_tau", self.chunk_tau, low=0.0)
+        for name in ("warmup_steps", "chunk_wise_steps", "final_full_steps"):
+            check_int(name, getattr(self, name), low=0)
+        check_number("motion_floor", self.motion_floor, low=0.0, high=1.0)
+        check_number("motion_power", self.motion_power, low=0.0, low_open=True)
+        check_number("detail_alpha", self.detail_alpha, low=0.0, high=1.0)
         check_window("detail_window_size", self.detail_window_size, math.inf, math.inf)
-        _number("detail_lambda", self.detail_lambda, low=0.0, high=1.0)
-        _choice("weight_combine_mode", self.weight_combine_mode, COMBINE_MODES)
-        _choice("proxy", self.proxy, PROXIES)
+        check_number("detail_lambda", self.detail_lambda, low=0.0, high=1.0)
+        check_choice("weight_combine_mode", self.weight_combine_mode, COMBINE_MODES)
+        check_choice("proxy", self.proxy, PROXIES)
         if self.max_reuse is not None:
-            _integer("max_reuse", self.max_reuse, low=1, none_hint=True)
-        _number("min_active_ratio", self.min_active_ratio, low=0.0, high=1.0)
+            check_int("max_reuse", self.max_reuse, low=1, hint=" (use None for no cap)")
+        check_number("min_active_ratio", self.min_active_ratio, low=0.0, high=1.0)
         if not isinstance(self.rescale_reused_velocity, bool):
             raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
 
@@ -144,25 +144,3 @@ class CachePolicy:
         if name == "default":
             return cls(**overrides)
         raise ValueError(f"preset must be one of ('off', 'default', 'slow', 'fast'), got {name!r}")
-
-
-def _choice(name, value, allowed):
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-
-
-def _number(name, value, *, low=None, high=None, low_open=False):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if low is not None and (value <= low if low_open else value < low):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, got {value!r}")
-
-
-def _integer(name, value, *, low, none_hint=False):
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low:
-        hint = " (use None for no cap)" if none_hint else ""
-        raise ValueError(f"{name} must be >= {low}{hint}, got {value}")

@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checks import check_number
+
 COMBINE_MODES = ("max", "product", "blend")
 
 # A frame counts as constant (all weights 1) when its spread is within float32 round-off: below
@@ -32,8 +34,7 @@ def motion_weights(latent, prev_frame=None, *, patch=(2, 2), floor=0.6, power=1.
     """
     ph, pw = _check_latent(latent, patch)
     _check_unit_interval("floor", floor)
-    if isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power) or power <= 0:
-        raise ValueError(f"power must be a finite number > 0, got {power!r}")
+    check_number("power", power, low=0.0, low_open=True)
     if prev_frame is not None:
         if not isinstance(prev_frame, torch.Tensor) or prev_frame.dim() != 3:
             raise ValueError(
@@ -132,10 +133,8 @@ def _normalise_per_frame(values, noise):
 
 
 def check_window(name, window, height, width):
-    if isinstance(window, bool) or not isinstance(window, int):
-        raise ValueError(f"{name} must be an odd integer >= 1, got {window!r}")
-    if window < 1 or window % 2 == 0:
-        raise ValueError(f"{name} must be odd and >= 1 (e.g. 3 or 5), got {window}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"{name} must be an odd positive integer (e.g. 3 or 5), got {window!r}")
     if window > min(height, width):
         raise ValueError(
             f"{name}={window} is larger than the latent frame ({height}x{width}); use at most {min(height, width)}"
@@ -172,8 +171,7 @@ def _check_latent(latent, patch):
 
 
 def _check_unit_interval(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    check_number(name, value, low=0.0, high=1.0)
 
 
 def _check_finite(name, tensor):

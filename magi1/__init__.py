@@ -6,13 +6,16 @@ from .flops import FlopCount, flops
 from .kv_cache import KVCache
 from .loader import build_dit, load_dit, random_dit
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
-from .sampler import Guidance, SampleResult, SamplingInterrupted, StepProgress, VideoLayout, generate
+from .guidance import Guidance
+from .layout import VideoLayout
+from .reuse_contract import ReuseDecision, ReusePolicy, ReuseState
+from .sampler import SampleResult, SamplingInterrupted, StepProgress, generate
 from .text import SpecialTokens, chunk_captions, find_special_tokens, null_caption, prepare_prompt
 from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
     "LATENT_SCALE", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "MagiDiT", "MagiVAE", "MaskRecorder",
-    "ModelConfig", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
+    "ModelConfig", "ReuseDecision", "ReusePolicy", "ReuseState", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
     "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
     "flops", "generate", "load_dit", "load_vae", "null_caption", "prepare_prompt", "random_dit", "random_vae",
 ]

@@ -103,11 +103,13 @@ class MaskRecorder:
         self._frames.append(torch.full((self.chunk_num * self.grid_h, self.chunk_width * self.grid_w), IDLE))
 
     def record(self, chunk, action, active=None):
-        """``active``: bool ``[tokens]`` of a sparse decision (ignored otherwise)."""
+        """``active``: the computed token indices of a sparse decision (ignored otherwise)."""
         frame = self._frames[-1]
         rows = slice(chunk * self.grid_h, (chunk + 1) * self.grid_h)
         if action == "sparse":
-            mask = active.detach().to("cpu", torch.float32).view(self.chunk_width, self.grid_h, self.grid_w)
+            mask = torch.zeros(self.chunk_width * self.grid_h * self.grid_w)
+            mask[active.detach().cpu()] = COMPUTED
+            mask = mask.view(self.chunk_width, self.grid_h, self.grid_w)
             frame[rows] = mask.permute(1, 0, 2).reshape(self.grid_h, self.chunk_width * self.grid_w)
         else:
             frame[rows] = COMPUTED if action == "dense" else REUSED

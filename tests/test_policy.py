@@ -34,28 +34,28 @@ def test_policy_is_frozen_and_hashable():
     "changes,match",
     [
         (dict(mode="fast"), r"mode must be one of \('off', 'teacache', 'flowcache', 'motion', 'motion_detail'\)"),
-        (dict(tau=-0.1), "tau must be >= 0"),
+        (dict(tau=-0.1), "tau must be a finite number >= 0"),
         (dict(tau=math.inf), "tau must be a finite number"),
         (dict(tau="0.1"), "tau must be a finite number"),
-        (dict(chunk_tau=-1.0), "chunk_tau must be >= 0"),
-        (dict(warmup_steps=-1), "warmup_steps must be >= 0"),
+        (dict(chunk_tau=-1.0), "chunk_tau must be a finite number >= 0"),
+        (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
         (dict(warmup_steps=2.5), "warmup_steps must be an integer"),
         (dict(warmup_steps=True), "warmup_steps must be an integer"),
-        (dict(chunk_wise_steps=-3), "chunk_wise_steps must be >= 0"),
-        (dict(final_full_steps=-1), "final_full_steps must be >= 0"),
-        (dict(motion_floor=1.2), "motion_floor must be <= 1"),
-        (dict(motion_floor=-0.2), "motion_floor must be >= 0"),
-        (dict(motion_power=0.0), "motion_power must be > 0"),
-        (dict(detail_alpha=2.0), "detail_alpha must be <= 1"),
-        (dict(detail_window_size=4), "detail_window_size must be odd"),
-        (dict(detail_window_size=0), "detail_window_size must be odd and >= 1"),
-        (dict(detail_window_size=3.0), "detail_window_size must be an odd integer"),
-        (dict(detail_lambda=-0.5), "detail_lambda must be >= 0"),
+        (dict(chunk_wise_steps=-3), "chunk_wise_steps must be an integer >= 0"),
+        (dict(final_full_steps=-1), "final_full_steps must be an integer >= 0"),
+        (dict(motion_floor=1.2), "motion_floor must be a finite number in \\[0, 1\\]"),
+        (dict(motion_floor=-0.2), "motion_floor must be a finite number in \\[0, 1\\]"),
+        (dict(motion_power=0.0), "motion_power must be a finite number > 0"),
+        (dict(detail_alpha=2.0), "detail_alpha must be a finite number in \\[0, 1\\]"),
+        (dict(detail_window_size=4), "detail_window_size must be an odd positive integer"),
+        (dict(detail_window_size=0), "detail_window_size must be an odd positive integer"),
+        (dict(detail_window_size=3.0), "detail_window_size must be an odd positive integer"),
+        (dict(detail_lambda=-0.5), "detail_lambda must be a finite number in \\[0, 1\\]"),
         (dict(weight_combine_mode="sum"), r"weight_combine_mode must be one of \('max', 'product', 'blend'\)"),
         (dict(proxy="velocity"), r"proxy must be one of \('latent', 'denoised'\)"),
-        (dict(max_reuse=0), r"max_reuse must be >= 1 \(use None for no cap\)"),
-        (dict(max_reuse=1.5), "max_reuse must be an integer"),
-        (dict(min_active_ratio=1.5), "min_active_ratio must be <= 1"),
+        (dict(max_reuse=0), r"max_reuse must be a positive integer \(use None for no cap\)"),
+        (dict(max_reuse=1.5), "max_reuse must be a positive integer"),
+        (dict(min_active_ratio=1.5), "min_active_ratio must be a finite number in \\[0, 1\\]"),
         (dict(rescale_reused_velocity=1), "rescale_reused_velocity must be True or False"),
     ],
 )
@@ -75,7 +75,7 @@ def test_presets_are_named_constructors_with_overrides():
     assert CachePolicy.preset("off").mode == "off" and CachePolicy.preset("default") == CachePolicy()
     with pytest.raises(ValueError, match="preset must be one of"):
         CachePolicy.preset("turbo")
-    with pytest.raises(ValueError, match="tau must be >= 0"):
+    with pytest.raises(ValueError, match="tau must be a finite number >= 0"):
         CachePolicy.fast(tau=-1.0)
 
 

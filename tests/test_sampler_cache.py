@@ -11,7 +11,7 @@ import torch
 
 import cache_core.state as cache_state
 from cache_core import CachePolicy
-from cache_core.state import Decision
+from cache_core import Decision
 from magi1 import KVCache, distill_dt, flops
 from magi1.sampler import Guidance, SamplingInterrupted, VideoLayout, generate
 from magi1.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
@@ -132,7 +132,7 @@ def test_a_threshold_changes_the_result_and_saves_work(runs):
 
 @pytest.fixture
 def all_active_sparse(monkeypatch):
-    """Every dense decision of a chunk with a cached velocity becomes a sparse one listing every token."""
+    """Every dense decision of a chunk with a cached velocity lists every token, so the DiT takes its sparse path."""
     original = cache_state.CacheState.decide
     converted = []
 
@@ -142,8 +142,7 @@ def all_active_sparse(monkeypatch):
             memory = self._chunks[d.chunk_id]
             if d.action == "dense" and memory.velocity is not None:
                 n = d.n_tokens
-                d = Decision(d.chunk_id, d.step, d.phase, "sparse", n, n, torch.ones(n, dtype=torch.bool),
-                             torch.arange(n))
+                d = Decision(d.chunk_id, d.step, d.phase, n, n, torch.arange(n))  # the sparse path, all tokens
                 memory.pending = d
                 converted.append(d)
             out.append(d)

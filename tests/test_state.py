@@ -33,14 +33,14 @@ def run(policy, num_steps, deltas, *, latent=LATENT, dt=0.1):
         (decision,) = state.decide([ChunkStep(0, k, feats[k])])
         fresh = torch.full(latent.shape, float(k + 1))
         velocities.append(state.velocity(decision, fresh, dt))
-        state.observe(0, k, latent)
+        state.observe([(0, k, latent)])
         decisions.append(decision)
     return decisions, velocities
 
 
 def summary(decisions):
     return [
-        (d.phase, d.action, d.active_indices.tolist() if d.action == "sparse" else d.n_active) for d in decisions
+        (d.phase, d.action, d.active.tolist() if d.action == "sparse" else d.n_active) for d in decisions
     ]
 
 
@@ -53,7 +53,7 @@ def token_policy(**changes):
 def test_observed_weights_are_the_hand_computed_ones():
     state = token_policy().new_state(num_steps=4, chunk_shape=SHAPE)
     state.decide([ChunkStep(0, 0, torch.ones(3))])
-    state.observe(0, 0, LATENT)
+    state.observe([(0, 0, LATENT)])
     torch.testing.assert_close(state._chunks[0].weights, torch.tensor(WEIGHTS))
 
 
@@ -94,7 +94,7 @@ def test_token_accumulators_cross_tau_and_reset_where_recomputed():
     ]
     sparse = decisions[3]
     assert sparse.n_active == 4 and sparse.n_tokens == 6 and sparse.active_fraction == pytest.approx(4 / 6)
-    assert sparse.active.tolist() == [True, True, True, False, False, True]
+    assert sparse.active.tolist() == [0, 1, 2, 5] and sparse.active.dtype == torch.int64
 
 
 def test_max_reuse_forces_a_refresh():
@@ -188,7 +188,7 @@ def test_each_chunk_follows_its_own_counter_and_memory():
                   if 0 <= global_step - 2 * c < 7]
         for d in state.decide(window):
             state.velocity(d, torch.zeros(SHAPE), 0.1)
-            state.observe(d.chunk_id, d.step, LATENT)
+            state.observe([(d.chunk_id, d.step, LATENT)])
             per_chunk[d.chunk_id].append(d)
     assert summary(per_chunk[0]) == summary(alone)
     assert summary(per_chunk[1]) == summary(alone)
@@ -225,7 +225,7 @@ def test_released_displacement_reuse_replays_the_old_step():
     feats = features([0.1, 0.1])
     (d0,) = state.decide([ChunkStep(0, 0, feats[0])])
     assert torch.equal(state.velocity(d0, torch.full(SHAPE, 2.0), 0.1), torch.full(SHAPE, 2.0))
-    state.observe(0, 0, LATENT)
+    state.observe([(0, 0, LATENT)])
     (d1,) = state.decide([ChunkStep(0, 1, feats[1])])
     assert d1.action == "skip"
     v1 = state.velocity(d1, None, 0.125)
@@ -236,13 +236,15 @@ def test_released_displacement_reuse_replays_the_old_step():
 def test_mode_off_never_reuses_and_needs_no_feature():
     policy = CachePolicy(proxy="latent", mode="off", tau=1e9)
     state = policy.new_state(num_steps=6, chunk_shape=SHAPE)
+    decisions = []
     for k in range(6):
         (d,) = state.decide([ChunkStep(0, k)])
         v = torch.randn(SHAPE)
         assert d.action == "dense" and d.phase == "off"
         assert state.velocity(d, v, 0.1) is v
-        state.observe(0, k, LATENT)
-    assert all(r.action == "dense" for r in state.records)
+        state.observe([(0, k, LATENT)])
+        decisions.append(d)
+    assert all(r.action == "dense" for r in decisions)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -259,16 +261,16 @@ def random_run(policy, seed, *, chunks=3, num_steps=12, shape=(4, 2, 6, 8)):
         window = [(c, global_step - 4 * c) for c in range(chunks) if 0 <= global_step - 4 * c < num_steps]
         feats = {c: torch.randn(shape, generator=g) * 0.01 + latents[c] for c, _ in window}
         step_decisions = state.decide([ChunkStep(c, k, feats[c]) for c, k in window])
+        observed = []
         for d in step_decisions:
             fresh = torch.randn(shape, generator=g)
             v = state.velocity(d, fresh if d.action != "skip" else None, 0.05)
             if d.action == "dense":
                 assert v is fresh
             latents[d.chunk_id] = latents[d.chunk_id] + 0.05 * v
-            prev = state.proxy_tail(d.chunk_id - 1)
-            state.observe(d.chunk_id, d.step, latents[d.chunk_id], v, 0.05 * (d.step + 1), prev)
-            if d.step == num_steps - 1:
-                state.release(d.chunk_id)
+            observed.append((d.chunk_id, d.step, latents[d.chunk_id], v, 0.05 * (d.step + 1)))
+        state.observe(observed)  # chunks that took their last step are forgotten
+        assert all(d.chunk_id not in state._chunks for d in step_decisions if d.step == num_steps - 1)
         decisions += step_decisions
     return decisions
 
@@ -314,7 +316,8 @@ def test_sparse_decisions_are_consistent():
     assert sparse, "this configuration must produce sparse steps"
     for d in sparse:
         assert 0 < d.n_active < d.n_tokens
-        assert torch.equal(d.active_indices, torch.nonzero(d.active).squeeze(1))
+        assert d.active.dtype == torch.int64 and d.active.numel() == d.n_active
+        assert torch.equal(d.active, torch.unique(d.active))  # ascending, each token once
 
 
 def test_two_runs_from_one_policy_share_no_state():
@@ -373,13 +376,12 @@ def test_observed_weights_match_the_public_functions(proxy, combine):
     x, v, prev = torch.randn(shape, generator=g), torch.randn(shape, generator=g), torch.randn(4, 6, 10, generator=g)
     (d,) = state.decide([ChunkStep(0, 0, x)])
     state.velocity(d, v, 0.1)
-    state.observe(0, 0, x, v, 0.25, prev)
+    state.observe([(0, 0, x, v, 0.25)], prev)
     signal = x if proxy == "latent" else x + 0.75 * v
     expected = combine_weights(
         motion_weights(signal, prev, floor=0.3, power=2.0), detail_weights(signal, window=5, floor=0.2), combine, 0.25
     )
     torch.testing.assert_close(state._chunks[0].weights, expected.reshape(-1))
-    torch.testing.assert_close(state.proxy_tail(0), signal[:, -1])
 
 
 def test_weights_are_only_computed_when_the_next_step_reads_them():
@@ -388,7 +390,7 @@ def test_weights_are_only_computed_when_the_next_step_reads_them():
     for k in range(3):
         (d,) = state.decide([ChunkStep(0, k, torch.ones(2) * (k + 1))])
         state.velocity(d, torch.zeros(SHAPE), 0.1)
-        state.observe(0, k, LATENT)
+        state.observe([(0, k, LATENT)])
         assert (state._chunks[0].weights is None) == (k < 2)
 
 
@@ -436,13 +438,14 @@ def test_at_most_one_host_sync_per_window_step(mode):
         with SyncCounter() as counter:
             decisions = state.decide(window)
         assert counter.count <= 1
-        for d in decisions:
-            fresh = torch.randn(shape, generator=g)
-            with SyncCounter() as counter:
-                v = state.velocity(d, fresh, 0.1)
+        observed = []
+        with SyncCounter() as counter:
+            for d in decisions:
+                v = state.velocity(d, torch.randn(shape, generator=g), 0.1)
                 latents[d.chunk_id] = latents[d.chunk_id] + 0.1 * v
-                state.observe(d.chunk_id, k, latents[d.chunk_id], v, 0.1 * (k + 1), state.proxy_tail(d.chunk_id - 1))
-            assert counter.count == 0
+                observed.append((d.chunk_id, k, latents[d.chunk_id], v, 0.1 * (k + 1)))
+            state.observe(observed)
+        assert counter.count == 0
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -492,13 +495,13 @@ def test_protocol_errors():
     with pytest.raises(ValueError, match="feature shape changed between steps"):
         state.decide([ChunkStep(0, 1, torch.ones(5))])
     with pytest.raises(RuntimeError, match="observe\\(\\) for chunk 7, which decide\\(\\) has not seen"):
-        state.observe(7, 0, LATENT)
+        state.observe([(7, 0, LATENT)])
     with pytest.raises(ValueError, match="a chunk appears twice"):
         state.decide([ChunkStep(1, 0, torch.ones(4)), ChunkStep(1, 0, torch.ones(4))])
     state = token_policy(proxy="denoised").new_state(num_steps=4, chunk_shape=SHAPE)
     state.velocity(state.decide([ChunkStep(0, 0, torch.ones(4))])[0], torch.zeros(SHAPE), 0.1)
     with pytest.raises(ValueError, match='proxy="denoised" needs the velocity'):
-        state.observe(0, 0, LATENT)
+        state.observe([(0, 0, LATENT)])
 
 
 def test_a_rejected_call_leaves_the_state_unchanged():
@@ -527,13 +530,15 @@ def test_plain_tuples_drive_a_state_like_chunk_steps():
     feats = features([0.1, 0.1, 0.9])
     shape = tuple(LATENT.shape)
     with_steps, with_tuples = (policy.new_state(num_steps=6, chunk_shape=shape) for _ in range(2))
+    actions = []
     for k in range(4):
         (a,) = with_steps.decide([ChunkStep(0, k, feats[k])])
         (b,) = with_tuples.decide([(0, k, feats[k])])
         assert (a.action, a.phase) == (b.action, b.phase)
         for state, d in ((with_steps, a), (with_tuples, b)):
             state.velocity(d, None if d.action == "skip" else torch.ones(shape), 0.1)
-    assert [r.action for r in with_tuples.records] == ["dense", "skip", "skip", "dense"]
+        actions.append(b.action)
+    assert actions == ["dense", "skip", "skip", "dense"]
 
 
 @pytest.mark.parametrize("proxy", ["latent", "denoised"])
@@ -549,12 +554,12 @@ def test_observing_a_window_at_once_equals_chunk_by_chunk(proxy, mode):
     for state in states:
         state.decide([ChunkStep(c, c - 3, torch.ones(2)) for c in (3, 4, 5)])
     one, window = states
+    proxies = [x if proxy == "latent" else x + 0.6 * v for x, v in zip(latents, velocities)]
     for i, c in enumerate((3, 4, 5)):
-        one.observe(c, c - 3, latents[i], velocities[i], 0.4, prev if i == 0 else one.proxy_tail(c - 1))
-    window.observe_window([(c, c - 3, latents[i], velocities[i], 0.4) for i, c in enumerate((3, 4, 5))], prev)
+        one.observe([(c, c - 3, latents[i], velocities[i], 0.4)], prev if i == 0 else proxies[i - 1][:, -1])
+    window.observe([(c, c - 3, latents[i], velocities[i], 0.4) for i, c in enumerate((3, 4, 5))], prev)
     for c in (3, 4, 5):
         a, b = one._chunks[c], window._chunks[c]
         assert a.weights is not None and torch.allclose(a.weights, b.weights, rtol=0, atol=1e-6)
-        assert torch.equal(a.proxy_tail, b.proxy_tail)
     with pytest.raises(ValueError, match="consecutive"):
-        window.observe_window([(3, 0, latents[0], None, None), (5, 2, latents[2], None, None)])
+        window.observe([(3, 0, latents[0], None, None), (5, 2, latents[2], None, None)])

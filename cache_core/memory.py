@@ -1,0 +1,61 @@
+"""What a cache state remembers of one chunk between its steps, and how a reused velocity is made
+from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .decision import Decision
+
+
+@dataclass
+class ChunkMemory:
+    prev_feature: Optional[torch.Tensor] = None
+    chunk_acc: Optional[torch.Tensor] = None  # scalar float32: accumulated Δ since the last compute
+    chunk_reuses: int = 0  # consecutive whole-chunk reuses
+    token_acc: Optional[torch.Tensor] = None  # [N] float32: accumulated W·Δ since each token's last compute
+    token_reuses: Optional[torch.Tensor] = None  # [N] int32: consecutive reuses of each token
+    velocity: Optional[torch.Tensor] = None  # [C, T, H, W]: each pixel's last computed velocity
+    velocity_dt: Optional[torch.Tensor] = None  # [N]: step size each token's velocity was computed at (released mode)
+    weights: Optional[torch.Tensor] = None  # [N] float32: token weights for the next decision
+    pending: Optional[Decision] = field(default=None, repr=False)  # decided, velocity not yet handed back
+    pending_mask: Optional[torch.Tensor] = field(default=None, repr=False)  # bool [N] of a pending sparse decision
+
+    def start_token_phase(self, n_tokens, device):
+        """First token-wise step: zero accumulators; reuse counts carry over from the chunk-wise phase."""
+        if self.token_acc is None:
+            self.token_acc = torch.zeros(n_tokens, device=device)
+            self.token_reuses = torch.full((n_tokens,), self.chunk_reuses, dtype=torch.int32, device=device)
+
+
+class VelocityReuse:
+    """Fresh velocities where computed, remembered ones where reused, for chunks of ``token_grid``
+    tokens of ``patch`` latent pixels."""
+
+    def __init__(self, token_grid, patch, rescale):
+        self.token_grid, self.patch, self.rescale = token_grid, patch, rescale
+        self.n_tokens = token_grid[0] * token_grid[1] * token_grid[2]
+
+    def __call__(self, mem, action, velocity, dt):
+        if action == "dense":
+            mem.velocity = velocity.detach()
+            if not self.rescale:
+                mem.velocity_dt = torch.full((self.n_tokens,), dt, device=velocity.device)
+            return velocity
+        if action == "sparse":
+            mem.velocity = torch.where(self._to_pixels(mem.pending_mask), velocity.detach(), mem.velocity)
+            if not self.rescale:
+                mem.velocity_dt = torch.where(mem.pending_mask, dt, mem.velocity_dt)
+        if self.rescale:
+            return mem.velocity
+        # Released behaviour: each token re-applies the displacement v·dt of the step it was computed at.
+        return mem.velocity * (self._to_pixels(mem.velocity_dt) / dt)
+
+    def _to_pixels(self, token_values):
+        """[N] per-token values → [1, T, H, W] per latent pixel (broadcasts over channels)."""
+        ph, pw = self.patch
+        grid = token_values.view(self.token_grid)
+        return grid.repeat_interleave(ph, dim=1).repeat_interleave(pw, dim=2).unsqueeze(0)

@@ -1,0 +1,154 @@
+"""How one window step becomes decisions: each chunk's phase and change (Δ), the reuse accumulators
+that would result, every number the host needs gathered for one sync, then the decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .decision import ChunkStep, Decision
+from .memory import ChunkMemory
+
+
+class Delta(NamedTuple):
+    value: torch.Tensor  # Σ|f − f_prev| / (Σ|f_prev| + 1e-8), as means
+    num: torch.Tensor
+    den: torch.Tensor
+
+
+@dataclass
+class Plan:
+    """One chunk of the window while its decision is being made."""
+
+    cs: ChunkStep
+    mem: ChunkMemory
+    phase: str
+    delta: Optional[Delta]
+    cand: Optional[torch.Tensor] = None  # accumulator value if reused
+    active: Optional[torch.Tensor] = None  # token phase: bool [N]
+    slot: int = 0  # where this plan's numbers sit in the synced list
+    finite_slot: Optional[int] = None  # where the finiteness flag of its Δ sits, if one was synced
+
+
+class HostSync:
+    """Device scalars queued for one ``.tolist()``: the only host sync of a window step."""
+
+    def __init__(self):
+        self._values = []
+
+    def add(self, *values):
+        """Queue scalars; returns the slot of the first."""
+        slot = len(self._values)
+        self._values += [v.float() for v in values]
+        return slot
+
+    def read(self):
+        return torch.stack(self._values).tolist() if self._values else []
+
+
+def relative_change(mem, feature):
+    """Relative L1 change of the feature since the chunk's previous step (None on its first); the
+    feature is remembered for the next step."""
+    feature = feature.detach()
+    prev, mem.prev_feature = mem.prev_feature, feature
+    if prev is None:
+        return None
+    num = (feature.float() - prev.float()).abs().mean()
+    den = prev.float().abs().mean()
+    return Delta(num / (den + 1e-8), num, den)
+
+
+def plan_chunk(policy, mem, cs, num_steps):
+    """The chunk's phase at this step, demoted where nothing can be reused yet or reuse is capped."""
+    delta = relative_change(mem, cs.feature) if policy.enabled else None
+    phase = policy.phase(cs.step, num_steps)
+    if phase in ("window", "chunk", "token") and (delta is None or mem.velocity is None):
+        phase = "warmup"  # nothing to compare against or to reuse yet
+    if phase in ("window", "chunk") and policy.max_reuse is not None and mem.chunk_reuses >= policy.max_reuse:
+        phase = "forced"  # max_reuse reached: this chunk must be computed
+    return Plan(cs, mem, phase, delta)
+
+
+def queue_window(policy, plans, window_acc, sync):
+    """TeaCache: one accumulator over the whole window. Returns ``(accumulator if reused, slot)``."""
+    delta = sum(p.delta.num for p in plans) / (sum(p.delta.den for p in plans) + 1e-8)
+    acc = delta if window_acc is None else window_acc + delta
+    slot = sync.add(acc < policy.chunk_threshold, torch.isfinite(delta))
+    for plan in plans:
+        plan.finite_slot = slot + 1
+    return acc, slot
+
+
+def queue_chunk(policy, plan):
+    """Whole-chunk reuse: the chunk's accumulator if it is reused this step."""
+    delta = plan.delta.value
+    plan.cand = delta if plan.mem.chunk_acc is None else plan.mem.chunk_acc + delta
+    return plan.cand < policy.chunk_threshold, torch.isfinite(delta)
+
+
+def queue_token(policy, plan, n_tokens):
+    """Token-wise reuse: every token's accumulator and which tokens reach τ (or the reuse cap)."""
+    delta = plan.delta.value
+    mem = plan.mem
+    mem.start_token_phase(n_tokens, delta.device)
+    weights = mem.weights if mem.weights is not None else 1.0
+    plan.cand = mem.token_acc + weights * delta
+    plan.active = plan.cand >= policy.tau
+    n_forced = delta.new_zeros(())
+    if policy.max_reuse is not None:
+        forced = mem.token_reuses >= policy.max_reuse
+        plan.active = plan.active | forced
+        n_forced = forced.sum().float()
+    return plan.active.sum().float(), n_forced, torch.isfinite(delta)
+
+
+def check_finite(plans, synced):
+    bad = [p.cs.chunk_id for p in plans if p.finite_slot is not None and synced[p.finite_slot] < 0.5]
+    if bad:
+        raise ValueError(f"non-finite values (NaN or Inf) in the change feature of chunk(s) {bad}; "
+                         "the latent diverged, so the cache cannot decide")
+
+
+def whole_chunk(plan, action, n_tokens):
+    """A dense or skip decision; the reuse counters follow it."""
+    cs, mem = plan.cs, plan.mem
+    if action == "skip":
+        mem.chunk_reuses += 1
+        if mem.token_reuses is not None:
+            mem.token_reuses += 1
+        nothing = torch.empty(0, dtype=torch.long, device=plan.delta.value.device)
+        return Decision(cs.chunk_id, cs.step, plan.phase, 0, n_tokens, nothing)
+    mem.chunk_reuses = 0
+    if mem.token_reuses is not None:
+        mem.token_reuses.zero_()
+    return Decision(cs.chunk_id, cs.step, plan.phase, n_tokens, n_tokens)
+
+
+def computed_whole(plan, n_tokens):
+    """off, warm-up, final and forced steps: computed, accumulators cleared."""
+    plan.mem.chunk_acc = None
+    if plan.mem.token_acc is not None:
+        plan.mem.token_acc.zero_()
+    return whole_chunk(plan, "dense", n_tokens)
+
+
+def token_decision(policy, plan, n_active, n_forced, n_tokens):
+    """The token phase's decision from the synced counts; accumulators reset where computed."""
+    cs, mem, cand, active = plan.cs, plan.mem, plan.cand, plan.active
+    mem.chunk_reuses = 0  # the chunk-wise counter only spans the chunk-wise phase
+    deferred = 0 < n_active < policy.min_active_ratio * n_tokens and n_forced == 0
+    if n_active == 0 or deferred:  # nothing (or too little) to compute: every token keeps accumulating
+        mem.token_acc = cand
+        mem.token_reuses += 1
+        nothing = torch.empty(0, dtype=torch.long, device=active.device)
+        return Decision(cs.chunk_id, cs.step, "token", 0, n_tokens, nothing)
+    mem.token_acc = torch.where(active, 0.0, cand)
+    mem.token_reuses = torch.where(active, 0, mem.token_reuses + 1)
+    if n_active == n_tokens:
+        return Decision(cs.chunk_id, cs.step, "token", n_tokens, n_tokens)
+    mem.pending_mask = active
+    # Active indices in ascending order without a second sync (n_active is already on the host).
+    indices = torch.argsort((~active).to(torch.uint8), stable=True)[:n_active]
+    return Decision(cs.chunk_id, cs.step, "token", n_active, n_tokens, indices)

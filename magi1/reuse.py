@@ -1,0 +1,75 @@
+"""Token reuse during sampling: the only code that talks to a cache policy (``reuse_contract``).
+
+It turns the policy state's decisions into the DiT's ``active`` argument, hands back the velocities
+to integrate with (fresh or reused), and shows the state the chunks after every step.
+"""
+
+from __future__ import annotations
+
+FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
+
+
+class NoReuse:
+    """Without a policy (or with one that is off): every token of every chunk is computed."""
+
+    decisions = None
+
+    def __init__(self, layout):
+        self.tokens = layout.tokens_per_chunk
+
+    def decide(self, chunks, chunk_steps, x_noisy):
+        return None
+
+    def active(self, decisions, chunks):
+        """Per chunk: the DiT's ``active`` entry (None: all) and the tokens computed."""
+        return [None] * chunks, [self.tokens] * chunks
+
+    def velocities(self, decisions, fresh, dts):
+        return fresh
+
+    def observe(self, chunks, chunk_steps, x_new, velocities, times_after, frame_before):
+        pass
+
+    def close(self):
+        pass
+
+
+class TokenReuse(NoReuse):
+    """A policy's per-run state driven through one generation of ``model``."""
+
+    def __init__(self, policy, model, layout, num_steps):
+        super().__init__(layout)
+        self.model, self.cw = model, layout.chunk_width
+        chunk_shape = (model.config.latent_channels, layout.chunk_width,
+                       layout.latent_height, layout.latent_width)
+        patch = (model.config.patch_size, model.config.patch_size)
+        self.state = policy.new_state(num_steps=num_steps, chunk_shape=chunk_shape, patch=patch)
+
+    def decide(self, chunks, chunk_steps, x_noisy):
+        """The decisions for the window's noisy chunks, from how much their input moved."""
+        features = self._change_features(x_noisy, len(chunks))
+        return self.state.decide(list(zip(chunks, chunk_steps, features)))
+
+    def active(self, decisions, chunks):
+        return [d.active for d in decisions], [d.n_active for d in decisions]
+
+    def velocities(self, decisions, fresh, dts):
+        return [self.state.velocity(d, v, dt) for d, v, dt in zip(decisions, fresh, dts)]
+
+    def observe(self, chunks, chunk_steps, x_new, velocities, times_after, frame_before):
+        cw = self.cw
+        self.state.observe([(c, s, x_new[:, j * cw:(j + 1) * cw], velocities[j], times_after[j])
+                            for j, (c, s) in enumerate(zip(chunks, chunk_steps))], frame_before)
+
+    def close(self):
+        self.state = None
+
+    def _change_features(self, x_noisy, chunks):
+        """Each noisy chunk's patch embedding in the model dtype (what the policy compares between
+        steps, as released): one convolution for a small window, chunk by chunk for a large one so
+        that the float32 intermediate stays chunk-sized."""
+        model, cw = self.model, self.cw
+        if self.tokens * chunks * model.config.hidden_size * 4 <= FEATURE_BATCH_BYTES:
+            embedded = model.patch_embedding(x_noisy[None])[0]
+            return [embedded[:, j * cw:(j + 1) * cw].to(model.dtype) for j in range(chunks)]
+        return [model.patch_embedding(x_noisy[None, :, j * cw:(j + 1) * cw])[0].to(model.dtype) for j in range(chunks)]
