@@ -142,7 +142,7 @@ def main(argv=None):
             inside[name].append(timer.seconds)
             stats[name] = result.stats
 
-    forward_steps = magi1.sampler.total_forward_steps(layout.chunk_num, args.steps, 4)
+    forward_steps = magi1.schedule.total_forward_steps(layout.chunk_num, args.steps, 4)
     off_wall, off_inside = statistics.median(wall["off"]), statistics.median(inside["off"])
     dense_step = off_inside / forward_steps
     off_outside = (off_wall - off_inside) / forward_steps

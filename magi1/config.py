@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from .checks import check_int, check_number
 
 _DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 
@@ -66,9 +67,7 @@ class ModelConfig:
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "kv_channels",
                      "num_query_groups", "patch_size", "t_patch_size", "in_channels", "out_channels",
                      "caption_channels", "caption_max_length"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model_config.{name} must be a positive integer, got {value!r}")
+            check_int(f"model_config.{name}", getattr(self, name), low=1)
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model_config.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -81,9 +80,7 @@ class ModelConfig:
         if self.half_channel_vae and self.in_channels % 2:
             raise ValueError(f"half_channel_vae needs an even in_channels, got {self.in_channels}")
         for name in ("layernorm_epsilon", "x_rescale_factor", "cond_hidden_ratio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"model_config.{name} must be a positive number, got {value!r}")
+            check_number(f"model_config.{name}", getattr(self, name), low=0.0, low_open=True)
 
     @property
     def head_dim(self):

@@ -88,8 +88,13 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
+        self.bands = nn.Parameter(self.default_bands(dim))  # the checkpoint's learned values replace these
+
+    @staticmethod
+    def default_bands(dim):
+        """The bands before training: ``10000 ** -(i / bands)``."""
         exponent = torch.arange(dim // 8, dtype=torch.float32) / (dim // 8)
-        self.bands = nn.Parameter(1.0 / 10000.0 ** exponent)  # the checkpoint's learned values replace these
+        return 1.0 / 10000.0 ** exponent
 
     def forward(self, first_frame, frames, height, width):
         """cos and sin ``(frames * height * width, 3 * bands)`` for frames ``first_frame ..`` of the video.

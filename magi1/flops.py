@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .checks import check_int
+
 
 @dataclass(frozen=True)
 class FlopCount:
@@ -38,8 +40,7 @@ def flops(config, *, query_tokens, key_tokens, caption_tokens=0, chunks=1):
     """
     for name, value in (("query_tokens", query_tokens), ("key_tokens", key_tokens),
                         ("caption_tokens", caption_tokens), ("chunks", chunks)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        check_int(name, value, low=0)
     D, L = config.hidden_size, config.num_layers
     q_width = config.num_attention_heads * config.head_dim
     kv_width = config.num_query_groups * config.head_dim

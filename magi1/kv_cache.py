@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from .checks import check_int
+
 
 class KVCache:
     """Preallocated per-layer buffers ``(capacity, kv_heads, head_dim)`` for keys and for values.
@@ -24,8 +26,7 @@ class KVCache:
                  offload=False):
         for name, value in (("num_layers", num_layers), ("capacity", capacity), ("kv_heads", kv_heads),
                             ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"KVCache {name} must be a positive integer, got {value!r}")
+            check_int(f"KVCache {name}", value, low=1)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.capacity = capacity

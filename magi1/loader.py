@@ -7,10 +7,10 @@ import os
 import re
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .config import ModelConfig
 from .dit import MagiDiT, RotaryEmbedding, ZeroCenteredLayerNorm
+from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
 
 # The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
 # tensors have one of these shapes gets the matching settings that tensors cannot show (x rescale,
@@ -29,7 +29,6 @@ OFFICIAL_MODEL_CONFIGS["24B"] = dict(
 )
 CONFIG_METADATA_KEY = "magi1_model_config"  # optional JSON model_config in a checkpoint's metadata
 DISTILL_METADATA_KEY = "magi1_distill"  # optional "true" in a checkpoint's metadata
-_UNPICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def build_dit(model_config, *, device=None, dtype=None):
@@ -76,8 +75,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
     check_state_dict(model, shapes)
     targets = dict(model.state_dict(keep_vars=True))
     for file in files:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            part = {key: f.get_tensor(key).to(device=device, dtype=targets[key].dtype) for key in f.keys()}
+        part = read_tensors(file, device, lambda key: targets[key].dtype)
         model.load_state_dict(part, strict=False, assign=True)
         del part
     still_meta = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -91,28 +89,12 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
     return model
 
 
-def read_header(file):
-    """``(shapes, dtypes, metadata)`` of a safetensors file, without reading its tensors; a clear error
-    for a file that is not one (an interrupted download, say)."""
-    try:
-        with safe_open(file, framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            slices = {key: f.get_slice(key) for key in f.keys()}
-            return ({k: tuple(v.get_shape()) for k, v in slices.items()}, {k: v.get_dtype() for k, v in slices.items()},
-                    metadata)
-    except SafetensorError as error:
-        raise ValueError(f"{file} is not a readable .safetensors file ({error}); the download is probably incomplete "
-                         "or damaged: download it again") from error
-
-
 def checkpoint_files(path):
     """The safetensors files of the checkpoint at ``path`` (see ``load_dit``)."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no MAGI-1 checkpoint at {path}")
-    if path.endswith(_UNPICKLED):
-        raise ValueError(f"{os.path.basename(path)} is a pickle-based file; only .safetensors checkpoints are loaded "
-                         "(the official MAGI-1 weights are published as safetensors)")
+    refuse_pickle(path)
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         indexes = [n for n in names if n.endswith(".safetensors.index.json")]
@@ -205,24 +187,6 @@ def infer_config(shapes, metadata=None, dtypes=None):
     return ModelConfig(**values), None
 
 
-def check_state_dict(model, shapes, what="MAGI-1 DiT"):
-    """Raise a clear error unless ``shapes`` (key -> shape) are exactly the model's tensors."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != tuple(shapes[k]))
-    if missing or unexpected or wrong:
-        lines = [f"the checkpoint is not a {what} of the inferred architecture:"]
-        if missing:
-            lines.append(f"  {len(missing)} missing keys, first: {missing[:5]}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected keys, first: {unexpected[:5]}")
-        if wrong:
-            lines.append("  wrong shapes: " + ", ".join(f"{k} {tuple(shapes[k])} (expected {expected[k]})"
-                                                         for k in wrong[:5]))
-        raise ValueError("\n".join(lines))
-
-
 def random_dit(model_config, *, seed=0, device=None, dtype=None):
     """A DiT with random weights of sensible scale (for tests, benchmarks and training from scratch):
     matrices ~ N(0, 1/fan_in), biases ~ 0.1 N(0, 1), norm scales ~ 1 + 0.1 N(0, 1), the null caption
@@ -239,8 +203,7 @@ def random_dit(model_config, *, seed=0, device=None, dtype=None):
         noise = torch.randn(param.shape, generator=generator)
         if isinstance(module, RotaryEmbedding):
             dim = model.config.hidden_size // model.config.num_attention_heads
-            default = 1.0 / 10000.0 ** (torch.arange(dim // 8, dtype=torch.float32) / (dim // 8))
-            value = default * (1 + 0.1 * noise)
+            value = RotaryEmbedding.default_bands(dim) * (1 + 0.1 * noise)
         elif isinstance(module, (torch.nn.LayerNorm, ZeroCenteredLayerNorm)):
             one = leaf == "weight" and not getattr(module, "one_plus", False)
             value = float(one) + 0.1 * noise

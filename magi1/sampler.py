@@ -96,13 +96,8 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
 
     reusing = policy is not None and policy.enabled
     recorder = Recorder("off" if policy is None else policy.mode, model.config, captions, layout, record_masks)
-    call = DiTCall(model, captions, recorder, steps)
-    if guidance.passes == 1 or (guidance.passes is None and model.distill):
-        streams = SinglePass(guidance, model, layout, captions, call, reuse=reusing, kv_offload=kv_offload)
-    else:
-        streams = ThreePass(guidance, model, layout, captions, call, reuse=reusing,
-                            token_reuse=reusing and policy.uses_token_weights, kv_offload=kv_offload,
-                            window_size=window_size)
+    streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps),
+                                reusing and policy.uses_token_weights, reusing, kv_offload, window_size)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     reuse = TokenReuse(policy, model, layout, steps) if reusing else NoReuse(layout)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
@@ -188,6 +183,14 @@ class _Loop:
             return None
         frame = chunk * self.cw - 1
         return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
+
+
+def _guidance_streams(guidance, model, layout, captions, call, token_reuse, reuse, kv_offload, window_size):
+    """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise)."""
+    if guidance.passes == 1 or (guidance.passes is None and model.distill):
+        return SinglePass(guidance, model, layout, captions, call, reuse=reuse, kv_offload=kv_offload)
+    return ThreePass(guidance, model, layout, captions, call, reuse=reuse, token_reuse=token_reuse,
+                     kv_offload=kv_offload, window_size=window_size)
 
 
 def _check_steps(steps, window_size):

@@ -26,10 +26,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from torch import nn
 
 from .attention import BACKENDS, attend, resolve_backend
+from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
 
 LATENT_SCALE = 0.18215  # the pipeline multiplies encoded latents by this and divides before decoding
 SINGLE_FRAME_REPEAT = 4  # the release encodes a one-frame video as 4 copies of it and keeps latent 0
@@ -504,6 +504,7 @@ def vae_file(path):
         if len(names) != 1:
             raise ValueError(f"{path} holds {len(names)} .safetensors files; pass the VAE weights file itself")
         return os.path.join(path, names[0])
+    refuse_pickle(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"{os.path.basename(path)}: the VAE is loaded from .safetensors only (nothing is unpickled)")
     return path
@@ -516,8 +517,6 @@ def load_vae(path, *, device=None, dtype=None):
     metadata, else from the tensor shapes. ``dtype`` defaults to bfloat16 on CUDA (as released) and
     float32 elsewhere; norms and standardization always compute in float32.
     """
-    from .loader import check_state_dict, read_header  # shared with the DiT's loader
-
     file = vae_file(path)
     shapes, _, metadata = read_header(file)
     beside = os.path.join(os.path.dirname(file), "config.json")
@@ -533,8 +532,7 @@ def load_vae(path, *, device=None, dtype=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     vae = build_vae(config, device="meta", dtype=dtype)
     check_state_dict(vae, shapes, what="MAGI-1 VAE")
-    with safe_open(file, framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k).to(device=device, dtype=dtype) for k in f.keys()}
+    state = read_tensors(file, device, lambda key: dtype)
     vae.load_state_dict(state, strict=True, assign=True)
     return vae.eval().requires_grad_(False)
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 import magi1
-from magi1.loader import OFFICIAL_MODEL_CONFIGS, check_state_dict, checkpoint_files, infer_config
+from magi1.loader import OFFICIAL_MODEL_CONFIGS, checkpoint_files, infer_config
+from magi1.safetensors_io import check_state_dict
 
 RESEARCH = Path(__file__).resolve().parents[2] / "shared" / "research"
 needs_research = pytest.mark.skipif(not RESEARCH.is_dir(), reason="needs ../shared/research (official configs and keys)")

@@ -118,7 +118,7 @@ def test_flops_reject_bad_counts():
         (dict(hidden_size=60), "must be multiples of 8"),
         (dict(kv_channels=3), r"num_attention_heads \* kv_channels \(\d+\) must be multiples of 8"),
         (dict(half_channel_vae=True, in_channels=15), "half_channel_vae needs an even in_channels"),
-        (dict(x_rescale_factor=0), "x_rescale_factor must be a positive number"),
+        (dict(x_rescale_factor=0), "x_rescale_factor must be a finite number > 0"),
     ],
 )
 def test_config_validation(changes, match):

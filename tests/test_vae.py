@@ -202,7 +202,7 @@ def test_wrong_checkpoints_are_refused(official, tmp_path):
     with pytest.raises(ValueError, match=r"missing keys.*decoder\.blocks\.1\.mlp\.fc2\.bias"):
         load_vae(folder)
     (tmp_path / "vae.ckpt").write_bytes(b"not read")
-    with pytest.raises(ValueError, match="safetensors only"):
+    with pytest.raises(ValueError, match="only .safetensors"):
         load_vae(tmp_path / "vae.ckpt")
     with pytest.raises(FileNotFoundError):
         load_vae(tmp_path / "absent.safetensors")
