@@ -23,6 +23,7 @@ def time_grid(num_steps, shortcut_mode="8,16,16", shift=3.0):
     """The ``num_steps + 1`` times ``t_0 = 0 .. t_N = 1`` (float32): ``u**2`` warped by the SD3 shift.
 
     12 steps use the released shortcut spacing (per quarter: 1/8, 1/16, 1/16 of u; "16,16,8" reverses).
+    ``shifted_time`` is the same warp of a continuous ``u``, in the training's arithmetic.
     """
     if num_steps == 12:
         base = torch.linspace(0, 1, 5) / 4
@@ -33,6 +34,48 @@ def time_grid(num_steps, shortcut_mode="8,16,16", shift=3.0):
     s = u ** 2
     inv = 1.0 / shift
     return inv * s / (1 + (inv - 1) * s)
+
+
+def shifted_time(u, shift=3.0):
+    """The schedule's time for a continuous position ``u`` in [0, 1] of the step grid (tensor or float):
+    ``u**2`` warped by the SD3 shift, ``s / shift / (1 + (1 / shift - 1) s)`` with ``s = u**2``.
+
+    This is how the tiny model's training (``train/tiny.py``) warps the positions it draws anywhere in
+    [0, 1]; the weights were trained with exactly this arithmetic. It is ``time_grid``'s function, but
+    ``time_grid`` writes it ``(1 / shift) s / (1 + (1 / shift - 1) s)``: in float32 the two agree at the
+    grid points to two ulps (most points bit for bit, a few one ulp apart, rarely two), not exactly, so
+    neither replaces the other without changing the sampler's or the training's numbers.
+    """
+    s = u ** 2
+    return s / shift / (1 + (1 / shift - 1) * s)
+
+
+def unshifted_position(t, shift=3.0):
+    """The inverse of ``shifted_time``: the step-grid position ``u`` of a time ``t`` in [0, 1] (a tensor)."""
+    return torch.sqrt(shift * t / (1 + (shift - 1) * t))
+
+
+def kv_range_chunks(step, num_steps, noise2clean_kvrange=NOISE2CLEAN_KVRANGE,
+                    clean_chunk_kvrange=CLEAN_CHUNK_KVRANGE):
+    """How many chunks (itself included) a chunk attends to at its own step ``step`` of ``num_steps``:
+    ``clean_chunk_kvrange`` once clean (``step == num_steps``), else the range of its stage, the
+    ``noise2clean_kvrange`` entry of the ``len(noise2clean_kvrange)`` equal spans of steps it is in."""
+    if num_steps % len(noise2clean_kvrange):
+        raise ValueError(f"num_steps ({num_steps}) must be a multiple of the {len(noise2clean_kvrange)} "
+                         f"kv-range stages")
+    if not 0 <= step <= num_steps:
+        raise ValueError(f"step must be in [0, {num_steps}], got {step}")
+    if step == num_steps:
+        return clean_chunk_kvrange
+    return noise2clean_kvrange[step // (num_steps // len(noise2clean_kvrange))]
+
+
+def chunk_kv_range(chunk, step, num_steps, noise2clean_kvrange=NOISE2CLEAN_KVRANGE,
+                   clean_chunk_kvrange=CLEAN_CHUNK_KVRANGE):
+    """The chunks ``[first, chunk + 1)`` that chunk ``chunk`` attends to at its own step ``step``: itself
+    and the ``kv_range_chunks - 1`` before it (fewer at the start of the video)."""
+    width = kv_range_chunks(step, num_steps, noise2clean_kvrange, clean_chunk_kvrange)
+    return max(0, chunk + 1 - width), chunk + 1
 
 
 def step_intervals(num_steps, shortcut_mode="8,16,16"):
@@ -92,10 +135,6 @@ def window_step(step, *, chunk_num, num_steps, window_size, chunk_offset=0,
     refresh = start > chunk_offset and index == 0
     kv_steps = ((num_steps,) if refresh else ()) + steps
     first_chunk = start - 1 if refresh else start
-    per_kv_stage = num_steps // len(noise2clean_kvrange)
-    ranges = []
-    for j, s in enumerate(kv_steps):
-        width = clean_chunk_kvrange if s == num_steps else noise2clean_kvrange[s // per_kv_stage]
-        last = first_chunk + j + 1
-        ranges.append((max(0, last - width), last))
-    return WindowStep(start, end, steps, refresh, index, tuple(ranges))
+    ranges = tuple(chunk_kv_range(first_chunk + j, s, num_steps, noise2clean_kvrange, clean_chunk_kvrange)
+                   for j, s in enumerate(kv_steps))
+    return WindowStep(start, end, steps, refresh, index, ranges)

@@ -10,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACK_PACKAGES = ("cache_core", "magi1", "nodes")
+OFFLINE_PACKAGES = ("train",)  # repository tools the pack never imports (train/: the tiny model's training)
 COMFY_MODULES = ("comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server")
 
 
@@ -29,6 +30,22 @@ def imports(path):
             found += [(alias.name, 0) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
             found.append((node.module or "", node.level))
+    return found
+
+
+def resolved_imports(path):
+    """Every module a file imports, as an absolute dotted name (relative imports resolved against the
+    repository root, where the pack's folders are top level); ``from X import y`` gives X and X.y."""
+    package = list(path.relative_to(ROOT).parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join(base + ([node.module] if node.module else []))
+            found += [module] if module else []
+            found += [f"{module}.{alias.name}" if module else alias.name for alias in node.names]
     return found
 
 
@@ -59,7 +76,7 @@ assert magipack.cache_core.CachePolicy().mode == "motion_detail"
 
 
 def test_no_code_touches_sys_path():
-    for path in pack_sources() + sorted((ROOT / "bench").rglob("*.py")):
+    for path in pack_sources() + sorted((ROOT / "bench").rglob("*.py")) + sorted((ROOT / "train").rglob("*.py")):
         assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} mentions sys.path"
 
 
@@ -78,6 +95,39 @@ def test_cache_core_and_magi1_never_import_comfyui():
             else:  # relative imports stay inside their own top-level package (subpackages may climb to it)
                 depth = len(path.relative_to(ROOT).parts) - 1
                 assert level <= depth, f"{path.relative_to(ROOT)} reaches outside its package ({'.' * level}{module})"
+
+
+def test_the_pack_never_imports_the_offline_tools():
+    """Nothing the pack runs (its __init__, cache_core, magi1, nodes) imports train/, absolutely or relatively."""
+    for path in pack_sources():
+        for module in resolved_imports(path):
+            assert module.split(".")[0] not in OFFLINE_PACKAGES, f"{path.relative_to(ROOT)} imports {module}"
+
+
+def test_train_is_not_a_runtime_package():
+    """train/ stays outside the runtime: not a pack package, not installed, not loaded by importing the pack,
+    and it reaches the pack only through absolute imports (``from magi1... import``)."""
+    assert not set(OFFLINE_PACKAGES) & set(PACK_PACKAGES)
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"] == []
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("magipack", {str(ROOT / '__init__.py')!r},
+                                              submodule_search_locations=[{str(ROOT)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["magipack"] = pack
+spec.loader.exec_module(pack)
+import magipack.cache_core, magipack.magi1, magipack.magi1.tiny, magipack.magi1.tiny.text_encoder
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "train" or m.startswith("magipack.train"))
+assert not loaded, loaded
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for path in sorted((ROOT / "train").rglob("*.py")):
+        assert ast.get_docstring(ast.parse(path.read_text())), f"{path.relative_to(ROOT)} has no module docstring"
+        for module, level in imports(path):
+            if level:  # relative imports stay inside train/
+                assert module.split(".")[0] not in PACK_PACKAGES and level <= len(path.relative_to(ROOT).parts) - 1, \
+                    f"{path.relative_to(ROOT)} reaches outside train/ ({'.' * level}{module})"
 
 
 def test_cache_core_needs_only_torch_numpy_einops():

@@ -8,7 +8,9 @@ import os
 import pytest
 import torch
 
-from magi1.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
+from magi1.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, kv_range_chunks,
+                            shifted_time, step_intervals, time_grid, total_forward_steps, unshifted_position,
+                            window_step)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -33,6 +35,64 @@ def test_time_grid_matches_the_formula(num_steps):
 def test_stage_boundaries_of_64_steps_are_the_guidance_breakpoints():
     grid = time_grid(64)
     assert [round(float(grid[s]), 4) for s in (16, 32, 48)] == [0.0217, 0.1, 0.3]
+
+
+def grid_positions(num_steps):
+    """float32 u of ``time_grid``'s points (the shortcut spacing at 12 steps)."""
+    if num_steps == 12:
+        return torch.tensor([q / 4 + d for q in range(4) for d in (0, 1 / 8, 3 / 16)] + [1.0])
+    return torch.linspace(0, 1, num_steps + 1)
+
+
+def ulps(a, b):
+    """Distance in float32 units in the last place, elementwise (same-sign finite values)."""
+    return (a.view(torch.int32).long() - b.view(torch.int32).long()).abs()
+
+
+@pytest.mark.parametrize("num_steps", [4, 8, 12, 16, 24, 32, 48, 64])
+def test_shifted_time_is_the_grid_warp_within_two_ulps(num_steps):
+    """The training's warp of continuous u gives time_grid's times at the grid points, to float32 rounding
+    (its own arithmetic: not bit for bit, which is why both exist)."""
+    u = grid_positions(num_steps)
+    t = shifted_time(u)
+    assert t.dtype == torch.float32
+    assert int(ulps(t, time_grid(num_steps)).max()) <= 2
+    assert torch.allclose(t.double(), torch.tensor(reference_grid(num_steps), dtype=torch.float64), atol=1e-7)
+    assert torch.allclose(unshifted_position(t), u, atol=1e-6)
+    assert abs(shifted_time(0.5) - 0.25 / (3 - 2 * 0.25)) < 1e-12  # plain floats too
+
+
+def test_shifted_time_keeps_the_trained_numbers():
+    """Pins the arithmetic the tiny model was trained with: its stage bounds are time_grid(4) bit for bit,
+    and at 16 steps it rounds four points differently from time_grid."""
+    assert torch.equal(shifted_time(torch.arange(5) / 4), time_grid(4))
+    differ = (shifted_time(torch.linspace(0, 1, 17)) != time_grid(16)).nonzero().flatten().tolist()
+    assert differ == [5, 10, 11, 13]
+
+
+def test_kv_range_of_a_chunk_by_its_own_step():
+    assert [kv_range_chunks(s, 16) for s in range(17)] == [5] * 4 + [4] * 4 + [3] * 4 + [2] * 4 + [1]
+    assert [kv_range_chunks(s, 4) for s in range(5)] == list(NOISE2CLEAN_KVRANGE) + [CLEAN_CHUNK_KVRANGE]
+    assert kv_range_chunks(0, 4, noise2clean_kvrange=(9, 8)) == 9 and kv_range_chunks(4, 4, clean_chunk_kvrange=3) == 3
+    assert chunk_kv_range(6, 0, 4) == (2, 7) and chunk_kv_range(1, 0, 4) == (0, 2) and chunk_kv_range(3, 4, 4) == (3, 4)
+    with pytest.raises(ValueError, match="multiple of the 4 kv-range stages"):
+        kv_range_chunks(0, 6)
+    with pytest.raises(ValueError, match=r"step must be in \[0, 16\]"):
+        kv_range_chunks(17, 16)
+
+
+@pytest.mark.parametrize("num_steps,window_size,chunk_offset", [(8, 4, 0), (12, 4, 1), (16, 2, 0), (64, 4, 2)])
+def test_window_ranges_are_each_chunks_own_kv_range(num_steps, window_size, chunk_offset):
+    """Every key range of the window is the chunk's own: the clean refresh sees itself, a noisy chunk the
+    release's range of its step's stage, written out here from the constants."""
+    setup = dict(chunk_num=7, num_steps=num_steps, window_size=window_size, chunk_offset=chunk_offset)
+    for step in range(total_forward_steps(**setup)):
+        plan = window_step(step, **setup)
+        first = plan.start - int(plan.refresh_clean)
+        steps = (num_steps,) * plan.refresh_clean + plan.steps
+        for chunk, (own, kv) in enumerate(zip(steps, plan.kv_ranges), start=first):
+            width = CLEAN_CHUNK_KVRANGE if own == num_steps else NOISE2CLEAN_KVRANGE[own * 4 // num_steps]
+            assert kv == (max(0, chunk + 1 - width), chunk + 1) == chunk_kv_range(chunk, own, num_steps)
 
 
 def test_step_intervals():

@@ -1,6 +1,6 @@
 """The built-in tiny demo model: its files load through the ordinary loaders, it generates end to end on
-the CPU (with and without the cache), its text encoder and scene grammar agree, and its training script
-runs."""
+the CPU (with and without the cache), its text encoder and scene grammar agree, and its training program
+(``train/tiny.py``, outside the pack) runs and is reproducible."""
 
 import os
 import re
@@ -12,8 +12,9 @@ import magi1
 import cache_core
 from cache_core import CachePolicy
 from magi1 import tiny
-from magi1.tiny import scenes, train
-from magi1.tiny.text_encoder import grammar_vocabulary
+from train import scenes
+from train import tiny as trainer
+from train.scenes import grammar_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = (tiny.DIT_FILE, tiny.VAE_FILE, tiny.TEXT_ENCODER_FILE, tiny.SPECIAL_TOKENS_FILE)
@@ -26,10 +27,10 @@ def test_shipped_files_are_small_safetensors_and_npz():
 
 def test_loads_with_the_official_loaders():
     dit = tiny.load_tiny_dit()
-    assert dit.distill and dit.config == train.DIT_CONFIG
+    assert dit.distill and dit.config == trainer.DIT_CONFIG
     assert magi1.load_dit(tiny.DIT_FILE).distill  # the checkpoint says so itself
     vae = tiny.load_tiny_vae()
-    assert vae.config == train.VAE_CONFIG and (vae.spatial_factor, vae.temporal_factor) == (8, 4)
+    assert vae.config == trainer.VAE_CONFIG and (vae.spatial_factor, vae.temporal_factor) == (8, 4)
     tokens = tiny.tiny_special_tokens()
     assert tokens.hq.shape == (dit.config.caption_channels,)
 
@@ -48,6 +49,8 @@ def test_text_encoder_reads_the_caption_grammar():
 
 
 def test_scene_captions_use_only_known_words_and_render_deterministically():
+    # the shipped encoder reads the vocabulary the trainer builds from the grammar
+    assert tiny.load_tiny_text_encoder().config.vocabulary == tuple(grammar_vocabulary())
     vocabulary = set(grammar_vocabulary())
     videos, captions = scenes.scene_batch(5, 24, 8, 32)
     assert videos.shape == (24, 3, 8, 32, 32) and videos.min() >= -1 and videos.max() <= 1
@@ -84,23 +87,28 @@ def test_generates_and_decodes_a_video_end_to_end():
 
 
 def test_training_script_runs_a_few_steps(tmp_path):
-    vae_config = train.VAE_CONFIG
+    vae_config = trainer.VAE_CONFIG
     small = magi1.VAEConfig(**{**vae_config.__dict__, "video_size": 32})
     vae = magi1.random_vae(small, seed=0)
-    original = train.SIZE
+    original = trainer.SIZE
     try:
-        train.SIZE = 32
-        model, captions = train.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
-        again, _ = train.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
-        other, _ = train.train_dit(vae, seed=2, steps=4, batch=2, scenes=3, log=lambda line: None)
+        trainer.SIZE = 32
+        model, captions = trainer.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
+        again, _ = trainer.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
+        other, _ = trainer.train_dit(vae, seed=2, steps=4, batch=2, scenes=3, log=lambda line: None)
     finally:
-        train.SIZE = original
+        trainer.SIZE = original
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # reproducible from the seed, and the seed matters
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert not torch.equal(model.final_linear.linear.weight, other.final_linear.linear.weight)
-    train.save_dit(tmp_path, model, captions)
+    trainer.save_dit(tmp_path, model, captions)
     assert magi1.load_dit(tmp_path / "dit.safetensors").distill
+    # the same weights always give the same bytes (safetensors alone orders the metadata at random)
+    for attempt in range(3):
+        trainer.save_dit(tmp_path / f"again{attempt}", model, captions)
+        for name in ("dit.safetensors", "text_encoder.safetensors", "special_tokens.npz"):
+            assert (tmp_path / f"again{attempt}" / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
 def test_demo_writes_an_mp4_and_prints_the_cache_report(tmp_path, capsys):

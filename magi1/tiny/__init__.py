@@ -1,8 +1,8 @@
 """The tiny MAGI-1 demo model that ships with the pack: a DiT, VAE, text encoder and special-token table
-of the MAGI-1 architecture (same code, same loaders, same key names), trained by ``magi1.tiny.train`` on
-procedural videos (``magi1.tiny.scenes``). It runs on any CPU in seconds and needs no download: for
-trying the pack, the tests and the cache benchmark. Its text encoder is its own (``text_encoder``); real
-checkpoints read T5-XXL.
+of the MAGI-1 architecture (same code, same loaders, same key names), trained on procedural videos by
+``python -m train.tiny`` (the repository's ``train/`` folder, outside the pack's runtime). It runs on any CPU
+in seconds and needs no download: for trying the pack, the tests and the cache benchmark. Its text encoder is
+its own (``text_encoder``); real checkpoints read T5-XXL.
 """
 
 from __future__ import annotations

@@ -3,32 +3,28 @@
 The real MAGI-1 reads T5-XXL v1.1 states (4096 wide), which cannot ship in a repository. The tiny demo
 model was trained with this encoder instead: the words of its caption grammar (others map to
 ``<unk>``), a learned position table, two pre-norm transformer layers, 64-wide states. It is a demo
-component only; real checkpoints always use T5 (``nodes/t5.py``).
+component only; real checkpoints always use T5 (``nodes/t5.py``). The vocabulary is read from the weight
+file; the training program (``train/tiny.py``, outside the pack) builds it and writes the file.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from . import scenes
-
 CONFIG_METADATA_KEY = "magi1_tiny_text_config"
-SPECIALS = ("<pad>", "<unk>", "<end>")
+SPECIALS = ("<pad>", "<unk>", "<end>")  # the first entries of every vocabulary
 _WORD = re.compile(r"[a-z]+")
 
 
-def grammar_vocabulary():
-    """Every word the scene captions use, after the special tokens."""
-    text = " ".join([*scenes.COLORS, *scenes.SHAPES, *scenes.MOTIONS, *scenes.BACKGROUNDS, *scenes.PANS,
-                     "a an over in front of the camera pans"])
-    return list(SPECIALS) + sorted(set(_WORD.findall(text)))
+def words(text):
+    """The words of a text as the tokenizer reads them: runs of letters, lowercased (the rest separates)."""
+    return _WORD.findall(text.lower())
 
 
 @dataclass(frozen=True)
@@ -54,9 +50,9 @@ class TinyTextEncoder(nn.Module):
 
     def tokenize(self, prompt):
         """Token ids ``(max_tokens,)`` and the mask of the valid ones (the words, then ``<end>``)."""
-        words = _WORD.findall(prompt.lower())[: self.config.max_tokens - 1]
         unknown = self.index["<unk>"]
-        ids = [self.index.get(word, unknown) for word in words] + [self.index["<end>"]]
+        ids = [self.index.get(word, unknown) for word in words(prompt)[: self.config.max_tokens - 1]]
+        ids.append(self.index["<end>"])
         mask = torch.zeros(self.config.max_tokens, dtype=torch.bool)
         mask[: len(ids)] = True
         ids = ids + [self.index["<pad>"]] * (self.config.max_tokens - len(ids))
@@ -75,12 +71,6 @@ class TinyTextEncoder(nn.Module):
         ids, mask = self.tokenize(prompt)
         device = self.position_embedding.device
         return self(ids[None].to(device), mask[None].to(device))[0].float().cpu(), mask
-
-
-def save_text_encoder(encoder: TinyTextEncoder, path):
-    config = dict(asdict(encoder.config), vocabulary=list(encoder.config.vocabulary))
-    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in encoder.state_dict().items()}
-    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(config)})
 
 
 def load_text_encoder(path, device="cpu"):

@@ -1,4 +1,4 @@
-"""Procedural training videos for the tiny MAGI-1 model, with captions from a small grammar.
+"""Procedural training videos for the tiny MAGI-1 model (``train/tiny.py``), with captions from a small grammar.
 
 Every scene has what the caches exploit: a static background that is either plain (a wall, the sky) or
 detailed (a checkerboard, stripes, grass), optionally panned by the camera, and usually one sprite that
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
+from magi1.tiny.text_encoder import SPECIALS, words
 
 COLORS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1),
@@ -31,6 +33,12 @@ START = {"moving left": ((0.55, 0.8), (0.25, 0.75)), "moving right": ((0.2, 0.45
          "moving up": ((0.25, 0.75), (0.55, 0.8)), "moving down": ((0.25, 0.75), (0.2, 0.45)),
          "bouncing": ((0.25, 0.75), (0.7, 0.8))}
 ANYWHERE = ((0.25, 0.75), (0.25, 0.75))
+
+
+def grammar_vocabulary():
+    """The tiny text encoder's vocabulary: its special tokens, then every word the captions use (sorted)."""
+    text = " ".join([*COLORS, *SHAPES, *MOTIONS, *BACKGROUNDS, *PANS, "a an over in front of the camera pans"])
+    return list(SPECIALS) + sorted(set(words(text)))
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
-"""Train the tiny MAGI-1 demo model from scratch on procedural videos (``magi1.tiny.scenes``).
+"""Train the tiny MAGI-1 demo model from scratch on procedural videos (``train/scenes.py``).
 
-    python -m magi1.tiny.train --out magi1/tiny/weights
+    python -m train.tiny --out <folder>      # from the repository root; --out defaults to magi1/tiny/weights
+    python -m train.tiny --vae magi1/tiny/weights/vae.safetensors --out <folder>   # only the DiT stage
 
 Reproducible from ``--seed`` (scenes, noise and initial weights all come from it; CPU, float32). Three
 stages: the VAE as an autoencoder of 12-frame clips (the release's temporal tile), its latents rescaled
@@ -8,8 +9,10 @@ so that ``LATENT_SCALE`` makes them unit-variance; then ``--scenes`` 3-chunk sce
 the DiT, the text encoder and the special tokens together, with flow matching on clips of 1-3 chunks
 (prefixes of those scenes) laid out as the sampler calls the model: clean chunks at ``CLEAN_T`` with the
 null caption seeing only themselves, then noisy chunks whose times are staggered by a quarter of the
-schedule, with the key ranges of their stage. Weights are written in float16 with their configs in the
-safetensors metadata, so the ordinary loaders read them. About 50 minutes on 2 CPU cores.
+schedule, with the key ranges of their stage (the time warp and the key ranges come from ``magi1.schedule``).
+Weights are written in float16 with their configs in the safetensors metadata, so the ordinary loaders read
+them. About 53 minutes on 2 CPU cores; with ``--vae`` (a trained VAE, re-saved unchanged to ``--out``) only the
+encoding and the DiT run, about 40 minutes.
 """
 
 from __future__ import annotations
@@ -26,17 +29,19 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import save
 
-from ..config import ModelConfig
-from ..loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
-from ..schedule import CLEAN_T, NOISE2CLEAN_KVRANGE
-from ..text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
-from ..vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
-from ..vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
-from . import SIZE
-from .scenes import scene_batch
-from .text_encoder import TextEncoderConfig, TinyTextEncoder, grammar_vocabulary, save_text_encoder
+from magi1.config import ModelConfig
+from magi1.loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
+from magi1.schedule import CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, shifted_time, unshifted_position
+from magi1.text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
+from magi1.tiny import SIZE, WEIGHTS
+from magi1.tiny.text_encoder import CONFIG_METADATA_KEY as TEXT_CONFIG_METADATA_KEY
+from magi1.tiny.text_encoder import TextEncoderConfig, TinyTextEncoder
+from magi1.vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
+from magi1.vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
+
+from .scenes import grammar_vocabulary, scene_batch
 
 CHUNK_FRAMES = 24  # video frames per chunk (6 latent frames)
 DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4,
@@ -47,12 +52,6 @@ DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, nu
 VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
 SPRITE_WEIGHT = 3.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
-
-
-def _shift(u, shift=3.0):
-    """The schedule's time for a position ``u`` in [0, 1] of the step grid (``schedule.time_grid``)."""
-    s = u ** 2
-    return s / shift / (1 + (1 / shift - 1) * s)
 
 
 def _lr(step, total, peak, warmup=200):
@@ -160,11 +159,6 @@ def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(pr
     return torch.cat(latents), torch.cat(weights), captions
 
 
-def _inverse_shift(t, shift=3.0):
-    """The step-grid position ``u`` of a schedule time ``t`` (the inverse of ``_shift``)."""
-    return torch.sqrt(shift * t / (1 + (shift - 1) * t))
-
-
 def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None):
     model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
     with torch.no_grad():
@@ -177,8 +171,10 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
     all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log)
     cw = CHUNK_FRAMES // 4
     ct = cw * (SIZE // 8 // DIT_CONFIG.patch_size) ** 2
+    # A clip is a window of a schedule of one step per key-range stage: u in [0, 1) is the oldest noisy
+    # chunk's position, its stage is its step, and a chunk `lag` places newer is `lag` stages behind.
     stages = len(NOISE2CLEAN_KVRANGE)
-    stage_bounds = _shift(torch.arange(stages + 1) / stages)  # each stage's range of t
+    stage_bounds = shifted_time(torch.arange(stages + 1) / stages)  # each stage's range of t
     began, running = time.time(), 0.0
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -199,16 +195,18 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
             oldest = torch.rand((), generator=generator)
             stage = min(stages - 1, int(torch.searchsorted(stage_bounds, oldest, right=True)) - 1)
             low, high = stage_bounds[stage], stage_bounds[stage + 1]
-            u = _inverse_shift(low + (high - low) * torch.rand(batch, generator=generator))
+            u = unshifted_position(low + (high - low) * torch.rand(batch, generator=generator))
         t = torch.full((batch, chunks), CLEAN_T)
         ranges = []
         for j in range(chunks):
             if j < clean:
-                ranges.append((j * ct, (j + 1) * ct))
-                continue
-            t[:, j] = _shift((u - (j - clean) / stages).clamp(min=0))
-            width = NOISE2CLEAN_KVRANGE[max(0, stage - (j - clean))]
-            ranges.append((max(0, j + 1 - width) * ct, (j + 1) * ct))
+                own_step = stages  # clean
+            else:
+                lag = j - clean
+                t[:, j] = shifted_time((u - lag / stages).clamp(min=0))
+                own_step = max(0, stage - lag)
+            first, end = chunk_kv_range(j, own_step, stages)
+            ranges.append((first * ct, end * ct))
         if clean < chunks and float(torch.rand((), generator=generator)) < 0.25:
             ranges[clean] = (clean * ct, (clean + 1) * ct)  # the distilled sampler's nearly-clean copy sees itself
         tt = t.repeat_interleave(cw, dim=1)[:, None, :, None, None]
@@ -241,10 +239,38 @@ def _half(module):
     return {k: v.detach().half().contiguous() for k, v in module.state_dict().items()}
 
 
+def _write_safetensors(tensors, path, metadata):
+    """``safetensors.torch.save_file``, reproducibly: safetensors writes the metadata entries in a random order
+    (a hash map), so the header's ``__metadata__`` is rewritten with its keys sorted (same length, same JSON
+    otherwise): the same weights always give the same bytes."""
+    data = bytearray(save(tensors, metadata=metadata))
+    length = int.from_bytes(data[:8], "little")
+    header = bytes(data[8:8 + length]).rstrip(b" ")  # safetensors pads the header with spaces
+
+    def dump(value):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+    parsed = json.loads(header)
+    if dump(parsed) != header or next(iter(parsed)) != "__metadata__":
+        raise RuntimeError("unexpected safetensors header layout; cannot sort its metadata")
+    parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    data[8:8 + len(header)] = dump(parsed)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_vae(out, vae):
     os.makedirs(out, exist_ok=True)
-    save_file(_half(vae), os.path.join(out, "vae.safetensors"),
-              metadata={VAE_CONFIG_METADATA_KEY: json.dumps(VAE_CONFIG.to_dict())})
+    _write_safetensors(_half(vae), os.path.join(out, "vae.safetensors"),
+                       metadata={VAE_CONFIG_METADATA_KEY: json.dumps(VAE_CONFIG.to_dict())})
+
+
+def save_text_encoder(encoder, path):
+    """The text encoder as ``magi1.tiny.text_encoder.load_text_encoder`` reads it (config and vocabulary in
+    the metadata)."""
+    config = dict(dataclasses.asdict(encoder.config), vocabulary=list(encoder.config.vocabulary))
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in encoder.state_dict().items()}
+    _write_safetensors(tensors, str(path), metadata={TEXT_CONFIG_METADATA_KEY: json.dumps(config)})
 
 
 def save_dit(out, model, captions):
@@ -252,22 +278,23 @@ def save_dit(out, model, captions):
     os.makedirs(out, exist_ok=True)
     config = dataclasses.asdict(DIT_CONFIG)
     config["params_dtype"] = "torch.float16"
-    save_file(_half(model), os.path.join(out, "dit.safetensors"),
-              metadata={CONFIG_METADATA_KEY: json.dumps(config), DISTILL_METADATA_KEY: "true"})
+    _write_safetensors(_half(model), os.path.join(out, "dit.safetensors"),
+                       metadata={CONFIG_METADATA_KEY: json.dumps(config), DISTILL_METADATA_KEY: "true"})
     save_text_encoder(captions.encoder, os.path.join(out, "text_encoder.safetensors"))
     np.savez(os.path.join(out, "special_tokens.npz"),
              other_tokens=captions.other_tokens.detach().numpy().astype(np.float16))
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "weights"))
+    parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=WEIGHTS, help="folder of the four weight files (default: magi1/tiny/weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--vae", help="reuse a trained vae.safetensors instead of training one")
+    parser.add_argument("--vae", help="reuse a trained vae.safetensors (e.g. magi1/tiny/weights/vae.safetensors) "
+                                      "instead of training one: only the DiT stage runs")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
