@@ -13,14 +13,12 @@ cache policy's decisions and reused velocities), ``recording`` (FLOPs, per-step 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from .caption_rows import CaptionRows
-from .checks import check_int
 from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
 from .layout import VideoLayout
@@ -28,7 +26,7 @@ from .recording import Recorder
 from .reuse import NoReuse, TokenReuse
 from .reuse_contract import ReusePolicy
 from .sample_stats import SampleStats
-from .schedule import NOISE2CLEAN_KVRANGE, time_grid, total_forward_steps, window_step
+from .schedule import check_steps, time_grid, total_forward_steps, window_step
 
 
 class SamplingInterrupted(RuntimeError):
@@ -86,7 +84,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.reuse_contract.ReusePolicy) or "
                         f"None, got {type(policy).__name__}")
     guidance = guidance or Guidance()
-    _check_steps(steps, window_size)
+    check_steps(steps, window_size)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
     latent_shape = (model.config.latent_channels, layout.latent_frames, layout.latent_height, layout.latent_width)
@@ -191,16 +189,6 @@ def _guidance_streams(guidance, model, layout, captions, call, token_reuse, reus
         return SinglePass(guidance, model, layout, captions, call, reuse=reuse, kv_offload=kv_offload)
     return ThreePass(guidance, model, layout, captions, call, reuse=reuse, token_reuse=token_reuse,
                      kv_offload=kv_offload, window_size=window_size)
-
-
-def _check_steps(steps, window_size):
-    check_int("steps", steps, low=1)
-    check_int("window_size", window_size, low=1)
-    stages = len(NOISE2CLEAN_KVRANGE)
-    if steps % window_size or steps % stages:
-        valid = math.lcm(window_size, stages)
-        raise ValueError(f"steps must be a multiple of {valid} (window_size {window_size} and the {stages} "
-                         f"key-range stages); the nearest valid value is {max(valid, round(steps / valid) * valid)}")
 
 
 def _checked_prefix(prefix, latent_shape, layout, device, frames, height, width):

@@ -9,10 +9,13 @@ it is re-run once at ``clean_t`` to refresh its keys/values in the cache.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Tuple
 
 import torch
+
+from .checks import check_int
 
 NOISE2CLEAN_KVRANGE = (5, 4, 3, 2)  # key range, in chunks (itself included), per stage of a chunk
 CLEAN_CHUNK_KVRANGE = 1
@@ -78,6 +81,17 @@ def chunk_kv_range(chunk, step, num_steps, noise2clean_kvrange=NOISE2CLEAN_KVRAN
     return max(0, chunk + 1 - width), chunk + 1
 
 
+def check_steps(num_steps, window_size, stages=len(NOISE2CLEAN_KVRANGE)):
+    """Steps per chunk must be a positive multiple of ``window_size`` (one stage per window slot) and of
+    the key-range ``stages``; the error names the nearest valid value."""
+    check_int("steps", num_steps, low=1)
+    check_int("window_size", window_size, low=1)
+    if num_steps % window_size or num_steps % stages:
+        valid = math.lcm(window_size, stages)
+        raise ValueError(f"steps must be a multiple of {valid} (window_size {window_size} and the {stages} "
+                         f"key-range stages); the nearest valid value is {max(valid, round(num_steps / valid) * valid)}")
+
+
 def step_intervals(num_steps, shortcut_mode="8,16,16"):
     """The shortcut interval of each sub-step of a stage (what distilled models embed; 1 unless 12 steps)."""
     if num_steps % 3 == 0:
@@ -119,9 +133,7 @@ def window_step(step, *, chunk_num, num_steps, window_size, chunk_offset=0,
 
     ``chunk_offset``: leading chunks that are already clean (a prefix video), never denoised.
     """
-    if num_steps % window_size or num_steps % len(noise2clean_kvrange):
-        raise ValueError(f"num_steps ({num_steps}) must be a multiple of window_size ({window_size}) and of "
-                         f"the {len(noise2clean_kvrange)} kv-range stages")
+    check_steps(num_steps, window_size, len(noise2clean_kvrange))
     total = total_forward_steps(chunk_num, num_steps, window_size, chunk_offset)
     if not 0 <= step < total:
         raise ValueError(f"step must be in [0, {total}), got {step}")

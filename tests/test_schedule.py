@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from magi1.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, kv_range_chunks,
-                            shifted_time, step_intervals, time_grid, total_forward_steps, unshifted_position,
+from magi1.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, check_steps, chunk_kv_range,
+                            kv_range_chunks, shifted_time, step_intervals, time_grid, total_forward_steps, unshifted_position,
                             window_step)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -147,7 +147,12 @@ def test_steady_state_window():
 
 
 def test_bad_schedules_are_refused():
-    with pytest.raises(ValueError, match="multiple of window_size"):
+    with pytest.raises(ValueError, match=r"steps must be a multiple of 4 \(window_size 4 and the 4 key-range stages\); "
+                                         "the nearest valid value is 8"):
         window_step(0, chunk_num=4, num_steps=10, window_size=4)
+    with pytest.raises(ValueError, match="steps must be a multiple of 12"):
+        check_steps(30, 3)
+    with pytest.raises(ValueError, match="window_size must be a positive integer"):
+        check_steps(16, 0)
     with pytest.raises(ValueError, match=r"step must be in \[0, 28\)"):
         window_step(28, chunk_num=4, num_steps=16, window_size=4)
