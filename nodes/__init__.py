@@ -2,8 +2,9 @@
 
 from .cache_policy import MAGI1MotionDetailCache
 from .loaders import MAGI1DiTLoader, MAGI1VAELoader
-from .sampler import MAGI1Decode, MAGI1Sampler
+from .sampler import MAGI1Sampler
 from .text_encode import MAGI1TextEncode, MAGI1TinyTextEncode
+from .vae import MAGI1Decode, MAGI1EncodePrefix
 
-NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1TinyTextEncode, MAGI1MotionDetailCache, MAGI1Sampler,
-         MAGI1Decode]
+NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1TinyTextEncode, MAGI1MotionDetailCache,
+         MAGI1EncodePrefix, MAGI1Sampler, MAGI1Decode]

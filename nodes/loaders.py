@@ -7,7 +7,7 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import folder_paths
 
-from ..magi1 import load_dit, load_vae
+from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
 
 TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
@@ -20,10 +20,10 @@ class MagiModel(torch.nn.Module):
     """What a MAGI-1 MODEL's ModelPatcher holds (ComfyUI keeps its bookkeeping, such as ``device``, on this
     module): the DiT as ``diffusion_model``, as in ComfyUI's own models."""
 
-    def __init__(self, dit, special_tokens=None):
+    def __init__(self, dit, special_tokens):
         super().__init__()
         self.diffusion_model = dit
-        self.special_tokens = special_tokens  # the tiny model's own table; None: the user's special_tokens.npz
+        self.special_tokens = special_tokens  # magi1.SpecialTokens: the sampler's only source of the table
 
 
 def checkpoint_choices(folder):
@@ -31,6 +31,13 @@ def checkpoint_choices(folder):
     sharded checkpoints' index files."""
     return [TINY_CHOICE] + sorted(name for name in folder_paths.get_filename_list(folder)
                                   if name.endswith((".safetensors", ".safetensors.index.json")))
+
+
+def special_tokens_table():
+    """MAGI-1's special-token table from models/text_encoders (or models/diffusion_models), as
+    special_tokens.npz or magi1_special_tokens.npz; an error saying where to get it and put it otherwise."""
+    folders = folder_paths.get_folder_paths("text_encoders") + folder_paths.get_folder_paths("diffusion_models")
+    return SpecialTokens.load(find_special_tokens(folders))
 
 
 def compute_dtype(choice, device):
@@ -48,7 +55,8 @@ class MAGI1DiTLoader(io.ComfyNode):
             display_name="MAGI-1 DiT Loader",
             category="MAGI-1",
             description=("Loads an official MAGI-1 DiT (4.5B or 24B, base or distill) from models/diffusion_models: "
-                         "a .safetensors file, or any shard or the index of a sharded checkpoint."),
+                         "a .safetensors file, or any shard or the index of a sharded checkpoint; with it MAGI-1's "
+                         "special_tokens.npz from models/text_encoders."),
             inputs=[
                 io.Combo.Input("checkpoint", options=checkpoint_choices("diffusion_models"), tooltip=(
                     "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json "
@@ -62,17 +70,20 @@ class MAGI1DiTLoader(io.ComfyNode):
                 io.Combo.Input("attention", options=list(ATTENTION), default="auto", tooltip=(
                     "auto: flash-attn on CUDA when installed, else PyTorch SDPA. Both give the same result.")),
             ],
-            outputs=[io.Model.Output(tooltip="The MAGI-1 model, managed by ComfyUI's memory manager.")],
+            outputs=[io.Model.Output(tooltip=(
+                "The MAGI-1 model and its special-token table, managed by ComfyUI's memory manager."))],
         )
 
     @classmethod
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         distill = None if variant == "auto" else variant == "distill"
-        tokens = None
         if checkpoint == TINY_CHOICE:
             path, distill, tokens = tiny.DIT_FILE, True, tiny.tiny_special_tokens()
         else:
+            # The table is not in the weights; found here, once, and before the slow load, so that a
+            # missing file is reported at once with where to get it.
+            tokens = special_tokens_table()
             path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
         model = load_dit(path, device=offload_device, dtype=compute_dtype(weight_dtype, load_device), distill=distill)
         model.set_attention_backend(attention)
@@ -95,7 +106,7 @@ class MAGI1VAELoader(io.ComfyNode):
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
                     "auto: bfloat16 on a GPU (as released), float32 on the CPU.")),
             ],
-            outputs=[MAGI1_VAE.Output(tooltip="The MAGI-1 VAE, for MAGI-1 Decode and for start images or videos.")],
+            outputs=[MAGI1_VAE.Output(tooltip="The MAGI-1 VAE, for MAGI-1 Decode and MAGI-1 Encode Prefix.")],
         )
 
     @classmethod

@@ -1,6 +1,4 @@
-"""MAGI1Sampler: the autoregressive MAGI-1 sampler as a node; MAGI1Decode: latents to frames."""
-
-import logging
+"""MAGI1Sampler: the autoregressive MAGI-1 sampler as a node (its prefix comes encoded, from nodes/vae.py)."""
 
 import torch
 from comfy_api.latest import io
@@ -8,10 +6,9 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1 import Guidance, VAETiling, VideoLayout, chunk_captions, generate
+from ..magi1 import Guidance, VideoLayout, chunk_captions, generate
 from .cache_policy import POLICY_KEY
-from .loaders import MAGI1_VAE
-from .t5 import special_tokens
+from .vae import UNCONNECTED
 
 T5_WIDTH = 4096  # what the official checkpoints read
 
@@ -34,30 +31,33 @@ def conditioning_states(conditioning, name, width):
     return states[0], mask[0]
 
 
-def check_vae(vae, config):
-    """The VAE must make the latents this DiT denoises: 16 channels, 8x smaller, 4x fewer frames."""
-    if (vae.config.z_chans, vae.spatial_factor, vae.temporal_factor) != (config.latent_channels, 8, 4):
-        raise ValueError(f"this VAE ({vae.config.z_chans} channels, {vae.spatial_factor}x/{vae.temporal_factor}x) "
-                         f"does not match the MAGI-1 DiT ({config.latent_channels} channels, 8x/4x): load the "
-                         "MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) with MAGI-1 VAE Loader")
+def prefix_latents(prefix_latent, width, height, channels):
+    """The clean latents ``[C, P, h, w]`` of a prefix LATENT from MAGI-1 Encode Prefix, checked against the
+    video size and the DiT's latent channels; None for text-to-video."""
+    if prefix_latent is None:
+        return None
+    samples = prefix_latent["samples"]
+    if samples.dim() != 5 or samples.shape[0] != 1 or samples.shape[1] != channels:
+        raise ValueError(f"prefix_latent must be one MAGI-1 latent [1, {channels}, frames, h, w], got "
+                         f"{list(samples.shape)}: make it with MAGI-1 Encode Prefix")
+    encoded = (samples.shape[4] * 8, samples.shape[3] * 8)  # (width, height) in pixels
+    if encoded != (width, height):
+        raise ValueError(
+            f"the prefix latent was encoded at {encoded[0]}x{encoded[1]} but the sampler makes {width}x{height}: "
+            f"set MAGI-1 Encode Prefix's width/height to {width}x{height} (or the sampler's to "
+            f"{encoded[0]}x{encoded[1]})")
+    return samples[0].float()
 
 
-def fit_frames(images, width, height):
-    """IMAGE frames resized to ``width`` x ``height`` (bicubic, stretched like the release's ffmpeg scale)."""
-    if tuple(images.shape[1:3]) == (height, width):
-        return images
-    resized = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "bicubic", "disabled")
-    return resized.movedim(1, -1).clamp(0.0, 1.0)
-
-
-def images_to_video(images):
-    """ComfyUI IMAGE ``[F, H, W, 3]`` in 0..1 -> ``[3, F, H, W]`` in [-1, 1]."""
-    return images.movedim(-1, 0) * 2.0 - 1.0
-
-
-def video_to_images(video):
-    """``[3, F, H, W]`` in about [-1, 1] -> IMAGE ``[F, H, W, 3]`` in 0..1."""
-    return ((video.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(0, -1).contiguous()
+def special_tokens(model):
+    """The special-token table MAGI-1 DiT Loader attached to the MODEL (it is found once, at load)."""
+    tokens = getattr(model.model, "special_tokens", None)
+    if tokens is None:
+        raise ValueError(
+            "this MODEL carries no MAGI-1 special-token table: load it with MAGI-1 DiT Loader, which reads "
+            "special_tokens.npz from models/text_encoders (download it from "
+            "https://github.com/SandAI-org/MAGI-1/blob/main/example/assets/special_tokens.npz)")
+    return tokens
 
 
 class MAGI1Sampler(io.ComfyNode):
@@ -68,7 +68,8 @@ class MAGI1Sampler(io.ComfyNode):
             display_name="MAGI-1 Sampler",
             category="MAGI-1",
             description=("Generates a MAGI-1 video chunk by chunk (text-to-video, or from a start image or a prefix "
-                         "video), applying the model's cache policy if MAGI-1 MotionDetailCache set one."),
+                         "video encoded by MAGI-1 Encode Prefix), applying the model's cache policy if MAGI-1 "
+                         "MotionDetailCache set one."),
             inputs=[
                 io.Model.Input("model", tooltip="A MAGI-1 model from MAGI-1 DiT Loader (optionally through the cache)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, from MAGI-1 Text Encode."),
@@ -89,14 +90,10 @@ class MAGI1Sampler(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip=(
                     "Optional negative prompt for base models; without it the learned null caption is used, "
                     "as released.")),
-                MAGI1_VAE.Input("vae", optional=True, tooltip="Needed to encode a start image or prefix video."),
-                io.Image.Input("start_image", optional=True, tooltip=(
-                    "Image-to-video: the first frame (needs vae); resized to width x height.")),
-                io.Image.Input("prefix_video", optional=True, tooltip=(
-                    "Video continuation: frames to continue from (needs vae); resized to width x height. The "
-                    "VAE encodes 1, 4, 8, 12, 13, 16, ... frames: longer clips keep their last such count.")),
                 io.Latent.Input("prefix_latent", optional=True, tooltip=(
-                    "Video continuation from MAGI-1 latents instead of frames (no vae needed).")),
+                    "Image-to-video or video continuation: the start image or frames to continue from, from "
+                    "MAGI-1 Encode Prefix at this width and height (or the latent of an earlier run, to continue "
+                    "it). Unconnected: text-to-video.")),
                 io.Boolean.Input("record_masks", default=False, optional=True, tooltip=(
                     "Output one frame per step showing where the cache computed (white) or reused (black).")),
                 io.Boolean.Input("kv_offload", default=False, optional=True, tooltip=(
@@ -112,31 +109,38 @@ class MAGI1Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None, vae=None,
-                start_image=None, prefix_video=None, prefix_latent=None, record_masks=False,
-                kv_offload=False) -> io.NodeOutput:
+    def validate_inputs(cls, vae=UNCONNECTED, start_image=UNCONNECTED, prefix_video=UNCONNECTED):
+        # A prompt saved before 0.2.0 may still wire these removed inputs (ComfyUI passes undeclared ones here
+        # too): refuse it at queue time saying where they went, not with a TypeError from execute.
+        removed = [name for name, value in (("vae", vae), ("start_image", start_image), ("prefix_video", prefix_video))
+                   if value is not UNCONNECTED]
+        if removed:
+            return (f"MAGI-1 Sampler no longer takes {' or '.join(removed)} (pack 0.2.0): connect them to MAGI-1 "
+                    "Encode Prefix, and its prefix_latent to the sampler's prefix_latent")
+        return True
+
+    @classmethod
+    def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
+                prefix_latent=None, record_masks=False, kv_offload=False) -> io.NodeOutput:
         policy = model.model_options.get("transformer_options", {}).get(POLICY_KEY)
         dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "y_embedder"):
             raise ValueError("MAGI-1 Sampler needs a model from MAGI-1 DiT Loader")
         config = dit.config
-        if vae is not None:
-            check_vae(vae, config)
-        VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before encoding
-        prefix = cls.prefix(vae, start_image, prefix_video, prefix_latent, width, height)
+        tokens = special_tokens(model)
+        VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before loading
+        prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
         mm.load_models_gpu([model], force_full_load=True)
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
         states, mask = conditioning_states(positive, "positive", config.caption_channels)
-        tokens = getattr(model.model, "special_tokens", None) or special_tokens()
         caption, caption_mask = chunk_captions(states, mask, chunks, tokens, length=config.caption_max_length)
         negative_caption = negative_mask = None
         if negative is not None:
             negative_caption, negative_mask = chunk_captions(
                 *conditioning_states(negative, "negative", config.caption_channels), chunks,
                 length=config.caption_max_length)
-        text_scales = (guidance, guidance, guidance, 0.0, 0.0)
         progress = comfy.utils.ProgressBar(1)
 
         def on_step(step):  # ComfyUI's interrupt point; the sampler frees its state when it raises
@@ -145,7 +149,7 @@ class MAGI1Sampler(io.ComfyNode):
 
         result = generate(dit, caption, caption_mask, frames=frames, height=height, width=width, steps=steps,
                           seed=seed, negative_caption=negative_caption, negative_mask=negative_mask, prefix=prefix,
-                          guidance=Guidance(text_scales=text_scales), policy=policy, kv_offload=kv_offload,
+                          guidance=Guidance().with_text_scale(guidance), policy=policy, kv_offload=kv_offload,
                           on_step=on_step, record_masks=record_masks)
         latent = {"samples": result.latent[None].to(mm.intermediate_device())}
         if record_masks:
@@ -153,54 +157,3 @@ class MAGI1Sampler(io.ComfyNode):
         else:
             masks = torch.zeros(1, 8, 8, 3)
         return io.NodeOutput(latent, result.stats.summary(), masks)
-
-    @staticmethod
-    def prefix(vae, start_image, prefix_video, prefix_latent, width, height):
-        """The clean latents to start from ([16, P, h, w]), or None for text-to-video. Images are resized
-        to the video size (stretched, as the release does); a prefix video keeps its last frames that
-        the VAE can encode in whole tiles (1, 4, 8, 12, 13, 16, ...)."""
-        given = [name for name, value in (("start_image", start_image), ("prefix_video", prefix_video),
-                                          ("prefix_latent", prefix_latent)) if value is not None]
-        if len(given) > 1:
-            raise ValueError(f"connect one of start_image, prefix_video and prefix_latent, not {given}")
-        if prefix_latent is not None:
-            return prefix_latent["samples"][0].float()
-        images = start_image[:1] if start_image is not None else prefix_video
-        if images is None:
-            return None
-        if vae is None:
-            raise ValueError(f"{given[0]} needs the MAGI-1 VAE: connect MAGI-1 VAE Loader to vae")
-        usable = max(n for n in range(1, images.shape[0] + 1) if vae.encodable_frames(n))
-        if usable < images.shape[0]:
-            logging.warning("MAGI-1 Sampler: the prefix video has %d frames; continuing from its last %d (the VAE "
-                            "encodes 1, 4, 8, 12, 13, 16, ... frames)", images.shape[0], usable)
-        images = fit_frames(images[images.shape[0] - usable:], width, height)
-        return vae.encode(images_to_video(images.to(vae.device)), VAETiling()).cpu()
-
-
-class MAGI1Decode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls):
-        return io.Schema(
-            node_id="MAGI1Decode",
-            display_name="MAGI-1 Decode",
-            category="MAGI-1",
-            description="Decodes MAGI-1 latents into frames, in tiles as released. Feed the frames to CreateVideo.",
-            inputs=[
-                MAGI1_VAE.Input("vae", tooltip="The MAGI-1 VAE from MAGI-1 VAE Loader."),
-                io.Latent.Input("samples", tooltip="Latents from MAGI-1 Sampler."),
-                io.Int.Input("tile_size", default=256, min=64, max=4096, step=64, tooltip=(
-                    "Tile width and height in pixels (256 as released). Smaller uses less GPU memory.")),
-            ],
-            outputs=[io.Image.Output(tooltip="The video frames (24 per second).")],
-        )
-
-    @classmethod
-    def execute(cls, vae, samples, tile_size) -> io.NodeOutput:
-        latent = samples["samples"]
-        if latent.dim() != 5 or latent.shape[1] != vae.config.z_chans:
-            raise ValueError(f"MAGI-1 Decode takes MAGI-1 latents [1, {vae.config.z_chans}, T, h, w], got "
-                             f"{list(latent.shape)}")
-        frames = [vae.decode(clip_latent, VAETiling(height=tile_size, width=tile_size),
-                             output_device=mm.intermediate_device()) for clip_latent in latent]
-        return io.NodeOutput(torch.cat([video_to_images(video) for video in frames]))

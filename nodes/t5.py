@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..magi1.text import CAPTION_LENGTH, SpecialTokens, find_special_tokens, prepare_prompt
+from ..magi1.text import CAPTION_LENGTH, prepare_prompt
 
 T5_KEY = "t5xxl"  # the tokenizer/encoder name ComfyUI gives T5-XXL v1.1
 PAD_TOKEN = 0
@@ -44,15 +44,6 @@ def t5_states(clip, prompt):
     if mask.shape[0] != states.shape[0]:
         raise ValueError(f"{WRONG_ENCODER} (mask of {mask.shape[0]} tokens for {states.shape[0]} states)")
     return states, mask
-
-
-def special_tokens():
-    """MAGI-1's special-token table from ``models/text_encoders`` (or ``models/diffusion_models``), as
-    ``special_tokens.npz`` or ``magi1_special_tokens.npz``; an error saying where to get it otherwise."""
-    import folder_paths  # ComfyUI's
-
-    folders = folder_paths.get_folder_paths("text_encoders") + folder_paths.get_folder_paths("diffusion_models")
-    return SpecialTokens.load(find_special_tokens(folders))
 
 
 def _truncated(batch):

@@ -1,22 +1,32 @@
 """Stand-ins for the ComfyUI modules the pack's nodes import (CI has no ComfyUI): they record what the
-nodes declare, so that schemas can be checked without ComfyUI. tests/test_comfyui.py checks the same
-nodes against the real API."""
+nodes declare, so that schemas can be checked without ComfyUI, and do just enough on the CPU (model
+folders, a ModelPatcher holder, resizing) for the nodes to run in unit tests. tests/test_comfyui.py checks
+the same nodes against the real API. workflows/build_workflows.py reads the schemas through them too."""
 
+import importlib
 import importlib.util
+import itertools
+import os
 import sys
 import types
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_KINDS = ("Combo", "Float", "Int", "String", "Boolean")  # the other declared kinds are sockets
+# ComfyUI's type names of the io classes the nodes use (io.Custom("X") is type X).
+IO_TYPES = {"Model": "MODEL", "Combo": "COMBO", "Float": "FLOAT", "Int": "INT", "String": "STRING",
+            "Boolean": "BOOLEAN", "Clip": "CLIP", "Conditioning": "CONDITIONING", "Image": "IMAGE", "Latent": "LATENT"}
 
 
 class _Declared:
-    """One declared input or output: its socket type and keyword arguments."""
+    """One declared input or output: its kind, ComfyUI type name, id and keyword arguments."""
 
     def __init__(self, kind, id=None, **options):
         self.kind, self.id, self.options = kind, id, options
+        self.io_type = IO_TYPES.get(kind, kind)
 
 
 def _socket(name):
@@ -24,10 +34,37 @@ def _socket(name):
                                  Output=lambda **kw: _Declared(name, **kw))
 
 
+class ModelPatcher:
+    """What the nodes use of comfy.model_patcher.ModelPatcher: the model, its devices and options."""
+
+    def __init__(self, model, load_device, offload_device):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.model_options = {"transformer_options": {}}
+
+    def clone(self):
+        clone = ModelPatcher(self.model, self.load_device, self.offload_device)
+        clone.model_options = {"transformer_options": dict(self.model_options["transformer_options"])}
+        return clone
+
+
+class ProgressBar:
+    def __init__(self, total):
+        self.total, self.current = total, 0
+
+    def update_absolute(self, value, total=None):
+        self.current, self.total = value, total or self.total
+
+
+def _common_upscale(samples, width, height, method, crop):
+    """comfy.utils.common_upscale for the bicubic, uncropped case the nodes use."""
+    assert (method, crop) == ("bicubic", "disabled")
+    return torch.nn.functional.interpolate(samples, size=(height, width), mode="bicubic")
+
+
 def _fake_comfy():
     """Stand-ins for the ComfyUI modules the nodes import, recording schemas."""
     io = types.ModuleType("comfy_api.latest.io")
-    for name in ("Model", "Combo", "Float", "Int", "String", "Boolean", "Clip", "Conditioning", "Image", "Latent"):
+    for name in IO_TYPES:
         setattr(io, name, _socket(name))
     io.Custom = _socket
     io.Schema = lambda **kw: types.SimpleNamespace(**kw)
@@ -42,36 +79,65 @@ def _fake_comfy():
     latest = types.ModuleType("comfy_api.latest")
     latest.io = io
     latest.ComfyExtension = type("ComfyExtension", (), {})
+
     folder_paths = types.ModuleType("folder_paths")
+    folder_paths.folders = {}  # folder name -> [directories]; tests fill it
     folder_paths.get_filename_list = lambda folder: ["magi/model.safetensors.index.json", "magi/model-00001.safetensors",
                                                     "other.ckpt"]
+    folder_paths.get_folder_paths = lambda folder: list(folder_paths.folders.get(folder, []))
+
+    def get_full_path_or_raise(folder, name):
+        for directory in folder_paths.get_folder_paths(folder):
+            if os.path.isfile(os.path.join(directory, name)):
+                return os.path.join(directory, name)
+        raise FileNotFoundError(f"Model in folder '{folder}' with filename '{name}' not found.")
+
+    folder_paths.get_full_path_or_raise = get_full_path_or_raise
+
     comfy = types.ModuleType("comfy")
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
                "folder_paths": folder_paths, "comfy": comfy}
     for sub in ("model_management", "model_patcher", "utils"):
         modules[f"comfy.{sub}"] = types.ModuleType(f"comfy.{sub}")
         setattr(comfy, sub, modules[f"comfy.{sub}"])
+    mm = modules["comfy.model_management"]
+    cpu = torch.device("cpu")
+    for name in ("get_torch_device", "unet_offload_device", "vae_device", "intermediate_device"):
+        setattr(mm, name, lambda: cpu)
+    mm.load_models_gpu = lambda models, **kw: None
+    mm.throw_exception_if_processing_interrupted = lambda: None
+    modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
+    modules["comfy.utils"].ProgressBar = ProgressBar
+    modules["comfy.utils"].common_upscale = _common_upscale
     return modules
 
 
 @contextmanager
 def pack_nodes():
-    """The pack's NODES, imported under a test name with the stand-ins in place (restored afterwards)."""
-    saved = {name: sys.modules.get(name) for name in _fake_comfy()}
-    sys.modules.update(_fake_comfy())
-    spec = importlib.util.spec_from_file_location("magipack_schemas", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
+    """The pack's NODES, imported under a fresh test name with the stand-ins in place (restored afterwards,
+    so that uses may nest). A node's module is ``sys.modules[node.__module__]``."""
+    fakes = _fake_comfy()
+    # A name no other use holds, even from another copy of this module (the workflow builder loads its own).
+    name = next(f"magipack_stubbed_{i}" for i in itertools.count() if f"magipack_stubbed_{i}" not in sys.modules)
+    saved = {module: sys.modules.get(module) for module in fakes}
+    sys.modules.update(fakes)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
     pack = importlib.util.module_from_spec(spec)
-    sys.modules["magipack_schemas"] = pack
+    sys.modules[name] = pack
     try:
         spec.loader.exec_module(pack)
-        from magipack_schemas.nodes import NODES  # noqa: E402  (the pack registered under a test name)
-        yield NODES
+        yield importlib.import_module(f"{name}.nodes").NODES
     finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
+        for module, value in saved.items():
+            if value is None:
+                sys.modules.pop(module, None)
             else:
-                sys.modules[name] = module
-        for name in [n for n in sys.modules if n.startswith("magipack_schemas")]:
-            del sys.modules[name]
+                sys.modules[module] = value
+        for module in [m for m in sys.modules if m == name or m.startswith(name + ".")]:
+            del sys.modules[module]
+
+
+def node_schemas():
+    """``{node id: schema}`` of every node of the pack, as the stand-ins record them."""
+    with pack_nodes() as nodes:
+        return {node.GET_SCHEMA().node_id: node.GET_SCHEMA() for node in nodes}

@@ -1,7 +1,11 @@
-"""The pack inside a real ComfyUI: registration, node schemas, the cache node's contract, a live server.
+"""The pack inside a real ComfyUI: registration, node schemas, the cache node's contract, a live server
+(the demo by POST /prompt and comfy-cli, image-to-video and continuation through MAGI-1 Encode Prefix on
+the tiny model, the checks made at queue time).
 
 Needs a ComfyUI checkout, which CI does not have: set COMFYUI_DIR to it (and COMFYUI_PYTHON to a Python
-that has ComfyUI's requirements, if not this one). ../shared/tools/comfyui/env.sh stands one up on CPU.
+that has ComfyUI's requirements and the pack's requirements.txt, if not this one).
+../shared/tools/comfyui/env.sh stands one up on CPU; then `$COMFYUI_PYTHON -m pip install -r requirements.txt`
+(ftfy and beautifulsoup4 are not among ComfyUI's).
 """
 
 import json
@@ -97,7 +101,7 @@ IN_PROCESS = textwrap.dedent(
     try:
         MAGI1MotionDetailCache.execute(model=model, **{**defaults, "detail_window": 4})
     except ValueError as error:
-        assert "detail_window_size must be odd" in str(error), error
+        assert "detail_window_size must be" in str(error) and "odd" in str(error), error
     else:
         raise AssertionError("an even detail window must be refused")
     print("OK", sorted(ids))
@@ -184,28 +188,14 @@ T5_PATH = textwrap.dedent(
         raise AssertionError("a padded prompt without a mask must be refused")
     comfy.sd1_clip.json = real_json
 
-    # The special-token table is found in models/text_encoders, or refused with where to get it.
-    import tempfile, numpy as np, folder_paths
-    from magipack.nodes.t5 import special_tokens
-    try:
-        special_tokens()
-    except FileNotFoundError as error:
-        assert "SandAI-org/MAGI-1" in str(error) and "text_encoders" in str(error), error
-    else:
-        raise AssertionError("no table anywhere must be an error")
-    folder = tempfile.mkdtemp()
-    other = np.random.default_rng(0).normal(size=(100, 4096))
-    np.savez(folder + "/special_tokens.npz", other_tokens=other)
-    folder_paths.add_model_folder_path("text_encoders", folder)
-    table = special_tokens()
-    assert torch.equal(table.hq, torch.from_numpy(other[1].astype(np.float16)).float())
     print("T5 OK")
     """
 )
 
 
 # The nodes executed in-process on a tiny random DiT and VAE placed in ComfyUI's model folders:
-# loader -> cache -> sampler (twice: identical) -> decode, image-to-video, and the errors users meet.
+# loader -> cache -> sampler (twice: identical) -> decode, image-to-video and continuation through
+# MAGI-1 Encode Prefix, and the errors users meet.
 NODES_RUN = textwrap.dedent(
     """
     import json, os, tempfile
@@ -217,7 +207,8 @@ NODES_RUN = textwrap.dedent(
     from magipack.magi1 import VAEConfig, random_dit, random_vae
     from magipack.nodes.cache_policy import MAGI1MotionDetailCache
     from magipack.nodes.loaders import MAGI1DiTLoader, MAGI1VAELoader
-    from magipack.nodes.sampler import MAGI1Decode, MAGI1Sampler
+    from magipack.nodes.sampler import MAGI1Sampler
+    from magipack.nodes.vae import MAGI1Decode, MAGI1EncodePrefix
 
     # A tiny random DiT, VAE and special-token table in ComfyUI's model folders.
     root = tempfile.mkdtemp()
@@ -234,15 +225,18 @@ NODES_RUN = textwrap.dedent(
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(root, "vae", "tiny_vae.safetensors"),
               metadata={"magi1_vae_config": json.dumps(vae_config.to_dict())})
     width = config["caption_channels"]
-    np.savez(os.path.join(root, "text_encoders", "special_tokens.npz"),
-             other_tokens=np.random.default_rng(0).normal(size=(100, width)))
+    other_tokens = np.random.default_rng(0).normal(size=(100, width))
+    np.savez(os.path.join(root, "text_encoders", "special_tokens.npz"), other_tokens=other_tokens)
 
     positive = [[torch.randn(1, 7, width), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}]]
     model = MAGI1DiTLoader.execute(checkpoint="tiny_distill.safetensors", variant="auto", weight_dtype="auto",
                                    attention="auto").result[0]
     assert model.model.diffusion_model.distill and model.model.diffusion_model.dtype == torch.float32
+    # the special-token table is found once, by the loader, and travels with the MODEL
+    assert torch.equal(model.model.special_tokens.hq, torch.from_numpy(other_tokens[1].astype(np.float16)).float())
     defaults = {i.id: i.default for i in MAGI1MotionDetailCache.GET_SCHEMA().inputs if i.id != "model"}
     cached = MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
+    assert cached.model.special_tokens is model.model.special_tokens
     vae = MAGI1VAELoader.execute(vae_name="tiny_vae.safetensors", weight_dtype="auto").result[0]
     request = dict(positive=positive, width=32, height=32, frames=48, steps=8, seed=1, guidance=7.5)
     latent, report, masks = MAGI1Sampler.execute(model=cached, record_masks=True, **request).result
@@ -254,42 +248,57 @@ NODES_RUN = textwrap.dedent(
     print("report:", report)
     frames = MAGI1Decode.execute(vae=vae, samples=latent, tile_size=256).result[0]
     assert frames.shape == (48, 32, 32, 3) and 0 <= float(frames.min()) and float(frames.max()) <= 1, frames.shape
+
+    def encode(**images):
+        return MAGI1EncodePrefix.execute(vae=vae, width=32, height=32, **images).result[0]
+
     # image-to-video from the first decoded frame
-    i2v = MAGI1Sampler.execute(model=model, vae=vae, start_image=frames[:1], **request).result[0]
+    start = encode(start_image=frames[:1])
+    assert start["samples"].shape == (1, 16, 1, 4, 4), start["samples"].shape
+    i2v = MAGI1Sampler.execute(model=model, prefix_latent=start, **request).result[0]
     assert i2v["samples"].shape == (1, 16, 18, 4, 4), i2v["samples"].shape  # the image + 12 new, in whole chunks
-    # another size is resized to the video's; 9 prefix frames keep their last 8 (2 latent frames)
-    resized = MAGI1Sampler.execute(model=model, vae=vae, start_image=torch.rand(1, 24, 40, 3), **request).result[0]
-    assert resized["samples"].shape == (1, 16, 18, 4, 4), resized["samples"].shape
-    v2v = MAGI1Sampler.execute(model=model, vae=vae, prefix_video=frames[:9], **request).result[0]
+    # another size is resized to the video's (ComfyUI's own bicubic); 9 prefix frames keep their last 8
+    resized = encode(start_image=torch.rand(1, 24, 40, 3))
+    assert resized["samples"].shape == (1, 16, 1, 4, 4), resized["samples"].shape
+    prefix = encode(prefix_video=frames[:9])
+    assert prefix["samples"].shape == (1, 16, 2, 4, 4), prefix["samples"].shape
+    assert torch.equal(prefix["samples"], encode(prefix_video=frames[1:9])["samples"])
+    v2v = MAGI1Sampler.execute(model=model, prefix_latent=prefix, **request).result[0]
     assert v2v["samples"].shape == (1, 16, 16, 4, 4), v2v["samples"].shape  # 2 + 12 new in 3 chunks, after the prefix
 
-    def refused(match, **changes):
+    def refused(node, match, **arguments):
         try:
-            MAGI1Sampler.execute(model=model, **{**request, **changes})
+            node.execute(**arguments)
         except ValueError as error:
             assert match in str(error), error
         else:
-            raise AssertionError(f"{changes} must be refused")
+            raise AssertionError(f"{sorted(arguments)} must be refused")
 
-    refused("nearest valid value is 48", width=40)
+    refused(MAGI1Sampler, "nearest valid value is 48", model=model, **{**request, "width": 40})
     wide = [[torch.randn(1, 7, width + 8), {"attention_mask": torch.ones(1, 7, dtype=torch.bool)}]]
-    refused(f"holds {width + 8}-wide text states but this model reads {width}-wide", positive=wide)
-    refused("needs the MAGI-1 VAE", start_image=frames[:1])
-    refused("not ['start_image', 'prefix_latent']", vae=vae, start_image=frames[:1], prefix_latent=latent)
+    refused(MAGI1Sampler, f"holds {width + 8}-wide text states but this model reads {width}-wide", model=model,
+            **{**request, "positive": wide})
+    refused(MAGI1Sampler, "encoded at 32x32 but the sampler makes 48x32: set MAGI-1 Encode Prefix's width/height",
+            model=model, prefix_latent=start, **{**request, "width": 48})
+    refused(MAGI1EncodePrefix, "not both", vae=vae, width=32, height=32, start_image=frames[:1], prefix_video=frames)
+    refused(MAGI1EncodePrefix, "connect start_image", vae=vae, width=32, height=32)
     other = random_vae(VAEConfig(embed_dim=64, depth=1, num_heads=4, patch_size=4, video_size=16), seed=1)
-    refused("does not match the MAGI-1 DiT", vae=other, start_image=frames[:1])
+    refused(MAGI1EncodePrefix, "does not match the MAGI-1 DiT", vae=other, width=32, height=32, start_image=frames[:1])
+
+    # without the table the loader refuses, saying where to get it and where to put it
     os.remove(os.path.join(root, "text_encoders", "special_tokens.npz"))
     try:
-        MAGI1Sampler.execute(model=model, **request)
+        MAGI1DiTLoader.execute(checkpoint="tiny_distill.safetensors", variant="auto", weight_dtype="auto",
+                               attention="auto")
     except FileNotFoundError as error:
-        assert "special_tokens.npz" in str(error)
+        assert "SandAI-org/MAGI-1" in str(error) and "text_encoders" in str(error), error
     else:
         raise AssertionError("missing special tokens must be refused")
     print("NODES OK")
     """
 )
-NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1MotionDetailCache", "MAGI1Sampler", "MAGI1TextEncode",
-            "MAGI1TinyTextEncode", "MAGI1VAELoader"]
+NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1EncodePrefix", "MAGI1MotionDetailCache", "MAGI1Sampler",
+            "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
 
 
 def run_in_comfyui(script, timeout=600):
@@ -394,6 +403,17 @@ def post(url, route, body):
         raise AssertionError(f"{route}: HTTP {error.code}: {error.read().decode()[:3000]}") from None
 
 
+def post_refused(url, route, body):
+    """POST what the server must refuse: the HTTP status and its JSON answer."""
+    request = urllib.request.Request(url + route, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        urllib.request.urlopen(request, timeout=30)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+    raise AssertionError(f"{route} took what it must refuse")
+
+
 def test_live_server_lists_the_nodes(server):
     node = get(server.url, "/object_info/MAGI1MotionDetailCache")["MAGI1MotionDetailCache"]
     assert node["category"] == "MAGI-1" and node["output"] == ["MODEL"]
@@ -433,10 +453,11 @@ def needs_no_external_weights(api):
     return True
 
 
-def expected_frames(api):
-    """Frames of the saved video: the sampler's frames in whole 24-frame chunks, decoded in 12-frame tiles."""
+def expected_frames(api, prefix=0):
+    """Frames of the saved video: the sampler's frames after ``prefix`` latent frames in whole 24-frame
+    chunks (a start image's frame kept, a prefix video's left out), decoded in 12-frame tiles."""
     sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
-    latent_frames = -(-sampler["frames"] // 24) * 6
+    latent_frames = -(-(sampler["frames"] // 4 + prefix) // 6) * 6 - (prefix if prefix > 1 else 0)
     return sum(1 if size == 1 else 4 * size for size in (min(3, latent_frames - s) for s in range(0, latent_frames, 3)))
 
 
@@ -474,6 +495,89 @@ def test_api_workflows_without_external_weights_run(server, path):
     reports = [text for output in entry["outputs"].values() for text in output.get("text", [])]
     assert any("computed" in text for text in reports), reports
     print(f"{path.name}: {time.time() - began:.1f} s, {videos[0]['filename']}, report: {reports}")
+
+
+def saved_video(server, entry):
+    """(frames, width, height) of the one video a finished prompt saved."""
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    videos = [item for output in entry["outputs"].values() for item in output.get("images", []) + output.get("video", [])
+              if str(item.get("filename", "")).endswith(".mp4")]
+    assert len(videos) == 1, entry["outputs"]
+    return video_frames(server.output / videos[0]["subfolder"] / videos[0]["filename"])
+
+
+def with_prefix(source_nodes, images, width=64, height=64, seed=7):
+    """The tiny demo with a prefix: ``source_nodes`` (API nodes by id) give the frames at ``images`` =
+    (input name of MAGI-1 Encode Prefix, link), encoded at ``width`` x ``height`` into the sampler's prefix."""
+    api = json.loads((ROOT / "workflows" / "api" / "magi1_tiny_demo.json").read_text())
+    api.update(source_nodes)
+    name, link = images
+    api["31"] = {"class_type": "MAGI1EncodePrefix",
+                 "inputs": {"width": width, "height": height, "vae": ["5", 0], name: link}}
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    sampler.update(prefix_latent=["31", 0], seed=seed)  # another seed than the demo's: not a cached result
+    return api
+
+
+LOAD_IMAGE = {"33": {"class_type": "LoadImage", "inputs": {"image": "example.png"}}}
+LOAD_VIDEO = {"30": {"class_type": "LoadVideo", "inputs": {"file": "magi1_prefix.mp4"}},
+              "32": {"class_type": "GetVideoComponents", "inputs": {"video": ["30", 0]}}}
+
+
+def test_tiny_model_continues_an_image_and_a_video_through_encode_prefix(server):
+    """Image-to-video (ComfyUI's example.png, stretched to 64x64) and video continuation (a 12-frame mp4:
+    3 latent frames) on the built-in tiny model, through MAGI-1 Encode Prefix, in the running server."""
+    for source, images, prefix in ((LOAD_IMAGE, ("start_image", ["33", 0]), 1),
+                                   (LOAD_VIDEO, ("prefix_video", ["32", 0]), 3)):
+        api = with_prefix(source, images)
+        began = time.time()
+        assert saved_video(server, run_prompt(server, api)) == (expected_frames(api, prefix), 64, 64)
+        print(f"{images[0]}: {time.time() - began:.1f} s")
+
+
+def test_prefix_inputs_are_checked_at_queue_time(server):
+    """Neither or both of start_image and prefix_video, or a prompt from 0.1.0 wiring images into the
+    sampler: refused when queued, before anything runs."""
+    neither = with_prefix(LOAD_IMAGE, ("start_image", ["33", 0]))
+    del neither["31"]["inputs"]["start_image"]
+    both = with_prefix({**LOAD_IMAGE, **LOAD_VIDEO}, ("start_image", ["33", 0]))
+    both["31"]["inputs"]["prefix_video"] = ["32", 0]
+    old = with_prefix(LOAD_IMAGE, ("start_image", ["33", 0]))
+    del old["31"], old["6"]["inputs"]["prefix_latent"]
+    old["6"]["inputs"].update(vae=["5", 0], start_image=["33", 0])  # the 0.1.0 sampler's inputs
+    for api, node, message in ((neither, "31", "connect start_image (image-to-video) or prefix_video"),
+                               (both, "31", "not both"), (old, "6", "no longer takes vae or start_image")):
+        code, answer = post_refused(server.url, "/prompt", {"prompt": api, "client_id": "magi1-tests"})
+        errors = answer["node_errors"][node]["errors"]
+        assert code == 400 and any(message in error["details"] for error in errors), answer
+
+
+def test_sampler_refuses_a_prefix_of_another_size(server):
+    entry = run_prompt(server, with_prefix(LOAD_IMAGE, ("start_image", ["33", 0]), width=32, height=48))
+    errors = [data for event, data in entry["status"]["messages"] if event == "execution_error"]
+    assert errors and errors[0]["node_type"] == "MAGI1Sampler", entry["status"]
+    assert errors[0]["exception_message"].startswith(
+        "the prefix latent was encoded at 32x48 but the sampler makes 64x64: set MAGI-1 Encode Prefix's "
+        "width/height to 64x64"), errors[0]["exception_message"]
+
+
+def test_our_nodes_in_the_server_are_the_workflow_builders(server):
+    """What the builder read from the schemas through the stand-ins (socket and widget order, defaults,
+    output names) is what the real ComfyUI serves."""
+    from comfy_stubs import node_schemas
+
+    for node_id, schema in node_schemas().items():
+        info = get(server.url, f"/object_info/{node_id}")[node_id]
+        order = info["input_order"].get("required", []) + info["input_order"].get("optional", [])
+        assert order == [inp.id for inp in schema.inputs], node_id
+        declared = {**info["input"].get("required", {}), **info["input"].get("optional", {})}
+        for inp in schema.inputs:
+            if "default" in inp.options:
+                assert declared[inp.id][1]["default"] == inp.options["default"], (node_id, inp.id)
+            if inp.io_type != "COMBO":
+                assert declared[inp.id][0] == inp.io_type, (node_id, inp.id)
+        assert info["output"] == [out.io_type for out in schema.outputs], node_id
+        assert info["output_name"] == [out.options.get("display_name") or out.io_type for out in schema.outputs]
 
 
 def run_prompt(server, api, timeout=600):

@@ -16,7 +16,7 @@ def nodes():
 def test_ids_are_unique_prefixed_and_categorised(nodes):
     schemas = [node.GET_SCHEMA() for node in nodes]
     ids = [schema.node_id for schema in schemas]
-    assert len(ids) == len(set(ids)) == 7
+    assert len(ids) == len(set(ids)) == 8
     for schema in schemas:
         assert schema.node_id.startswith("MAGI1") and schema.category == "MAGI-1"
         assert schema.display_name.startswith("MAGI-1 ") and schema.description
@@ -43,6 +43,10 @@ def test_inputs_and_outputs_are_documented_and_defaults_valid(nodes):
         # execute takes exactly the declared inputs
         code = node.execute.__func__.__code__
         assert list(code.co_varnames[1:code.co_argcount]) == names, schema.node_id
+        # required inputs first: ComfyUI orders sockets and widgets required-then-optional, so the schema's
+        # order is the order of the widget values in saved workflows
+        optional = [bool(inp.options.get("optional")) for inp in schema.inputs]
+        assert optional == sorted(optional), schema.node_id
 
 
 def test_loaders_list_only_safetensors(nodes):
@@ -53,12 +57,35 @@ def test_loaders_list_only_safetensors(nodes):
 
 
 def test_sampler_defaults_are_a_valid_request(nodes):
-    from magi1.sampler import VideoLayout
+    from magi1 import VideoLayout
 
     sampler = next(node for node in nodes if node.__name__ == "MAGI1Sampler").GET_SCHEMA()
     defaults = {inp.id: inp.options.get("default") for inp in sampler.inputs}
     layout = VideoLayout.plan(defaults["frames"], defaults["height"], defaults["width"])
     assert layout.chunk_num == 4  # 96 frames at 720x720: four chunks of 24 frames
     optional = {inp.id for inp in sampler.inputs if inp.options.get("optional")}
-    assert optional == {"negative", "vae", "start_image", "prefix_video", "prefix_latent", "record_masks",
-                        "kv_offload"}
+    assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload"}  # 0.2.0: no vae, images
+    # validate_inputs reads only the removed inputs (to name where they went), none that ComfyUI range-checks
+    code = next(node for node in nodes if node.__name__ == "MAGI1Sampler").validate_inputs.__func__.__code__
+    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video"]
+
+
+def test_encode_prefix_takes_the_vae_and_one_of_two_image_inputs(nodes):
+    encode = next(node for node in nodes if node.__name__ == "MAGI1EncodePrefix")
+    schema = encode.GET_SCHEMA()
+    inputs = {inp.id: inp for inp in schema.inputs}
+    assert [(i.id, i.io_type, bool(i.options.get("optional"))) for i in schema.inputs] == [
+        ("vae", "MAGI1_VAE", False), ("width", "INT", False), ("height", "INT", False),
+        ("start_image", "IMAGE", True), ("prefix_video", "IMAGE", True)]
+    assert [(out.io_type, out.options.get("display_name")) for out in schema.outputs] == [("LATENT", "prefix_latent")]
+    sampler = {inp.id: inp for inp in next(n for n in nodes if n.__name__ == "MAGI1Sampler").GET_SCHEMA().inputs}
+    for size in ("width", "height"):  # the same widget as the sampler's, which it must equal
+        assert inputs[size].options == sampler[size].options | {"tooltip": inputs[size].options["tooltip"]}
+    # validate_inputs reads only the sockets: ComfyUI skips its own range checks for the inputs it takes
+    code = encode.validate_inputs.__func__.__code__
+    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video"]
+
+
+def test_vae_nodes_share_a_file(nodes):
+    modules = {node.__name__: node.__module__.rsplit(".", 1)[1] for node in nodes}
+    assert modules["MAGI1EncodePrefix"] == modules["MAGI1Decode"] == "vae"

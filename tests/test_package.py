@@ -1,6 +1,7 @@
 """The pack's foundation: layout, import hygiene, metadata, and the README's commands."""
 
 import ast
+import re
 import subprocess
 import sys
 import tomllib
@@ -149,7 +150,10 @@ def test_cache_core_public_api():
 def test_pyproject_metadata():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project = meta["project"]
-    assert project["name"] == "magi1-motiondetailcache" and project["version"] == "0.1.0" and project["description"]
+    assert project["name"] == "magi1-motiondetailcache" and project["description"]
+    # The version is the newest CHANGELOG entry: a breaking change to saved workflows is listed there.
+    newest = re.search(r"^## \[(\d+\.\d+\.\d+)\]", (ROOT / "CHANGELOG.md").read_text(), re.MULTILINE)
+    assert newest and project["version"] == newest.group(1)
     deps = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
     assert deps == {"torch", "einops", "numpy", "safetensors", "ftfy", "beautifulsoup4", "av"}
     assert project["optional-dependencies"]["gpu"] == ["flash-attn"]

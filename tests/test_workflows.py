@@ -1,5 +1,6 @@
 """The example workflows: every UI-format file (workflows/*.json) is a well-formed 0.4 graph of stock
-nodes and ours, and its API-format twin (workflows/api/*.json) is exactly what it converts to. The
+nodes and ours, its API-format twin (workflows/api/*.json) is exactly what it converts to, and our nodes
+in both are the schemas' (widgets, sockets, outputs), with the node ids of earlier versions. The
 conversion here uses the nodes' own schemas (through the stand-ins of comfy_stubs), not the generator's
 tables; tests/test_comfyui.py checks the stock nodes' widget order below against a real ComfyUI."""
 
@@ -115,7 +116,7 @@ def test_api_twin_is_the_ui_graph(path, schemas):
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
 def test_our_widget_values_are_valid(path, schemas):
-    from magi1.sampler import VideoLayout
+    from magi1 import VideoLayout
 
     api = json.loads((API_DIR / path.name).read_text())
     for node in api.values():
@@ -134,6 +135,67 @@ def test_our_widget_values_are_valid(path, schemas):
             inputs = node["inputs"]
             VideoLayout.plan(inputs["frames"], inputs["height"], inputs["width"])  # a size the model takes
             assert inputs["steps"] % 4 == 0
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_our_nodes_are_the_schemas_nodes(path, schemas):
+    """Every widget of every node of ours, in both files, is the schema's, in its order (the UI holds values
+    only, so an input added or moved would shift them); sockets and outputs by name and type."""
+    ui = json.loads(path.read_text())
+    api = json.loads((API_DIR / path.name).read_text())
+    for node in ui["nodes"]:
+        schema = schemas.get(node["type"])
+        if schema is None:
+            continue
+        where = f"{path.stem}: node {node['id']} ({node['type']})"
+        widgets = [inp.id for inp in widget_inputs(schema)]
+        extras = sum(1 for inp in widget_inputs(schema) if inp.options.get("control_after_generate"))
+        assert len(node["widgets_values"]) == len(widgets) + extras, where
+        sockets = [(inp.id, inp.io_type) for inp in schema.inputs if inp.kind not in WIDGET_KINDS]
+        assert [(socket["name"], socket["type"]) for socket in node["inputs"]] == sockets, where
+        outputs = [(out.options.get("display_name") or out.io_type, out.io_type) for out in schema.outputs]
+        assert [(out["name"], out["type"]) for out in node["outputs"]] == outputs, where
+        inputs = api[str(node["id"])]["inputs"]
+        assert [name for name, value in inputs.items() if not isinstance(value, list)] == widgets, where
+        assert {name for name, value in inputs.items() if isinstance(value, list)} <= {s for s, _ in sockets}, where
+
+
+@pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)
+def test_images_reach_the_sampler_through_encode_prefix(path):
+    """0.2.0: start images and prefix videos are encoded by MAGI-1 Encode Prefix at the sampler's size."""
+    api = json.loads((API_DIR / path.name).read_text())
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    assert not {"vae", "start_image", "prefix_video"} & set(sampler)
+    loads = [node for node in api.values() if node["class_type"] in ("LoadImage", "LoadVideo")]
+    if not loads:
+        assert "prefix_latent" not in sampler
+        return
+    encode = api[sampler["prefix_latent"][0]]
+    assert encode["class_type"] == "MAGI1EncodePrefix"
+    assert (encode["inputs"]["width"], encode["inputs"]["height"]) == (sampler["width"], sampler["height"])
+    image = encode["inputs"].get("start_image") or encode["inputs"]["prefix_video"]
+    source = api[image[0]]
+    if source["class_type"] == "GetVideoComponents":  # a video's frames
+        assert "prefix_video" in encode["inputs"]
+        source = api[source["inputs"]["video"][0]]
+    assert source["class_type"] == ("LoadImage" if "start_image" in encode["inputs"] else "LoadVideo")
+
+
+def test_node_ids_are_kept():
+    """Node ids never change between versions (saved edits and API prompts name them); new nodes take new ids."""
+    ids = {path.stem: {int(k): v["class_type"] for k, v in json.loads((API_DIR / path.name).read_text()).items()}
+           for path in UI_FILES}
+    real = {1: "MAGI1DiTLoader", 2: "MAGI1MotionDetailCache", 3: "CLIPLoader", 4: "MAGI1TextEncode",
+            5: "MAGI1VAELoader", 6: "MAGI1Sampler", 7: "MAGI1Decode", 8: "CreateVideo", 9: "SaveVideo",
+            11: "PreviewAny"}
+    for name in ("magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation"):
+        assert {k: v for k, v in ids[name].items() if k in real} == real, name
+    assert ids["magi1_image_to_video"][10] == "LoadImage" and ids["magi1_video_continuation"][10] == "LoadVideo"
+    assert ids["magi1_video_continuation"][13] == "GetVideoComponents"
+    assert ids["magi1_image_to_video"][15] == ids["magi1_video_continuation"][15] == "MAGI1EncodePrefix"  # 0.2.0
+    assert ids["magi1_tiny_demo"] == {1: "MAGI1DiTLoader", 2: "MAGI1MotionDetailCache", 4: "MAGI1TinyTextEncode",
+                                      5: "MAGI1VAELoader", 6: "MAGI1Sampler", 7: "MAGI1Decode", 8: "CreateVideo",
+                                      9: "SaveVideo", 11: "PreviewAny", 14: "PreviewImage"}
 
 
 def test_demo_runs_the_builtin_tiny_model():

@@ -3,53 +3,70 @@ API-format twin in ``workflows/api/``.
 
     python workflows/build_workflows.py
 
-``tests/test_workflows.py`` checks every pair independently (UI converted to API with the nodes' own
-schemas); a ComfyUI checkout checks the stock nodes' widget order and runs the demo.
+Our nodes' inputs, widget order and defaults come from their schemas, read through the ComfyUI stand-ins
+of the tests (``tests/comfy_stubs.py``; no ComfyUI needed); a graph gives only the values that differ
+from the defaults. ``tests/test_workflows.py`` checks every pair independently (UI converted to API with
+the nodes' own schemas); a ComfyUI checkout checks the stock nodes' widget order and runs the demo.
+Node ids are kept from one version to the next (saved edits and API prompts name them); a new node
+takes an id no example has used.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import uuid
 from dataclasses import dataclass, field
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 PACK_ID = "magi1-motiondetailcache"  # the registry id (pyproject [project] name)
 
-# node type -> (socket inputs [(name, type)], widget names in schema order, outputs [(name, type)]).
-# A widget name in WIDGET_EXTRAS adds a UI-only value after it (seed's "control after generate", upload
-# buttons); API files leave those out.
-NODE_TYPES = {
-    "MAGI1DiTLoader": ([], ["checkpoint", "variant", "weight_dtype", "attention"], [("MODEL", "MODEL")]),
-    "MAGI1VAELoader": ([], ["vae_name", "weight_dtype"], [("MAGI1_VAE", "MAGI1_VAE")]),
-    "MAGI1TextEncode": ([("clip", "CLIP")], ["prompt"], [("CONDITIONING", "CONDITIONING")]),
-    "MAGI1TinyTextEncode": ([], ["prompt"], [("CONDITIONING", "CONDITIONING")]),
-    "MAGI1MotionDetailCache": (
-        [("model", "MODEL")],
-        ["mode", "preset", "tau", "warmup_steps", "chunk_wise_steps", "final_full_steps", "motion_floor",
-         "detail_alpha", "detail_window", "detail_lambda", "combine_mode", "proxy", "max_reuse"],
-        [("MODEL", "MODEL")]),
-    "MAGI1Sampler": (
-        [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("vae", "MAGI1_VAE"),
-         ("start_image", "IMAGE"), ("prefix_video", "IMAGE"), ("prefix_latent", "LATENT")],
-        ["width", "height", "frames", "steps", "seed", "guidance", "record_masks", "kv_offload"],
-        [("latent", "LATENT"), ("cache_report", "STRING"), ("cache_masks", "IMAGE")]),
-    "MAGI1Decode": ([("vae", "MAGI1_VAE"), ("samples", "LATENT")], ["tile_size"], [("IMAGE", "IMAGE")]),
-    "CLIPLoader": ([], ["clip_name", "type", "device"], [("CLIP", "CLIP")]),
-    "LoadImage": ([], ["image"], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
-    "LoadVideo": ([], ["file"], [("VIDEO", "VIDEO")]),
-    "GetVideoComponents": ([("video", "VIDEO")], [], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")]),
-    "CreateVideo": ([("images", "IMAGE"), ("audio", "AUDIO")], ["fps"], [("VIDEO", "VIDEO")]),
-    "SaveVideo": ([("video", "VIDEO")], ["filename_prefix", "format", "codec"], []),
-    "PreviewImage": ([("images", "IMAGE")], [], []),
-    "PreviewAny": ([("source", "*")], [], []),
-    "MarkdownNote": ([], ["text"], []),  # frontend only: not in API files
+
+@dataclass
+class NodeType:
+    sockets: list  # [(input name, type)] in schema order
+    widgets: list  # widget names in schema order
+    outputs: list  # [(output name, type)]
+    defaults: dict = field(default_factory=dict)  # widget name -> default value
+    extras: dict = field(default_factory=dict)  # widget name -> a UI-only value after it; API files leave it out
+
+
+def _our_node_types():
+    """Our nodes' sockets, widgets (names, order, defaults) and outputs, read from their schemas through
+    the ComfyUI stand-ins of the tests (no ComfyUI needed), so that nothing here is retyped."""
+    spec = importlib.util.spec_from_file_location("magi1_workflow_stubs", os.path.join(ROOT, "tests", "comfy_stubs.py"))
+    stubs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stubs)
+    types = {}
+    for node_id, schema in stubs.node_schemas().items():
+        widgets = [inp for inp in schema.inputs if inp.kind in stubs.WIDGET_KINDS]
+        types[node_id] = NodeType(
+            sockets=[(inp.id, inp.io_type) for inp in schema.inputs if inp.kind not in stubs.WIDGET_KINDS],
+            widgets=[inp.id for inp in widgets],
+            outputs=[(out.options.get("display_name") or out.io_type, out.io_type) for out in schema.outputs],
+            defaults={inp.id: inp.options["default"] for inp in widgets if "default" in inp.options},
+            # seed's "control after generate": fixed, so that an example makes the same video every time
+            extras={inp.id: "fixed" for inp in widgets if inp.options.get("control_after_generate")})
+    return types
+
+
+# Stock nodes, which have no schema here (tests/test_comfyui.py checks their widgets against a ComfyUI).
+STOCK_TYPES = {
+    "CLIPLoader": NodeType([], ["clip_name", "type", "device"], [("CLIP", "CLIP")]),
+    "LoadImage": NodeType([], ["image"], [("IMAGE", "IMAGE"), ("MASK", "MASK")], extras={"image": "image"}),
+    "LoadVideo": NodeType([], ["file"], [("VIDEO", "VIDEO")], extras={"file": "image"}),  # the upload button
+    "GetVideoComponents": NodeType([("video", "VIDEO")], [], [("images", "IMAGE"), ("audio", "AUDIO"),
+                                                              ("fps", "FLOAT")]),
+    "CreateVideo": NodeType([("images", "IMAGE"), ("audio", "AUDIO")], ["fps"], [("VIDEO", "VIDEO")]),
+    "SaveVideo": NodeType([("video", "VIDEO")], ["filename_prefix", "format", "codec"], []),
+    "PreviewImage": NodeType([("images", "IMAGE")], [], []),
+    "PreviewAny": NodeType([("source", "*")], [], []),
+    "MarkdownNote": NodeType([], ["text"], []),  # frontend only: not in API files
 }
-WIDGET_EXTRAS = {("MAGI1Sampler", "seed"): "fixed", ("LoadImage", "image"): "image", ("LoadVideo", "file"): "image"}
+NODE_TYPES = {**_our_node_types(), **STOCK_TYPES}
 FRONTEND_ONLY = {"MarkdownNote"}
-STOCK = {"CLIPLoader", "LoadImage", "LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo", "PreviewImage",
-         "PreviewAny"}
 
 T5 = {"name": "t5xxl_fp16.safetensors", "directory": "text_encoders",
       "url": "https://huggingface.co/comfyanonymous/flux_text_encoders/resolve/main/t5xxl_fp16.safetensors"}
@@ -65,7 +82,8 @@ MODEL_FILES_NOTE = (
     "`models/vae/magi1_vae.safetensors`.\n"
     "- **T5**: `t5xxl_fp16.safetensors` in `models/text_encoders/`, loaded with CLIPLoader type *mochi*.\n"
     "- **Special tokens**: `example/assets/special_tokens.npz` of "
-    "[SandAI-org/MAGI-1](https://github.com/SandAI-org/MAGI-1) in `models/text_encoders/`.\n\n"
+    "[SandAI-org/MAGI-1](https://github.com/SandAI-org/MAGI-1) in `models/text_encoders/` (MAGI-1 DiT "
+    "Loader reads it).\n\n"
     "MAGI-1 makes 24 frames per chunk at 24 fps; width and height are multiples of 16.")
 
 
@@ -74,7 +92,7 @@ class Node:
     id: int
     type: str
     pos: tuple
-    widgets: dict = field(default_factory=dict)
+    widgets: dict = field(default_factory=dict)  # values other than the schema's defaults
     links: dict = field(default_factory=dict)  # input name -> (source node id, output index)
     title: str = None
     size: tuple = (320, 130)
@@ -84,15 +102,12 @@ class Node:
 def _real_model():
     """The nodes every workflow on the official checkpoints shares (ids 1-8), sampler inputs aside."""
     return [
-        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=DIT_4_5B_DISTILL, variant="auto", weight_dtype="auto",
-                                                  attention="auto"), size=(420, 130)),
+        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=DIT_4_5B_DISTILL), size=(420, 130)),
         Node(2, "MAGI1MotionDetailCache", (500, 60), _cache(), links={"model": (1, 0)}, size=(340, 370)),
         Node(3, "CLIPLoader", (40, 240), dict(clip_name=T5["name"], type="mochi", device="default"), models=[T5],
              size=(420, 110)),
-        Node(5, "MAGI1VAELoader", (40, 600), dict(vae_name=VAE["name"], weight_dtype="auto"), models=[VAE],
-             size=(420, 90)),
-        Node(7, "MAGI1Decode", (1300, 60), dict(tile_size=256), links={"vae": (5, 0), "samples": (6, 0)},
-             size=(270, 80)),
+        Node(5, "MAGI1VAELoader", (40, 600), dict(vae_name=VAE["name"]), models=[VAE], size=(420, 90)),
+        Node(7, "MAGI1Decode", (1300, 60), links={"vae": (5, 0), "samples": (6, 0)}, size=(270, 80)),
         Node(8, "CreateVideo", (1300, 190), dict(fps=24), links={"images": (7, 0)}, size=(270, 80)),
         Node(11, "PreviewAny", (1300, 480), links={"source": (6, 1)}, title="Cache report", size=(380, 160)),
     ]
@@ -107,10 +122,15 @@ def _cache(mode="motion_detail"):
 
 
 def _sampler(**widgets):
-    values = dict(width=720, height=720, frames=96, steps=16, seed=42, guidance=7.5, record_masks=False,
-                  kv_offload=False)
-    values.update(widgets)
-    return values
+    """The sampler's widgets: its defaults (720x720, 96 frames, 16 steps), seed 42 unless given."""
+    return {"seed": 42, **widgets}
+
+
+def _encode_prefix(image_source, pos):
+    """MAGI-1 Encode Prefix (a new node, id 15 wherever it appears) at the sampler's default size, from the
+    start image or the prefix video ``image_source`` = (input name, (node id, output index))."""
+    name, link = image_source
+    return Node(15, "MAGI1EncodePrefix", pos, links={"vae": (5, 0), name: link}, size=(380, 130))
 
 
 def text_to_video():
@@ -131,12 +151,14 @@ def image_to_video():
             "The scene comes alive: clouds drift slowly across the sky and the light shifts gently while the "
             "camera pushes in.")), links={"clip": (3, 0)}, size=(420, 170)),
         Node(10, "LoadImage", (500, 460), dict(image="example.png"), title="Start image", size=(340, 320)),
-        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0), "vae": (5, 0),
-                                                          "start_image": (10, 0)}, size=(380, 330)),
+        _encode_prefix(("start_image", (10, 0)), (880, 440)),
+        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0),
+                                                          "prefix_latent": (15, 0)}, size=(380, 330)),
         Node(9, "SaveVideo", (1300, 300), dict(filename_prefix="video/magi1_i2v", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 140)),
         Node(12, "MarkdownNote", (40, 720), dict(text=MODEL_FILES_NOTE + (
-            "\n\nThe start image is resized to width x height and becomes the first frame.")), size=(420, 320)),
+            "\n\nMAGI-1 Encode Prefix resizes the start image to its width x height, which must be the "
+            "sampler's; it becomes the first frame.")), size=(420, 340)),
     ]
 
 
@@ -147,30 +169,29 @@ def video_continuation():
             links={"clip": (3, 0)}, size=(420, 170)),
         Node(10, "LoadVideo", (500, 460), dict(file="magi1_prefix.mp4"), title="Video to continue", size=(340, 320)),
         Node(13, "GetVideoComponents", (500, 820), links={"video": (10, 0)}, size=(280, 90)),
-        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0), "vae": (5, 0),
-                                                          "prefix_video": (13, 0)}, size=(380, 330)),
+        _encode_prefix(("prefix_video", (13, 0)), (880, 440)),
+        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0),
+                                                          "prefix_latent": (15, 0)}, size=(380, 330)),
         Node(9, "SaveVideo", (1300, 300), dict(filename_prefix="video/magi1_continued", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 140)),
         Node(12, "MarkdownNote", (40, 720), dict(text=MODEL_FILES_NOTE + (
-            "\n\nPut the video to continue in `ComfyUI/input/` and pick it in *Video to continue*. It is resized "
-            "to width x height; the generated frames follow its last frame (the saved video holds the new "
-            "frames only).")), size=(420, 360)),
+            "\n\nPut the video to continue in `ComfyUI/input/` and pick it in *Video to continue*. MAGI-1 "
+            "Encode Prefix resizes it to its width x height, which must be the sampler's; the generated frames "
+            "follow its last frame (the saved video holds the new frames only).")), size=(420, 380)),
     ]
 
 
 def tiny_demo():
     return [
-        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY, variant="auto", weight_dtype="auto",
-                                                  attention="auto"), size=(380, 130)),
+        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY), size=(380, 130)),
         Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 370)),
         Node(4, "MAGI1TinyTextEncode", (40, 240), dict(prompt="a red ball moving right over a checkerboard"),
              size=(380, 150)),
-        Node(5, "MAGI1VAELoader", (40, 440), dict(vae_name=TINY, weight_dtype="auto"), size=(380, 90)),
+        Node(5, "MAGI1VAELoader", (40, 440), dict(vae_name=TINY), size=(380, 90)),
         Node(6, "MAGI1Sampler", (840, 60), _sampler(width=64, height=64, frames=48, steps=16, seed=0,
                                                     record_masks=True),
              links={"model": (2, 0), "positive": (4, 0)}, size=(360, 330)),
-        Node(7, "MAGI1Decode", (1240, 60), dict(tile_size=256), links={"vae": (5, 0), "samples": (6, 0)},
-             size=(270, 80)),
+        Node(7, "MAGI1Decode", (1240, 60), links={"vae": (5, 0), "samples": (6, 0)}, size=(270, 80)),
         Node(8, "CreateVideo", (1240, 190), dict(fps=24), links={"images": (7, 0)}, size=(270, 80)),
         Node(9, "SaveVideo", (1240, 300), dict(filename_prefix="video/magi1_tiny_demo", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 300)),
@@ -210,30 +231,40 @@ def _order(nodes):
     return {node_id: i for i, node_id in enumerate(order)}
 
 
+def widget_values(node):
+    """Every widget's value by name, in schema order: the node's own, else the schema's default."""
+    spec = NODE_TYPES[node.type]
+    unknown = set(node.widgets) - set(spec.widgets)
+    missing = [name for name in spec.widgets if name not in node.widgets and name not in spec.defaults]
+    if unknown or missing:
+        raise ValueError(f"node {node.id} ({node.type}): unknown widgets {sorted(unknown)}, no value for {missing}")
+    return {name: node.widgets.get(name, spec.defaults.get(name)) for name in spec.widgets}
+
+
 def to_ui(name, nodes):
     by_id = {node.id: node for node in nodes}
     order = _order(nodes)
     links = []
     link_ids = {}  # (target id, input name) -> link id
     for node in sorted(nodes, key=lambda n: order[n.id]):
-        sockets = NODE_TYPES[node.type][0]
-        for name, (src, slot) in sorted(node.links.items(), key=lambda kv: [s for s, _ in sockets].index(kv[0])):
-            link_type = NODE_TYPES[by_id[src].type][2][slot][1]
+        sockets = [s for s, _ in NODE_TYPES[node.type].sockets]
+        if set(node.links) - set(sockets):
+            raise ValueError(f"node {node.id} ({node.type}): no inputs {sorted(set(node.links) - set(sockets))}")
+        for socket, (src, slot) in sorted(node.links.items(), key=lambda kv: sockets.index(kv[0])):
+            link_type = NODE_TYPES[by_id[src].type].outputs[slot][1]
             link_id = len(links) + 1
-            links.append([link_id, src, slot, node.id, [s for s, _ in sockets].index(name), link_type])
-            link_ids[(node.id, name)] = link_id
+            links.append([link_id, src, slot, node.id, sockets.index(socket), link_type])
+            link_ids[(node.id, socket)] = link_id
     ui_nodes = []
     for node in sorted(nodes, key=lambda n: n.id):
-        sockets, widgets, outputs = NODE_TYPES[node.type]
-        if set(node.widgets) != set(widgets) or set(node.links) - {s for s, _ in sockets}:
-            raise ValueError(f"node {node.id} ({node.type}): widgets {sorted(node.widgets)} != {sorted(widgets)}")
+        spec = NODE_TYPES[node.type]
         values = []
-        for name in widgets:
-            values.append(node.widgets[name])
-            if (node.type, name) in WIDGET_EXTRAS:
-                values.append(WIDGET_EXTRAS[(node.type, name)])
+        for widget, value in widget_values(node).items():
+            values.append(value)
+            if widget in spec.extras:
+                values.append(spec.extras[widget])
         properties = {} if node.type in FRONTEND_ONLY else {"Node name for S&R": node.type}
-        if node.type in STOCK:
+        if node.type in STOCK_TYPES and node.type not in FRONTEND_ONLY:
             properties["cnr_id"] = "comfy-core"
         elif node.type not in FRONTEND_ONLY:
             properties["cnr_id"] = PACK_ID
@@ -242,17 +273,18 @@ def to_ui(name, nodes):
         entry = {
             "id": node.id, "type": node.type, "pos": list(node.pos), "size": list(node.size), "flags": {},
             "order": order[node.id], "mode": 0,
-            "inputs": [{"name": name, "type": kind, "link": link_ids.get((node.id, name))} for name, kind in sockets],
-            "outputs": [{"name": name, "type": kind, "slot_index": i,
+            "inputs": [{"name": socket, "type": kind, "link": link_ids.get((node.id, socket))}
+                       for socket, kind in spec.sockets],
+            "outputs": [{"name": output, "type": kind, "slot_index": i,
                          "links": [l[0] for l in links if l[1] == node.id and l[2] == i] or None}
-                        for i, (name, kind) in enumerate(outputs)],
+                        for i, (output, kind) in enumerate(spec.outputs)],
             "properties": properties,
             "widgets_values": values,
         }
         if node.title:
             entry["title"] = node.title
         ui_nodes.append(entry)
-    return {
+    return {  # the workflow's own id (before 0.2.0 all four shared one: a loop variable hid ``name``)
         "id": str(uuid.uuid5(uuid.NAMESPACE_URL, f"{PACK_ID}/{name}")), "revision": 0,
         "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
         "nodes": ui_nodes, "links": links, "groups": [], "config": {},
@@ -265,8 +297,10 @@ def to_api(nodes):
     for node in sorted(nodes, key=lambda n: n.id):
         if node.type in FRONTEND_ONLY:
             continue
-        inputs = dict(node.widgets)
-        inputs.update({name: [str(src), slot] for name, (src, slot) in node.links.items()})
+        inputs = widget_values(node)
+        sockets = [s for s, _ in NODE_TYPES[node.type].sockets]
+        inputs.update({name: [str(src), slot] for name, (src, slot) in
+                       sorted(node.links.items(), key=lambda kv: sockets.index(kv[0]))})
         api[str(node.id)] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title or node.type}}
     return api
 

@@ -1,0 +1,136 @@
+"""The MAGI-1 VAE outside the sampler, as ComfyUI's Wan nodes do it: MAGI1EncodePrefix turns a start image
+or a prefix video into the clean latents MAGI-1 Sampler continues from; MAGI1Decode turns latents into
+frames."""
+
+import logging
+
+import torch
+from comfy_api.latest import io
+
+import comfy.model_management as mm
+import comfy.utils
+
+from ..magi1 import VAETiling, VideoLayout
+from .loaders import MAGI1_VAE
+
+LATENT_CHANNELS = 16  # what every MAGI-1 DiT reads (the 24B duplicates them into its 32 input channels)
+# ComfyUI calls validate_inputs with None for a connected input (its value is not made yet) and leaves an
+# unconnected optional input out: this default tells the two apart.
+UNCONNECTED = object()
+
+
+def check_vae(vae):
+    """The VAE must make the latents MAGI-1 denoises: 16 channels, 8x smaller, 4x fewer frames."""
+    if (vae.config.z_chans, vae.spatial_factor, vae.temporal_factor) != (LATENT_CHANNELS, 8, 4):
+        raise ValueError(f"this VAE ({vae.config.z_chans} channels, {vae.spatial_factor}x/{vae.temporal_factor}x) "
+                         f"does not match the MAGI-1 DiT ({LATENT_CHANNELS} channels, 8x/4x): load the "
+                         "MAGI-1 VAE (ckpt/vae/diffusion_pytorch_model.safetensors) with MAGI-1 VAE Loader")
+
+
+def one_of(has_start_image, has_prefix_video):
+    """An error message unless exactly one of start_image and prefix_video is connected, else None."""
+    if has_start_image and has_prefix_video:
+        return "connect start_image or prefix_video, not both (a start image is a prefix video of one frame)"
+    if not (has_start_image or has_prefix_video):
+        return ("connect start_image (image-to-video) or prefix_video (video continuation); for text-to-video "
+                "leave MAGI-1 Sampler's prefix_latent unconnected instead")
+    return None
+
+
+def fit_frames(images, width, height):
+    """IMAGE frames resized to ``width`` x ``height`` (bicubic, stretched like the release's ffmpeg scale)."""
+    if tuple(images.shape[1:3]) == (height, width):
+        return images
+    resized = comfy.utils.common_upscale(images.movedim(-1, 1), width, height, "bicubic", "disabled")
+    return resized.movedim(1, -1).clamp(0.0, 1.0)
+
+
+def images_to_video(images):
+    """ComfyUI IMAGE ``[F, H, W, 3]`` in 0..1 -> ``[3, F, H, W]`` in [-1, 1]."""
+    return images.movedim(-1, 0) * 2.0 - 1.0
+
+
+def video_to_images(video):
+    """``[3, F, H, W]`` in about [-1, 1] -> IMAGE ``[F, H, W, 3]`` in 0..1."""
+    return ((video.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(0, -1).contiguous()
+
+
+class MAGI1EncodePrefix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MAGI1EncodePrefix",
+            display_name="MAGI-1 Encode Prefix",
+            category="MAGI-1",
+            description=("Image-to-video and video continuation: encodes a start image or the frames of a video "
+                         "with the MAGI-1 VAE, resized to the video size, into the prefix_latent of MAGI-1 Sampler."),
+            inputs=[
+                MAGI1_VAE.Input("vae", tooltip="The MAGI-1 VAE from MAGI-1 VAE Loader."),
+                io.Int.Input("width", default=720, min=16, max=4096, step=16, tooltip=(
+                    "Width of the video to make, in pixels: the same as MAGI-1 Sampler's width. The frames "
+                    "are stretched to width x height.")),
+                io.Int.Input("height", default=720, min=16, max=4096, step=16, tooltip=(
+                    "Height of the video to make, in pixels: the same as MAGI-1 Sampler's height.")),
+                io.Image.Input("start_image", optional=True, tooltip=(
+                    "Image-to-video: the first frame of the video (of a batch, the first image only). "
+                    "Connect this or prefix_video.")),
+                io.Image.Input("prefix_video", optional=True, tooltip=(
+                    "Video continuation: the frames to continue from (e.g. GetVideoComponents' images). The "
+                    "VAE encodes 1, 4, 8, 12, 13, 16, ... frames: longer clips keep their last such count. "
+                    "Connect this or start_image.")),
+            ],
+            outputs=[io.Latent.Output(display_name="prefix_latent", tooltip=(
+                "The clean MAGI-1 latents of the prefix, for MAGI-1 Sampler's prefix_latent."))],
+        )
+
+    @classmethod
+    def validate_inputs(cls, vae=None, start_image=UNCONNECTED, prefix_video=UNCONNECTED):
+        # At queue time. Only sockets are taken: ComfyUI skips its own range checks of the inputs taken here.
+        # vae is taken only because ComfyUI reports a failure once per input it passed in, and with neither
+        # image connected it is the only one.
+        return one_of(start_image is not UNCONNECTED, prefix_video is not UNCONNECTED) or True
+
+    @classmethod
+    def execute(cls, vae, width, height, start_image=None, prefix_video=None) -> io.NodeOutput:
+        error = one_of(start_image is not None, prefix_video is not None)
+        if error:
+            raise ValueError(error)
+        check_vae(vae)
+        VideoLayout.plan(4, height, width)  # a size MAGI-1 takes (multiples of 16), before encoding
+        images = start_image[:1] if start_image is not None else prefix_video
+        # Temporal tiles of 1 or a multiple of 4 frames: keep the last frames that fit, the ones continued from.
+        usable = max(n for n in range(1, images.shape[0] + 1) if vae.encodable_frames(n))
+        if usable < images.shape[0]:
+            logging.warning("MAGI-1 Encode Prefix: the prefix video has %d frames; continuing from its last %d (the "
+                            "VAE encodes 1, 4, 8, 12, 13, 16, ... frames)", images.shape[0], usable)
+        images = fit_frames(images[images.shape[0] - usable:], width, height)
+        latent = vae.encode(images_to_video(images.to(vae.device)), VAETiling())
+        return io.NodeOutput({"samples": latent[None].to(mm.intermediate_device())})
+
+
+class MAGI1Decode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="MAGI1Decode",
+            display_name="MAGI-1 Decode",
+            category="MAGI-1",
+            description="Decodes MAGI-1 latents into frames, in tiles as released. Feed the frames to CreateVideo.",
+            inputs=[
+                MAGI1_VAE.Input("vae", tooltip="The MAGI-1 VAE from MAGI-1 VAE Loader."),
+                io.Latent.Input("samples", tooltip="Latents from MAGI-1 Sampler."),
+                io.Int.Input("tile_size", default=256, min=64, max=4096, step=64, tooltip=(
+                    "Tile width and height in pixels (256 as released). Smaller uses less GPU memory.")),
+            ],
+            outputs=[io.Image.Output(tooltip="The video frames (24 per second).")],
+        )
+
+    @classmethod
+    def execute(cls, vae, samples, tile_size) -> io.NodeOutput:
+        latent = samples["samples"]
+        if latent.dim() != 5 or latent.shape[1] != vae.config.z_chans:
+            raise ValueError(f"MAGI-1 Decode takes MAGI-1 latents [1, {vae.config.z_chans}, T, h, w], got "
+                             f"{list(latent.shape)}")
+        frames = [vae.decode(clip_latent, VAETiling(height=tile_size, width=tile_size),
+                             output_device=mm.intermediate_device()) for clip_latent in latent]
+        return io.NodeOutput(torch.cat([video_to_images(video) for video in frames]))

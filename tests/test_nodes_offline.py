@@ -1,0 +1,196 @@
+"""The nodes' own logic without ComfyUI (through the stand-ins of comfy_stubs), on the built-in tiny
+model: MAGI-1 Encode Prefix (one of its two inputs, the frames it keeps, the size), the sampler's checks
+of the prefix latent, and the special-token table that only MAGI-1 DiT Loader finds. tests/test_comfyui.py
+runs the same nodes inside a real ComfyUI."""
+
+import logging
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from comfy_stubs import pack_nodes
+from magi1 import Guidance, VAETiling, tiny
+
+TINY = "MAGI-1 tiny demo (built-in)"
+
+
+@pytest.fixture(scope="module")
+def pack():
+    """The pack's node classes by id, and their modules by file name (``pack.modules["sampler"]``)."""
+    with pack_nodes() as nodes:
+        classes = {node.GET_SCHEMA().node_id: node for node in nodes}
+        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
+        yield types.SimpleNamespace(modules=modules, **classes)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    return tiny.load_tiny_vae()
+
+
+@pytest.fixture(scope="module")
+def model(pack):
+    return pack.MAGI1DiTLoader.execute(checkpoint=TINY, variant="auto", weight_dtype="auto", attention="auto").result[0]
+
+
+def frames(n, height=64, width=64, seed=0):
+    return torch.rand(n, height, width, 3, generator=torch.Generator().manual_seed(seed))
+
+
+def encode(pack, vae, width=64, height=64, **images):
+    return pack.MAGI1EncodePrefix.execute(vae=vae, width=width, height=height, **images).result[0]["samples"]
+
+
+# ------------------------------------------------------------------------------------ MAGI-1 Encode Prefix
+def test_encode_prefix_takes_exactly_one_of_its_two_inputs(pack, vae):
+    node = pack.MAGI1EncodePrefix
+    with pytest.raises(ValueError, match="connect start_image .* or prefix_video"):
+        encode(pack, vae)
+    with pytest.raises(ValueError, match="not both"):
+        encode(pack, vae, start_image=frames(1), prefix_video=frames(4))
+    # At queue time ComfyUI passes None for a connected input and leaves an unconnected one out.
+    assert "connect start_image" in node.validate_inputs(vae=None)
+    assert "not both" in node.validate_inputs(vae=None, start_image=None, prefix_video=None)
+    assert node.validate_inputs(vae=None, start_image=None) is node.validate_inputs(prefix_video=None) is True
+
+
+def test_encode_prefix_keeps_the_last_frames_the_vae_encodes(pack, vae, caplog):
+    kept = {}
+    for n in range(1, 18):
+        video = frames(n, seed=n)
+        with caplog.at_level(logging.WARNING):
+            caplog.clear()
+            latent = encode(pack, vae, prefix_video=video)
+        kept[n] = next(k for k in range(n, 0, -1) if vae.encodable_frames(k))
+        expected = vae.encode(video[n - kept[n]:].movedim(-1, 0) * 2 - 1, VAETiling())
+        assert latent.shape == (1, 16, expected.shape[1], 8, 8) and torch.equal(latent[0], expected), n
+        warned = [r.getMessage() for r in caplog.records if "MAGI-1 Encode Prefix" in r.getMessage()]
+        assert warned == ([f"MAGI-1 Encode Prefix: the prefix video has {n} frames; continuing from its last "
+                           f"{kept[n]} (the VAE encodes 1, 4, 8, 12, 13, 16, ... frames)"] if kept[n] < n else []), n
+    assert sorted(set(kept.values())) == [1, 4, 8, 12, 13, 16]  # the release's 12-frame tiles
+
+
+def test_encode_prefix_start_image_is_one_frame_at_the_video_size(pack, vae):
+    batch = frames(3)
+    assert torch.equal(encode(pack, vae, start_image=batch), encode(pack, vae, prefix_video=batch[:1]))
+    assert encode(pack, vae, start_image=frames(1, height=40, width=56)).shape == (1, 16, 1, 8, 8)  # stretched
+    assert encode(pack, vae, width=96, height=32, start_image=batch).shape == (1, 16, 1, 4, 12)
+
+
+def test_encode_prefix_refuses_a_wrong_vae_or_size(pack, vae):
+    from magi1 import VAEConfig, random_vae
+
+    other = random_vae(VAEConfig(embed_dim=64, depth=1, num_heads=4, patch_size=4, video_size=16), seed=1)
+    with pytest.raises(ValueError, match="does not match the MAGI-1 DiT"):
+        encode(pack, other, start_image=frames(1))
+    with pytest.raises(ValueError, match="nearest valid value is 48"):
+        encode(pack, vae, width=40, start_image=frames(1))
+
+
+# ------------------------------------------------------------------------------------------ MAGI-1 Sampler
+def sample(pack, model, **changes):
+    positive = [[torch.randn(1, 5, 64), {"attention_mask": torch.ones(1, 5, dtype=torch.bool)}]]
+    request = dict(model=model, positive=positive, width=64, height=64, frames=48, steps=4, seed=0, guidance=5.0)
+    return pack.MAGI1Sampler.execute(**{**request, **changes})
+
+
+def test_sampler_refuses_a_prefix_of_another_size_naming_both(pack, model):
+    prefix = {"samples": torch.zeros(1, 16, 1, 4, 6)}  # encoded at 48 wide, 32 high
+    with pytest.raises(ValueError) as error:
+        sample(pack, model, prefix_latent=prefix)
+    assert str(error.value).startswith("the prefix latent was encoded at 48x32 but the sampler makes 64x64: set "
+                                       "MAGI-1 Encode Prefix's width/height to 64x64")
+    with pytest.raises(ValueError, match=r"one MAGI-1 latent \[1, 16, frames, h, w\], got \[1, 4, 1, 8, 8\]"):
+        sample(pack, model, prefix_latent={"samples": torch.zeros(1, 4, 1, 8, 8)})
+
+
+def test_sampler_refuses_the_inputs_it_no_longer_takes_at_queue_time(pack):
+    assert pack.MAGI1Sampler.validate_inputs() is True
+    message = pack.MAGI1Sampler.validate_inputs(vae=None, start_image=None)
+    assert message.startswith("MAGI-1 Sampler no longer takes vae or start_image (pack 0.2.0): connect them to "
+                              "MAGI-1 Encode Prefix")
+
+
+@pytest.fixture
+def captured(pack, monkeypatch):
+    """What the sampler hands to ``generate`` (stubbed: these tests are about the node, not the sampler)."""
+    calls = []
+
+    def generate(model, caption, caption_mask, **kwargs):
+        calls.append(dict(caption=caption, caption_mask=caption_mask, **kwargs))
+        stats = types.SimpleNamespace(summary=lambda: "computed 100%")
+        return types.SimpleNamespace(latent=torch.zeros(16, 12, 8, 8), stats=stats)
+
+    monkeypatch.setattr(pack.modules["sampler"], "generate", generate)
+    return calls
+
+
+def test_sampler_reads_the_special_tokens_and_prefix_from_the_model_and_latent(pack, model, vae, captured):
+    table = model.model.special_tokens
+    assert torch.equal(table.hq, tiny.tiny_special_tokens().hq)  # attached by the loader
+    prefix = pack.MAGI1EncodePrefix.execute(vae=vae, width=64, height=64, start_image=frames(1)).result[0]
+    own = type(table)(hq=table.hq * 2, durations=table.durations + 1)  # another table: the one read must be this
+    clone = model.clone()
+    clone.model = types.SimpleNamespace(diffusion_model=model.model.diffusion_model, special_tokens=own)
+    latent, report, _ = sample(pack, clone, prefix_latent=prefix).result
+    call = captured[-1]
+    # 48 frames after a one-frame prefix: 1 + 12 latent frames, 3 chunks of 6 to generate, each captioned
+    # [DURATION (chunks after it), HQ, T5 ...] from the MODEL's table
+    assert call["caption"].shape[0] == 3 and torch.equal(call["caption"][:, 1], own.hq.expand(3, -1))
+    assert [torch.equal(call["caption"][c, 0], own.duration(2 - c)) for c in range(3)] == [True] * 3
+    assert torch.equal(call["prefix"], prefix["samples"][0])
+    # the release's guidance table at the widget's scale (the pack's own copy of magi1: compared by value)
+    assert repr(call["guidance"]) == repr(Guidance().with_text_scale(5.0))
+    assert call["guidance"].text_scales == (5.0, 5.0, 5.0, 0.0, 0.0)
+    assert latent["samples"].shape == (1, 16, 12, 8, 8) and report == "computed 100%"
+
+
+def test_sampler_without_a_special_token_table_names_the_fix(pack, model, captured):
+    clone = model.clone()
+    clone.model = types.SimpleNamespace(diffusion_model=model.model.diffusion_model, special_tokens=None)
+    with pytest.raises(ValueError) as error:
+        sample(pack, clone)
+    message = str(error.value)
+    assert "no MAGI-1 special-token table" in message and "MAGI-1 DiT Loader" in message
+    assert "SandAI-org/MAGI-1" in message and "special_tokens.npz" in message and not captured
+
+
+# ------------------------------------------------------------------------------------- MAGI-1 DiT Loader
+def test_dit_loader_finds_the_special_tokens_once(pack, tmp_path):
+    """The official path: the table from models/text_encoders, else models/diffusion_models, else an error
+    saying where to get it; found before the weights load."""
+    folder_paths = pack.modules["loaders"].folder_paths
+    text_encoders, empty = tmp_path / "text_encoders", tmp_path / "empty"
+    text_encoders.mkdir(), empty.mkdir()
+    load = dict(checkpoint="dit.safetensors", variant="auto", weight_dtype="auto", attention="auto")
+    # the tiny weights folder stands in for models/diffusion_models (it holds a special_tokens.npz too)
+    folder_paths.folders = {"text_encoders": [str(empty)], "diffusion_models": [tiny.WEIGHTS]}
+    try:
+        model = pack.MAGI1DiTLoader.execute(**load).result[0]
+        assert torch.equal(model.model.special_tokens.hq, tiny.tiny_special_tokens().hq)
+        other = np.random.default_rng(0).normal(size=(100, 64))
+        np.savez(text_encoders / "special_tokens.npz", other_tokens=other)
+        folder_paths.folders["text_encoders"] = [str(text_encoders)]
+        model = pack.MAGI1DiTLoader.execute(**load).result[0]
+        assert torch.equal(model.model.special_tokens.hq, torch.from_numpy(other[1].astype(np.float16)).float())
+        folder_paths.folders = {"text_encoders": [str(empty)], "diffusion_models": [str(empty)]}
+        with pytest.raises(FileNotFoundError) as error:  # before looking for the weights
+            pack.MAGI1DiTLoader.execute(**load)
+        assert "SandAI-org/MAGI-1" in str(error.value) and str(empty) in str(error.value)
+    finally:
+        folder_paths.folders = {}
+
+
+def test_t5_module_no_longer_searches_for_the_table(pack):
+    t5 = sys.modules[pack.modules["text_encode"].__name__.rsplit(".", 1)[0] + ".t5"]
+    assert not hasattr(t5, "special_tokens")
+    assert not hasattr(pack.modules["sampler"], "find_special_tokens")
+
+
+def test_decode_gives_frames_of_the_encoded_size(pack, vae):
+    latent = pack.MAGI1EncodePrefix.execute(vae=vae, width=64, height=64, prefix_video=frames(8)).result[0]
+    images = pack.MAGI1Decode.execute(vae=vae, samples=latent, tile_size=256).result[0]
+    assert images.shape == (8, 64, 64, 3) and 0 <= float(images.min()) and float(images.max()) <= 1
