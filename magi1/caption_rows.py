@@ -22,18 +22,20 @@ class CaptionRows:
         null, null_mask = null_caption(model.y_embedder.null_caption_embedding.to(device))
         self._shape = (null.shape[0], config.caption_channels)
         self._device = device
-        self._embeddings, self._masks = [null[None]], [null_mask[None]]
+        embeddings, masks = [null[None]], [null_mask[None]]
 
         positive, positive_mask = self._checked("caption", caption, caption_mask)
         # An empty prompt: the released pipeline then uses the null caption.
-        self.positive = self._add(positive, positive_mask) if bool(positive_mask.any()) else [0] * self._generated
-        self.negative = [0] * self._generated
+        self.positive = [self.NULL] * self._generated
+        if bool(positive_mask.any()):
+            self.positive = self._append(embeddings, masks, positive, positive_mask)
+        self.negative = [self.NULL] * self._generated
         if negative_caption is not None:
-            self.negative = self._add(*self._checked("negative_caption", negative_caption, negative_mask))
-        self.table = torch.cat(self._embeddings)
-        self.masks = torch.cat(self._masks)
+            negative, negative_mask = self._checked("negative_caption", negative_caption, negative_mask)
+            self.negative = self._append(embeddings, masks, negative, negative_mask)
+        self.table = torch.cat(embeddings)
+        self.masks = torch.cat(masks)
         self.lengths = self.masks.sum(dim=1).tolist()
-        del self._embeddings, self._masks
 
     def row(self, chunk, stream):
         """Row of a noisy chunk in a stream ("positive" or "negative")."""
@@ -62,9 +64,9 @@ class CaptionRows:
             raise ValueError(f"{name} mask must be {list(emb.shape[:2])}, got {list(mask.shape)}")
         return emb.to(self._device, torch.float32), mask.to(self._device).bool()
 
-    def _add(self, emb, mask):
-        """Table rows of the generated chunks for these captions (one row may serve all)."""
-        first = sum(e.shape[0] for e in self._embeddings)
-        self._embeddings.append(emb)
-        self._masks.append(mask)
+    def _append(self, embeddings, masks, emb, mask):
+        """Append captions to the table's parts; their rows for the generated chunks (one may serve all)."""
+        first = sum(e.shape[0] for e in embeddings)
+        embeddings.append(emb)
+        masks.append(mask)
         return [first + (i if emb.shape[0] > 1 else 0) for i in range(self._generated)]

@@ -83,14 +83,14 @@ def write_prefix(call, kv_cache, prefix, chunks, chunk_width, chunk_tokens, *, u
 class SinglePass:
     """Distilled models: one pass with the prompt, and the nearly-clean copy of the oldest chunk.
 
-    ``call`` is the run's ``DiTCall``; ``reuse``: some tokens may be reused, so the copy's keys/values
+    ``call`` is the run's ``DiTCall``; ``reusing``: some tokens may be reused, so the copy's keys/values
     are kept as well (one more block after the window), and it may be computed sparsely like its chunk.
     """
 
-    def __init__(self, guidance, model, layout, captions, call, *, reuse, kv_offload):
-        self.guidance, self.captions, self.call, self.reuse = guidance, captions, call, reuse
+    def __init__(self, guidance, model, layout, captions, call, *, reusing, kv_offload):
+        self.guidance, self.captions, self.call, self.reusing = guidance, captions, call, reusing
         self.cw, self.ct = layout.chunk_width, layout.tokens_per_chunk
-        self.kv_main = KVCache.for_model(model, (layout.chunk_num + int(reuse)) * self.ct, offload=kv_offload)
+        self.kv_main = KVCache.for_model(model, (layout.chunk_num + int(reusing)) * self.ct, offload=kv_offload)
         self.copy_rows_owner = None  # (chunk, block) whose nearly-clean copy's keys/values are in the KV cache
 
     @property
@@ -132,7 +132,7 @@ class SinglePass:
             rows.append(rows[refresh])
             ranges.append((block * ct, (block + 1) * ct))
             copy = self._copy_active(active[refresh], (plan.start, block))
-            kv_write += int(self.reuse)
+            kv_write += int(self.reusing)
             active.append(copy)
             counts.append(ct if copy is None else int(copy.numel()))
         out = self.call(x[None], [t], rows, ranges, slice_point=plan.slice_point, unconditional=False,
@@ -146,7 +146,7 @@ class SinglePass:
 
     def _copy_active(self, chunk_active, owner):
         """The copy computes its chunk's tokens, but whole while its cached rows belong to another chunk."""
-        if not self.reuse:
+        if not self.reusing:
             return chunk_active
         if chunk_active is not None and chunk_active.numel() and self.copy_rows_owner != owner:
             chunk_active = None
@@ -158,20 +158,20 @@ class SinglePass:
 class ThreePass:
     """Base models: ``cond``, ``cond_pre`` and ``uncond`` passes, combined per chunk by its time.
 
-    ``reuse``: some chunks may be reused, so ``cond`` keeps its own KV cache; ``token_reuse``: some
+    ``reusing``: some chunks may be reused, so ``cond`` keeps its own KV cache; ``token_reuse``: some
     tokens may be, so each window slot's ``uncond`` pass keeps one too.
     """
 
-    def __init__(self, guidance, model, layout, captions, call, *, reuse, token_reuse, kv_offload, window_size):
+    def __init__(self, guidance, model, layout, captions, call, *, reusing, token_reuse, kv_offload, window_size):
         self.guidance, self.captions, self.call = guidance, captions, call
         self.cw, self.ct, self.window_size = layout.chunk_width, layout.tokens_per_chunk, window_size
         capacity = layout.chunk_num * self.ct
         self.kv_main = KVCache.for_model(model, capacity, offload=kv_offload)
-        self.kv_cond = KVCache.for_model(model, capacity, offload=kv_offload) if reuse else None
+        self.kv_cond = KVCache.for_model(model, capacity, offload=kv_offload) if reusing else None
         self.kv_uncond = None
         if token_reuse:
             self.kv_uncond = [KVCache.for_model(model, self.ct, offload=kv_offload) for _ in range(window_size)]
-        self.reuse = reuse
+        self.reusing = reusing
 
     @property
     def kv_caches(self):
@@ -209,7 +209,7 @@ class ThreePass:
             rows = [0] * refresh + [self.captions.row(c, "positive") for c in noisy]
             kv_cond = self.kv_cond if self.kv_cond is not None else self.kv_main
             cond = self.call(x_call[None], t, rows, ranges, unconditional=False, kv_cache=kv_cond,
-                             kv_write=kv_write if self.reuse else 0, **common)[0, :, refresh * cw:]
+                             kv_write=kv_write if self.reusing else 0, **common)[0, :, refresh * cw:]
         rows = [0] * refresh + [self.captions.row(c, "negative") for c in noisy]
         cond_pre = self.call(x_call[None], t, rows, ranges, unconditional=True, kv_cache=self.kv_main,
                              kv_write=kv_write, **common)[0, :, refresh * cw:]

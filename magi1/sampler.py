@@ -183,11 +183,11 @@ class _Loop:
         return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
 
 
-def _guidance_streams(guidance, model, layout, captions, call, token_reuse, reuse, kv_offload, window_size):
+def _guidance_streams(guidance, model, layout, captions, call, token_reuse, reusing, kv_offload, window_size):
     """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise)."""
     if guidance.passes == 1 or (guidance.passes is None and model.distill):
-        return SinglePass(guidance, model, layout, captions, call, reuse=reuse, kv_offload=kv_offload)
-    return ThreePass(guidance, model, layout, captions, call, reuse=reuse, token_reuse=token_reuse,
+        return SinglePass(guidance, model, layout, captions, call, reusing=reusing, kv_offload=kv_offload)
+    return ThreePass(guidance, model, layout, captions, call, reusing=reusing, token_reuse=token_reuse,
                      kv_offload=kv_offload, window_size=window_size)
 
 
