@@ -13,13 +13,15 @@ from .decision import Decision
 
 @dataclass
 class ChunkMemory:
+    """One chunk's reuse memory, from its first decision to its last step."""
+
     prev_feature: Optional[torch.Tensor] = None
     chunk_acc: Optional[torch.Tensor] = None  # scalar float32: accumulated Δ since the last compute
     chunk_reuses: int = 0  # consecutive whole-chunk reuses
     token_acc: Optional[torch.Tensor] = None  # [N] float32: accumulated W·Δ since each token's last compute
     token_reuses: Optional[torch.Tensor] = None  # [N] int32: consecutive reuses of each token
     velocity: Optional[torch.Tensor] = None  # [C, T, H, W]: each pixel's last computed velocity
-    velocity_dt: Optional[torch.Tensor] = None  # [N]: step size each token's velocity was computed at (released mode)
+    velocity_dt: Optional[torch.Tensor] = None  # [N]: step size of each token's velocity (rescale_reused_velocity=False only)
     weights: Optional[torch.Tensor] = None  # [N] float32: token weights for the next decision
     pending: Optional[Decision] = field(default=None, repr=False)  # decided, velocity not yet handed back
     pending_mask: Optional[torch.Tensor] = field(default=None, repr=False)  # bool [N] of a pending sparse decision

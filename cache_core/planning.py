@@ -27,7 +27,7 @@ class Plan:
     phase: str
     delta: Optional[Delta]
     cand: Optional[torch.Tensor] = None  # accumulator value if reused
-    active: Optional[torch.Tensor] = None  # token phase: bool [N]
+    active_mask: Optional[torch.Tensor] = None  # token phase: bool [N], the tokens to compute
     slot: int = 0  # where this plan's numbers sit in the synced list
     finite_slot: Optional[int] = None  # where the finiteness flag of its Δ sits, if one was synced
 
@@ -81,27 +81,30 @@ def queue_window(policy, plans, window_acc, sync):
     return acc, slot
 
 
-def queue_chunk(policy, plan):
-    """Whole-chunk reuse: the chunk's accumulator if it is reused this step."""
+def queue_chunk(policy, plan, sync):
+    """Whole-chunk reuse: the chunk's accumulator if it is reused this step; queues whether it is."""
     delta = plan.delta.value
     plan.cand = delta if plan.mem.chunk_acc is None else plan.mem.chunk_acc + delta
-    return plan.cand < policy.chunk_threshold, torch.isfinite(delta)
+    plan.slot = sync.add(plan.cand < policy.chunk_threshold, torch.isfinite(delta))
+    plan.finite_slot = plan.slot + 1
 
 
-def queue_token(policy, plan, n_tokens):
-    """Token-wise reuse: every token's accumulator and which tokens reach τ (or the reuse cap)."""
+def queue_token(policy, plan, sync, n_tokens):
+    """Token-wise reuse: every token's accumulator and which tokens reach τ (or the reuse cap); queues
+    how many are computed and how many of those the cap forced."""
     delta = plan.delta.value
     mem = plan.mem
     mem.start_token_phase(n_tokens, delta.device)
     weights = mem.weights if mem.weights is not None else 1.0
     plan.cand = mem.token_acc + weights * delta
-    plan.active = plan.cand >= policy.tau
+    plan.active_mask = plan.cand >= policy.tau
     n_forced = delta.new_zeros(())
     if policy.max_reuse is not None:
         forced = mem.token_reuses >= policy.max_reuse
-        plan.active = plan.active | forced
+        plan.active_mask = plan.active_mask | forced
         n_forced = forced.sum().float()
-    return plan.active.sum().float(), n_forced, torch.isfinite(delta)
+    plan.slot = sync.add(plan.active_mask.sum().float(), n_forced, torch.isfinite(delta))
+    plan.finite_slot = plan.slot + 2
 
 
 def check_finite(plans, synced):
@@ -136,7 +139,7 @@ def computed_whole(plan, n_tokens):
 
 def token_decision(policy, plan, n_active, n_forced, n_tokens):
     """The token phase's decision from the synced counts; accumulators reset where computed."""
-    cs, mem, cand, active = plan.cs, plan.mem, plan.cand, plan.active
+    cs, mem, cand, active = plan.cs, plan.mem, plan.cand, plan.active_mask
     mem.chunk_reuses = 0  # the chunk-wise counter only spans the chunk-wise phase
     deferred = 0 < n_active < policy.min_active_ratio * n_tokens and n_forced == 0
     if n_active == 0 or deferred:  # nothing (or too little) to compute: every token keeps accumulating

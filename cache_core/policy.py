@@ -53,7 +53,7 @@ class CachePolicy:
     weight_combine_mode: str = "max"
     # Weights from the noisy latent x_t (as released) or from the denoised estimate x_t + (1 - t)·v.
     proxy: str = "denoised"
-    # Most consecutive steps one token may be reused before it is forced fresh; None = no cap.
+    # Most consecutive steps one chunk or token may be reused before it is forced fresh; None = no cap.
     max_reuse: Optional[int] = None
     # A sparse update touching fewer than this fraction of a chunk's tokens is deferred (tokens keep
     # accumulating) unless a token is forced by max_reuse.

@@ -70,11 +70,9 @@ class CacheState:
             window_acc, window_slot = planning.queue_window(policy, window, self._window_acc, sync)
         for plan in plans:
             if plan.phase == "chunk":
-                plan.slot = sync.add(*planning.queue_chunk(policy, plan))
-                plan.finite_slot = plan.slot + 1
+                planning.queue_chunk(policy, plan, sync)
             elif plan.phase == "token":
-                plan.slot = sync.add(*planning.queue_token(policy, plan, n))
-                plan.finite_slot = plan.slot + 2
+                planning.queue_token(policy, plan, sync, n)
         synced = sync.read()
         planning.check_finite(plans, synced)
 

@@ -42,6 +42,10 @@ class CaptionRows:
         rows = self.positive if stream == "positive" else self.negative
         return rows[chunk - self.chunk_offset]
 
+    def call_rows(self, plan, stream):
+        """The rows of one call's chunks: the null caption for a refreshed clean chunk, then the window's."""
+        return [self.NULL] * int(plan.refresh_clean) + [self.row(c, stream) for c in range(plan.start, plan.end)]
+
     def tensors(self, rows, sequences):
         """The captions and masks ``(sequences, chunks, L, D)``, ``(sequences, chunks, L)`` of ``rows``
         (per sequence, per chunk)."""

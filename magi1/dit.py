@@ -280,7 +280,7 @@ class MagiDiT(nn.Module):
 
     def patch_embedding(self, x):
         """The float32 patch embedding ``(N, D, T, H/2, W/2)`` of latents ``(N, 16, T, H, W)``: the first
-        thing a forward computes, and the change feature the caches compare between steps."""
+        thing a forward computes, and the change feature the reuse policy compares between steps."""
         x = x.float() * self.config.x_rescale_factor
         if self.config.half_channel_vae:  # the 24B model doubles the 16 latent channels into its 32 inputs
             x = torch.cat([x, x], dim=1)

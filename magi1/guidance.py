@@ -1,16 +1,17 @@
 """Classifier-free guidance as released: the 1-pass rule of distilled models and the 3-pass rule of base
 models, and which KV cache each guidance stream reads and writes.
 
-* base models, 3 passes: ``cond`` (prompt, reads the KV cache), ``cond_pre`` (null caption,
-  unconditional adaLN token, reads and writes the KV cache) and ``uncond`` (null caption, each chunk
-  alone). Per chunk, with scales chosen by the chunk's time:
+* base models, 3 passes: ``cond`` (prompt, reads the KV cache), ``cond_pre`` (the negative prompt,
+  else the null caption, with the unconditional adaLN token; reads and writes the KV cache) and
+  ``uncond`` (the same caption, each chunk alone). Per chunk, with scales chosen by the chunk's time:
   ``v = (1 - s_prev) * v_uncond + (s_prev - s_text) * v_cond_pre + s_text * v_cond``.
 * distilled models, 1 pass with the prompt; while the oldest chunk is nearly clean (t > 0.3) a copy of
   it that sees only itself is appended, and its velocity is blended in: ``0.7 * v + 0.3 * v_alone``.
 
-With token reuse the DiT reads the keys/values of the tokens it does not recompute from the KV cache, so
-those rows must hold what the stream reading them wrote: 3-pass runs then keep one KV cache per
-stream (``cond_pre`` the official one, ``cond`` its own whose clean rows are copied from it, and
+When chunks or tokens may be reused, a chunk computed in one stream but not another would leave KV rows
+written by the wrong stream, and the sparse forward reads the keys/values of the tokens it does not
+recompute from the KV cache: so 3-pass runs keep one KV cache per stream (``cond_pre`` the official
+one, ``cond`` its own whose clean rows are copied from it, and, when single tokens may be reused,
 ``uncond`` one chunk-sized cache per window slot), and 1-pass runs keep the nearly-clean copy's
 keys/values in one more block after the window.
 """
@@ -23,6 +24,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .caption_rows import CaptionRows
 from .kv_cache import KVCache
 from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T
 
@@ -68,23 +70,22 @@ class Guidance:
         return float(self.prev_chunk_scales[index]), float(self.text_scales[index])
 
 
-
-
 def write_prefix(call, kv_cache, prefix, chunks, chunk_width, chunk_tokens, *, unconditional):
     """Write the clean prefix chunks' keys/values into ``kv_cache`` (null caption, t = clean_t, each chunk
     sees itself), as ``extract_prefix_video_feature``; the output is not used."""
     ct = chunk_tokens
     t = torch.full((1, chunks), CLEAN_T).tolist()
     ranges = [(max(0, j + 1 - CLEAN_CHUNK_KVRANGE) * ct, (j + 1) * ct) for j in range(chunks)]
-    call(prefix[None, :, : chunks * chunk_width], t, [0] * chunks, ranges, slice_point=0, unconditional=unconditional,
+    call(prefix[None, :, : chunks * chunk_width], t, [CaptionRows.NULL] * chunks, ranges, slice_point=0, unconditional=unconditional,
          kv_cache=kv_cache, kv_write=chunks, stage=0, counts=[ct] * chunks)
 
 
 class SinglePass:
     """Distilled models: one pass with the prompt, and the nearly-clean copy of the oldest chunk.
 
-    ``call`` is the run's ``DiTCall``; ``reusing``: some tokens may be reused, so the copy's keys/values
-    are kept as well (one more block after the window), and it may be computed sparsely like its chunk.
+    ``call`` is the run's ``DiTCall``; ``reusing``: chunks or tokens may be reused, so the copy's
+    keys/values are kept as well (one more block after the window), and it may be computed sparsely like
+    its chunk.
     """
 
     def __init__(self, guidance, model, layout, captions, call, *, reusing, kv_offload):
@@ -108,8 +109,8 @@ class SinglePass:
 
     def dense_calls(self, plan, t_noisy):
         """``(queries, keys, caption row)`` of every chunk of every call the released sampler makes."""
-        ct, refresh = self.ct, int(plan.refresh_clean)
-        rows = [0] * refresh + [self.captions.row(c, "positive") for c in range(plan.start, plan.end)]
+        ct = self.ct
+        rows = self.captions.call_rows(plan, "positive")
         groups = [[(ct, (b - a) * ct, row) for (a, b), row in zip(plan.kv_ranges, rows)]]
         if self.near_clean(t_noisy):
             groups.append([(ct, ct, self.captions.row(plan.start, "positive"))])
@@ -120,7 +121,7 @@ class SinglePass:
         cw, ct, refresh = self.cw, self.ct, int(plan.refresh_clean)
         n_call = len(plan.kv_ranges)
         t = [CLEAN_T] * refresh + t_noisy
-        rows = [0] * refresh + [self.captions.row(c, "positive") for c in range(plan.start, plan.end)]
+        rows = self.captions.call_rows(plan, "positive")
         ranges = [(a * ct, b * ct) for a, b in plan.kv_ranges]
         active, counts = [None] * refresh + active, [ct] * refresh + counts
         kv_write, x = n_call, x_call
@@ -158,39 +159,40 @@ class SinglePass:
 class ThreePass:
     """Base models: ``cond``, ``cond_pre`` and ``uncond`` passes, combined per chunk by its time.
 
-    ``reusing``: some chunks may be reused, so ``cond`` keeps its own KV cache; ``token_reuse``: some
-    tokens may be, so each window slot's ``uncond`` pass keeps one too.
+    ``reusing``: chunks or tokens may be reused, so ``cond`` keeps its own KV cache (``cond_pre`` has the
+    official one); ``token_level``: single tokens may be, so each window slot's ``uncond`` pass keeps one
+    too.
     """
 
-    def __init__(self, guidance, model, layout, captions, call, *, reusing, token_reuse, kv_offload, window_size):
+    def __init__(self, guidance, model, layout, captions, call, *, reusing, token_level, kv_offload, window_size):
         self.guidance, self.captions, self.call = guidance, captions, call
         self.cw, self.ct, self.window_size = layout.chunk_width, layout.tokens_per_chunk, window_size
         capacity = layout.chunk_num * self.ct
-        self.kv_main = KVCache.for_model(model, capacity, offload=kv_offload)
+        self.kv_cond_pre = KVCache.for_model(model, capacity, offload=kv_offload)
         self.kv_cond = KVCache.for_model(model, capacity, offload=kv_offload) if reusing else None
         self.kv_uncond = None
-        if token_reuse:
+        if token_level:
             self.kv_uncond = [KVCache.for_model(model, self.ct, offload=kv_offload) for _ in range(window_size)]
         self.reusing = reusing
 
     @property
     def kv_caches(self):
-        return [c for c in [self.kv_main, self.kv_cond] + (self.kv_uncond or []) if c is not None]
+        return [c for c in [self.kv_cond_pre, self.kv_cond] + (self.kv_uncond or []) if c is not None]
 
     def close(self):
-        self.kv_main = self.kv_cond = self.kv_uncond = None
+        self.kv_cond_pre = self.kv_cond = self.kv_uncond = None
 
     def encode_prefix(self, prefix, chunks):
-        write_prefix(self.call, self.kv_main, prefix, chunks, self.cw, self.ct, unconditional=True)
+        write_prefix(self.call, self.kv_cond_pre, prefix, chunks, self.cw, self.ct, unconditional=True)
         if self.kv_cond is not None:
             self._copy_rows(0, chunks)
 
     def dense_calls(self, plan, t_noisy):
-        ct, refresh = self.ct, int(plan.refresh_clean)
+        ct = self.ct
         noisy = range(plan.start, plan.end)
         groups = []
         for stream in ("positive", "negative"):
-            rows = [0] * refresh + [self.captions.row(c, stream) for c in noisy]
+            rows = self.captions.call_rows(plan, stream)
             groups.append([(ct, (b - a) * ct, row) for (a, b), row in zip(plan.kv_ranges, rows)])
         groups.append([(ct, ct, self.captions.row(c, "negative")) for c in noisy])
         return groups
@@ -206,12 +208,12 @@ class ThreePass:
         kv_write = len(plan.kv_ranges)
         cond = None
         if computed:
-            rows = [0] * refresh + [self.captions.row(c, "positive") for c in noisy]
-            kv_cond = self.kv_cond if self.kv_cond is not None else self.kv_main
+            rows = self.captions.call_rows(plan, "positive")
+            kv_cond = self.kv_cond if self.kv_cond is not None else self.kv_cond_pre
             cond = self.call(x_call[None], t, rows, ranges, unconditional=False, kv_cache=kv_cond,
                              kv_write=kv_write if self.reusing else 0, **common)[0, :, refresh * cw:]
-        rows = [0] * refresh + [self.captions.row(c, "negative") for c in noisy]
-        cond_pre = self.call(x_call[None], t, rows, ranges, unconditional=True, kv_cache=self.kv_main,
+        rows = self.captions.call_rows(plan, "negative")
+        cond_pre = self.call(x_call[None], t, rows, ranges, unconditional=True, kv_cache=self.kv_cond_pre,
                              kv_write=kv_write, **common)[0, :, refresh * cw:]
         if self.kv_cond is not None and refresh:  # the cond stream reads the clean chunk as cond_pre wrote it
             self._copy_rows(plan.slice_point, plan.slice_point + 1)
@@ -234,8 +236,7 @@ class ThreePass:
         if self.kv_uncond is None:
             x = torch.stack([x_noisy[:, j * cw:(j + 1) * cw] for j in computed])
             out = self.call(x, [[t_noisy[j]] for j in computed], rows, [(0, ct)], slice_point=0, unconditional=True,
-                            kv_cache=None, kv_write=0, stage=plan.stage_index, counts=[ct] * len(computed),
-                            sequences=len(computed))
+                            kv_cache=None, kv_write=0, stage=plan.stage_index, counts=[ct], sequences=len(computed))
             return {j: out[i] for i, j in enumerate(computed)}
         uncond = {}
         for row, j in zip(rows, computed):
@@ -247,6 +248,6 @@ class ThreePass:
 
     def _copy_rows(self, first_chunk, end_chunk):
         rows = slice(first_chunk * self.ct, end_chunk * self.ct)
-        for layer in range(len(self.kv_main.keys)):
-            self.kv_cond.keys[layer][rows].copy_(self.kv_main.keys[layer][rows])
-            self.kv_cond.values[layer][rows].copy_(self.kv_main.values[layer][rows])
+        for layer in range(len(self.kv_cond_pre.keys)):
+            self.kv_cond.keys[layer][rows].copy_(self.kv_cond_pre.keys[layer][rows])
+            self.kv_cond.values[layer][rows].copy_(self.kv_cond_pre.values[layer][rows])

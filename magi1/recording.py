@@ -40,7 +40,8 @@ class Recorder:
                      caption_tokens=self.captions.lengths[row]).total
 
     def count_call(self, rows, ranges, counts, sequences=1):
-        """One DiT call: ``rows`` per (sequence, chunk), each chunk's key ``ranges`` and query ``counts``."""
+        """One DiT call: ``rows`` per (sequence, chunk); each chunk's key ``ranges`` and query ``counts``,
+        the same for every sequence."""
         self.stats.model_calls += 1
         per_sequence = len(rows) // sequences
         for i, row in enumerate(rows):

@@ -1,7 +1,8 @@
 """Token reuse during sampling: the only code that talks to a cache policy (``reuse_contract``).
 
-It turns the policy state's decisions into the DiT's ``active`` argument, hands back the velocities
-to integrate with (fresh or reused), and shows the state the chunks after every step.
+``start_reuse`` reads the policy once (is it on, does it reuse single tokens, its name for reports);
+the driver it returns turns the policy state's decisions into the DiT's ``active`` argument, hands back
+the velocities to integrate with (fresh or reused), and hands the state the chunks after every step.
 """
 
 from __future__ import annotations
@@ -9,13 +10,22 @@ from __future__ import annotations
 FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
 
+def start_reuse(policy, model, layout, num_steps):
+    """The driver of one run: ``PolicyReuse`` for a policy that is on, else ``NoReuse``."""
+    if policy is None or not policy.enabled:
+        return NoReuse(layout, "off" if policy is None else policy.mode)
+    return PolicyReuse(policy, model, layout, num_steps)
+
+
 class NoReuse:
     """Without a policy (or with one that is off): every token of every chunk is computed."""
 
-    decisions = None
+    reusing = False  # some chunks or tokens may be reused (guidance keeps more KV caches then)
+    token_level = False  # single tokens may be reused, not only whole chunks
 
-    def __init__(self, layout):
+    def __init__(self, layout, mode="off"):
         self.tokens = layout.tokens_per_chunk
+        self.mode = mode  # the policy's name in reports
 
     def decide(self, chunks, chunk_steps, x_noisy):
         return None
@@ -34,11 +44,14 @@ class NoReuse:
         pass
 
 
-class TokenReuse(NoReuse):
+class PolicyReuse(NoReuse):
     """A policy's per-run state driven through one generation of ``model``."""
 
+    reusing = True
+
     def __init__(self, policy, model, layout, num_steps):
-        super().__init__(layout)
+        super().__init__(layout, policy.mode)
+        self.token_level = policy.uses_token_weights
         self.model, self.cw = model, layout.chunk_width
         chunk_shape = (model.config.latent_channels, layout.chunk_width,
                        layout.latent_height, layout.latent_width)

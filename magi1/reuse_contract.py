@@ -43,7 +43,8 @@ class ReuseState(Protocol):
     def observe(self, chunks: Sequence[Tuple[int, int, torch.Tensor, torch.Tensor, float]],
                 frame_before: Optional[torch.Tensor] = None) -> None:
         """``(chunk_id, step, latent, velocity, t)`` of each window chunk after the step (``t``: its time
-        after it), oldest first; ``frame_before``: the clean latent frame before the window, if any."""
+        after it), oldest first; ``frame_before``: the clean latent frame before the first of them (None
+        for the first chunk of the video)."""
 
 
 @runtime_checkable
@@ -58,8 +59,8 @@ class ReusePolicy(Protocol):
 
     @property
     def uses_token_weights(self) -> bool:
-        """True when single tokens may be reused (not only whole chunks): base models then need a KV
-        cache per guidance stream and window slot."""
+        """True when decisions are per token (weighted by motion and detail), so single tokens may be
+        reused, not only whole chunks: base models then need a KV cache per window slot too."""
 
     def new_state(self, *, num_steps: int, chunk_shape: Tuple[int, int, int, int],
                   patch: Tuple[int, int]) -> ReuseState:

@@ -23,7 +23,7 @@ from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
 from .layout import VideoLayout
 from .recording import Recorder
-from .reuse import NoReuse, TokenReuse
+from .reuse import start_reuse
 from .reuse_contract import ReusePolicy
 from .sample_stats import SampleStats
 from .schedule import check_steps, time_grid, total_forward_steps, window_step
@@ -92,12 +92,11 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     x = _initial_latent(noise, seed, latent_shape, model.device)
     captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
 
-    reusing = policy is not None and policy.enabled
-    recorder = Recorder("off" if policy is None else policy.mode, model.config, captions, layout, record_masks)
+    reuse = start_reuse(policy, model, layout, steps)  # before any KV cache: a policy may refuse this video
+    recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
     streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps),
-                                reusing and policy.uses_token_weights, reusing, kv_offload, window_size)
+                                reuse, kv_offload, window_size)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
-    reuse = TokenReuse(policy, model, layout, steps) if reusing else NoReuse(layout)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
     try:
         with torch.no_grad():
@@ -183,11 +182,12 @@ class _Loop:
         return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
 
 
-def _guidance_streams(guidance, model, layout, captions, call, token_reuse, reusing, kv_offload, window_size):
-    """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise)."""
+def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size):
+    """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise), with the
+    KV caches that ``reuse`` needs."""
     if guidance.passes == 1 or (guidance.passes is None and model.distill):
-        return SinglePass(guidance, model, layout, captions, call, reusing=reusing, kv_offload=kv_offload)
-    return ThreePass(guidance, model, layout, captions, call, reusing=reusing, token_reuse=token_reuse,
+        return SinglePass(guidance, model, layout, captions, call, reusing=reuse.reusing, kv_offload=kv_offload)
+    return ThreePass(guidance, model, layout, captions, call, reusing=reuse.reusing, token_level=reuse.token_level,
                      kv_offload=kv_offload, window_size=window_size)
 
 

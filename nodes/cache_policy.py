@@ -62,7 +62,7 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                     "Signal the weights are measured on. latent: the noisy latent (as released). denoised: "
                     "the model's current clean estimate (less dominated by noise early on).")),
                 io.Int.Input("max_reuse", default=0, min=0, max=1000, tooltip=(
-                    "Most consecutive steps a token may be reused before it is refreshed; 0 = no cap. "
+                    "Most consecutive steps a chunk or token may be reused before it is refreshed; 0 = no cap. "
                     "Lower = fewer stale regions, less speed-up.")),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the model carrying the cache policy.")],
