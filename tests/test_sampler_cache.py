@@ -328,6 +328,15 @@ def track_caches(monkeypatch):
     return created
 
 
+def test_a_policy_that_refuses_the_video_does_so_before_any_kv_cache_exists(runs, monkeypatch):
+    model, args, _ = runs["base"]
+    created = track_caches(monkeypatch)
+    side = layout_of(args).latent_height
+    with pytest.raises(ValueError, match="detail_window_size=.* is larger than the latent frame"):
+        generate(model, **args, policy=policy("motion_detail", 0.05, detail_window_size=side + 1))
+    assert created == []
+
+
 @pytest.mark.parametrize("how", ["should_stop", "callback_raises"])
 def test_interrupt_releases_everything_and_a_later_run_is_clean(runs, monkeypatch, how):
     model, args, latent = runs["base"]
