@@ -174,6 +174,7 @@ class ThreePass:
         if token_level:
             self.kv_uncond = [KVCache.for_model(model, self.ct, offload=kv_offload) for _ in range(window_size)]
         self.reusing = reusing
+        self._scale_table = {}  # time -> (s_prev, s_text)
 
     @property
     def kv_caches(self):
@@ -222,11 +223,17 @@ class ThreePass:
         uncond = self._uncond(plan, x_call[:, refresh * cw:], t_noisy, active, counts, computed)
         velocities = [None] * len(noisy)
         for j in computed:
-            prev_scale, text_scale = self.guidance.scales(t_noisy[j])
+            prev_scale, text_scale = self._scales(t_noisy[j])
             frames = slice(j * cw, (j + 1) * cw)
             velocities[j] = ((1 - prev_scale) * uncond[j] + (prev_scale - text_scale) * cond_pre[:, frames]
                              + text_scale * cond[:, frames])
         return velocities
+
+    def _scales(self, t):
+        """``guidance.scales(t)``, looked up once per time of the grid."""
+        if t not in self._scale_table:
+            self._scale_table[t] = self.guidance.scales(t)
+        return self._scale_table[t]
 
     def _uncond(self, plan, x_noisy, t_noisy, active, counts, computed):
         """Every computed chunk alone, at positions from 0, with the negative (or null) caption."""
