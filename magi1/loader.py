@@ -187,23 +187,24 @@ def infer_config(shapes, metadata=None, dtypes=None):
     return ModelConfig(**values), None
 
 
-def random_dit(model_config, *, seed=0, device=None, dtype=None):
+def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cpu"):
     """A DiT with random weights of sensible scale (for tests, benchmarks and training from scratch):
     matrices ~ N(0, 1/fan_in), biases ~ 0.1 N(0, 1), norm scales ~ 1 + 0.1 N(0, 1), the null caption
-    ~ N(0, 1), RoPE bands = defaults * (1 + 0.1 N(0, 1)). Drawn on the CPU, so a seed gives the same
-    weights on every device."""
+    ~ N(0, 1), RoPE bands = defaults * (1 + 0.1 N(0, 1)). Drawn on the CPU by default, so a seed gives
+    the same weights on every device; ``draw_device="cuda"`` draws billions of them in seconds instead
+    (other values, for benchmarks)."""
     model = build_dit(model_config, device="meta", dtype=dtype)
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator(device=draw_device).manual_seed(int(seed))
     device = torch.device(device) if device is not None else torch.device("cpu")
     modules = dict(model.named_modules())
     values = {}
     for name, param in model.named_parameters():
         module_name, _, leaf = name.rpartition(".")
         module = modules[module_name]
-        noise = torch.randn(param.shape, generator=generator)
+        noise = torch.randn(param.shape, generator=generator, device=draw_device)
         if isinstance(module, RotaryEmbedding):
             dim = model.config.hidden_size // model.config.num_attention_heads
-            value = RotaryEmbedding.default_bands(dim) * (1 + 0.1 * noise)
+            value = RotaryEmbedding.default_bands(dim).to(noise.device) * (1 + 0.1 * noise)
         elif isinstance(module, (torch.nn.LayerNorm, ZeroCenteredLayerNorm)):
             one = leaf == "weight" and not getattr(module, "one_plus", False)
             value = float(one) + 0.1 * noise

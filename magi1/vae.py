@@ -537,17 +537,18 @@ def load_vae(path, *, device=None, dtype=None):
     return vae.eval().requires_grad_(False)
 
 
-def random_vae(config, *, seed=0, device=None, dtype=None):
+def random_vae(config, *, seed=0, device=None, dtype=None, draw_device="cpu"):
     """A VAE with random weights of sensible scale (tests, benchmarks, training from scratch): matrices and
     kernels ~ N(0, 1/fan_in), biases ~ 0.1 N(0, 1), norm scales ~ 1 + 0.1 N(0, 1), class tokens and
-    positions ~ 0.5 N(0, 1). Drawn on the CPU, so a seed gives the same weights everywhere."""
+    positions ~ 0.5 N(0, 1). Drawn on the CPU by default, so a seed gives the same weights everywhere
+    (``draw_device="cuda"``: faster, other values)."""
     vae = build_vae(config, device="meta", dtype=dtype)
-    generator = torch.Generator().manual_seed(int(seed))
+    generator = torch.Generator(device=draw_device).manual_seed(int(seed))
     modules = dict(vae.named_modules())
     values = {}
     for name, param in vae.named_parameters():
         module_name, _, leaf = name.rpartition(".")
-        noise = torch.randn(param.shape, generator=generator)
+        noise = torch.randn(param.shape, generator=generator, device=draw_device)
         if isinstance(modules.get(module_name), nn.LayerNorm):
             value = float(leaf == "weight") + 0.1 * noise
         elif leaf == "bias":
