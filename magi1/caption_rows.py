@@ -53,6 +53,10 @@ class CaptionRows:
         caption = self.table[rows].view(sequences, chunks, *self.table.shape[1:])
         return caption, self.masks[rows].view(sequences, chunks, -1)
 
+    def close(self):
+        """Drop the device tensors (the run is over)."""
+        self.table = self.masks = None
+
     def _checked(self, name, emb, mask):
         length, width = self._shape
         if mask is None:

@@ -98,13 +98,15 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
                                 reuse, kv_offload, window_size)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
+    del x, prefix  # the loop holds them now, and drops them when it closes
     try:
         with torch.no_grad():
             recorder.start(model.device)
             latent = loop.run(should_stop)
             return SampleResult(latent, recorder.finish(model.device))
-    finally:
-        loop.close()  # the traceback of an error or interrupt keeps this frame alive, not the buffers
+    finally:  # the traceback of an error or interrupt keeps this frame alive, not the buffers
+        loop.close()
+        captions.close()
 
 
 class _Loop:

@@ -13,6 +13,7 @@ import cache_core.state as cache_state
 from cache_core import CachePolicy
 from cache_core import Decision
 from magi1 import KVCache, distill_dt, flops
+from magi1.caption_rows import CaptionRows
 from magi1.sampler import Guidance, SamplingInterrupted, VideoLayout, generate
 from magi1.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
 from pipeline_fixtures import FIXTURES, load, relative_error, request
@@ -350,6 +351,14 @@ def test_interrupt_releases_everything_and_a_later_run_is_clean(runs, monkeypatc
         return state
 
     monkeypatch.setattr(CachePolicy, "new_state", new_state)
+    tables = []  # the run's caption table on the device
+    original_rows = CaptionRows.__init__
+
+    def rows_init(self, *a, **kw):
+        original_rows(self, *a, **kw)
+        tables.append(weakref.ref(self.table))
+
+    monkeypatch.setattr(CaptionRows, "__init__", rows_init)
     steps_seen = []
 
     class Stop(Exception):
@@ -368,7 +377,7 @@ def test_interrupt_releases_everything_and_a_later_run_is_clean(runs, monkeypatc
         generate(model, **args, policy=policy("motion_detail", 0.05), on_step=on_step, should_stop=should_stop)
     assert len(created) == 2 + args["window_size"] and state_refs
     gc.collect()
-    assert all(ref() is None for ref in created + state_refs)  # even while the traceback is alive
+    assert tables and all(ref() is None for ref in created + state_refs + tables)  # even while the traceback is alive
     assert info.value is not None
     assert torch.equal(generate(model, **args).latent, latent)
 
