@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 import magi1
@@ -84,6 +85,29 @@ def test_generates_and_decodes_a_video_end_to_end():
                                                                              max_reuse=4),
                       frames=48)
     assert cached.stats.computed_fraction < 1.0 and cached.latent.shape == result.latent.shape
+
+
+def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    """A run cut short after 2 of 5 steps and started again from its resume checkpoint ends with the
+    weights, EMA and loss of a run that never stopped; a checkpoint of another run is refused."""
+    small = magi1.VAEConfig(**{**trainer.VAE_CONFIG.__dict__, "video_size": 32})
+    vae = magi1.random_vae(small, seed=0)
+    original = trainer.SIZE
+    logs = []
+    common = dict(seed=1, steps=5, batch=2, scenes=3, resume_every=3600.0)
+    try:
+        trainer.SIZE = 32
+        straight, straight_captions = trainer.train_dit(vae, resume=str(tmp_path / "straight"), log=lambda line: None,
+                                                        **common)
+        assert trainer.train_dit(vae, resume=str(tmp_path / "cut"), until=2, log=lambda line: None, **common) is None
+        resumed, resumed_captions = trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=logs.append, **common)
+        with pytest.raises(ValueError, match="belongs to another run"):
+            trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=lambda line: None, **{**common, "seed": 2})
+    finally:
+        trainer.SIZE = original
+    assert any("resumed at step 2" in line for line in logs)
+    for a, b in ((straight, resumed), (straight_captions, resumed_captions)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_training_script_runs_a_few_steps(tmp_path):

@@ -41,6 +41,7 @@ from magi1.tiny.text_encoder import TextEncoderConfig, TinyTextEncoder
 from magi1.vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
 from magi1.vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
 
+from . import checkpoint as train_checkpoint
 from .scenes import grammar_vocabulary, scene_batch
 
 CHUNK_FRAMES = 24  # video frames per chunk (6 latent frames)
@@ -50,6 +51,7 @@ DIT_CONFIG = ModelConfig(num_layers=4, hidden_size=256, ffn_hidden_size=1024, nu
 # The decoder unfolds each token into embed_dim / (8 * 8 * 4) pixel channels before its last 3x3x3 convolution:
 # 768 gives 3 (the release's 1024 gives 4); fewer cannot carry colour. One block a side keeps it small.
 VAE_CONFIG = VAEConfig(embed_dim=768, depth=1, num_heads=12, mlp_ratio=1.0, video_size=SIZE, video_length=12)
+RESUME_FOLDER = os.path.join("train", "checkpoints", "tiny")  # git-ignored
 SPRITE_WEIGHT = 3.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
 
@@ -159,7 +161,14 @@ def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(pr
     return torch.cat(latents), torch.cat(weights), captions
 
 
-def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None):
+def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None,
+              resume=None, resume_every=900.0, until=None):
+    """The DiT and caption side, trained for ``steps`` steps; returns their EMA copies.
+
+    ``resume``: a folder for resume checkpoints, written every ``resume_every`` seconds and at the end;
+    a run started with a checkpoint there continues from it, to the same weights as an uninterrupted
+    run. ``until``: stop after that step (as a session that ends mid-run), returning None.
+    """
     model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
     with torch.no_grad():
         model.final_linear.linear.weight.mul_(0.1)
@@ -175,8 +184,19 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
     # chunk's position, its stage is its step, and a chunk `lag` places newer is `lag` stages behind.
     stages = len(NOISE2CLEAN_KVRANGE)
     stage_bounds = shifted_time(torch.arange(stages + 1) / stages)  # each stage's range of t
-    began, running = time.time(), 0.0
-    for step in range(steps):
+    modules = dict(model=model, captions=captions, ema_model=ema_model, ema_captions=ema_captions)
+    first, running = 0, 0.0
+    restored = None if resume is None else train_checkpoint.load(resume, modules=modules, optimizer=optimizer,
+                                                                  generator=generator)
+    run = dict(seed=seed, steps=steps, batch=batch, scenes=scenes)
+    if restored is not None:
+        if restored[1]["run"] != run:
+            raise ValueError(f"the checkpoint in {resume} belongs to another run ({restored[1]['run']}, not {run}): "
+                             "remove it, or pass another --resume folder")
+        first, running = restored[0], restored[1]["running"]
+        log(f"dit: resumed at step {first} from {resume}")
+    began = last_save = time.time()
+    for step in range(first, steps if until is None else min(steps, until)):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, 4e-4)
         chunks = 1 + int(torch.multinomial(torch.tensor([0.25, 0.5, 0.25]), 1, generator=generator))
@@ -231,6 +251,12 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
             log(f"dit {step:5d}/{steps} loss {running:.4f} ({time.time() - began:.0f} s)")
         if checkpoint is not None and step and step % 500 == 0:
             checkpoint(ema_model, ema_captions)
+        if resume is not None and (time.time() - last_save >= resume_every or step + 1 in (steps, until)):
+            train_checkpoint.save(resume, step=step + 1, modules=modules, optimizer=optimizer, generator=generator,
+                                  extra={"running": running, "run": run})
+            last_save = time.time()
+    if until is not None and until < steps:
+        return None
     return ema_model.eval(), ema_captions.eval()
 
 
@@ -295,16 +321,22 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
     parser.add_argument("--vae", help="reuse a trained vae.safetensors (e.g. magi1/tiny/weights/vae.safetensors) "
                                       "instead of training one: only the DiT stage runs")
+    parser.add_argument("--resume", default=RESUME_FOLDER, help="folder of the DiT stage's resume checkpoint "
+                        "(written every 15 minutes; the same command continues from it). Default: %(default)s")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     began = time.time()
+    resuming = os.path.isfile(os.path.join(args.resume, train_checkpoint.FILENAME))
+    if resuming and not args.vae:  # the interrupted run finished its VAE stage and saved the VAE in --out
+        args.vae = os.path.join(args.out, "vae.safetensors")
     vae = load_vae(args.vae, dtype=torch.float32) if args.vae else train_vae(args.seed, args.vae_steps)
     save_vae(args.out, vae)
     # the DiT learns the latents of the VAE as shipped (float16), whether it was just trained or reused
     vae = load_vae(os.path.join(args.out, "vae.safetensors"), dtype=torch.float32)
-    model, captions = train_dit(vae, args.seed, args.dit_steps, scenes=args.scenes, checkpoint=lambda m, c: save_dit(args.out, m, c))
+    model, captions = train_dit(vae, args.seed, args.dit_steps, scenes=args.scenes, resume=args.resume,
+                                checkpoint=lambda m, c: save_dit(args.out, m, c))
     save_dit(args.out, model, captions)
     print(f"trained in {(time.time() - began) / 60:.1f} min; weights in {args.out}")
 
