@@ -13,8 +13,6 @@ and the FLOP ratio beside it.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
@@ -22,28 +20,11 @@ import magi1
 from magi1.attention import flash_available
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
 
+from .timing import median_ms
+
 TINY = dict(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4, num_query_groups=2,
             kv_channels=64, caption_channels=64, caption_max_length=32, in_channels=16, out_channels=16,
             apply_layernorm_1p=True)
-
-
-def median_ms(fn, repeats, device):
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1000)
-    return statistics.median(times)
 
 
 def main(argv=None):

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +39,7 @@ from magi1.attention import flash_available
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
 
 from .forced_reuse import ForcedFraction
+from .timing import InsideDiT, median_ms
 
 ORDER = "abcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
 ESTIMATES = dict(a=40, b=15, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
@@ -88,28 +88,13 @@ class Setup:
 
 
 class Timer:
-    """Median milliseconds of a call: CUDA events on a GPU (warm-up excluded), a wall clock on the CPU."""
+    """``median_ms`` with this run's device, repeats and warm-up."""
 
     def __init__(self, device, repeats, warmup=2):
         self.device, self.repeats, self.warmup = device, repeats, warmup
 
     def __call__(self, fn):
-        for _ in range(self.warmup):
-            fn()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - began) * 1000)
-        return statistics.median(times)
+        return median_ms(fn, self.repeats, self.device, self.warmup)
 
 
 class WindowCall:
@@ -308,30 +293,6 @@ SECTIONS = dict(a=("4.5B dense window forward", section_a), b=("4.5B sparse wind
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-class InsideDiT:
-    """Adds up the time spent inside the DiT's forward (synchronised on CUDA), for the bookkeeping share."""
-
-    def __init__(self, model):
-        self.model, self.seconds = model, 0.0
-        original = model.forward
-        cuda = model.device.type == "cuda"
-
-        def forward(*args, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            out = original(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - began
-            return out
-
-        model.forward = forward
-
-    def remove(self):
-        del self.model.forward  # back to the class's forward
-
-
 def call_tokens(setup, height, width):
     return 6 * (height // 16) * (width // 16)
 

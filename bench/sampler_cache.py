@@ -27,6 +27,8 @@ import magi1
 from cache_core import CachePolicy
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
 
+from .timing import InsideDiT
+
 SIZES = {
     "tiny": dict(num_layers=4, hidden_size=256, ffn_hidden_size=1024, num_attention_heads=4, num_query_groups=2,
                  kv_channels=64, caption_channels=64, caption_max_length=32, in_channels=16, out_channels=16, apply_layernorm_1p=True),
@@ -36,27 +38,6 @@ SIZES = {
     "4.5B": OFFICIAL_MODEL_CONFIGS["4.5B"],
     "24B": OFFICIAL_MODEL_CONFIGS["24B"],
 }
-
-
-class TimedModel:
-    """Adds up the time spent inside the DiT's forward (synchronised on CUDA)."""
-
-    def __init__(self, model):
-        self.seconds = 0.0
-        original = model.forward
-        cuda = model.device.type == "cuda"
-
-        def forward(*args, **kwargs):
-            if cuda:
-                torch.cuda.synchronize()
-            began = time.perf_counter()
-            out = original(*args, **kwargs)
-            if cuda:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - began
-            return out
-
-        model.forward = forward
 
 
 def policies(taus, steps):
@@ -117,7 +98,7 @@ def main(argv=None):
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     model = magi1.random_dit(SIZES[args.size], seed=args.seed, device=device, dtype=dtype)
     model.distill = args.passes == 1
-    timer = TimedModel(model)
+    timer = InsideDiT(model)
     layout = magi1.VideoLayout.plan(args.frames, args.height, args.width)
     generated = layout.chunk_num
     generator = torch.Generator().manual_seed(args.seed)
