@@ -133,14 +133,14 @@ def _background(scene, xs, ys):
     open areas)."""
     p, phase = scene.palette, scene.phase
     if scene.background == "brick wall":
-        row = torch.floor(ys * 10)
+        row = torch.floor(ys * 6)  # bricks a sixth of the frame high, mortar a few pixels wide at 128
         offset = (row % 2) * 0.5
-        mortar = ((ys * 10 - row) < 0.12) | (((xs * 5 + offset) % 1) < 0.06)
-        tone = 0.08 * torch.sin(row * 12.9 + torch.floor(xs * 5 + offset) * 7.3 + phase)
+        mortar = ((ys * 6 - row) < 0.15) | (((xs * 3 + offset) % 1) < 0.08)
+        tone = 0.08 * torch.sin(row * 12.9 + torch.floor(xs * 3 + offset) * 7.3 + phase)
         brick = torch.stack([0.62 + tone, 0.27 + tone / 2, 0.2 + tone / 3]) * (1 - 0.15 * p / 2)
         return torch.where(mortar, torch.full_like(brick, 0.78), brick)
     if scene.background == "tiled floor":
-        edge = ((xs * 6) % 1 < 0.07) | ((ys * 6) % 1 < 0.07)
+        edge = ((xs * 6) % 1 < 0.12) | ((ys * 6) % 1 < 0.12)
         tile = 0.55 + 0.2 * ((torch.floor(xs * 6) * 3 + torch.floor(ys * 6) * 5 + p) % 3) / 2
         color = torch.stack([tile, tile * 0.95, tile * 0.85])
         return torch.where(edge, torch.full_like(color, 0.3), color)
