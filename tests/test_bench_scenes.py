@@ -53,3 +53,21 @@ def test_the_held_out_captions_are_never_drawn_for_training():
     assert bench_scenes.random_scene(torch.Generator().manual_seed(5), avoid={first}).caption != first
     _, captions = scene_batch(11, 64, 1, 16, avoid=set(prompts))
     assert not set(captions) & set(prompts)
+
+
+def test_the_benchmark_recipe_trains_a_few_steps(tmp_path):
+    import dataclasses
+
+    import magi1
+    from train import bench, tiny
+
+    assert bench.BENCH.size == 128 and set(bench_scenes.caption_vocabulary()) <= set(bench.vocabulary())
+    small = magi1.VAEConfig(**{**tiny.VAE_CONFIG.__dict__, "video_size": 32})
+    recipe = dataclasses.replace(bench.BENCH, size=32, vae_config=small)
+    model, captions = tiny.train_dit(magi1.random_vae(small, seed=0), seed=1, steps=3, batch=2, scenes=2,
+                                     log=lambda line: None, recipe=recipe)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    tiny.save_dit(tmp_path, model, captions)
+    encoder = magi1.tiny.text_encoder.load_text_encoder(tmp_path / "text_encoder.safetensors")
+    states, mask = encoder.encode(json.load(open(HELDOUT))["prompts"][0])
+    assert int(mask.sum()) > 10 and encoder.config.max_tokens == 40  # a long caption fits, word by word

@@ -2,6 +2,7 @@
 the CPU (with and without the cache), its text encoder and scene grammar agree, and its training program
 (``train/tiny.py``, outside the pack) runs and is reproducible."""
 
+import dataclasses
 import os
 import re
 from pathlib import Path
@@ -92,36 +93,28 @@ def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
     weights, EMA and loss of a run that never stopped; a checkpoint of another run is refused."""
     small = magi1.VAEConfig(**{**trainer.VAE_CONFIG.__dict__, "video_size": 32})
     vae = magi1.random_vae(small, seed=0)
-    original = trainer.SIZE
+    recipe = dataclasses.replace(trainer.TINY, size=32, vae_config=small)
     logs = []
-    common = dict(seed=1, steps=5, batch=2, scenes=3, resume_every=3600.0)
-    try:
-        trainer.SIZE = 32
-        straight, straight_captions = trainer.train_dit(vae, resume=str(tmp_path / "straight"), log=lambda line: None,
-                                                        **common)
-        assert trainer.train_dit(vae, resume=str(tmp_path / "cut"), until=2, log=lambda line: None, **common) is None
-        resumed, resumed_captions = trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=logs.append, **common)
-        with pytest.raises(ValueError, match="belongs to another run"):
-            trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=lambda line: None, **{**common, "seed": 2})
-    finally:
-        trainer.SIZE = original
+    common = dict(seed=1, steps=5, batch=2, scenes=3, resume_every=3600.0, recipe=recipe)
+    straight, straight_captions = trainer.train_dit(vae, resume=str(tmp_path / "straight"), log=lambda line: None,
+                                                    **common)
+    assert trainer.train_dit(vae, resume=str(tmp_path / "cut"), until=2, log=lambda line: None, **common) is None
+    resumed, resumed_captions = trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=logs.append, **common)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=lambda line: None, **{**common, "seed": 2})
     assert any("resumed at step 2" in line for line in logs)
     for a, b in ((straight, resumed), (straight_captions, resumed_captions)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_training_script_runs_a_few_steps(tmp_path):
-    vae_config = trainer.VAE_CONFIG
-    small = magi1.VAEConfig(**{**vae_config.__dict__, "video_size": 32})
+    small = magi1.VAEConfig(**{**trainer.VAE_CONFIG.__dict__, "video_size": 32})
     vae = magi1.random_vae(small, seed=0)
-    original = trainer.SIZE
-    try:
-        trainer.SIZE = 32
-        model, captions = trainer.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
-        again, _ = trainer.train_dit(vae, seed=1, steps=4, batch=2, scenes=3, log=lambda line: None)
-        other, _ = trainer.train_dit(vae, seed=2, steps=4, batch=2, scenes=3, log=lambda line: None)
-    finally:
-        trainer.SIZE = original
+    recipe = dataclasses.replace(trainer.TINY, size=32, vae_config=small)
+    common = dict(steps=4, batch=2, scenes=3, log=lambda line: None, recipe=recipe)
+    model, captions = trainer.train_dit(vae, seed=1, **common)
+    again, _ = trainer.train_dit(vae, seed=1, **common)
+    other, _ = trainer.train_dit(vae, seed=2, **common)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # reproducible from the seed, and the seed matters
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))

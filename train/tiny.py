@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -56,6 +57,22 @@ SPRITE_WEIGHT = 3.0  # loss weight of latent patches a sprite covers
 DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step shortcut's sub-steps)
 
 
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """What one model's training is made of; the loops below are shared (``train/bench.py`` has another)."""
+
+    size: int  # frame height and width in pixels
+    dit_config: ModelConfig
+    vae_config: VAEConfig
+    scene_batch: Callable  # (seed, count, frames, size, with_coverage=False) -> videos, captions[, coverage]
+    vocabulary: Callable  # () -> the text encoder's vocabulary
+    text_tokens: int = 32  # longest caption, in words, plus the end token
+    sprite_weight: float = SPRITE_WEIGHT
+
+
+TINY = Recipe(SIZE, DIT_CONFIG, VAE_CONFIG, scene_batch, grammar_vocabulary)
+
+
 def _lr(step, total, peak, warmup=200):
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -64,18 +81,18 @@ def _lr(step, total, peak, warmup=200):
 
 
 # ------------------------------------------------------------------------------------------------ VAE
-def train_vae(seed, steps, batch=8, log=functools.partial(print, flush=True)):
-    vae = random_vae(VAE_CONFIG, seed=seed).train().requires_grad_(True)
+def train_vae(seed, steps, batch=8, log=functools.partial(print, flush=True), recipe=TINY):
+    vae = random_vae(recipe.vae_config, seed=seed).train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed + 1)
     began = time.time()
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, steps, 1e-3)
-        videos, _ = scene_batch(seed * 1_000_003 + step, batch, 48, SIZE)
+        videos, _ = recipe.scene_batch(seed * 1_000_003 + step, batch, 48, recipe.size)
         start = int(torch.randint(0, 48 - 12 + 1, (), generator=generator))
         video = videos[:, :, start:start + 12]
-        mean = vae.encoder(video)[:, : VAE_CONFIG.z_chans]
+        mean = vae.encoder(video)[:, : vae.config.z_chans]
         # a little latent noise so that the decoder tolerates the DiT's imperfect latents
         z = mean + 0.05 * mean.detach().std() * torch.randn(mean.shape, generator=generator)
         recon = vae.decoder(z)
@@ -88,18 +105,18 @@ def train_vae(seed, steps, batch=8, log=functools.partial(print, flush=True)):
             psnr = 10 * math.log10(4 / F.mse_loss(recon.detach().clamp(-1, 1), video).item())
             log(f"vae {step:5d}/{steps} loss {loss.item():.4f} psnr {psnr:.1f} dB ({time.time() - began:.0f} s)")
     vae.eval().requires_grad_(False)
-    _unit_latents(vae, seed)
+    _unit_latents(vae, seed, recipe)
     return vae
 
 
 @torch.no_grad()
-def _unit_latents(vae, seed):
+def _unit_latents(vae, seed, recipe):
     """Rescale the latent space so that ``mean * LATENT_SCALE`` has unit variance (the DiT's scale): the
     encoder's mean rows by ``k``, the decoder's input by ``1 / k``; reconstructions are unchanged."""
-    videos, _ = scene_batch(seed + 7, 32, 12, SIZE)
-    std = vae.encoder(videos)[:, : VAE_CONFIG.z_chans].std().item()
+    videos, _ = recipe.scene_batch(seed + 7, 32, 12, recipe.size)
+    std = vae.encoder(videos)[:, : vae.config.z_chans].std().item()
     k = 1.0 / (LATENT_SCALE * std)
-    z = VAE_CONFIG.z_chans
+    z = vae.config.z_chans
     vae.encoder.last_layer.weight[:z] *= k
     vae.encoder.last_layer.bias[:z] *= k
     vae.decoder.proj_in.weight /= k
@@ -109,12 +126,14 @@ def _unit_latents(vae, seed):
 class Captions(torch.nn.Module):
     """The text side trained with the DiT: the text encoder and the special-token table (HQ, durations)."""
 
-    def __init__(self, seed):
+    def __init__(self, seed, recipe=TINY):
         super().__init__()
         torch.manual_seed(seed + 2)
-        self.encoder = TinyTextEncoder(TextEncoderConfig(tuple(grammar_vocabulary()), width=DIT_CONFIG.caption_channels))
+        width = recipe.dit_config.caption_channels
+        self.encoder = TinyTextEncoder(TextEncoderConfig(tuple(recipe.vocabulary()), width=width,
+                                                         max_tokens=recipe.text_tokens))
         torch.nn.init.normal_(self.encoder.position_embedding, std=0.02)
-        self.other_tokens = torch.nn.Parameter(torch.randn(DURATION_TOKENS.stop, DIT_CONFIG.caption_channels))
+        self.other_tokens = torch.nn.Parameter(torch.randn(DURATION_TOKENS.stop, width))
 
 
 def _batch_captions(captions, model, prompts, chunks, clean):
@@ -139,47 +158,47 @@ def _encode(vae, videos):
     """DiT latents of videos ``(B, 3, F, H, W)``, encoded in the release's 12-frame temporal tiles."""
     b, c, f, h, w = videos.shape
     tiles = videos.view(b, c, f // 12, 12, h, w).transpose(1, 2).reshape(-1, c, 12, h, w)
-    mean = vae.encoder(tiles)[:, : VAE_CONFIG.z_chans] * LATENT_SCALE
+    mean = vae.encoder(tiles)[:, : vae.config.z_chans] * LATENT_SCALE
     return mean.view(b, f // 12, *mean.shape[1:]).transpose(1, 2).flatten(2, 3)
 
 
 @torch.no_grad()
-def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(print, flush=True)):
+def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(print, flush=True), recipe=TINY):
     """``count`` scenes of ``chunks`` chunks, encoded once: DiT latents ``(count, 16, 6 * chunks, 8, 8)``, the
     loss weight of each latent patch ``(count, 6 * chunks, 8, 8)`` and the captions. Encoding is half the
     cost of a training step, and a shorter clip is a prefix of these (the VAE encodes 12-frame tiles alone)."""
     latents, weights, captions = [], [], []
     began = time.time()
     for first in range(0, count, batch):
-        videos, prompts, coverage = scene_batch(seed * 1_000_003 + 500_000 + first, min(batch, count - first),
-                                                chunks * CHUNK_FRAMES, SIZE, with_coverage=True)
+        videos, prompts, coverage = recipe.scene_batch(seed * 1_000_003 + 500_000 + first, min(batch, count - first),
+                                                       chunks * CHUNK_FRAMES, recipe.size, with_coverage=True)
         latents.append(_encode(vae, videos))
-        # sprites cover a few patches: those weigh SPRITE_WEIGHT times more, so they are learnt with the backgrounds
-        weights.append(1 + (SPRITE_WEIGHT - 1) * F.max_pool3d(coverage[:, None], (4, 8, 8))[:, 0])
+        # sprites cover a few patches: those weigh sprite_weight times more, so they are learnt with the backgrounds
+        weights.append(1 + (recipe.sprite_weight - 1) * F.max_pool3d(coverage[:, None], (4, 8, 8))[:, 0])
         captions += prompts
     log(f"encoded {count} scenes ({time.time() - began:.0f} s)")
     return torch.cat(latents), torch.cat(weights), captions
 
 
 def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None,
-              resume=None, resume_every=900.0, until=None):
+              resume=None, resume_every=900.0, until=None, recipe=TINY):
     """The DiT and caption side, trained for ``steps`` steps; returns their EMA copies.
 
     ``resume``: a folder for resume checkpoints, written every ``resume_every`` seconds and at the end;
     a run started with a checkpoint there continues from it, to the same weights as an uninterrupted
     run. ``until``: stop after that step (as a session that ends mid-run), returning None.
     """
-    model = random_dit(DIT_CONFIG, seed=seed, dtype=torch.float32).train().requires_grad_(True)
+    model = random_dit(recipe.dit_config, seed=seed, dtype=torch.float32).train().requires_grad_(True)
     with torch.no_grad():
         model.final_linear.linear.weight.mul_(0.1)
-    captions = Captions(seed)
+    captions = Captions(seed, recipe)
     params = list(model.parameters()) + list(captions.parameters())
     optimizer = torch.optim.AdamW(params, lr=4e-4, betas=(0.9, 0.99), weight_decay=0.01)
     ema_model, ema_captions = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(captions).requires_grad_(False)
     generator = torch.Generator().manual_seed(seed + 3)
-    all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log)
+    all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log, recipe=recipe)
     cw = CHUNK_FRAMES // 4
-    ct = cw * (SIZE // 8 // DIT_CONFIG.patch_size) ** 2
+    ct = cw * (recipe.size // 8 // recipe.dit_config.patch_size) ** 2
     # A clip is a window of a schedule of one step per key-range stage: u in [0, 1) is the oldest noisy
     # chunk's position, its stage is its step, and a chunk `lag` places newer is `lag` stages behind.
     stages = len(NOISE2CLEAN_KVRANGE)
@@ -288,7 +307,7 @@ def _write_safetensors(tensors, path, metadata):
 def save_vae(out, vae):
     os.makedirs(out, exist_ok=True)
     _write_safetensors(_half(vae), os.path.join(out, "vae.safetensors"),
-                       metadata={VAE_CONFIG_METADATA_KEY: json.dumps(VAE_CONFIG.to_dict())})
+                       metadata={VAE_CONFIG_METADATA_KEY: json.dumps(vae.config.to_dict())})
 
 
 def save_text_encoder(encoder, path):
@@ -302,7 +321,7 @@ def save_text_encoder(encoder, path):
 def save_dit(out, model, captions):
     """The DiT, the text encoder and the special-token table."""
     os.makedirs(out, exist_ok=True)
-    config = dataclasses.asdict(DIT_CONFIG)
+    config = dataclasses.asdict(model.config)
     config["params_dtype"] = "torch.float16"
     _write_safetensors(_half(model), os.path.join(out, "dit.safetensors"),
                        metadata={CONFIG_METADATA_KEY: json.dumps(config), DISTILL_METADATA_KEY: "true"})
