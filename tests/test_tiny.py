@@ -103,6 +103,7 @@ def test_an_interrupted_training_resumes_to_the_same_weights(tmp_path):
     with pytest.raises(ValueError, match="belongs to another run"):
         trainer.train_dit(vae, resume=str(tmp_path / "cut"), log=lambda line: None, **{**common, "seed": 2})
     assert any("resumed at step 2" in line for line in logs)
+    assert any("encoded scenes read from" in line for line in logs)  # the dataset is not encoded again
     for a, b in ((straight, resumed), (straight_captions, resumed_captions)):
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 

@@ -30,7 +30,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
 
 from magi1.config import ModelConfig
 from magi1.loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
@@ -180,6 +181,26 @@ def latent_dataset(vae, seed, count, chunks=3, batch=8, log=functools.partial(pr
     return torch.cat(latents), torch.cat(weights), captions
 
 
+def _stored_dataset(folder, vae, seed, count, log, recipe):
+    """``latent_dataset``, read from ``folder/dataset.safetensors`` when an earlier start of the same run
+    wrote it (the same values: it is deterministic), else made and written there."""
+    path = os.path.join(folder, "dataset.safetensors")
+    key = json.dumps(dict(seed=seed, count=count, size=recipe.size))
+    if os.path.isfile(path):
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata()
+        if metadata.get("dataset") == key:
+            stored = load_file(path)
+            log(f"dataset: {count} encoded scenes read from {path}")
+            return stored["latents"], stored["weights"], json.loads(metadata["prompts"])
+    latents, weights, prompts = latent_dataset(vae, seed, count, log=log, recipe=recipe)
+    os.makedirs(folder, exist_ok=True)
+    save_file({"latents": latents.contiguous(), "weights": weights.contiguous()}, path + ".partial",
+              metadata={"dataset": key, "prompts": json.dumps(prompts)})
+    os.replace(path + ".partial", path)
+    return latents, weights, prompts
+
+
 def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(print, flush=True), checkpoint=None,
               resume=None, resume_every=900.0, until=None, recipe=TINY):
     """The DiT and caption side, trained for ``steps`` steps; returns their EMA copies.
@@ -196,7 +217,10 @@ def train_dit(vae, seed, steps, batch=8, scenes=3000, log=functools.partial(prin
     optimizer = torch.optim.AdamW(params, lr=4e-4, betas=(0.9, 0.99), weight_decay=0.01)
     ema_model, ema_captions = copy.deepcopy(model).requires_grad_(False), copy.deepcopy(captions).requires_grad_(False)
     generator = torch.Generator().manual_seed(seed + 3)
-    all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log, recipe=recipe)
+    if resume is None:
+        all_latents, all_weights, all_prompts = latent_dataset(vae, seed, scenes, log=log, recipe=recipe)
+    else:  # encoded once per run, kept beside the resume checkpoint (encoding 128x128 scenes takes half an hour)
+        all_latents, all_weights, all_prompts = _stored_dataset(resume, vae, seed, scenes, log, recipe)
     cw = CHUNK_FRAMES // 4
     ct = cw * (recipe.size // 8 // recipe.dit_config.patch_size) ** 2
     # A clip is a window of a schedule of one step per key-range stage: u in [0, 1) is the oldest noisy
