@@ -13,6 +13,7 @@ a cache: this measures the model, not the cache.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 
@@ -72,11 +73,26 @@ def direction_matches(track, motion, min_shift=2.0):
     return along >= min_shift and along > across
 
 
-def caption_parts(prompt):
-    """The colour and the motion a caption names (None where it names none)."""
-    color = next((c for c in COLORS if f" {c} " in f" {prompt} "), None)
-    motion = next((m for m in DIRECTIONS if m in prompt), None)
-    return color, motion
+ENTERING = {"entering from the left": "moving right", "entering from the right": "moving left",
+            "entering from the top": "moving down", "entering from the bottom": "moving up"}
+
+
+def caption_objects(prompt):
+    """``(colour, motion)`` of every object a caption names, in the tiny model's phrasing ("a red ball moving
+    right over ...") or the benchmark model's ("a red ball moving left quickly then stopping and a blue
+    square entering from the top slowly over ..."); motion is a ``DIRECTIONS`` key or None (still)."""
+    objects = prompt.split(",")[0]
+    for where in (" over a", " over an", " in front of", " in the", " in a "):
+        objects = objects.split(where)[0]
+    found = []
+    for part in objects.split(" and "):
+        color = next((c for c in COLORS if f" {c} " in f" {part} "), None)
+        if color is None:
+            continue
+        motion = next((m for m in DIRECTIONS if m in part), None)
+        motion = next((m for phrase, m in ENTERING.items() if phrase in part), motion)
+        found.append((color, motion))
+    return found
 
 
 def tiny_video(prompt, seed, frames):
@@ -96,13 +112,13 @@ def report(rows, tolerance):
     lost = sum(r is None for _, _, rs, _ in rows for r in rs)
     directions = [d for *_, d in rows if d is not None]
     continuous = [all(r is not None and r <= tolerance for r in rs) for _, _, rs, _ in rows]
-    lines = [f"{len(rows)} videos, {len(ratios) + lost} chunk boundaries ({lost} with the object lost)"]
+    lines = [f"{len(rows)} tracked objects, {len(ratios) + lost} chunk boundaries ({lost} with the object lost)"]
     if ratios:
         q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         lines.append(f"boundary jump / within-chunk motion per frame: median {q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f}, "
                      f"max {max(ratios):.2f}; {sum(r <= tolerance for r in ratios) / len(ratios):.0%} of boundaries "
                      f"<= {tolerance:g}")
-    lines.append(f"videos whose every boundary is <= {tolerance:g}: {sum(continuous) / len(rows):.0%}")
+    lines.append(f"objects whose every boundary is <= {tolerance:g}: {sum(continuous) / len(rows):.0%}")
     if directions:
         lines.append(f"motion direction matches the caption: {sum(directions)}/{len(directions)} "
                      f"({sum(directions) / len(directions):.0%})")
@@ -111,27 +127,35 @@ def report(rows, tolerance):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--prompts", help="a text file, one prompt a line (default: 16 built-in prompts)")
+    parser.add_argument("--prompts", help="a text file, one prompt a line, or a JSON file with 'prompts' (and "
+                                          "'seeds'), such as train/bench_heldout.json (default: 16 built-in prompts)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--frames", type=int, default=96, help="video frames (24 per chunk)")
     parser.add_argument("--tolerance", type=float, default=2.0)
     args = parser.parse_args(argv)
-    prompts = DEFAULT_PROMPTS
+    prompts, seeds = DEFAULT_PROMPTS, [int(s) for s in args.seeds.split(",")]
     if args.prompts:
         with open(args.prompts) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    rows = []
+            text = f.read()
+        if args.prompts.endswith(".json"):
+            listed = json.loads(text)
+            prompts, seeds = listed["prompts"], listed.get("seeds", seeds)
+        else:
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    rows = []  # one per prompt, seed and object
     for prompt in prompts:
-        color, motion = caption_parts(prompt)
-        if color is None:
+        objects = caption_objects(prompt)
+        if not objects:
             raise SystemExit(f"the prompt {prompt!r} names no colour the tracker knows ({', '.join(COLORS)})")
-        for seed in (int(s) for s in args.seeds.split(",")):
-            track = object_track(tiny_video(prompt, seed, args.frames), COLORS[color])
-            ratios, direction = boundary_ratios(track), direction_matches(track, motion)
-            rows.append((prompt, seed, ratios, direction))
-            shown = ", ".join("lost" if r is None else f"{r:.1f}" for r in ratios)
-            print(f"{prompt!r} seed {seed}: boundary ratios {shown}; direction "
-                  f"{'-' if direction is None else ('ok' if direction else 'wrong')}", flush=True)
+        for seed in seeds:
+            video = tiny_video(prompt, seed, args.frames)
+            for color, motion in objects:
+                track = object_track(video, COLORS[color])
+                ratios, direction = boundary_ratios(track), direction_matches(track, motion)
+                rows.append((prompt, seed, ratios, direction))
+                shown = ", ".join("lost" if r is None else f"{r:.1f}" for r in ratios)
+                print(f"{prompt!r} seed {seed}, the {color} object: boundary ratios {shown}; direction "
+                      f"{'-' if direction is None else ('ok' if direction else 'wrong')}", flush=True)
     print("\n".join(["", "tiny model, no cache:"] + report(rows, args.tolerance)))
     return 0
 

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 
-from bench.continuity import boundary_ratios, caption_parts, direction_matches, object_track, report
+from bench.continuity import boundary_ratios, caption_objects, direction_matches, object_track, report
 from train.scenes import COLORS, Scene, render
 
 MOVING = Scene("ball", "red", "moving right", "gray wall", None, 0.2, 0.5, 0.12, 0.25, 0)
@@ -34,9 +34,17 @@ def test_a_missing_object_is_reported_lost_not_continuous():
     track = object_track(video, COLORS["red"])
     assert boundary_ratios(track) == [None]
     lines = report([("a red ball", 0, [None], None)], 2.0)
-    assert "1 with the object lost" in lines[0] and "0%" in lines[-1]
+    assert "1 with the object lost" in lines[0] and lines[-1].endswith("0%")
 
 
 def test_captions_name_colour_and_motion():
-    assert caption_parts("a yellow square moving up over a checkerboard") == ("yellow", "moving up")
-    assert caption_parts("a green ball bouncing in front of a gray wall") == ("green", None)
+    assert caption_objects("a yellow square moving up over a checkerboard") == [("yellow", "moving up")]
+    assert caption_objects("a green ball bouncing in front of a gray wall") == [("green", None)]
+
+
+def test_every_object_of_a_benchmark_caption_is_named():
+    caption = ("a yellow triangle moving left slowly then stopping and a purple square standing still then moving "
+               "up quickly and an orange ball entering from the top slowly over a checkerboard, the camera pans right")
+    assert caption_objects(caption) == [("yellow", "moving left"), ("purple", "moving up"), ("orange", "moving down")]
+    assert caption_objects("a white square standing still in a cloudy sky") == [("white", None)]
+    assert caption_objects("a red ball moving right in front of a gray wall") == [("red", "moving right")]
