@@ -1,31 +1,44 @@
-"""The cache policies side by side on the built-in tiny model: work saved against quality lost.
+"""The cache policies side by side on a built-in model: work saved against quality lost.
 
-    python -m bench.policies                 # about 20 minutes on 2 CPU cores
+    python -m bench.policies                 # the tiny model: about 20 minutes on 2 CPU cores
     python -m bench.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
     python -m bench.policies --calibrate     # the default policy over a fine τ grid: the presets (5 minutes)
+    python -m bench.policies --model bench --setup bench/setup_bench.json   # the benchmark model's held-out set
+    python -m bench.policies --model bench --prompts my.txt --seeds 0,1,2 --policies teacache,motion_detail/max/latent --taus 0.1,0.2
+
+Prompts, seeds, policies and τ values come from the command line or a JSON ``--setup`` file (keys
+``prompts``, ``seeds``, ``policies``, ``taus``, ``frames``, ``steps``; the command line wins). A policy is
+written ``teacache``, ``flowcache``, ``motion/<proxy>`` or ``motion_detail/<combine>/<proxy>``. The
+benchmark model defaults to its held-out prompts and seeds (``train/bench_heldout.json``).
 
 Every policy generates the same prompts and seeds as ``off``. For each it reports the fraction of
 token-steps computed, the analytic FLOP ratio (dense / spent), the wall speed-up over ``off`` (median of
 ``--repeats`` rounds, each round running every policy in turn, so that machine noise hits all alike),
-and PSNR / SSIM of the decoded videos against ``off``'s over all frames. It prints the table, writes it to
-``bench/results.md`` with a comparison at equal FLOP savings, and plots quality and wall speed-up against
-the FLOP ratio in ``bench/results.png`` (needs matplotlib). ``--calibrate`` runs only the default policy
-over a finer τ grid and writes ``bench/calibration.md`` with the presets that rule gives.
+and PSNR / SSIM of the decoded videos against ``off``'s over all frames, with the seed-to-seed spread of
+the PSNR (the range of the per-seed means over the prompts). It prints the table, writes it to
+``bench/results.md`` (``results_bench.md`` for the benchmark model) with a comparison at equal FLOP savings,
+and plots quality and wall speed-up against the FLOP ratio in ``results.png`` (needs matplotlib).
+``--calibrate`` runs only the default policy over a finer τ grid and writes ``calibration.md`` with the
+presets that rule gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 import magi1
 from bench.metrics import psnr, ssim
 from cache_core import PRESET_SCHEDULE, CachePolicy
+from cache_core.policy import PROXIES
+from cache_core.weights import COMBINE_MODES
 from magi1 import tiny
+from train.bench import HELDOUT_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = (
@@ -39,6 +52,9 @@ TAUS = (0.025, 0.05, 0.1, 0.2, 0.4)  # every policy's sweep
 CALIBRATION_TAUS = (0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
 QUALITY_DB = 35.0  # the slow preset's quality bar: PSNR against off (SSIM about 0.96 on the tiny model)
 COMMON = PRESET_SCHEDULE  # the same schedule for every policy: the presets' (warm-up 2, chunk-level 2, final 1)
+POLICIES = ("teacache", "flowcache") + tuple(f"motion/{p}" for p in PROXIES) + tuple(
+    f"motion_detail/{c}/{p}" for p in PROXIES for c in COMBINE_MODES)
+RESULT_NAMES = {"tiny": ("results", "calibration"), "bench": ("results_bench", "calibration_bench")}
 
 
 @dataclass
@@ -51,30 +67,52 @@ class Row:
     speedup: float = 1.0
     psnr: float = 0.0
     ssim: float = 0.0
+    psnr_by_seed: dict = field(default_factory=dict)  # seed -> mean PSNR over the prompts
+
+    @property
+    def psnr_spread(self):
+        """Seed-to-seed spread: the range of the per-seed mean PSNRs (0 with one seed)."""
+        values = list(self.psnr_by_seed.values())
+        return max(values) - min(values) if values else 0.0
 
 
-def configurations(taus=TAUS):
+def family_policy(spec, tau):
+    """``(family name, policy)`` of a policy written ``teacache``, ``flowcache``, ``motion/<proxy>`` or
+    ``motion_detail/<combine>/<proxy>`` (the proxy defaults to latent, the combine mode to the default's)."""
+    spec = spec.strip()
+    if spec in ("teacache", "flowcache"):
+        return spec, CachePolicy(mode=spec, tau=tau, **COMMON)
+    mode, *options = [part.strip() for part in spec.split("/")]
+    combine = options.pop(0) if mode == "motion_detail" and options and options[0] in COMBINE_MODES else None
+    proxy = options.pop(0) if options else "latent"
+    if mode not in ("motion", "motion_detail") or options or proxy not in PROXIES:
+        raise ValueError(f"unknown policy {spec!r}: write teacache, flowcache, motion/<proxy> or "
+                         f"motion_detail/<combine>/<proxy> (proxy: {', '.join(PROXIES)}; combine: "
+                         f"{', '.join(COMBINE_MODES)})")
+    if mode == "motion":
+        return f"motion / {proxy}", CachePolicy(mode="motion", tau=tau, proxy=proxy, **COMMON)
+    combine = combine or CachePolicy().weight_combine_mode
+    return f"motion_detail {combine} / {proxy}", CachePolicy(mode="motion_detail", tau=tau, proxy=proxy,
+                                                            weight_combine_mode=combine, **COMMON)
+
+
+def configurations(taus=TAUS, policies=POLICIES):
     rows = [Row("off", 0.0, None)]
-    for mode in ("teacache", "flowcache"):
-        rows += [Row(mode, tau, CachePolicy(mode=mode, tau=tau, **COMMON)) for tau in taus]
-    for proxy in ("latent", "denoised"):
-        rows += [Row(f"motion / {proxy}", tau, CachePolicy(mode="motion", tau=tau, proxy=proxy, **COMMON))
-                 for tau in taus]
-        for combine in ("max", "product", "blend"):
-            rows += [Row(f"motion_detail {combine} / {proxy}", tau,
-                         CachePolicy(mode="motion_detail", tau=tau, proxy=proxy, weight_combine_mode=combine, **COMMON))
-                     for tau in taus]
+    for spec in policies:
+        for tau in taus:
+            family, policy = family_policy(spec, tau)
+            rows.append(Row(family, tau, policy))
     return rows
 
 
-def run(rows, prompts, seeds, frames, steps, repeats, log=print):
-    dit, vae, encoder = tiny.load_tiny_dit(), tiny.load_tiny_vae(), tiny.load_tiny_text_encoder()
-    chunks = magi1.VideoLayout.plan(frames, tiny.SIZE, tiny.SIZE).chunk_num
-    captions = [magi1.chunk_captions(*encoder.encode(p), chunks, tiny.tiny_special_tokens()) for p in prompts]
+def run(rows, prompts, seeds, frames, steps, repeats, model=tiny.TINY, log=print):
+    dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
+    chunks = magi1.VideoLayout.plan(frames, model.size, model.size).chunk_num
+    captions = [magi1.chunk_captions(*encoder.encode(p), chunks, model.special_tokens()) for p in prompts]
     jobs = [(caption, seed) for caption in captions for seed in seeds]
 
     def generate(policy, caption, seed):
-        return magi1.generate(dit, *caption, frames=frames, height=tiny.SIZE, width=tiny.SIZE, steps=steps,
+        return magi1.generate(dit, *caption, frames=frames, height=model.size, width=model.size, steps=steps,
                               seed=seed, policy=policy)
 
     generate(None, *jobs[0])  # warm-up
@@ -91,12 +129,13 @@ def run(rows, prompts, seeds, frames, steps, repeats, log=print):
                 computed, total = computed + stats.token_steps_computed, total + stats.token_steps_total
                 if round_index == 0:
                     video = vae.decode(result.latent)
-                    scores.append((psnr(video, reference), ssim(video, reference)))
+                    scores.append((job[1], min(psnr(video, reference), 99.0), ssim(video, reference)))
             walls[id(row)].append(wall)
-            if round_index == 0:
+            if round_index == 0:  # identical videos count as 99 dB
                 row.computed, row.flop_ratio = computed / total, dense / flops
-                row.psnr = statistics.mean(min(p, 99.0) for p, _ in scores)  # identical videos count as 99 dB
-                row.ssim = statistics.mean(s for _, s in scores)
+                row.psnr = statistics.mean(p for _, p, _ in scores)
+                row.ssim = statistics.mean(s for _, _, s in scores)
+                row.psnr_by_seed = {seed: statistics.mean(p for s, p, _ in scores if s == seed) for seed in seeds}
         log(f"round {round_index + 1}/{repeats} done")
     off = statistics.median(walls[id(rows[0])])
     for row in rows:
@@ -114,11 +153,12 @@ def psnr_at(rows, family, ratio):
 
 
 def table(rows):
-    lines = ["| policy | τ | token-steps computed | FLOP ratio | wall speed-up | speed-up / FLOP ratio | PSNR dB | SSIM |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| policy | τ | token-steps computed | FLOP ratio | wall speed-up | speed-up / FLOP ratio | PSNR dB | "
+             "PSNR seed spread dB | SSIM |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.family} | {r.tau:g} | {r.computed:.0%} | {r.flop_ratio:.2f}x | {r.speedup:.2f}x | "
-                     f"{r.speedup / r.flop_ratio:.2f} | {r.psnr:.1f} | {r.ssim:.4f} |")
+                     f"{r.speedup / r.flop_ratio:.2f} | {r.psnr:.1f} | {r.psnr_spread:.1f} | {r.ssim:.4f} |")
     return "\n".join(lines)
 
 
@@ -191,10 +231,53 @@ def plot(rows, path):
     figure.savefig(path, dpi=110)
 
 
+def _listed(text, kind=str):
+    return [kind(item) for item in text.split(",") if item.strip()]
+
+
+def setup(args):
+    """Prompts, seeds, policies, τ values, frames and steps: the command line, else ``--setup``, else the
+    model's defaults (the benchmark model: its held-out prompts and seeds)."""
+    chosen = {}
+    if args.setup:
+        with open(args.setup) as f:
+            chosen = json.load(f)
+        unknown = set(chosen) - {"prompts", "seeds", "policies", "taus", "frames", "steps", "about"}
+        if unknown:
+            raise SystemExit(f"{args.setup}: unknown keys {sorted(unknown)}")
+    if args.prompts:
+        with open(args.prompts) as f:
+            text = f.read()
+        listed = json.loads(text) if args.prompts.endswith(".json") else None
+        chosen["prompts"] = listed["prompts"] if listed else [line.strip() for line in text.splitlines() if line.strip()]
+        if listed and "seeds" in listed:
+            chosen["seeds"] = listed["seeds"]
+    if args.model == "bench" and "prompts" not in chosen:
+        with open(HELDOUT_FILE) as f:
+            chosen = {**json.load(f), **chosen}
+    for name, kind in (("seeds", int), ("policies", str), ("taus", float)):
+        if getattr(args, name):
+            chosen[name] = _listed(getattr(args, name), kind)
+    for name in ("frames", "steps"):
+        if getattr(args, name) is not None:
+            chosen[name] = getattr(args, name)
+    model = tiny.MODELS[args.model]
+    return (list(chosen.get("prompts", PROMPTS)), list(chosen.get("seeds", SEEDS)), list(chosen.get("policies", POLICIES)),
+            list(chosen.get("taus", TAUS)), chosen.get("frames", 48), chosen.get("steps", model.steps))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, default=48)
-    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--model", choices=sorted(tiny.MODELS), default="tiny", help="the built-in model")
+    parser.add_argument("--setup", help="a JSON file with any of prompts, seeds, policies, taus, frames, steps")
+    parser.add_argument("--prompts", help="a text file, one prompt a line, or a JSON file with 'prompts' (and 'seeds')")
+    parser.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--policies", help="comma-separated: teacache, flowcache, motion/<proxy>, "
+                                           "motion_detail/<combine>/<proxy> (default: all)")
+    parser.add_argument("--taus", help="comma-separated thresholds, every policy's sweep (default "
+                                       f"{','.join(map(str, TAUS))})")
+    parser.add_argument("--frames", type=int, help="video frames (default 48)")
+    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's, 16)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one prompt and seed, two thresholds, one repeat")
     parser.add_argument("--calibrate", action="store_true",
@@ -202,37 +285,44 @@ def main(argv=None):
     parser.add_argument("--out", default=HERE, help="folder for the results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    prompts, seeds, taus, repeats = PROMPTS, SEEDS, TAUS, args.repeats
+    model = tiny.MODELS[args.model]
+    prompts, seeds, policies, taus, frames, steps = setup(args)
+    repeats = args.repeats
     if args.quick:
-        prompts, seeds, repeats = PROMPTS[:1], SEEDS[:1], 1
-        taus = TAUS[2:4]
+        prompts, seeds, repeats, taus = prompts[:1], seeds[:1], 1, TAUS[2:4]
     default = CachePolicy(**COMMON)
     family = f"motion_detail {default.weight_combine_mode} / {default.proxy}"
-    configs = configurations(taus)
+    try:
+        configs = configurations(taus, policies)
+    except ValueError as error:
+        raise SystemExit(str(error))
     if args.calibrate:
         configs = [configs[0]] + [Row(family, tau, default.replace(tau=tau)) for tau in CALIBRATION_TAUS]
-    rows = run(configs, prompts, seeds, args.frames, args.steps, repeats)
-    header = (f"Tiny MAGI-1 (built-in), {len(prompts)} prompts x {len(seeds)} seeds, {args.frames} frames "
-              f"{tiny.SIZE}x{tiny.SIZE}, {args.steps} steps, CPU ({torch.get_num_threads()} threads), wall time the "
+    rows = run(configs, prompts, seeds, frames, steps, repeats, model=model)
+    header = (f"{'Tiny' if model is tiny.TINY else 'Benchmark'} MAGI-1 model (built-in, `--model {model.name}`), "
+              f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {frames} frames "
+              f"{model.size}x{model.size}, {steps} steps, CPU ({torch.get_num_threads()} threads), wall time the "
               f"median of {repeats} rounds. Every policy: warm-up {COMMON['warmup_steps']}, chunk-level "
               f"{COMMON['chunk_wise_steps']}, final full {COMMON['final_full_steps']} steps, "
-              f"max_reuse {COMMON['max_reuse']}.")
+              f"max_reuse {COMMON['max_reuse']}. PSNR seed spread: the range of the per-seed mean PSNRs.")
+    results_name, calibration_name = RESULT_NAMES[model.name]
     if args.calibrate:
         report = "\n\n".join([header, table(rows), calibration(rows, family)])
-        name, title = "calibration.md", "# Preset calibration on the tiny model"
+        name, title = calibration_name + ".md", f"# Preset calibration on the {model.name} model"
     else:
-        report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows),
-                                f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
-                                "come from a finer τ sweep of the default policy: `python -m bench.policies "
-                                "--calibrate` (bench/calibration.md)."])
-        name, title = "results.md", "# Cache policies on the tiny model"
+        report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows)])
+        if any(r.family.startswith("motion_detail") for r in rows):
+            report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
+                       "come from a finer τ sweep of the default policy: `python -m bench.policies "
+                       "--calibrate` (bench/calibration.md).")
+        name, title = results_name + ".md", f"# Cache policies on the {model.name} model"
     print(report)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, name), "w") as f:
         f.write(title + "\n\n" + report + "\n")
     if not args.calibrate:
         try:
-            plot(rows, os.path.join(args.out, "results.png"))
+            plot(rows, os.path.join(args.out, results_name + ".png"))
         except ImportError:
             print("matplotlib is not installed: no plot (pip install matplotlib)")
     return rows

@@ -11,6 +11,8 @@ from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
 
 TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
+BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/tiny/bench_weights
+BUILTIN = {TINY_CHOICE: tiny.TINY, BENCH_CHOICE: tiny.BENCH}
 MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash")
@@ -27,9 +29,9 @@ class MagiModel(torch.nn.Module):
 
 
 def checkpoint_choices(folder):
-    """The built-in tiny model, then the loadable files of a model folder: single .safetensors files and
+    """The built-in models, then the loadable files of a model folder: single .safetensors files and
     sharded checkpoints' index files."""
-    return [TINY_CHOICE] + sorted(name for name in folder_paths.get_filename_list(folder)
+    return list(BUILTIN) + sorted(name for name in folder_paths.get_filename_list(folder)
                                   if name.endswith((".safetensors", ".safetensors.index.json")))
 
 
@@ -60,8 +62,9 @@ class MAGI1DiTLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("checkpoint", options=checkpoint_choices("diffusion_models"), tooltip=(
                     "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json "
-                    "(the size is read from the tensors), or the built-in tiny demo model (CPU, 64x64 videos; "
-                    "pair it with MAGI-1 Tiny Text Encode and the built-in VAE).")),
+                    "(the size is read from the tensors), or a built-in model: the tiny demo (CPU, 64x64 videos) or "
+                    "the benchmark model (CPU, 128x128 scenes); pair them with MAGI-1 Tiny Text Encode (same "
+                    "model) and the built-in VAE.")),
                 io.Combo.Input("variant", options=["auto", "base", "distill"], default="auto", tooltip=(
                     "Base and distill checkpoints hold the same tensors. auto: distill when the path says "
                     "'distill'. Distilled models sample with 1 guidance pass and few steps, base ones with 3.")),
@@ -78,8 +81,9 @@ class MAGI1DiTLoader(io.ComfyNode):
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
         load_device, offload_device = mm.get_torch_device(), mm.unet_offload_device()
         distill = None if variant == "auto" else variant == "distill"
-        if checkpoint == TINY_CHOICE:
-            path, distill, tokens = tiny.DIT_FILE, True, tiny.tiny_special_tokens()
+        if checkpoint in BUILTIN:
+            builtin = BUILTIN[checkpoint]
+            path, distill, tokens = builtin.dit_file, True, builtin.special_tokens()
         else:
             # The table is not in the weights; found here, once, and before the slow load, so that a
             # missing file is reported at once with where to get it.
@@ -102,7 +106,7 @@ class MAGI1VAELoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("vae_name", options=checkpoint_choices("vae"), tooltip=(
                     "The MAGI-1 VAE weights (any file name; a config.json beside them is read if present), or "
-                    "the built-in tiny demo model's VAE.")),
+                    "the built-in models' VAE (both built-in models share it).")),
                 io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
                     "auto: bfloat16 on a GPU (as released), float32 on the CPU.")),
             ],
@@ -112,6 +116,9 @@ class MAGI1VAELoader(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:
         device = mm.vae_device()
-        path = tiny.VAE_FILE if vae_name == TINY_CHOICE else folder_paths.get_full_path_or_raise("vae", vae_name)
+        if vae_name in BUILTIN:
+            path = BUILTIN[vae_name].vae_file
+        else:
+            path = folder_paths.get_full_path_or_raise("vae", vae_name)
         vae = load_vae(path, device=device, dtype=compute_dtype(weight_dtype, device))
         return io.NodeOutput(vae)

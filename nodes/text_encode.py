@@ -1,5 +1,5 @@
 """MAGI1TextEncode: a prompt through the stock T5-XXL CLIP into CONDITIONING the MAGI-1 sampler reads.
-MAGI1TinyTextEncode: the same for the built-in tiny demo model, through its own small text encoder."""
+MAGI1TinyTextEncode: the same for a built-in model (tiny demo or benchmark), through its own small text encoder."""
 
 from comfy_api.latest import io
 
@@ -39,21 +39,27 @@ class MAGI1TinyTextEncode(io.ComfyNode):
             node_id="MAGI1TinyTextEncode",
             display_name="MAGI-1 Tiny Text Encode (demo)",
             category="MAGI-1",
-            description=("Encodes a prompt for the built-in tiny demo model with its own small text encoder (no "
-                         "T5 needed). It knows the words of its training captions, e.g. 'a red ball moving left "
-                         "over a checkerboard'. Real checkpoints use MAGI-1 Text Encode."),
+            description=("Encodes a prompt for a built-in model with its own small text encoder (no T5 needed). "
+                         "It knows the words of the model's training captions, e.g. 'a red ball moving left over a "
+                         "checkerboard' (tiny) or 'a red ball moving right slowly and a blue square standing still "
+                         "over a brick wall, the camera pans left' (bench). Real checkpoints use MAGI-1 Text Encode."),
             inputs=[
-                io.String.Input("prompt", multiline=True, default="a red ball moving right over a checkerboard",
-                                tooltip=("Colours (red, green, blue, yellow, white, purple, orange, black), shapes "
-                                         "(ball, square, triangle), motions (moving left/right/up/down, bouncing, "
-                                         "spinning, growing, shrinking, standing still), backgrounds (checkerboard, "
-                                         "striped wall, grassy field, gray wall, blue sky), 'the camera pans "
-                                         "left/right'. Other words are ignored.")),
+                io.String.Input("prompt", multiline=True, default=tiny.TINY.example_prompt, tooltip=(
+                    "tiny: colours (red, green, blue, yellow, white, purple, orange, black), shapes (ball, square, "
+                    "triangle), motions (moving left/right/up/down, bouncing, spinning, growing, shrinking, "
+                    "standing still), backgrounds (checkerboard, striped wall, grassy field, gray wall, blue sky), "
+                    "'the camera pans left/right'. bench: one to three objects joined by 'and' (colour, shape, "
+                    "'moving left slowly', 'moving up quickly then stopping', 'standing still then moving right "
+                    "slowly', 'entering from the top slowly', 'standing still'), then 'over a' brick wall / tiled "
+                    "floor / checkerboard / striped wall / grassy field or 'in a cloudy sky', then optionally "
+                    "', the camera pans left/right'. Other words are ignored.")),
+                io.Combo.Input("model", options=list(tiny.MODELS), default=tiny.TINY.name, tooltip=(
+                    "The built-in model the DiT Loader loads: tiny (the demo) or bench (the benchmark model).")),
             ],
-            outputs=[io.Conditioning.Output(tooltip="The tiny model's caption states and their mask.")],
+            outputs=[io.Conditioning.Output(tooltip="The built-in model's caption states and their mask.")],
         )
 
     @classmethod
-    def execute(cls, prompt) -> io.NodeOutput:
-        states, mask = tiny.load_tiny_text_encoder().encode(prompt)
+    def execute(cls, prompt, model=tiny.TINY.name) -> io.NodeOutput:
+        states, mask = tiny.MODELS[model].load_text_encoder().encode(prompt)
         return io.NodeOutput([[states[None], {"attention_mask": mask[None]}]])

@@ -24,7 +24,9 @@ def _fixture(config, policy, **changes):
 
 def _demo():
     from demo import sample  # the repository root is on the path in tests and in the recorder
-    return sample()[0]
+    from magi1.tiny import TINY
+
+    return sample(model=TINY)[0]
 
 
 def _base_motion_detail_negative():
@@ -42,7 +44,7 @@ def _distill45_continuation():
 
 
 CASES = {
-    "demo": _demo,  # python demo.py: default prompt, seed 0, slow preset
+    "demo": _demo,  # python demo.py on the tiny model: its example prompt, seed 0, slow preset
     "base_motion_detail_negative": _base_motion_detail_negative,  # 3 passes, token reuse, negative prompt
     "base_i2v_flowcache": lambda: _fixture("base_i2v", _policy("flowcache", 0.05)),  # 3 passes, image prefix
     "distill45_motion_detail": lambda: _fixture("distill45", _policy("motion_detail", 0.05)),  # 1 pass

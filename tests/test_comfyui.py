@@ -441,14 +441,15 @@ def test_stock_nodes_take_the_widgets_the_workflows_give(server):
 
 
 def needs_no_external_weights(api):
-    """Only the built-in tiny model: no file-picking loader other than ours set to the built-in choice."""
+    """Only the built-in models: no file-picking loader other than ours set to a built-in choice."""
+    builtin = ("MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)")
     for node in api.values():
         inputs = node["inputs"]
         if node["class_type"] in ("CLIPLoader", "LoadImage", "LoadVideo"):
             return False
-        if node["class_type"] == "MAGI1DiTLoader" and inputs["checkpoint"] != "MAGI-1 tiny demo (built-in)":
+        if node["class_type"] == "MAGI1DiTLoader" and inputs["checkpoint"] not in builtin:
             return False
-        if node["class_type"] == "MAGI1VAELoader" and inputs["vae_name"] != "MAGI-1 tiny demo (built-in)":
+        if node["class_type"] == "MAGI1VAELoader" and inputs["vae_name"] not in builtin:
             return False
     return True
 

@@ -34,7 +34,16 @@ def test_a_missing_object_is_reported_lost_not_continuous():
     track = object_track(video, COLORS["red"])
     assert boundary_ratios(track) == [None]
     lines = report([("a red ball", 0, [None], None)], 2.0)
-    assert "1 with the object lost" in lines[0] and lines[-1].endswith("0%")
+    assert "1 with the object lost" in lines[0] and not any("videos whose" in line for line in lines)
+
+
+def test_a_video_is_continuous_when_every_object_it_tracks_is():
+    rows = [("a", 0, [1.0, None], True), ("a", 0, [1.5, 0.5], None),  # one object leaves the frame: still continuous
+            ("b", 0, [0.5, 3.0], False), ("a", 1, [None, None], None)]  # a jump; a video tracking nothing is left out
+    lines = report(rows, 2.0)
+    assert "4 objects in 3 videos, 8 chunk boundaries (3 with the object lost" in lines[0]
+    assert "videos whose every tracked boundary is <= 2: 1/2 (50%)" in lines
+    assert lines[-1] == "motion direction matches the caption: 1/2 (50%)"
 
 
 def test_captions_name_colour_and_motion():
@@ -48,3 +57,32 @@ def test_every_object_of_a_benchmark_caption_is_named():
     assert caption_objects(caption) == [("yellow", "moving left"), ("purple", "moving up"), ("orange", "moving down")]
     assert caption_objects("a white square standing still in a cloudy sky") == [("white", None)]
     assert caption_objects("a red ball moving right in front of a gray wall") == [("red", "moving right")]
+
+
+def test_a_staircase_track_is_measured_per_latent_frame():
+    """The VAE decodes each latent frame into four nearly equal frames: an object moving 2 px a latent
+    frame moves in 2 px steps every fourth frame. Continuous per latent frame; the per-frame median (0)
+    would call every boundary a jump."""
+    latent_positions = torch.arange(18, dtype=torch.float32) * 2.0  # 3 chunks of 6 latent frames
+    track = torch.stack([latent_positions.repeat_interleave(4), torch.full((72,), 30.0)], dim=1)
+    assert boundary_ratios(track) == [1.0, 1.0]
+    assert all(r == 4.0 for r in boundary_ratios(track, group=1))  # 2 px over the 0.5 px floor
+    spliced = track.clone()
+    spliced[24:, 0] += 12.0
+    assert boundary_ratios(spliced) == [7.0, 1.0]
+
+
+def test_a_camera_pan_is_taken_out_of_the_direction():
+    """A benchmark object that moves up slowly, stops, and is carried sideways by a pan: in the frame it
+    moves more across than along; in the world (the pan taken out) it goes up."""
+    from bench.continuity import caption_pan, measure
+    from train import bench_scenes
+
+    thing = bench_scenes.MovingObject("ball", "red", "stopping", "up", "slowly", 0.5, 0.6, 0.08, 0.6)
+    scene = bench_scenes.BenchScene((thing,), "brick wall", "right", 0, 0.0)
+    assert caption_pan(scene.caption) == 1 and caption_pan("a red ball standing still in a cloudy sky") == 0
+    video = bench_scenes.render(scene, 72, 128)
+    (color, latent, frame, direction), = measure(video, scene.caption, bench_scenes.PAN_SPEED)
+    assert color == "red" and direction is True and all(r <= 2 for r in latent), latent
+    track = object_track(video, COLORS["red"])
+    assert direction_matches(track, "moving up") is False  # without the pan taken out

@@ -194,3 +194,26 @@ def test_decode_gives_frames_of_the_encoded_size(pack, vae):
     latent = pack.MAGI1EncodePrefix.execute(vae=vae, width=64, height=64, prefix_video=frames(8)).result[0]
     images = pack.MAGI1Decode.execute(vae=vae, samples=latent, tile_size=256).result[0]
     assert images.shape == (8, 64, 64, 3) and 0 <= float(images.min()) and float(images.max()) <= 1
+
+
+# ------------------------------------------------------------------------------------- built-in models
+def test_the_benchmark_model_loads_and_encodes_through_the_nodes(pack):
+    """Both built-in models are listed first, load with their own special tokens and share the VAE file; the
+    text-encode node reads the chosen model's own encoder (an old workflow without the input gets tiny's)."""
+    loaders = pack.modules["loaders"]
+    assert loaders.checkpoint_choices("diffusion_models")[:2] == [TINY, loaders.BENCH_CHOICE]
+    model = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCH_CHOICE, variant="auto", weight_dtype="auto",
+                                        attention="auto").result[0]
+    dit = model.model.diffusion_model
+    assert dit.config.caption_channels == 64 and dit.distill
+    assert torch.equal(model.model.special_tokens.hq, tiny.BENCH.special_tokens().hq)
+    assert not torch.equal(model.model.special_tokens.hq, tiny.tiny_special_tokens().hq)
+    vae = pack.MAGI1VAELoader.execute(vae_name=loaders.BENCH_CHOICE, weight_dtype="auto").result[0]
+    assert repr(vae.config) == repr(tiny.load_tiny_vae().config)  # the pack's own copy of magi1: by value
+    prompt = "a red ball moving right slowly and a blue square standing still over a brick wall"
+    (states, extra), = pack.MAGI1TinyTextEncode.execute(prompt=prompt, model="bench").result[0]
+    expected_states, expected_mask = tiny.BENCH.load_text_encoder().encode(prompt)
+    assert torch.equal(states[0], expected_states) and torch.equal(extra["attention_mask"][0], expected_mask)
+    (old_states, _), = pack.MAGI1TinyTextEncode.execute(prompt=prompt).result[0]
+    assert torch.equal(old_states[0], tiny.load_tiny_text_encoder().encode(prompt)[0])
+    assert not torch.equal(old_states, states)

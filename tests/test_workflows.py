@@ -33,7 +33,7 @@ STOCK_WIDGETS = {
 }
 STOCK_UI_EXTRAS = {("LoadImage", "image"), ("LoadVideo", "file")}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
-EXPECTED = {"magi1_tiny_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation"}
+EXPECTED = {"magi1_tiny_demo", "magi1_bench_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation"}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,9 @@ def test_our_widget_values_are_valid(path, schemas):
             continue
         for inp in widget_inputs(schema):
             value, where = node["inputs"][inp.id], f"{path.stem}: {schema.node_id}.{inp.id}"
-            if inp.id in ("checkpoint", "vae_name"):  # file lists: the built-in model or a safetensors file
-                assert value == "MAGI-1 tiny demo (built-in)" or value.endswith((".safetensors", ".index.json")), where
+            if inp.id in ("checkpoint", "vae_name"):  # file lists: a built-in model or a safetensors file
+                builtin = ("MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)")
+                assert value in builtin or value.endswith((".safetensors", ".index.json")), where
             elif "options" in inp.options:
                 assert value in inp.options["options"], where
             elif "min" in inp.options:
@@ -193,9 +194,9 @@ def test_node_ids_are_kept():
     assert ids["magi1_image_to_video"][10] == "LoadImage" and ids["magi1_video_continuation"][10] == "LoadVideo"
     assert ids["magi1_video_continuation"][13] == "GetVideoComponents"
     assert ids["magi1_image_to_video"][15] == ids["magi1_video_continuation"][15] == "MAGI1EncodePrefix"  # 0.2.0
-    assert ids["magi1_tiny_demo"] == {1: "MAGI1DiTLoader", 2: "MAGI1MotionDetailCache", 4: "MAGI1TinyTextEncode",
-                                      5: "MAGI1VAELoader", 6: "MAGI1Sampler", 7: "MAGI1Decode", 8: "CreateVideo",
-                                      9: "SaveVideo", 11: "PreviewAny", 14: "PreviewImage"}
+    demo = {1: "MAGI1DiTLoader", 2: "MAGI1MotionDetailCache", 4: "MAGI1TinyTextEncode", 5: "MAGI1VAELoader",
+            6: "MAGI1Sampler", 7: "MAGI1Decode", 8: "CreateVideo", 9: "SaveVideo", 11: "PreviewAny", 14: "PreviewImage"}
+    assert ids["magi1_tiny_demo"] == ids["magi1_bench_demo"] == demo
 
 
 def test_demo_runs_the_builtin_tiny_model():
@@ -206,6 +207,18 @@ def test_demo_runs_the_builtin_tiny_model():
     assert kinds["MAGI1MotionDetailCache"]["mode"] == "motion_detail"
     assert {"SaveVideo", "CreateVideo"} <= set(kinds)
     assert kinds["MAGI1Sampler"]["steps"] == tiny.STEPS and kinds["MAGI1Sampler"]["width"] == tiny.SIZE
+
+
+def test_bench_demo_runs_the_builtin_benchmark_model():
+    api = json.loads((API_DIR / "magi1_bench_demo.json").read_text())
+    kinds = {node["class_type"]: node["inputs"] for node in api.values()}
+    choice = "MAGI-1 benchmark model (built-in, 128x128)"
+    assert kinds["MAGI1DiTLoader"]["checkpoint"] == kinds["MAGI1VAELoader"]["vae_name"] == choice
+    assert kinds["MAGI1TinyTextEncode"]["model"] == "bench" and "CLIPLoader" not in kinds
+    assert kinds["MAGI1Sampler"]["width"] == kinds["MAGI1Sampler"]["height"] == tiny.BENCH.size
+    assert kinds["MAGI1Sampler"]["steps"] == tiny.BENCH.steps
+    words = set(tiny.BENCH.load_text_encoder().config.vocabulary)
+    assert set(kinds["MAGI1TinyTextEncode"]["prompt"].replace(",", " ").split()) <= words  # no unknown word
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=lambda p: p.stem)

@@ -74,6 +74,7 @@ VAE = {"name": "magi1_vae.safetensors", "directory": "vae",
        "url": "https://huggingface.co/sand-ai/MAGI-1/resolve/main/ckpt/vae/diffusion_pytorch_model.safetensors"}
 DIT_4_5B_DISTILL = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"
 TINY = "MAGI-1 tiny demo (built-in)"
+BENCH = "MAGI-1 benchmark model (built-in, 128x128)"
 MODEL_FILES_NOTE = (
     "### Model files\n\n"
     "- **DiT**: the folder `ckpt/magi/4.5B_distill` of [sand-ai/MAGI-1](https://huggingface.co/sand-ai/MAGI-1) "
@@ -207,8 +208,28 @@ def tiny_demo():
     ]
 
 
+def bench_demo():
+    """The tiny demo's graph (same node ids) on the built-in benchmark model: 128x128 detailed scenes."""
+    nodes = {node.id: node for node in tiny_demo()}
+    nodes[1].widgets.update(checkpoint=BENCH)
+    nodes[5].widgets.update(vae_name=BENCH)
+    nodes[4].widgets.update(prompt="a red ball moving right slowly and a blue square standing still over a brick "
+                                   "wall, the camera pans left", model="bench")
+    nodes[6].widgets.update(width=128, height=128)
+    nodes[9].widgets.update(filename_prefix="video/magi1_bench_demo")
+    nodes[12].widgets.update(text=(
+        "### MAGI-1 benchmark model\n\nRuns on any CPU with no download: the pack's built-in benchmark model "
+        "(the MAGI-1 architecture trained on synthetic 128x128 scenes: one to three small objects over a "
+        "detailed background, static camera or pan) with MotionDetailCache. Objects move *slowly* or "
+        "*quickly*, *then stopping*, *standing still then moving*, or *entering from* a side; backgrounds: "
+        "brick wall, tiled floor, checkerboard, striped wall, grassy field, cloudy sky.\n\nIt is the "
+        "cache benchmark's model (`python -m bench.policies --model bench`)."))
+    return list(nodes.values())
+
+
 WORKFLOWS = {
     "magi1_tiny_demo": tiny_demo,
+    "magi1_bench_demo": bench_demo,
     "magi1_text_to_video": text_to_video,
     "magi1_image_to_video": image_to_video,
     "magi1_video_continuation": video_continuation,

@@ -1,45 +1,80 @@
-"""The tiny MAGI-1 demo model that ships with the pack: a DiT, VAE, text encoder and special-token table
-of the MAGI-1 architecture (same code, same loaders, same key names), trained on procedural videos by
-``python -m train.tiny`` (the repository's ``train/`` folder, outside the pack's runtime). It runs on any CPU
-in seconds and needs no download: for trying the pack, the tests and the cache benchmark. Its text encoder is
-its own (``text_encoder``); real checkpoints read T5-XXL.
+"""The built-in models of the MAGI-1 architecture that ship with the pack (same code, same loaders, same key
+names as the official checkpoints), trained on procedural videos by ``train/`` (outside the pack's runtime).
+They run on any CPU and need no download:
+
+- ``TINY`` (``weights/``): 64x64 videos, a sprite over a plain background; seconds on a CPU. For trying the
+  pack and for the tests.
+- ``BENCH`` (``bench_weights/``, the tiny model's VAE): 128x128 videos (64 tokens a frame) of one to three
+  small objects over detailed backgrounds, with camera pans; chunks that continue each other. The cache
+  benchmark's model: it has static regions for token-level reuse to skip, as real videos do.
+
+Each has its own small text encoder (``text_encoder``); real checkpoints read T5-XXL.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 from ..loader import load_dit
 from ..text import SpecialTokens
 from ..vae import load_vae
 from .text_encoder import load_text_encoder
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-DIT_FILE = os.path.join(WEIGHTS, "dit.safetensors")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """One built-in model: where its four files are and what it was trained for."""
+
+    name: str
+    folder: str  # dit.safetensors, text_encoder.safetensors, special_tokens.npz (and vae.safetensors)
+    vae_file: str
+    size: int  # trained on size x size videos
+    steps: int  # the distilled step count the demo, the workflows and the cache presets use
+    example_prompt: str
+
+    @property
+    def dit_file(self):
+        return os.path.join(self.folder, "dit.safetensors")
+
+    @property
+    def text_encoder_file(self):
+        return os.path.join(self.folder, "text_encoder.safetensors")
+
+    @property
+    def special_tokens_file(self):
+        return os.path.join(self.folder, "special_tokens.npz")
+
+    def load_dit(self, device=None, dtype=None):
+        return load_dit(self.dit_file, device=device, dtype=dtype, distill=True)
+
+    def load_vae(self, device=None, dtype=None):
+        return load_vae(self.vae_file, device=device, dtype=dtype)
+
+    def load_text_encoder(self, device="cpu"):
+        return load_text_encoder(self.text_encoder_file, device=device)
+
+    def special_tokens(self):
+        return SpecialTokens.load(self.special_tokens_file)
+
+
+WEIGHTS = os.path.join(HERE, "weights")
 VAE_FILE = os.path.join(WEIGHTS, "vae.safetensors")
-TEXT_ENCODER_FILE = os.path.join(WEIGHTS, "text_encoder.safetensors")
-SPECIAL_TOKENS_FILE = os.path.join(WEIGHTS, "special_tokens.npz")
-# What it was trained on: 64x64 videos; 8 to 16 distilled steps. The demo, the workflow and the cache
-# presets use 16 (bench/calibration.md).
-SIZE = 64
-STEPS = 16
+# Trained on 64x64 videos with 8 to 16 distilled steps; the demo, the workflow and the presets use 16.
+TINY = BuiltinModel("tiny", WEIGHTS, VAE_FILE, size=64, steps=16,
+                    example_prompt="a red ball moving right over a checkerboard")
+BENCH = BuiltinModel("bench", os.path.join(HERE, "bench_weights"), VAE_FILE, size=128, steps=16,
+                     example_prompt="a red ball moving right slowly and a blue square standing still over a brick wall")
+MODELS = {model.name: model for model in (TINY, BENCH)}
 
+# The tiny model's names, as the tests, nodes and earlier code know them.
+DIT_FILE, TEXT_ENCODER_FILE, SPECIAL_TOKENS_FILE = TINY.dit_file, TINY.text_encoder_file, TINY.special_tokens_file
+SIZE, STEPS = TINY.size, TINY.steps
+load_tiny_dit, load_tiny_vae = TINY.load_dit, TINY.load_vae
+load_tiny_text_encoder, tiny_special_tokens = TINY.load_text_encoder, TINY.special_tokens
 
-def load_tiny_dit(device=None, dtype=None):
-    return load_dit(DIT_FILE, device=device, dtype=dtype, distill=True)
-
-
-def load_tiny_vae(device=None, dtype=None):
-    return load_vae(VAE_FILE, device=device, dtype=dtype)
-
-
-def load_tiny_text_encoder(device="cpu"):
-    return load_text_encoder(TEXT_ENCODER_FILE, device=device)
-
-
-def tiny_special_tokens():
-    return SpecialTokens.load(SPECIAL_TOKENS_FILE)
-
-
-__all__ = ["DIT_FILE", "SIZE", "SPECIAL_TOKENS_FILE", "STEPS", "TEXT_ENCODER_FILE", "VAE_FILE", "WEIGHTS",
-           "load_tiny_dit", "load_tiny_text_encoder", "load_tiny_vae", "tiny_special_tokens"]
+__all__ = ["BENCH", "DIT_FILE", "MODELS", "SIZE", "SPECIAL_TOKENS_FILE", "STEPS", "TEXT_ENCODER_FILE", "TINY",
+           "VAE_FILE", "WEIGHTS", "BuiltinModel", "load_tiny_dit", "load_tiny_text_encoder", "load_tiny_vae",
+           "tiny_special_tokens"]

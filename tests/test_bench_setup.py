@@ -1,0 +1,73 @@
+"""bench.policies on either built-in model, with its prompts, seeds, policies and τ values taken from the
+command line or a setup file; the benchmark model's held-out set is its default."""
+
+import argparse
+import json
+
+import pytest
+
+from bench import policies
+from cache_core import CachePolicy
+from train.bench import heldout_prompts
+
+
+def test_policies_are_written_as_mode_combine_proxy():
+    assert policies.family_policy("teacache", 0.1) == ("teacache", CachePolicy(mode="teacache", tau=0.1,
+                                                                               **policies.COMMON))
+    family, policy = policies.family_policy("motion/denoised", 0.2)
+    assert family == "motion / denoised" and (policy.mode, policy.proxy, policy.tau) == ("motion", "denoised", 0.2)
+    family, policy = policies.family_policy("motion_detail/product/latent", 0.05)
+    assert family == "motion_detail product / latent" and policy.weight_combine_mode == "product"
+    default = CachePolicy()
+    family, policy = policies.family_policy("motion_detail", 0.05)
+    assert family == f"motion_detail {default.weight_combine_mode} / latent" and policy.proxy == "latent"
+    for bad in ("teacache/latent", "motion/sideways", "motion_detail/max/latent/extra", "chunky"):
+        with pytest.raises(ValueError, match="unknown policy"):
+            policies.family_policy(bad, 0.1)
+    # every default family parses, and their names are the table's
+    names = [policies.family_policy(spec, 0.1)[0] for spec in policies.POLICIES]
+    assert len(set(names)) == len(names) == 10
+
+
+def _setup(argv):
+    namespace = argparse.Namespace(model="tiny", setup=None, prompts=None, seeds=None, policies=None, taus=None,
+                                   frames=None, steps=None)
+    for key, value in argv.items():
+        setattr(namespace, key, value)
+    return policies.setup(namespace)
+
+
+def test_setup_comes_from_the_command_line_over_the_file_over_the_defaults(tmp_path):
+    assert _setup({}) == (list(policies.PROMPTS), [0, 1], list(policies.POLICIES), list(policies.TAUS), 48, 16)
+    prompts, seeds, *_ = _setup({"model": "bench"})
+    assert prompts == list(heldout_prompts()) and seeds == [0, 1]
+    file = tmp_path / "setup.json"
+    file.write_text(json.dumps({"prompts": ["a red ball standing still over a brick wall"], "seeds": [3],
+                                "policies": ["flowcache"], "taus": [0.3], "frames": 24}))
+    assert _setup({"model": "bench", "setup": str(file)}) == (
+        ["a red ball standing still over a brick wall"], [3], ["flowcache"], [0.3], 24, 16)
+    assert _setup({"setup": str(file), "seeds": "4,5", "taus": "0.1,0.2", "steps": 8})[1:] == (
+        [4, 5], ["flowcache"], [0.1, 0.2], 24, 8)
+    lines = tmp_path / "prompts.txt"
+    lines.write_text("one prompt\n\nanother prompt\n")
+    assert _setup({"model": "bench", "prompts": str(lines)})[:2] == (["one prompt", "another prompt"], [0, 1])
+    file.write_text(json.dumps({"prompt": ["typo"]}))
+    with pytest.raises(SystemExit, match="unknown keys"):
+        _setup({"setup": str(file)})
+
+
+def test_the_benchmark_model_runs_the_policy_benchmark(tmp_path):
+    rows = policies.main(["--model", "bench", "--quick", "--frames", "24", "--steps", "8", "--policies",
+                          "flowcache,motion_detail/max/latent", "--out", str(tmp_path)])
+    assert [r.family for r in rows] == ["off"] + ["flowcache"] * 2 + ["motion_detail max / latent"] * 2
+    assert all(0.0 < r.computed <= 1.0 and r.flop_ratio >= 1.0 and list(r.psnr_by_seed) == [0] for r in rows)
+    written = (tmp_path / "results_bench.md").read_text()
+    assert written.startswith("# Cache policies on the bench model") and "128x128" in written
+    assert "| off | 0 | 100% | 1.00x | 1.00x | 1.00 | 99.0 | 0.0 |" in written
+    with pytest.raises(SystemExit, match="unknown policy"):
+        policies.main(["--quick", "--policies", "tea", "--out", str(tmp_path)])
+
+
+def test_the_seed_spread_is_the_range_of_per_seed_means():
+    assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0, 1: 32.5, 2: 31.0}).psnr_spread == 2.5
+    assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0}).psnr_spread == 0.0
