@@ -71,3 +71,33 @@ def test_the_benchmark_model_runs_the_policy_benchmark(tmp_path):
 def test_the_seed_spread_is_the_range_of_per_seed_means():
     assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0, 1: 32.5, 2: 31.0}).psnr_spread == 2.5
     assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0}).psnr_spread == 0.0
+
+
+def test_the_benchmark_model_loads_with_the_ordinary_loaders():
+    """The built-in benchmark model: the MAGI-1 architecture through load_dit / load_vae, 64 tokens a
+    frame at its size, its own text encoder for the benchmark captions, small files."""
+    import os
+
+    import magi1
+    from magi1 import tiny
+    from train import bench as trainer
+    from train import bench_scenes
+
+    model = tiny.BENCH
+    dit = magi1.load_dit(model.dit_file)
+    assert dit.distill and dit.config == trainer.BENCH.dit_config
+    vae = magi1.load_vae(model.vae_file)
+    layout = magi1.VideoLayout.plan(24, model.size, model.size, patch_size=dit.config.patch_size)
+    tokens_per_frame = (model.size // vae.spatial_factor // dit.config.patch_size) ** 2
+    assert tokens_per_frame >= 64 and layout.chunk_num == 1
+    encoder = model.load_text_encoder()
+    assert encoder.config.vocabulary == tuple(trainer.vocabulary())
+    assert encoder.config.max_tokens == trainer.BENCH.text_tokens
+    for caption in heldout_prompts():  # every held-out word is known, and the longest caption fits
+        ids, mask = encoder.tokenize(caption)
+        assert "<unk>" not in [encoder.config.vocabulary[i] for i in ids[mask]], caption
+        assert int(mask.sum()) == len(caption.replace(",", " ").split()) + 1, caption
+    assert model.special_tokens().hq.shape == (dit.config.caption_channels,)
+    new_files = (model.dit_file, model.text_encoder_file, model.special_tokens_file)
+    assert sum(os.path.getsize(f) for f in new_files) <= 12 * 2**20
+    assert set(bench_scenes.caption_vocabulary()) <= set(encoder.config.vocabulary)

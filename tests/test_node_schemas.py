@@ -52,8 +52,8 @@ def test_inputs_and_outputs_are_documented_and_defaults_valid(nodes):
 def test_loaders_list_only_safetensors(nodes):
     loader = next(node for node in nodes if node.__name__ == "MAGI1DiTLoader").GET_SCHEMA()
     checkpoint = next(inp for inp in loader.inputs if inp.id == "checkpoint")
-    assert checkpoint.options["options"] == ["MAGI-1 tiny demo (built-in)", "magi/model-00001.safetensors",
-                                             "magi/model.safetensors.index.json"]
+    assert checkpoint.options["options"] == ["MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)",
+                                             "magi/model-00001.safetensors", "magi/model.safetensors.index.json"]
 
 
 def test_sampler_defaults_are_a_valid_request(nodes):

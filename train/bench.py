@@ -1,7 +1,7 @@
 """Train the benchmark model: the tiny model's architecture on 128x128 scenes shaped like the videos
 people make (``train/bench_scenes.py``), where token-level reuse has room to work (64 tokens a frame).
 
-    python -m train.bench --out <folder>       # from the repository root
+    python -m train.bench                      # from the repository root; writes magi1/tiny/bench_weights
 
 It shares the tiny model's loops (``train/tiny.py``) through its own ``Recipe`` and reuses the tiny
 model's VAE (``magi1/tiny/weights/vae.safetensors``, 21 dB on these scenes at 128x128; a VAE of its own
@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from magi1.tiny import BENCH as BENCH_MODEL
 from magi1.tiny import VAE_FILE
 from magi1.tiny.text_encoder import SPECIALS
 from magi1.vae import load_vae
@@ -48,8 +49,9 @@ BENCH = shared.Recipe(SIZE, shared.DIT_CONFIG, shared.VAE_CONFIG,
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="folder for dit.safetensors, text_encoder.safetensors and "
-                                                     "special_tokens.npz")
+    parser.add_argument("--out", default=BENCH_MODEL.folder,
+                        help="folder for dit.safetensors, text_encoder.safetensors and special_tokens.npz "
+                             "(default: magi1/tiny/bench_weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")
