@@ -314,7 +314,7 @@ def main(argv=None):
         if any(r.family.startswith("motion_detail") for r in rows):
             report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
                        "come from a finer τ sweep of the default policy: `python -m bench.policies "
-                       "--calibrate` (bench/calibration.md).")
+                       f"--model {model.name} --calibrate` (bench/{calibration_name}.md).")
         name, title = results_name + ".md", f"# Cache policies on the {model.name} model"
     print(report)
     os.makedirs(args.out, exist_ok=True)

@@ -3,6 +3,7 @@ boundary jumps and the caption's direction; a video spliced at a chunk boundary 
 
 import dataclasses
 
+import pytest
 import torch
 
 from bench.continuity import boundary_ratios, caption_objects, direction_matches, object_track, report
@@ -86,3 +87,21 @@ def test_a_camera_pan_is_taken_out_of_the_direction():
     assert color == "red" and direction is True and all(r <= 2 for r in latent), latent
     track = object_track(video, COLORS["red"])
     assert direction_matches(track, "moving up") is False  # without the pan taken out
+
+
+def test_the_command_measures_a_model_and_real_scenes(tmp_path):
+    from bench import continuity
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red ball moving right over a checkerboard\n")
+    out = tmp_path / "report.txt"
+    assert continuity.main(["--model", "tiny", "--prompts", str(prompts), "--seeds", "0", "--frames", "48",
+                            "--reference", "2", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.startswith("# python -m bench.continuity --model tiny (1 prompts, seeds 0, 48 frames, no cache)")
+    assert "'a red ball moving right over a checkerboard' seed 0, the red object: boundary ratios " in text
+    for title in ("tiny model, no cache", "2 real scenes as rendered", "the same scenes through the VAE"):
+        assert f"{title}, per latent frame:" in text and f"{title}, per decoded frame" in text
+    prompts.write_text("a striped wall, the camera pans left\n")
+    with pytest.raises(SystemExit, match="names no colour"):
+        continuity.main(["--prompts", str(prompts)])
