@@ -148,6 +148,10 @@ def report(rows, tolerance):
     for prompt, seed, rs, _ in rows:
         videos.setdefault((prompt, seed), []).extend(r for r in rs if r is not None)
     tracked = [all(r <= tolerance for r in rs) for rs in videos.values() if rs]
+    by_prompt = {}  # prompt -> the tracked ratios of all its videos
+    for (prompt, _), rs in videos.items():
+        by_prompt.setdefault(prompt, []).extend(rs)
+    typical = [statistics.median(rs) <= tolerance for rs in by_prompt.values() if rs]
     lines = [f"{len(rows)} objects in {len(videos)} videos, {len(ratios) + lost} chunk boundaries ({lost} with the "
              "object lost: out of the frame, or not drawn)"]
     if ratios:
@@ -155,6 +159,9 @@ def report(rows, tolerance):
         lines.append(f"boundary jump / within-chunk motion: median {q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f}, "
                      f"max {max(ratios):.2f}; {sum(r <= tolerance for r in ratios) / len(ratios):.0%} of boundaries "
                      f"<= {tolerance:g}")
+    if typical:
+        lines.append(f"prompts whose median boundary ratio is <= {tolerance:g}: {sum(typical)}/{len(typical)} "
+                     f"({sum(typical) / len(typical):.0%})")
     if tracked:
         lines.append(f"videos whose every tracked boundary is <= {tolerance:g}: {sum(tracked)}/{len(tracked)} "
                      f"({sum(tracked) / len(tracked):.0%})")

@@ -44,6 +44,9 @@ def test_a_video_is_continuous_when_every_object_it_tracks_is():
     lines = report(rows, 2.0)
     assert "4 objects in 3 videos, 8 chunk boundaries (3 with the object lost" in lines[0]
     assert "videos whose every tracked boundary is <= 2: 1/2 (50%)" in lines
+    # per prompt: "a" has 1.0, 1.5, 0.5 (median 1.0), "b" 0.5, 3.0 (median 1.75); both typical boundaries are <= 2
+    assert "prompts whose median boundary ratio is <= 2: 2/2 (100%)" in lines
+    assert "prompts whose median boundary ratio is <= 1.2: 1/2 (50%)" in report(rows, 1.2)
     assert lines[-1] == "motion direction matches the caption: 1/2 (50%)"
 
 
