@@ -136,6 +136,7 @@ def run(rows, prompts, seeds, frames, steps, repeats, model=tiny.TINY, log=print
                 row.psnr = statistics.mean(p for _, p, _ in scores)
                 row.ssim = statistics.mean(s for _, _, s in scores)
                 row.psnr_by_seed = {seed: statistics.mean(p for s, p, _ in scores if s == seed) for seed in seeds}
+                log(f"{row.family} τ {row.tau:g}: {row.computed:.0%} of token-steps, {row.psnr:.1f} dB")
         log(f"round {round_index + 1}/{repeats} done")
     off = statistics.median(walls[id(rows[0])])
     for row in rows:
