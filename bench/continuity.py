@@ -26,6 +26,7 @@ import statistics
 import torch
 
 import magi1
+from bench.metrics import psnr
 from magi1 import tiny
 from train import bench_scenes, scenes
 from train.bench import HELDOUT_FILE
@@ -239,9 +240,11 @@ def main(argv=None):
                 rows.append((prompt, seed, color, latent, frame, direction))
                 note(f"{prompt!r} seed {seed}, the {color} object: boundary ratios {_show(latent)} (per decoded "
                      f"frame {_show(frame)}); direction {'-' if direction is None else 'ok' if direction else 'wrong'}")
+    reconstruction = []  # PSNR of each real scene through the VAE: is the model's VAE good enough for its scenes?
     for caption, rendered, decoded in reference_videos(model, args.reference, args.frames):
         real += [(caption, 0, *row) for row in measure(rendered, caption, pan_speed)]
         through_vae += [(caption, 0, *row) for row in measure(decoded, caption, pan_speed)]
+        reconstruction.append(psnr(decoded.clamp(-1, 1), rendered))
     for line in summary(f"{args.model} model, no cache", rows, args.tolerance):
         note(line)
     if args.reference:
@@ -249,6 +252,8 @@ def main(argv=None):
                                  ("the same scenes through the VAE", through_vae)):
             for line in summary(title, reference, args.tolerance):
                 note(line)
+        note(f"the VAE's reconstruction of these scenes: PSNR median {statistics.median(reconstruction):.1f} dB "
+             f"(range {min(reconstruction):.1f}-{max(reconstruction):.1f})")
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -105,6 +105,8 @@ def test_the_command_measures_a_model_and_real_scenes(tmp_path):
     assert "'a red ball moving right over a checkerboard' seed 0, the red object: boundary ratios " in text
     for title in ("tiny model, no cache", "2 real scenes as rendered", "the same scenes through the VAE"):
         assert f"{title}, per latent frame:" in text and f"{title}, per decoded frame" in text
+    reconstruction = float(text.split("the VAE's reconstruction of these scenes: PSNR median ")[1].split(" dB")[0])
+    assert 15 < reconstruction < 60
     prompts.write_text("a striped wall, the camera pans left\n")
     with pytest.raises(SystemExit, match="names no colour"):
         continuity.main(["--prompts", str(prompts)])
