@@ -41,7 +41,7 @@ class _ForcedState:
 
     def decide(self, chunk_steps):
         decisions = []
-        for chunk_id, step, feature in chunk_steps:
+        for chunk_id, step, feature, *_ in chunk_steps:
             n = self.n_tokens
             if chunk_id not in self.velocities:
                 decisions.append(Decision(chunk_id, step, "warmup", n, n))

@@ -11,12 +11,14 @@ import torch
 
 @dataclass(frozen=True)
 class ChunkStep:
-    """One chunk of the window before a step: its id, its own step counter, and its change feature
-    (any tensor whose change between steps measures how much the chunk's input moved)."""
+    """One chunk of the window before a step: its id, its own step counter, its change feature (any
+    tensor whose change between steps measures how much the chunk's input moved) and its time before
+    the step (0 = noise, 1 = clean; needed only to extrapolate reused velocities)."""
 
     chunk_id: int
     step: int
     feature: Optional[torch.Tensor] = None
+    t: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Decision:
 
     chunk_id: int
     step: int
-    phase: str  # "off", "warmup", "final", "forced", "window", "chunk" or "token"
+    phase: str  # "off", "warmup", "final", "forced", "window", "chunk", "token" or "hybrid"
     n_active: int  # tokens computed this step (a host number)
     n_tokens: int
     active: Optional[torch.Tensor] = None

@@ -21,6 +21,11 @@ class ChunkMemory:
     token_acc: Optional[torch.Tensor] = None  # [N] float32: accumulated W·Δ since each token's last compute
     token_reuses: Optional[torch.Tensor] = None  # [N] int32: consecutive reuses of each token
     velocity: Optional[torch.Tensor] = None  # [C, T, H, W]: each pixel's last computed velocity
+    # Extrapolation only: the computed velocity before the last, and each token's times of both
+    velocity_prev: Optional[torch.Tensor] = None
+    t_last: Optional[torch.Tensor] = None  # [N] float32
+    t_prev: Optional[torch.Tensor] = None  # [N] float32 (NaN: computed only once so far)
+    t_now: Optional[float] = None  # the chunk's time at the step being decided
     velocity_dt: Optional[torch.Tensor] = None  # [N]: step size of each token's velocity (rescale_reused_velocity=False only)
     weights: Optional[torch.Tensor] = None  # [N] float32: token weights for the next decision
     pending: Optional[Decision] = field(default=None, repr=False)  # decided, velocity not yet handed back
@@ -35,13 +40,18 @@ class ChunkMemory:
 
 class VelocityReuse:
     """Fresh velocities where computed, remembered ones where reused, for chunks of ``token_grid``
-    tokens of ``patch`` latent pixels."""
+    tokens of ``patch`` latent pixels. With ``extrapolation`` e > 0 a reused token's velocity at time t
+    is ``v1 + e·(v1 − v0)·(t − t1)/(t1 − t0)`` from its last two computed velocities v1 (at t1) and v0
+    (at t0): first order in time, each token with its own times."""
 
-    def __init__(self, token_grid, patch, rescale):
+    def __init__(self, token_grid, patch, rescale, extrapolation=0.0):
         self.token_grid, self.patch, self.rescale = token_grid, patch, rescale
+        self.extrapolation = float(extrapolation)
         self.n_tokens = token_grid[0] * token_grid[1] * token_grid[2]
 
     def __call__(self, mem, action, velocity, dt):
+        if self.extrapolation:
+            return self._extrapolating(mem, action, velocity)
         if action == "dense":
             mem.velocity = velocity.detach()
             if not self.rescale:
@@ -55,6 +65,33 @@ class VelocityReuse:
             return mem.velocity
         # Released behaviour: each token re-applies the displacement v·dt of the step it was computed at.
         return mem.velocity * (self._to_pixels(mem.velocity_dt) / dt)
+
+    def _extrapolating(self, mem, action, velocity):
+        if action != "skip":
+            self._remember(mem, velocity.detach(), mem.pending_mask if action == "sparse" else None)
+        if action == "dense":
+            return velocity
+        span = mem.t_last - mem.t_prev
+        valid = torch.isfinite(span) & (span != 0)
+        factor = torch.where(valid, (mem.t_now - mem.t_last) / torch.where(valid, span, 1.0), 0.0)
+        return mem.velocity + self._to_pixels(self.extrapolation * factor) * (mem.velocity - mem.velocity_prev)
+
+    def _remember(self, mem, velocity, mask):
+        """The computed tokens' new velocity and time; their previous ones move one place back."""
+        now = torch.full((self.n_tokens,), float(mem.t_now), device=velocity.device)
+        if mem.velocity is None:
+            mem.velocity, mem.velocity_prev = velocity, velocity
+            mem.t_last, mem.t_prev = now, torch.full_like(now, float("nan"))
+            return
+        if mask is None:
+            mem.velocity_prev, mem.velocity = mem.velocity, velocity
+            mem.t_prev, mem.t_last = mem.t_last, now
+            return
+        pixels = self._to_pixels(mask)
+        mem.velocity_prev = torch.where(pixels, mem.velocity, mem.velocity_prev)
+        mem.velocity = torch.where(pixels, velocity, mem.velocity)
+        mem.t_prev = torch.where(mask, mem.t_last, mem.t_prev)
+        mem.t_last = torch.where(mask, now, mem.t_last)
 
     def _to_pixels(self, token_values):
         """[N] per-token values → [1, T, H, W] per latent pixel (broadcasts over channels)."""

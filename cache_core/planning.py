@@ -27,6 +27,7 @@ class Plan:
     phase: str
     delta: Optional[Delta]
     cand: Optional[torch.Tensor] = None  # accumulator value if reused
+    chunk_cand: Optional[torch.Tensor] = None  # hybrid: the chunk's accumulator if it is reused whole
     active_mask: Optional[torch.Tensor] = None  # token phase: bool [N], the tokens to compute
     slot: int = 0  # where this plan's numbers sit in the synced list
     finite_slot: Optional[int] = None  # where the finiteness flag of its Δ sits, if one was synced
@@ -64,7 +65,7 @@ def plan_chunk(policy, mem, cs, num_steps):
     """The chunk's phase at this step, demoted where nothing can be reused yet or reuse is capped."""
     delta = relative_change(mem, cs.feature) if policy.enabled else None
     phase = policy.phase(cs.step, num_steps)
-    if phase in ("window", "chunk", "token") and (delta is None or mem.velocity is None):
+    if phase in ("window", "chunk", "token", "hybrid") and (delta is None or mem.velocity is None):
         phase = "warmup"  # nothing to compare against or to reuse yet
     if phase in ("window", "chunk") and policy.max_reuse is not None and mem.chunk_reuses >= policy.max_reuse:
         phase = "forced"  # max_reuse reached: this chunk must be computed
@@ -107,6 +108,15 @@ def queue_token(policy, plan, sync, n_tokens):
     plan.finite_slot = plan.slot + 2
 
 
+def queue_hybrid(policy, plan, sync, n_tokens):
+    """Hybrid: the token rule as in ``queue_token``, and whether the chunk's accumulated change stays
+    under the chunk threshold (then the whole chunk may be reused). Its slot follows the token counts."""
+    delta = plan.delta.value
+    plan.chunk_cand = delta if plan.mem.chunk_acc is None else plan.mem.chunk_acc + delta
+    queue_token(policy, plan, sync, n_tokens)
+    sync.add(plan.chunk_cand < policy.chunk_threshold)
+
+
 def check_finite(plans, synced):
     bad = [p.cs.chunk_id for p in plans if p.finite_slot is not None and synced[p.finite_slot] < 0.5]
     if bad:
@@ -137,21 +147,26 @@ def computed_whole(plan, n_tokens):
     return whole_chunk(plan, "dense", n_tokens)
 
 
-def token_decision(policy, plan, n_active, n_forced, n_tokens):
-    """The token phase's decision from the synced counts; accumulators reset where computed."""
+def token_decision(policy, plan, n_active, n_forced, n_tokens, chunk_reuse=False):
+    """The token phase's decision from the synced counts; accumulators reset where computed. In the
+    hybrid phase ``chunk_reuse`` (the chunk's change stayed under the chunk threshold) reuses the whole
+    chunk unless the reuse cap forces a token."""
     cs, mem, cand, active = plan.cs, plan.mem, plan.cand, plan.active_mask
     mem.chunk_reuses = 0  # the chunk-wise counter only spans the chunk-wise phase
     deferred = 0 < n_active < policy.min_active_ratio * n_tokens and n_forced == 0
-    if n_active == 0 or deferred:  # nothing (or too little) to compute: every token keeps accumulating
+    if n_active == 0 or deferred or (chunk_reuse and n_forced == 0):
+        # nothing (or too little) to compute: every token keeps accumulating, and so does the chunk
         mem.token_acc = cand
         mem.token_reuses += 1
+        mem.chunk_acc = plan.chunk_cand
         nothing = torch.empty(0, dtype=torch.long, device=active.device)
-        return Decision(cs.chunk_id, cs.step, "token", 0, n_tokens, nothing)
+        return Decision(cs.chunk_id, cs.step, plan.phase, 0, n_tokens, nothing)
+    mem.chunk_acc = None
     mem.token_acc = torch.where(active, 0.0, cand)
     mem.token_reuses = torch.where(active, 0, mem.token_reuses + 1)
     if n_active == n_tokens:
-        return Decision(cs.chunk_id, cs.step, "token", n_tokens, n_tokens)
+        return Decision(cs.chunk_id, cs.step, plan.phase, n_tokens, n_tokens)
     mem.pending_mask = active
     # Active indices in ascending order without a second sync (n_active is already on the host).
     indices = torch.argsort((~active).to(torch.uint8), stable=True)[:n_active]
-    return Decision(cs.chunk_id, cs.step, "token", n_active, n_tokens, indices)
+    return Decision(cs.chunk_id, cs.step, plan.phase, n_active, n_tokens, indices)

@@ -11,7 +11,7 @@ from .checks import check_choice, check_int, check_number
 from .state import CacheState
 from .weights import COMBINE_MODES, check_window
 
-MODES = ("off", "teacache", "flowcache", "motion", "motion_detail")
+MODES = ("off", "teacache", "flowcache", "motion", "motion_detail", "hybrid")
 PROXIES = ("latent", "denoised")
 # The schedule the presets were calibrated with (suits distilled runs of 8-16 steps a chunk).
 PRESET_SCHEDULE = dict(warmup_steps=2, chunk_wise_steps=2, final_full_steps=1, max_reuse=4)
@@ -31,7 +31,9 @@ class CachePolicy:
 
     * ``k < warmup_steps``: always computed;
     * ``k < warmup_steps + chunk_wise_steps``: the whole chunk is reused or recomputed (FlowCache);
-    * later: per-token masks (``motion`` / ``motion_detail``);
+    * later: per-token masks (``motion`` / ``motion_detail``), or in ``hybrid`` both rules at once: the
+      whole chunk is reused while its accumulated change stays under ``chunk_tau``, else the tokens whose
+      motion+detail accumulator reached τ are computed;
     * ``k >= num_steps - final_full_steps``: always computed.
 
     ``flowcache`` stays chunk-wise after warm-up; ``teacache`` makes one decision for the whole window.
@@ -61,6 +63,9 @@ class CachePolicy:
     # Reused tokens advance with cached velocity × current step size; False reproduces the released
     # code, which re-applies the old displacement (cached velocity × the step size it was computed at).
     rescale_reused_velocity: bool = True
+    # How a reused token's velocity is made from its computed ones: 0 holds the last (as released), 1
+    # extrapolates linearly in time from the last two, values between damp the extrapolation.
+    velocity_extrapolation: float = 0.0
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
@@ -81,6 +86,10 @@ class CachePolicy:
         check_number("min_active_ratio", self.min_active_ratio, low=0.0, high=1.0)
         if not isinstance(self.rescale_reused_velocity, bool):
             raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
+        check_number("velocity_extrapolation", self.velocity_extrapolation, low=0.0, high=1.0)
+        if self.velocity_extrapolation > 0 and not self.rescale_reused_velocity:
+            raise ValueError("velocity_extrapolation needs rescale_reused_velocity=True (the released displacement "
+                             "re-use has no time to extrapolate to); set one of them back")
 
     @property
     def enabled(self):
@@ -92,7 +101,11 @@ class CachePolicy:
 
     @property
     def uses_token_weights(self):
-        return self.mode in ("motion", "motion_detail")
+        return self.mode in ("motion", "motion_detail", "hybrid")
+
+    @property
+    def uses_detail_weights(self):
+        return self.mode in ("motion_detail", "hybrid")
 
     def new_state(self, *, num_steps, chunk_shape, patch=(2, 2)):
         """Fresh per-run memory for this policy (create one per sampling run, drop it afterwards)."""
@@ -105,7 +118,7 @@ class CachePolicy:
     def phase(self, step, num_steps):
         """Which phase a chunk is in at its own step ``step`` of ``num_steps``.
 
-        One of "off", "warmup", "final", "window" (teacache), "chunk" or "token".
+        One of "off", "warmup", "final", "window" (teacache), "chunk", "token" or "hybrid".
         """
         if self.mode == "off":
             return "off"
@@ -117,7 +130,7 @@ class CachePolicy:
             return "window"
         if self.mode == "flowcache" or step < self.warmup_steps + self.chunk_wise_steps:
             return "chunk"
-        return "token"
+        return "hybrid" if self.mode == "hybrid" else "token"
 
     # Presets, calibrated by ``python -m bench.policies --calibrate`` on the built-in tiny model at 16 steps
     # with 2 warm-up and 2 chunk-level steps (bench/calibration.md). τ depends on the model and the step

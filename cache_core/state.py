@@ -3,7 +3,7 @@
 One sampling run creates one state (``policy.new_state(...)``) and drops it at the end; nothing is ever
 stored on a model or on the policy. Per window step the sampler makes three calls:
 
-1. ``decide([ChunkStep(chunk_id, step, feature), ...])`` → one ``Decision`` per chunk, saying which
+1. ``decide([ChunkStep(chunk_id, step, feature, t), ...])`` → one ``Decision`` per chunk, saying which
    tokens to compute (``Decision.active``);
 2. after running its model, ``velocity(decision, v, dt)`` per chunk → the velocity to integrate with
    (fresh where computed, remembered where reused);
@@ -45,24 +45,27 @@ class CacheState:
         self.chunk_shape = tuple(int(s) for s in chunk_shape)
         _, T, H, W = self.chunk_shape
         check_grid(H, W, self.patch)
-        if policy.mode == "motion_detail":
+        if policy.uses_detail_weights:
             check_window("detail_window_size", policy.detail_window_size, H, W)
         self.token_grid = (T, H // self.patch[0], W // self.patch[1])
         self.n_tokens = T * self.token_grid[1] * self.token_grid[2]
-        self._reuse = VelocityReuse(self.token_grid, self.patch, policy.rescale_reused_velocity)
+        self._reuse = VelocityReuse(self.token_grid, self.patch, policy.rescale_reused_velocity,
+                                    policy.velocity_extrapolation)
         self._chunks: dict[int, ChunkMemory] = {}
         self._window_acc = None  # teacache: one accumulator for the whole window
 
     def decide(self, chunk_steps):
         """Decide, for every chunk of the window at this step, what to compute. One host sync at most.
 
-        ``chunk_steps``: ``ChunkStep``s, or ``(chunk_id, step, feature)`` tuples.
+        ``chunk_steps``: ``ChunkStep``s, or ``(chunk_id, step, feature[, t])`` tuples.
         """
         policy, n = self.policy, self.n_tokens
         chunk_steps = [cs if isinstance(cs, ChunkStep) else ChunkStep(*cs) for cs in chunk_steps]
         self._check_window(chunk_steps)  # before anything changes: a bad call leaves the state as it was
         plans = [planning.plan_chunk(policy, self._chunks.setdefault(cs.chunk_id, ChunkMemory()), cs, self.num_steps)
                  for cs in chunk_steps]
+        for plan in plans:
+            plan.mem.t_now = plan.cs.t
 
         sync = planning.HostSync()
         window = [p for p in plans if p.phase == "window"]
@@ -73,6 +76,8 @@ class CacheState:
                 planning.queue_chunk(policy, plan, sync)
             elif plan.phase == "token":
                 planning.queue_token(policy, plan, sync, n)
+            elif plan.phase == "hybrid":
+                planning.queue_hybrid(policy, plan, sync, n)
         synced = sync.read()
         planning.check_finite(plans, synced)
 
@@ -87,8 +92,10 @@ class CacheState:
                 reuse = synced[plan.slot] > 0.5
                 plan.mem.chunk_acc = plan.cand if reuse else None
                 decision = planning.whole_chunk(plan, "skip" if reuse else "dense", n)
-            elif plan.phase == "token":
-                decision = planning.token_decision(policy, plan, int(synced[plan.slot]), int(synced[plan.slot + 1]), n)
+            elif plan.phase in ("token", "hybrid"):
+                chunk_reuse = plan.phase == "hybrid" and synced[plan.slot + 3] > 0.5
+                decision = planning.token_decision(policy, plan, int(synced[plan.slot]), int(synced[plan.slot + 1]), n,
+                                                   chunk_reuse)
             else:
                 decision = planning.computed_whole(plan, n)
             plan.mem.pending = decision
@@ -146,7 +153,7 @@ class CacheState:
 
     def _update_weights(self, chunks, memories, frame_before):
         policy = self.policy
-        needed = [policy.phase(c.step + 1, self.num_steps) == "token" for c in chunks]
+        needed = [policy.phase(c.step + 1, self.num_steps) in ("token", "hybrid") for c in chunks]
         for mem, need in zip(memories, needed):
             if not need:
                 mem.weights = None  # the next step does not read weights
@@ -155,7 +162,7 @@ class CacheState:
         proxies = [self._proxy(c) for c in chunks]
         proxy = proxies[0] if len(proxies) == 1 else torch.cat(proxies, dim=1)
         weights = _motion_weights_unchecked(proxy, frame_before, self.patch, policy.motion_floor, policy.motion_power)
-        if policy.mode == "motion_detail":
+        if policy.uses_detail_weights:
             detail = _detail_weights_unchecked(proxy, policy.detail_window_size, self.patch, policy.detail_alpha)
             weights = _combine_unchecked(weights, detail, policy.weight_combine_mode, policy.detail_lambda)
         for mem, need, w in zip(memories, needed, torch.split(weights, [p.shape[1] for p in proxies])):
@@ -182,6 +189,9 @@ class CacheState:
                 continue
             if not isinstance(cs.feature, torch.Tensor):
                 raise ValueError(f"mode {self.policy.mode!r} needs a change feature (a tensor) for every chunk step")
+            if self.policy.velocity_extrapolation and cs.t is None:
+                raise ValueError(f"velocity_extrapolation needs each chunk's time t in decide(); chunk {cs.chunk_id} "
+                                 "has none (pass ChunkStep(chunk_id, step, feature, t))")
             prev = None if mem is None else mem.prev_feature
             if prev is not None and prev.shape != cs.feature.shape:
                 raise ValueError(f"chunk {cs.chunk_id}: feature shape changed between steps: "

@@ -27,7 +27,7 @@ class NoReuse:
         self.tokens = layout.tokens_per_chunk
         self.mode = mode  # the policy's name in reports
 
-    def decide(self, chunks, chunk_steps, x_noisy):
+    def decide(self, chunks, chunk_steps, x_noisy, times):
         return None
 
     def active(self, decisions, chunks):
@@ -58,10 +58,10 @@ class PolicyReuse(NoReuse):
         patch = (model.config.patch_size, model.config.patch_size)
         self.state = policy.new_state(num_steps=num_steps, chunk_shape=chunk_shape, patch=patch)
 
-    def decide(self, chunks, chunk_steps, x_noisy):
-        """The decisions for the window's noisy chunks, from how much their input moved."""
+    def decide(self, chunks, chunk_steps, x_noisy, times):
+        """The decisions for the window's noisy chunks (at ``times``), from how much their input moved."""
         features = self._change_features(x_noisy, len(chunks))
-        return self.state.decide(list(zip(chunks, chunk_steps, features)))
+        return self.state.decide(list(zip(chunks, chunk_steps, features, times)))
 
     def active(self, decisions, chunks):
         return [d.active for d in decisions], [d.n_active for d in decisions]

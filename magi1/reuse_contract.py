@@ -33,8 +33,9 @@ class ReuseDecision(Protocol):
 class ReuseState(Protocol):
     """The memory of one sampling run; created by ``ReusePolicy.new_state`` and dropped with the run."""
 
-    def decide(self, chunk_steps: Sequence[Tuple[int, int, torch.Tensor]]) -> Sequence[ReuseDecision]:
-        """``(chunk_id, step, change feature)`` of each window chunk, oldest first → its decision."""
+    def decide(self, chunk_steps: Sequence[Tuple[int, int, torch.Tensor, float]]) -> Sequence[ReuseDecision]:
+        """``(chunk_id, step, change feature, t)`` of each window chunk, oldest first (``t``: its time
+        before the step) → its decision."""
 
     def velocity(self, decision: ReuseDecision, velocity: Optional[torch.Tensor], dt: float) -> torch.Tensor:
         """The model's velocity ``[C, T, H, W]`` of the decided tokens (None when none was computed) → the

@@ -145,7 +145,7 @@ class _Loop:
         x_noisy = x_call[:, int(plan.refresh_clean) * cw:]
         t_noisy = [self.grid[s] for s in plan.steps]
 
-        decisions = self.reuse.decide(noisy, plan.steps, x_noisy)
+        decisions = self.reuse.decide(noisy, plan.steps, x_noisy, t_noisy)
         active, counts = self.reuse.active(decisions, len(noisy))
         self.recorder.count_dense(self.streams.dense_calls(plan, t_noisy))
         fresh = [None] * len(noisy)

@@ -33,7 +33,7 @@ def test_policy_is_frozen_and_hashable():
 @pytest.mark.parametrize(
     "changes,match",
     [
-        (dict(mode="fast"), r"mode must be one of \('off', 'teacache', 'flowcache', 'motion', 'motion_detail'\)"),
+        (dict(mode="fast"), r"mode must be one of \('off', 'teacache', 'flowcache', 'motion', 'motion_detail', 'hybrid'\)"),
         (dict(tau=-0.1), "tau must be a finite number >= 0"),
         (dict(tau=math.inf), "tau must be a finite number"),
         (dict(tau="0.1"), "tau must be a finite number"),
@@ -89,7 +89,9 @@ def test_phase_table(mode):
         "flowcache": ["warmup"] * 2 + ["chunk"] * 6 + ["final"] * 2,
         "motion": ["warmup"] * 2 + ["chunk"] * 3 + ["token"] * 3 + ["final"] * 2,
         "motion_detail": ["warmup"] * 2 + ["chunk"] * 3 + ["token"] * 3 + ["final"] * 2,
+        "hybrid": ["warmup"] * 2 + ["chunk"] * 3 + ["hybrid"] * 3 + ["final"] * 2,
     }[mode]
     assert phases == expected
     assert policy.enabled == (mode != "off")
-    assert policy.uses_token_weights == (mode in ("motion", "motion_detail"))
+    assert policy.uses_token_weights == (mode in ("motion", "motion_detail", "hybrid"))
+    assert policy.uses_detail_weights == (mode in ("motion_detail", "hybrid"))
