@@ -1,4 +1,5 @@
-"""Video quality against a reference: PSNR and SSIM over all frames (videos ``[3, F, H, W]`` in [-1, 1])."""
+"""Video quality against a reference: PSNR and SSIM over all frames, and PSNR of the frame-to-frame
+changes (temporal consistency); videos ``[3, F, H, W]`` in [-1, 1]."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ def psnr(video, reference):
     """Peak signal-to-noise ratio in dB over every pixel of every frame (inf when equal)."""
     mse = (video.double() - reference.double()).pow(2).mean().item()
     return math.inf if mse == 0 else 10 * math.log10(RANGE ** 2 / mse)
+
+
+def temporal_psnr(video, reference):
+    """PSNR of the frame-to-frame differences against the reference's (peak: the pixel range, as for
+    ``psnr``): low when a video flickers or moves differently, even where each frame alone is close."""
+    return psnr(video[:, 1:] - video[:, :-1], reference[:, 1:] - reference[:, :-1])
 
 
 def _gaussian(size=11, sigma=1.5):

@@ -29,11 +29,12 @@ import json
 import os
 import statistics
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
 import magi1
-from bench.metrics import psnr, ssim
+from bench.metrics import psnr, ssim, temporal_psnr
 from cache_core import PRESET_SCHEDULE, CachePolicy
 from cache_core.policy import PROXIES
 from cache_core.weights import COMBINE_MODES
@@ -52,6 +53,10 @@ TAUS = (0.025, 0.05, 0.1, 0.2, 0.4)  # every policy's sweep
 CALIBRATION_TAUS = (0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
 QUALITY_DB = 35.0  # the slow preset's quality bar: PSNR against off (SSIM about 0.96 on the tiny model)
 COMMON = PRESET_SCHEDULE  # the same schedule for every policy: the presets' (warm-up 2, chunk-level 2, final 1)
+# MotionCache's MAGI-1 configuration as released: motion weights on the noisy latent, warm-up 5, chunk-level
+# 20, no final full steps, the old displacement replayed (no velocity rescale), no reuse cap.
+RELEASED = dict(proxy="latent", warmup_steps=5, chunk_wise_steps=20, final_full_steps=0, max_reuse=None,
+                rescale_reused_velocity=False)
 POLICIES = ("teacache", "flowcache") + tuple(f"motion/{p}" for p in PROXIES) + tuple(
     f"motion_detail/{c}/{p}" for p in PROXIES for c in COMBINE_MODES)
 RESULT_NAMES = {"tiny": ("results", "calibration"), "bench": ("results_bench", "calibration_bench")}
@@ -59,49 +64,120 @@ RESULT_NAMES = {"tiny": ("results", "calibration"), "bench": ("results_bench", "
 
 @dataclass
 class Row:
-    family: str  # mode, with combine mode and proxy for the token-level ones
+    family: str  # mode, with combine mode and proxy for the token-level ones, and any options
     tau: float
     policy: CachePolicy
+    steps: Optional[int] = None  # denoising steps of this row (None: the run's); compared with off at as many
     computed: float = 0.0
     flop_ratio: float = 1.0
     speedup: float = 1.0
     psnr: float = 0.0
     ssim: float = 0.0
+    temporal: float = 0.0  # PSNR of the frame-to-frame changes against off's
     psnr_by_seed: dict = field(default_factory=dict)  # seed -> mean PSNR over the prompts
+    ssim_by_seed: dict = field(default_factory=dict)
+    temporal_by_seed: dict = field(default_factory=dict)
 
     @property
     def psnr_spread(self):
         """Seed-to-seed spread: the range of the per-seed mean PSNRs (0 with one seed)."""
-        values = list(self.psnr_by_seed.values())
-        return max(values) - min(values) if values else 0.0
+        return _spread(self.psnr_by_seed)
+
+    @property
+    def ssim_spread(self):
+        return _spread(self.ssim_by_seed)
+
+    @property
+    def temporal_spread(self):
+        return _spread(self.temporal_by_seed)
+
+
+def _spread(by_seed):
+    values = list(by_seed.values())
+    return max(values) - min(values) if values else 0.0
+
+
+RELEASED_STEPS = 64  # MotionCache as released never reaches its token phase in 16 steps (5 + 20 before it)
+
+
+def _value(text):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _options(spec):
+    """``base+name=value+...`` -> ``(base, {name: value})``; ``chunk`` is chunk_tau as a multiple of τ."""
+    base, *parts = [part.strip() for part in spec.strip().split("+")]
+    options = {}
+    for part in parts:
+        name, sep, value = part.partition("=")
+        known = name == "chunk" or name in CachePolicy.__dataclass_fields__
+        if not sep or not known or name in ("mode", "tau", "proxy", "weight_combine_mode"):
+            raise ValueError(f"unknown policy option {part!r} in {spec!r}: write +<CachePolicy field>=<value> "
+                             "(e.g. +velocity_extrapolation=1) or +chunk=<chunk_tau as a multiple of tau>")
+        try:
+            options[name] = _value(value)
+        except ValueError:
+            raise ValueError(f"policy option {part!r} in {spec!r}: {value!r} is not a number, true, false or none")
+    return base, options
 
 
 def family_policy(spec, tau):
-    """``(family name, policy)`` of a policy written ``teacache``, ``flowcache``, ``motion/<proxy>`` or
-    ``motion_detail/<combine>/<proxy>`` (the proxy defaults to latent, the combine mode to the default's)."""
-    spec = spec.strip()
-    if spec in ("teacache", "flowcache"):
-        return spec, CachePolicy(mode=spec, tau=tau, **COMMON)
-    mode, *options = [part.strip() for part in spec.split("/")]
-    combine = options.pop(0) if mode == "motion_detail" and options and options[0] in COMBINE_MODES else None
-    proxy = options.pop(0) if options else "latent"
-    if mode not in ("motion", "motion_detail") or options or proxy not in PROXIES:
-        raise ValueError(f"unknown policy {spec!r}: write teacache, flowcache, motion/<proxy> or "
-                         f"motion_detail/<combine>/<proxy> (proxy: {', '.join(PROXIES)}; combine: "
-                         f"{', '.join(COMBINE_MODES)})")
+    """``(family name, policy, steps)`` of a policy written ``teacache``, ``flowcache``, ``motion/<proxy>``,
+    ``motion_detail/<combine>/<proxy>``, ``hybrid/<combine>/<proxy>`` (the proxy defaults to latent, the
+    combine mode to the default's) or ``released`` (MotionCache exactly as released, at 64 steps), each
+    optionally followed by ``+<CachePolicy field>=<value>`` options and ``+chunk=<chunk_tau / tau>``.
+    ``steps`` is None except for ``released``."""
+    base, options = _options(spec)
+    chunk = options.pop("chunk", None)
+    suffix = "".join(f" +{name}={value:g}" if isinstance(value, float) else f" +{name}={value}"
+                     for name, value in sorted(options.items()))
+    if chunk is not None:
+        options["chunk_tau"] = chunk * tau
+        suffix += f" +chunk={chunk:g}x"
+
+    def made(family, steps=None, schedule=COMMON, **fields):
+        try:
+            return family + suffix, CachePolicy(tau=tau, **{**schedule, **fields, **options}), steps
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"policy {spec!r}: {error}")
+
+    if base in ("teacache", "flowcache"):
+        return made(base, mode=base)
+    if base == "released":
+        return made(f"motioncache as released ({RELEASED_STEPS} steps)", RELEASED_STEPS, RELEASED, mode="motion")
+    mode, *parts = [part.strip() for part in base.split("/")]
+    combine = parts.pop(0) if mode in ("motion_detail", "hybrid") and parts and parts[0] in COMBINE_MODES else None
+    proxy = parts.pop(0) if parts else "latent"
+    if mode not in ("motion", "motion_detail", "hybrid") or parts or proxy not in PROXIES:
+        raise ValueError(f"unknown policy {spec!r}: write teacache, flowcache, motion/<proxy>, "
+                         f"motion_detail/<combine>/<proxy>, hybrid/<combine>/<proxy> or released (proxy: "
+                         f"{', '.join(PROXIES)}; combine: {', '.join(COMBINE_MODES)}), then any +<option>=<value>")
     if mode == "motion":
-        return f"motion / {proxy}", CachePolicy(mode="motion", tau=tau, proxy=proxy, **COMMON)
+        return made(f"motion / {proxy}", mode="motion", proxy=proxy)
     combine = combine or CachePolicy().weight_combine_mode
-    return f"motion_detail {combine} / {proxy}", CachePolicy(mode="motion_detail", tau=tau, proxy=proxy,
-                                                            weight_combine_mode=combine, **COMMON)
+    return made(f"{mode} {combine} / {proxy}", mode=mode, proxy=proxy, weight_combine_mode=combine)
 
 
 def configurations(taus=TAUS, policies=POLICIES):
+    """The rows of a run: ``off``, then every policy over its τ values. A policy is a spec string (swept over
+    ``taus``) or ``{"policy": spec, "taus": [...]}``; a row at another step count (``released``) brings its
+    own ``off`` at that count."""
     rows = [Row("off", 0.0, None)]
-    for spec in policies:
-        for tau in taus:
-            family, policy = family_policy(spec, tau)
-            rows.append(Row(family, tau, policy))
+    for entry in policies:
+        spec, own_taus = (entry["policy"], entry["taus"]) if isinstance(entry, dict) else (entry, taus)
+        for tau in own_taus:
+            family, policy, steps = family_policy(spec, tau)
+            if steps is not None and not any(r.policy is None and r.steps == steps for r in rows):
+                rows.append(Row(f"off ({steps} steps)", 0.0, None, steps=steps))
+            rows.append(Row(family, tau, policy, steps=steps))
     return rows
 
 
@@ -111,66 +187,90 @@ def run(rows, prompts, seeds, frames, steps, repeats, model=tiny.TINY, log=print
     captions = [magi1.chunk_captions(*encoder.encode(p), chunks, model.special_tokens()) for p in prompts]
     jobs = [(caption, seed) for caption in captions for seed in seeds]
 
-    def generate(policy, caption, seed):
-        return magi1.generate(dit, *caption, frames=frames, height=model.size, width=model.size, steps=steps,
+    def generate(policy, caption, seed, row_steps):
+        return magi1.generate(dit, *caption, frames=frames, height=model.size, width=model.size, steps=row_steps,
                               seed=seed, policy=policy)
 
-    generate(None, *jobs[0])  # warm-up
-    references = [vae.decode(generate(None, *job).latent) for job in jobs]
+    generate(None, *jobs[0], steps)  # warm-up
+    references = {n: [vae.decode(generate(None, *job, n).latent) for job in jobs]
+                  for n in sorted({row.steps or steps for row in rows})}
     walls = {id(row): [] for row in rows}
     for round_index in range(repeats):
         for row in rows:
+            row_steps = row.steps or steps
             wall, flops, dense, computed, total, scores = 0.0, 0.0, 0.0, 0, 0, []
-            for job, reference in zip(jobs, references):
-                result = generate(row.policy, *job)
+            for job, reference in zip(jobs, references[row_steps]):
+                result = generate(row.policy, *job, row_steps)
                 stats = result.stats
                 wall += stats.wall_seconds
                 flops, dense = flops + stats.flops, dense + stats.dense_flops
                 computed, total = computed + stats.token_steps_computed, total + stats.token_steps_total
-                if round_index == 0:
+                if round_index == 0:  # identical videos count as 99 dB
                     video = vae.decode(result.latent)
-                    scores.append((job[1], min(psnr(video, reference), 99.0), ssim(video, reference)))
+                    scores.append((job[1], min(psnr(video, reference), 99.0), ssim(video, reference),
+                                   min(temporal_psnr(video, reference), 99.0)))
             walls[id(row)].append(wall)
-            if round_index == 0:  # identical videos count as 99 dB
+            if round_index == 0:
                 row.computed, row.flop_ratio = computed / total, dense / flops
-                row.psnr = statistics.mean(p for _, p, _ in scores)
-                row.ssim = statistics.mean(s for _, _, s in scores)
-                row.psnr_by_seed = {seed: statistics.mean(p for s, p, _ in scores if s == seed) for seed in seeds}
+                for name, column in (("psnr", 1), ("ssim", 2), ("temporal", 3)):
+                    setattr(row, name, statistics.mean(score[column] for score in scores))
+                    setattr(row, name + "_by_seed", {seed: statistics.mean(score[column] for score in scores
+                                                                           if score[0] == seed) for seed in seeds})
                 log(f"{row.family} τ {row.tau:g}: {row.computed:.0%} of token-steps, {row.psnr:.1f} dB")
         log(f"round {round_index + 1}/{repeats} done")
-    off = statistics.median(walls[id(rows[0])])
+    off = {row.steps or steps: statistics.median(walls[id(row)]) for row in rows if row.policy is None}
     for row in rows:
-        row.speedup = off / statistics.median(walls[id(row)])
+        row.speedup = off[row.steps or steps] / statistics.median(walls[id(row)])
     return rows
 
 
-def psnr_at(rows, family, ratio):
-    """PSNR of a family interpolated at a FLOP ratio (None outside the measured range)."""
-    points = sorted((r.flop_ratio, r.psnr) for r in rows if r.family == family)
+def psnr_at(rows, family, ratio, axis="flop_ratio", seed=None):
+    """PSNR of a family interpolated at a FLOP ratio (``axis="speedup"``: a wall speed-up), over all seeds
+    or one; None outside the measured range."""
+    points = sorted((getattr(r, axis), r.psnr if seed is None else r.psnr_by_seed[seed])
+                    for r in rows if r.family == family)
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
         if x0 <= ratio <= x1 and x1 > x0:
             return y0 + (y1 - y0) * (ratio - x0) / (x1 - x0)
     return None
 
 
+def spread_at(rows, family, ratio, axis="flop_ratio"):
+    """Seed-to-seed spread of the interpolated PSNR: the range of the per-seed values (None if unmeasured)."""
+    seeds = next(r.psnr_by_seed for r in rows if r.family == family)
+    values = [psnr_at(rows, family, ratio, axis, seed) for seed in seeds]
+    return None if None in values else max(values) - min(values)
+
+
 def table(rows):
     lines = ["| policy | τ | token-steps computed | FLOP ratio | wall speed-up | speed-up / FLOP ratio | PSNR dB | "
-             "PSNR seed spread dB | SSIM |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "PSNR seed spread dB | SSIM | SSIM seed spread | temporal PSNR dB | temporal seed spread dB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r.family} | {r.tau:g} | {r.computed:.0%} | {r.flop_ratio:.2f}x | {r.speedup:.2f}x | "
-                     f"{r.speedup / r.flop_ratio:.2f} | {r.psnr:.1f} | {r.psnr_spread:.1f} | {r.ssim:.4f} |")
+                     f"{r.speedup / r.flop_ratio:.2f} | {r.psnr:.1f} | {r.psnr_spread:.1f} | {r.ssim:.4f} | "
+                     f"{r.ssim_spread:.4f} | {r.temporal:.1f} | {r.temporal_spread:.1f} |")
+    return "\n".join(lines)
+
+
+def equal_cost(rows, axis="flop_ratio", ratios=(1.25, 1.5, 2.0)):
+    """PSNR of every policy at equal FLOP savings (``axis="speedup"``: equal wall speed-ups), with its
+    seed-to-seed spread."""
+    what = "FLOPs" if axis == "flop_ratio" else "wall"
+    families = list(dict.fromkeys(r.family for r in rows if r.policy is not None))
+    lines = ["| policy | " + " | ".join(f"PSNR at {x:g}x {what} (seed spread)" for x in ratios) + " |",
+             "|---|" + "---|" * len(ratios)]
+    for family in families:
+        cells = []
+        for x in ratios:
+            value = psnr_at(rows, family, x, axis)
+            cells.append("–" if value is None else f"{value:.1f} ({spread_at(rows, family, x, axis):.1f})")
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def equal_flops(rows, ratios=(1.25, 1.5, 2.0)):
-    families = list(dict.fromkeys(r.family for r in rows if r.family != "off"))
-    lines = ["| policy | " + " | ".join(f"PSNR at {x:g}x FLOPs" for x in ratios) + " |",
-             "|---|" + "---|" * len(ratios)]
-    for family in families:
-        cells = [psnr_at(rows, family, x) for x in ratios]
-        lines.append(f"| {family} | " + " | ".join("–" if c is None else f"{c:.1f}" for c in cells) + " |")
-    return "\n".join(lines)
+    return equal_cost(rows, "flop_ratio", ratios)
 
 
 def best_family(rows, prefix="motion_detail"):
@@ -215,19 +315,22 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (quality, speed) = plt.subplots(1, 2, figsize=(13, 5))
-    for family in dict.fromkeys(r.family for r in rows if r.family != "off"):
+    figure, (quality, quality_wall, speed) = plt.subplots(1, 3, figsize=(19, 5))
+    for family in dict.fromkeys(r.family for r in rows if r.policy is not None):
         points = sorted((r.flop_ratio, r.psnr, r.speedup) for r in rows if r.family == family)
-        style = "--" if family.endswith("denoised") else "-"
+        style = "--" if "denoised" in family else "-"
         quality.plot([p[0] for p in points], [p[1] for p in points], style, marker="o", label=family)
+        by_wall = sorted(points, key=lambda p: p[2])
+        quality_wall.plot([p[2] for p in by_wall], [p[1] for p in by_wall], style, marker="o", label=family)
         speed.plot([p[0] for p in points], [p[2] for p in points], style, marker="o", label=family)
     top = max(r.flop_ratio for r in rows)
     speed.plot([1, top], [1, top], color="black", linewidth=0.8, label="speed-up = FLOP ratio")
     speed.plot([1, top], [0.8, 0.8 * top], color="gray", linewidth=0.8, linestyle=":", label="0.8 x FLOP ratio")
-    quality.set(xlabel="FLOP ratio (dense / spent)", ylabel="PSNR vs off (dB)", title="Quality against work saved")
+    quality.set(xlabel="FLOP ratio (dense / spent)", ylabel="PSNR vs off (dB)", title="Quality at equal FLOPs")
+    quality_wall.set(xlabel="wall speed-up vs off", ylabel="PSNR vs off (dB)", title="Quality at equal wall time")
     speed.set(xlabel="FLOP ratio (dense / spent)", ylabel="wall speed-up vs off", title="Wall time against work saved")
-    quality.legend(fontsize=7)
-    speed.legend(fontsize=7)
+    for axes in (quality, quality_wall, speed):
+        axes.legend(fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
@@ -311,7 +414,8 @@ def main(argv=None):
         report = "\n\n".join([header, table(rows), calibration(rows, family)])
         name, title = calibration_name + ".md", f"# Preset calibration on the {model.name} model"
     else:
-        report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows)])
+        report = "\n\n".join([header, table(rows), "Quality at equal FLOP savings (interpolated):", equal_flops(rows),
+                                "Quality at equal wall speed-ups (interpolated):", equal_cost(rows, "speedup")])
         if any(r.family.startswith("motion_detail") for r in rows):
             report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
                        "come from a finer τ sweep of the default policy: `python -m bench.policies "

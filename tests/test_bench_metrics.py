@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from bench.metrics import psnr, ssim
+from bench.metrics import psnr, ssim, temporal_psnr
 
 
 def slow_ssim(video, reference, size=11, sigma=1.5):
@@ -47,3 +47,15 @@ def test_psnr():
     mse = sum(float(n) ** 2 for n in noise.double().flatten()) / noise.numel()
     assert abs(psnr(video, reference) - 10 * math.log10(4 / mse)) < 1e-9
     assert psnr(reference, reference) == math.inf
+
+
+def test_temporal_psnr_compares_frame_to_frame_changes():
+    generator = torch.Generator().manual_seed(13)
+    reference = torch.rand(3, 5, 6, 7, generator=generator, dtype=torch.float64) * 2 - 1
+    video = reference + 0.1 * torch.randn(reference.shape, generator=generator, dtype=torch.float64)
+    errors = [float(video[c, f + 1, i, j] - video[c, f, i, j] - reference[c, f + 1, i, j] + reference[c, f, i, j])
+              for c in range(3) for f in range(4) for i in range(6) for j in range(7)]
+    mse = sum(e * e for e in errors) / len(errors)
+    assert abs(temporal_psnr(video, reference) - 10 * math.log10(4 / mse)) < 1e-9
+    # a constant offset on every frame leaves the changes, and so the temporal PSNR, untouched
+    assert temporal_psnr(reference + 0.5, reference) == math.inf

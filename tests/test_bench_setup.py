@@ -13,20 +13,43 @@ from train.bench import heldout_prompts
 
 def test_policies_are_written_as_mode_combine_proxy():
     assert policies.family_policy("teacache", 0.1) == ("teacache", CachePolicy(mode="teacache", tau=0.1,
-                                                                               **policies.COMMON))
-    family, policy = policies.family_policy("motion/denoised", 0.2)
+                                                                               **policies.COMMON), None)
+    family, policy, _ = policies.family_policy("motion/denoised", 0.2)
     assert family == "motion / denoised" and (policy.mode, policy.proxy, policy.tau) == ("motion", "denoised", 0.2)
-    family, policy = policies.family_policy("motion_detail/product/latent", 0.05)
+    family, policy, _ = policies.family_policy("motion_detail/product/latent", 0.05)
     assert family == "motion_detail product / latent" and policy.weight_combine_mode == "product"
     default = CachePolicy()
-    family, policy = policies.family_policy("motion_detail", 0.05)
+    family, policy, _ = policies.family_policy("motion_detail", 0.05)
     assert family == f"motion_detail {default.weight_combine_mode} / latent" and policy.proxy == "latent"
+    family, policy, _ = policies.family_policy("hybrid/blend/denoised", 0.05)
+    assert family == "hybrid blend / denoised" and (policy.mode, policy.weight_combine_mode) == ("hybrid", "blend")
     for bad in ("teacache/latent", "motion/sideways", "motion_detail/max/latent/extra", "chunky"):
         with pytest.raises(ValueError, match="unknown policy"):
             policies.family_policy(bad, 0.1)
     # every default family parses, and their names are the table's
     names = [policies.family_policy(spec, 0.1)[0] for spec in policies.POLICIES]
     assert len(set(names)) == len(names) == 10
+
+
+def test_policy_options_and_the_released_motioncache():
+    family, policy, steps = policies.family_policy("hybrid/max/denoised+velocity_extrapolation=1+chunk=2", 0.05)
+    assert family == "hybrid max / denoised +velocity_extrapolation=1 +chunk=2x" and steps is None
+    assert (policy.velocity_extrapolation, policy.chunk_tau, policy.tau) == (1, 0.1, 0.05)
+    _, policy, _ = policies.family_policy("motion/latent+max_reuse=none+final_full_steps=0", 0.05)
+    assert policy.max_reuse is None and policy.final_full_steps == 0
+    for bad, match in (("flowcache+speed=2", "unknown policy option"), ("flowcache+tau=2", "unknown policy option"),
+                       ("flowcache+max_reuse=lots", "is not a number"),
+                       ("motion+velocity_extrapolation=3", "velocity_extrapolation must be")):
+        with pytest.raises(ValueError, match=match):
+            policies.family_policy(bad, 0.1)
+    family, policy, steps = policies.family_policy("released", 0.01)
+    assert steps == 64 and family == "motioncache as released (64 steps)"
+    assert policy == CachePolicy(mode="motion", tau=0.01, proxy="latent", warmup_steps=5, chunk_wise_steps=20,
+                                 final_full_steps=0, max_reuse=None, rescale_reused_velocity=False)
+    rows = policies.configurations([0.1, 0.2], ["flowcache", {"policy": "released", "taus": [0.01]}])
+    assert [(r.family, r.tau, r.steps) for r in rows] == [
+        ("off", 0.0, None), ("flowcache", 0.1, None), ("flowcache", 0.2, None), ("off (64 steps)", 0.0, 64),
+        ("motioncache as released (64 steps)", 0.01, 64)]
 
 
 def _setup(argv):
@@ -71,6 +94,20 @@ def test_the_benchmark_model_runs_the_policy_benchmark(tmp_path):
 def test_the_seed_spread_is_the_range_of_per_seed_means():
     assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0, 1: 32.5, 2: 31.0}).psnr_spread == 2.5
     assert policies.Row("x", 0.1, None, psnr_by_seed={0: 30.0}).psnr_spread == 0.0
+    assert policies.Row("x", 0.1, None, temporal_by_seed={0: 20.0, 1: 21.5}).temporal_spread == 1.5
+
+
+def test_equal_cost_interpolates_per_seed_along_flops_or_wall_time():
+    def row(tau, ratio, speedup, by_seed):
+        return policies.Row("p", tau, CachePolicy(), flop_ratio=ratio, speedup=speedup,
+                            psnr=sum(by_seed.values()) / len(by_seed), psnr_by_seed=by_seed)
+
+    rows = [row(0.1, 1.2, 1.0, {0: 40.0, 1: 38.0}), row(0.2, 1.8, 1.6, {0: 34.0, 1: 30.0})]
+    assert policies.psnr_at(rows, "p", 1.5) == pytest.approx(35.5)  # halfway: (39 + 32) / 2
+    assert policies.spread_at(rows, "p", 1.5) == pytest.approx(3.0)  # 37 against 34
+    assert policies.psnr_at(rows, "p", 1.3, axis="speedup") == pytest.approx(35.5)
+    assert policies.psnr_at(rows, "p", 2.0) is None
+    assert "| p | 38.4 (2.2) | 35.5 (3.0) | – |" in policies.equal_cost(rows)
 
 
 def test_the_benchmark_model_loads_with_the_ordinary_loaders():
