@@ -138,3 +138,18 @@ def test_the_benchmark_model_loads_with_the_ordinary_loaders():
     new_files = (model.dit_file, model.text_encoder_file, model.special_tokens_file)
     assert sum(os.path.getsize(f) for f in new_files) <= 12 * 2**20
     assert set(bench_scenes.caption_vocabulary()) <= set(encoder.config.vocabulary)
+
+
+def test_the_calibration_set_never_touches_the_held_out_set():
+    import os
+
+    with open(os.path.join(os.path.dirname(policies.__file__), "setup_calibration.json")) as f:
+        calibration = json.load(f)
+    with open(policies.HELDOUT_FILE) as f:
+        heldout = json.load(f)
+    assert len(calibration["prompts"]) >= 8 and len(set(calibration["prompts"])) == len(calibration["prompts"])
+    assert not set(calibration["prompts"]) & set(heldout["prompts"])
+    assert not set(calibration["seeds"]) & set(heldout["seeds"])
+    prompts, seeds, *_ = _setup({"model": "bench", "setup": os.path.join(os.path.dirname(policies.__file__),
+                                                                          "setup_calibration.json")})
+    assert (prompts, seeds) == (calibration["prompts"], calibration["seeds"])
