@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
+import torch.nn.functional as F
 
 from .decision import ChunkStep, Decision
 from .memory import ChunkMemory
@@ -29,6 +30,7 @@ class Plan:
     cand: Optional[torch.Tensor] = None  # accumulator value if reused
     chunk_cand: Optional[torch.Tensor] = None  # hybrid: the chunk's accumulator if it is reused whole
     active_mask: Optional[torch.Tensor] = None  # token phase: bool [N], the tokens to compute
+    tau: float = 0.0  # the token threshold at this step
     slot: int = 0  # where this plan's numbers sit in the synced list
     finite_slot: Optional[int] = None  # where the finiteness flag of its Δ sits, if one was synced
 
@@ -69,7 +71,7 @@ def plan_chunk(policy, mem, cs, num_steps):
         phase = "warmup"  # nothing to compare against or to reuse yet
     if phase in ("window", "chunk") and policy.max_reuse is not None and mem.chunk_reuses >= policy.max_reuse:
         phase = "forced"  # max_reuse reached: this chunk must be computed
-    return Plan(cs, mem, phase, delta)
+    return Plan(cs, mem, phase, delta, tau=policy.token_threshold(cs.step, num_steps))
 
 
 def queue_window(policy, plans, window_acc, sync):
@@ -90,15 +92,25 @@ def queue_chunk(policy, plan, sync):
     plan.finite_slot = plan.slot + 1
 
 
-def queue_token(policy, plan, sync, n_tokens):
-    """Token-wise reuse: every token's accumulator and which tokens reach τ (or the reuse cap); queues
-    how many are computed and how many of those the cap forced."""
+def queue_token(policy, plan, sync, grid):
+    """Token-wise reuse over a chunk of ``grid = (T, H, W)`` tokens: every token's accumulator and which
+    tokens are computed (those reaching τ, with their neighbours and within the budget where the policy
+    says so, and those the reuse cap forces); queues how many are computed and how many the cap forced."""
+    n_tokens = grid[0] * grid[1] * grid[2]
     delta = plan.delta.value
     mem = plan.mem
     mem.start_token_phase(n_tokens, delta.device)
     weights = mem.weights if mem.weights is not None else 1.0
     plan.cand = mem.token_acc + weights * delta
-    plan.active_mask = plan.cand >= policy.tau
+    due = plan.cand >= plan.tau
+    if policy.refresh_neighbours:
+        due = F.max_pool2d(due.view(grid).float()[:, None], 3, stride=1, padding=1).view(-1) > 0
+    if policy.max_active_ratio is not None:
+        budget = max(1, int(policy.max_active_ratio * n_tokens))
+        if budget < n_tokens:  # the budget's largest accumulators among the tokens due
+            best = torch.topk(torch.where(due, plan.cand, -torch.inf), budget).indices
+            due = due & torch.zeros_like(due).index_fill_(0, best, True)
+    plan.active_mask = due
     n_forced = delta.new_zeros(())
     if policy.max_reuse is not None:
         forced = mem.token_reuses >= policy.max_reuse
@@ -108,12 +120,12 @@ def queue_token(policy, plan, sync, n_tokens):
     plan.finite_slot = plan.slot + 2
 
 
-def queue_hybrid(policy, plan, sync, n_tokens):
+def queue_hybrid(policy, plan, sync, grid):
     """Hybrid: the token rule as in ``queue_token``, and whether the chunk's accumulated change stays
     under the chunk threshold (then the whole chunk may be reused). Its slot follows the token counts."""
     delta = plan.delta.value
     plan.chunk_cand = delta if plan.mem.chunk_acc is None else plan.mem.chunk_acc + delta
-    queue_token(policy, plan, sync, n_tokens)
+    queue_token(policy, plan, sync, grid)
     sync.add(plan.chunk_cand < policy.chunk_threshold)
 
 

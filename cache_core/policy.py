@@ -66,6 +66,14 @@ class CachePolicy:
     # How a reused token's velocity is made from its computed ones: 0 holds the last (as released), 1
     # extrapolates linearly in time from the last two, values between damp the extrapolation.
     velocity_extrapolation: float = 0.0
+    # Token threshold over a chunk's steps: τ·(1 + tau_ramp·(2k/(n − 1) − 1)) at step k of n, so 0 keeps
+    # τ, and a positive ramp reuses less early (while the layout forms) and more late, τ on average.
+    tau_ramp: float = 0.0
+    # Also compute the spatial neighbours (3x3, same frame) of every token due: moving edges stay fresh.
+    refresh_neighbours: bool = False
+    # Most tokens of a chunk computed in one token-wise step, as a fraction (those with the largest
+    # accumulators first; tokens forced by max_reuse always count); None = no budget.
+    max_active_ratio: Optional[float] = None
 
     def __post_init__(self):
         check_choice("mode", self.mode, MODES)
@@ -87,6 +95,11 @@ class CachePolicy:
         if not isinstance(self.rescale_reused_velocity, bool):
             raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
         check_number("velocity_extrapolation", self.velocity_extrapolation, low=0.0, high=1.0)
+        check_number("tau_ramp", self.tau_ramp, low=0.0, high=1.0)
+        if not isinstance(self.refresh_neighbours, bool):
+            raise ValueError(f"refresh_neighbours must be True or False, got {self.refresh_neighbours!r}")
+        if self.max_active_ratio is not None:
+            check_number("max_active_ratio", self.max_active_ratio, low=0.0, high=1.0, low_open=True)
         if self.velocity_extrapolation > 0 and not self.rescale_reused_velocity:
             raise ValueError("velocity_extrapolation needs rescale_reused_velocity=True (the released displacement "
                              "re-use has no time to extrapolate to); set one of them back")
@@ -106,6 +119,12 @@ class CachePolicy:
     @property
     def uses_detail_weights(self):
         return self.mode in ("motion_detail", "hybrid")
+
+    def token_threshold(self, step, num_steps):
+        """τ at a chunk's step ``step`` of ``num_steps`` (``tau_ramp``)."""
+        if not self.tau_ramp or num_steps < 2:
+            return self.tau
+        return self.tau * (1.0 + self.tau_ramp * (2.0 * step / (num_steps - 1) - 1.0))
 
     def new_state(self, *, num_steps, chunk_shape, patch=(2, 2)):
         """Fresh per-run memory for this policy (create one per sampling run, drop it afterwards)."""

@@ -75,9 +75,9 @@ class CacheState:
             if plan.phase == "chunk":
                 planning.queue_chunk(policy, plan, sync)
             elif plan.phase == "token":
-                planning.queue_token(policy, plan, sync, n)
+                planning.queue_token(policy, plan, sync, self.token_grid)
             elif plan.phase == "hybrid":
-                planning.queue_hybrid(policy, plan, sync, n)
+                planning.queue_hybrid(policy, plan, sync, self.token_grid)
         synced = sync.read()
         planning.check_finite(plans, synced)
 

@@ -167,3 +167,49 @@ def test_extrapolation_needs_times_and_rescaled_reuse():
         CachePolicy(velocity_extrapolation=0.5, rescale_reused_velocity=False)
     with pytest.raises(ValueError, match="velocity_extrapolation must be a finite number in \\[0, 1\\]"):
         CachePolicy(velocity_extrapolation=1.5)
+
+
+def test_a_tau_ramp_reuses_less_early_and_more_late():
+    policy = hybrid(chunk_tau=0.0, tau_ramp=0.5)
+    assert [policy.token_threshold(k, 5) for k in range(5)] == pytest.approx([0.125, 0.1875, 0.25, 0.3125, 0.375])
+    # thresholds 0.1875, 0.25, 0.3125, 0.375 at k1..k4 against W·0.1k: the first tokens are due at k4
+    # (0.4), where a constant 0.25 computes them at k3 and token 4 at k4 (0.32)
+    assert scripted(policy, 5, [0.1] * 4) == [
+        ("warmup", "dense", 6), ("hybrid", "skip", 0), ("hybrid", "skip", 0), ("hybrid", "skip", 0),
+        ("hybrid", "sparse", [0, 1, 2, 5])]
+
+
+def test_neighbours_of_the_tokens_due_are_computed_with_them():
+    # At k3 tokens 0, 1, 2 (frame 0) and 5 (frame 1, right) are due; token 4 is 5's neighbour, token 3 is not.
+    assert scripted(hybrid(chunk_tau=0.0, refresh_neighbours=True), 5, [0.1] * 4) == [
+        ("warmup", "dense", 6), ("hybrid", "skip", 0), ("hybrid", "skip", 0), ("hybrid", "sparse", [0, 1, 2, 4, 5]),
+        ("hybrid", "skip", 0)]  # token 4 restarted with 5; token 3 is at 0.24
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_budget_caps_the_tokens_computed_and_keeps_the_largest_accumulators(seed):
+    policy = CachePolicy(mode="motion_detail", tau=0.2, warmup_steps=1, chunk_wise_steps=0, final_full_steps=0,
+                         proxy="denoised", max_active_ratio=0.25)
+    run = drive(policy, seed)
+    budget = int(0.25 * run[0][0].n_tokens)
+    token = [d for d, *_ in run if d.phase == "token"]
+    assert all(d.n_active <= budget for d in token)
+    assert sum(d.n_active == budget for d in token) >= 3  # the budget binds
+    unbounded = [d for d, *_ in drive(policy.replace(max_active_ratio=None), seed) if d.phase == "token"]
+    assert max(d.n_active for d in unbounded) > budget
+
+
+def test_the_budget_keeps_the_largest_accumulators_among_the_tokens_due():
+    from cache_core import planning
+    from cache_core.memory import ChunkMemory
+
+    mem = ChunkMemory(token_acc=torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.0]),
+                      token_reuses=torch.zeros(6, dtype=torch.int32), weights=torch.ones(6))
+    one = torch.tensor(0.1)
+    plan = planning.Plan(ChunkStep(0, 3), mem, "token", planning.Delta(one, one, torch.tensor(1.0)), tau=0.35)
+    policy = CachePolicy(mode="motion", max_active_ratio=0.5)
+    sync = planning.HostSync()
+    planning.queue_token(policy, plan, sync, (1, 2, 3))
+    # accumulators 0.6, 0.2, 1.0, 0.4, 0.8, 0.1: due 0, 2, 3, 4; the budget of 3 keeps 2, 4 and 0
+    assert plan.active_mask.tolist() == [True, False, True, False, True, False]
+    assert sync.read()[:2] == [3.0, 0.0]
