@@ -28,7 +28,8 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default=_DEFAULT.mode, tooltip=(
                     "off: compute everything. teacache: one reuse decision for the whole window. flowcache: "
                     "reuse whole chunks. motion: per-token reuse weighted by motion. motion_detail: per-token "
-                    "reuse weighted by motion and texture (keeps detailed regions sharper).")),
+                    "reuse weighted by motion and texture (keeps detailed regions sharper). hybrid: whole chunks reused while "
+                    "they change little, otherwise per-token reuse as in motion_detail (experimental).")),
                 io.Combo.Input("preset", options=list(PRESETS), default="custom", tooltip=(
                     "custom: use the values below. slow / fast: quality-first / speed-first values for tau, "
                     "warmup_steps, chunk_wise_steps, final_full_steps and max_reuse, calibrated on the built-in "
