@@ -13,6 +13,9 @@ from .decision import ChunkStep, Decision
 from .memory import ChunkMemory
 
 
+TOKEN_PHASES = ("token", "hybrid")  # phases whose decisions are per token (they read the token weights)
+
+
 class Delta(NamedTuple):
     value: torch.Tensor  # Σ|f − f_prev| / (Σ|f_prev| + 1e-8), as means
     num: torch.Tensor
@@ -67,7 +70,8 @@ def plan_chunk(policy, mem, cs, num_steps):
     """The chunk's phase at this step, demoted where nothing can be reused yet or reuse is capped."""
     delta = relative_change(mem, cs.feature) if policy.enabled else None
     phase = policy.phase(cs.step, num_steps)
-    if phase in ("window", "chunk", "token", "hybrid") and (delta is None or mem.velocity is None):
+    mem.t_now = cs.t  # the time a reused velocity is extrapolated to
+    if phase in ("window", "chunk", *TOKEN_PHASES) and (delta is None or mem.velocity is None):
         phase = "warmup"  # nothing to compare against or to reuse yet
     if phase in ("window", "chunk") and policy.max_reuse is not None and mem.chunk_reuses >= policy.max_reuse:
         phase = "forced"  # max_reuse reached: this chunk must be computed

@@ -64,8 +64,6 @@ class CacheState:
         self._check_window(chunk_steps)  # before anything changes: a bad call leaves the state as it was
         plans = [planning.plan_chunk(policy, self._chunks.setdefault(cs.chunk_id, ChunkMemory()), cs, self.num_steps)
                  for cs in chunk_steps]
-        for plan in plans:
-            plan.mem.t_now = plan.cs.t
 
         sync = planning.HostSync()
         window = [p for p in plans if p.phase == "window"]
@@ -92,7 +90,7 @@ class CacheState:
                 reuse = synced[plan.slot] > 0.5
                 plan.mem.chunk_acc = plan.cand if reuse else None
                 decision = planning.whole_chunk(plan, "skip" if reuse else "dense", n)
-            elif plan.phase in ("token", "hybrid"):
+            elif plan.phase in planning.TOKEN_PHASES:
                 chunk_reuse = plan.phase == "hybrid" and synced[plan.slot + 3] > 0.5
                 decision = planning.token_decision(policy, plan, int(synced[plan.slot]), int(synced[plan.slot + 1]), n,
                                                    chunk_reuse)
@@ -153,7 +151,7 @@ class CacheState:
 
     def _update_weights(self, chunks, memories, frame_before):
         policy = self.policy
-        needed = [policy.phase(c.step + 1, self.num_steps) in ("token", "hybrid") for c in chunks]
+        needed = [policy.phase(c.step + 1, self.num_steps) in planning.TOKEN_PHASES for c in chunks]
         for mem, need in zip(memories, needed):
             if not need:
                 mem.weights = None  # the next step does not read weights
