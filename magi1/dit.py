@@ -225,9 +225,9 @@ class TransformerLayer(nn.Module):
     def forward(self, h, call, layer_index):
         gate_attn, gate_mlp = self.ada_modulate_layer(call.condition)
         attn = self.self_attention(h, call, layer_index)
-        h = (self.self_attn_post_norm(attn * call.per_token(gate_attn)) + h.float()).to(call.dtype)
+        h = (self.self_attn_post_norm(call.gated(attn, gate_attn)) + h.float()).to(call.dtype)
         mlp = self.mlp(h)
-        return (self.mlp_post_norm(mlp.float() * call.per_token(gate_mlp)) + h.float()).to(call.dtype)
+        return (self.mlp_post_norm(call.gated(mlp.float(), gate_mlp)) + h.float()).to(call.dtype)
 
 
 class TransformerBlock(nn.Module):
@@ -437,7 +437,6 @@ class _Call:
         self.written = written
         self.query_lengths = [ct] * (n * chunks)
         self.selected = None
-        chunk_of_token = None
         if active is not None:
             if n != 1:
                 raise ValueError(f"a sparse call (active) takes one sequence, got N={n}")
@@ -454,12 +453,6 @@ class _Call:
                 counts.append(int(idx.numel()))
             self.selected = torch.cat(indices)
             self.query_lengths = counts
-            chunk_of_token = torch.repeat_interleave(torch.arange(chunks, device=x.device),
-                                                     torch.tensor(counts, device=x.device),
-                                                     output_size=sum(counts))
-        if chunk_of_token is None:
-            chunk_of_token = torch.arange(chunks, device=x.device).repeat_interleave(ct)
-        self.chunk_of_token = chunk_of_token
         self.first = min([a for a, _ in self.ranges] + [self.start])
         self.boundary = self.start + written * ct
         self.written_tokens = sum(self.query_lengths[:written])
@@ -468,9 +461,20 @@ class _Call:
         else:
             self.written_rows = None
 
-    def per_token(self, per_chunk):
-        """``(N, chunks, D)`` -> ``(N, tokens, D)`` for the tokens this call computes."""
-        return per_chunk[:, self.chunk_of_token]
+    def gated(self, x, per_chunk):
+        """``x (N, tokens, D)`` times the gate of each token's chunk (``per_chunk (N, chunks, D)``): a
+        broadcast over each chunk's run of tokens, cheaper than gathering a gate per token."""
+        n, s, d = x.shape
+        if self.selected is None:  # every chunk has its full run of tokens
+            return (x.view(n, len(self.query_lengths) // n, -1, d) * per_chunk[:, :, None]).view(n, s, d)
+        parts, offset = [], 0
+        for j, count in enumerate(self.query_lengths):
+            if count:
+                parts.append(x[:, offset:offset + count] * per_chunk[:, j:j + 1])
+            offset += count
+        if len(parts) < 2:
+            return parts[0] if parts else x
+        return torch.cat(parts, dim=1)
 
     def self_attention(self, q, k, v, layer):
         """Block-causal attention: the computed queries of window chunk j attend to ``ranges[j]``."""
