@@ -55,7 +55,8 @@ class _ForcedState:
         if decision.active is not None:
             mask = torch.zeros(self.n_tokens, dtype=torch.bool, device=velocity.device)
             mask[decision.active] = True
-            mask = mask.view(self.grid).repeat_interleave(self.patch[0], 1).repeat_interleave(self.patch[1], 2)
+            (t, h, w), (ph, pw) = self.grid, self.patch
+            mask = mask.view(t, h, 1, w, 1).expand(t, h, ph, w, pw).reshape(t, h * ph, w * pw)
             velocity = torch.where(mask[None], velocity, self.velocities[decision.chunk_id])
         self.velocities[decision.chunk_id] = velocity
         return velocity

@@ -29,3 +29,30 @@ def test_a_short_run_on_the_tiny_model(tmp_path):
     assert 50 < computed < 100  # half of every step after each chunk's first, which is dense
     assert "sparse efficiency (wall speed-up / FLOP ratio): median" in text
     assert f"{tiny.TINY.size}x{tiny.TINY.size}" in text
+
+
+def test_the_forced_fraction_keeps_fresh_velocities_exactly_on_its_chosen_tokens():
+    import torch
+
+    from bench.forced_reuse import ForcedFraction
+
+    torch.manual_seed(3)
+    channels, frames, height, width, patch = 4, 3, 6, 10, (2, 2)
+    state = ForcedFraction(0.4, seed=5).new_state(num_steps=4, chunk_shape=(channels, frames, height, width),
+                                                 patch=patch)
+    feature = torch.zeros(8, frames, height // 2, width // 2)
+    first = state.decide([(0, 0, feature, 0.0)])[0]
+    old = torch.randn(channels, frames, height, width)
+    assert first.active is None and torch.equal(state.velocity(first, old, 0.1), old)
+    decision = state.decide([(0, 1, feature, 0.25)])[0]
+    n_tokens = frames * (height // 2) * (width // 2)
+    assert decision.n_active == round(0.4 * n_tokens) and decision.active.numel() == decision.n_active
+    fresh = torch.randn(channels, frames, height, width)
+    merged = state.velocity(decision, fresh, 0.1)
+    chosen = set(decision.active.tolist())
+    for f in range(frames):
+        for y in range(height):
+            for x in range(width):
+                token = (f * (height // 2) + y // 2) * (width // 2) + x // 2
+                source = fresh if token in chosen else old
+                assert torch.equal(merged[:, f, y, x], source[:, f, y, x])
