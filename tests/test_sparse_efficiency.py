@@ -15,9 +15,10 @@ def test_the_report_divides_each_rounds_speed_up_by_the_flop_ratio():
     assert lines[0] == "tokens computed 55%, FLOP ratio 2.00x"
     assert lines[1] == "wall speed-up: median 1.60x (range 1.46-1.83)"  # 2.0/1.25, 2.2/1.2, 1.9/1.3
     assert lines[2] == "sparse efficiency (wall speed-up / FLOP ratio): median 0.80 (range 0.73-0.92)"
-    assert lines[3] == "inside the DiT: speed-up 1.88x (range 1.67-2.25)"  # 1.6/0.85, 1.8/0.8, 1.5/0.9
+    assert lines[3] == "fastest rounds (noise only adds time): dense 1.900 s, sparse 1.200 s, speed-up 1.58x, efficiency 0.79"
+    assert lines[4] == "inside the DiT: speed-up 1.88x (range 1.67-2.25)"  # 1.6/0.85, 1.8/0.8, 1.5/0.9
     # outside the DiT per step: dense (0.4, 0.4, 0.4) / 10, sparse (0.4, 0.4, 0.4) / 10
-    assert lines[4] == "outside the DiT per forward step: dense 40.0 ms, sparse 40.0 ms (a dense DiT step takes 160.0 ms)"
+    assert lines[5] == "outside the DiT per forward step: dense 40.0 ms, sparse 40.0 ms (a dense DiT step takes 160.0 ms)"
 
 
 def test_a_short_run_on_the_tiny_model(tmp_path):
