@@ -2,7 +2,7 @@
 
     python -m bench.policies                 # the tiny model: about 20 minutes on 2 CPU cores
     python -m bench.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
-    python -m bench.policies --calibrate     # the default policy over a fine τ grid: the presets (5 minutes)
+    python -m bench.policies --model bench --prompts bench/setup_calibration.json --calibrate   # the presets
     python -m bench.policies --model bench --setup bench/setup_bench.json   # the benchmark model's held-out set
     python -m bench.policies --model bench --prompts my.txt --seeds 0,1,2 --policies teacache,motion_detail/max/latent --taus 0.1,0.2
 
@@ -18,8 +18,9 @@ and PSNR / SSIM of the decoded videos against ``off``'s over all frames, with th
 the PSNR (the range of the per-seed means over the prompts). It prints the table, writes it to
 ``bench/results.md`` (``results_bench.md`` for the benchmark model) with a comparison at equal FLOP savings,
 and plots quality and wall speed-up against the FLOP ratio in ``results.png`` (needs matplotlib).
-``--calibrate`` runs only the default policy over a finer τ grid and writes ``calibration.md`` with the
-presets that rule gives.
+``--calibrate`` runs only the presets' policy (``PRESET_SPEC``) over a finer τ grid and writes
+``calibration.md`` (``calibration_bench.md``) with the presets that rule gives; the shipped presets come
+from the benchmark model's calibration set (never the held-out prompts or seeds).
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ PROMPTS = (
 )
 SEEDS = (0, 1)
 TAUS = (0.025, 0.05, 0.1, 0.2, 0.4)  # every policy's sweep
-CALIBRATION_TAUS = (0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.12, 0.15, 0.2)
+CALIBRATION_TAUS = (0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.25, 0.3)
+# The presets' policy (``CachePolicy.preset_family``) written as a bench spec: what --calibrate sweeps.
+PRESET_SPEC = "hybrid/max/denoised+velocity_extrapolation=1+chunk=1.5"
 QUALITY_DB = 35.0  # the slow preset's quality bar: PSNR against off (SSIM about 0.96 on the tiny model)
 COMMON = PRESET_SCHEDULE  # the same schedule for every policy: the presets' (warm-up 2, chunk-level 2, final 1)
 # MotionCache's MAGI-1 configuration as released: motion weights on the noisy latent, warm-up 5, chunk-level
@@ -385,7 +388,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one prompt and seed, two thresholds, one repeat")
     parser.add_argument("--calibrate", action="store_true",
-                        help="only the default policy over a fine τ grid, and the presets it suggests")
+                        help="only the presets' policy over a fine τ grid, and the presets it suggests")
     parser.add_argument("--out", default=HERE, help="folder for the results")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -394,14 +397,13 @@ def main(argv=None):
     repeats = args.repeats
     if args.quick:
         prompts, seeds, repeats, taus = prompts[:1], seeds[:1], 1, TAUS[2:4]
-    default = CachePolicy(**COMMON)
-    family = f"motion_detail {default.weight_combine_mode} / {default.proxy}"
+    family = family_policy(PRESET_SPEC, 0.1)[0]
     try:
         configs = configurations(taus, policies)
     except ValueError as error:
         raise SystemExit(str(error))
     if args.calibrate:
-        configs = [configs[0]] + [Row(family, tau, default.replace(tau=tau)) for tau in CALIBRATION_TAUS]
+        configs = [configs[0]] + [Row(family, tau, CachePolicy.preset_family(tau)) for tau in CALIBRATION_TAUS]
     rows = run(configs, prompts, seeds, frames, steps, repeats, model=model)
     header = (f"{'Tiny' if model is tiny.TINY else 'Benchmark'} MAGI-1 model (built-in, `--model {model.name}`), "
               f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {frames} frames "

@@ -15,6 +15,13 @@ MODES = ("off", "teacache", "flowcache", "motion", "motion_detail", "hybrid")
 PROXIES = ("latent", "denoised")
 # The schedule the presets were calibrated with (suits distilled runs of 8-16 steps a chunk).
 PRESET_SCHEDULE = dict(warmup_steps=2, chunk_wise_steps=2, final_full_steps=1, max_reuse=4)
+# The rest of the presets' policy: the mode the cache node selects by default, reused velocities
+# extrapolated from the last two computes, and the chunk threshold as a multiple of τ (hybrid: a chunk
+# whose change passes it computes only its tokens due, the high-weight ones first). Chosen by the
+# ablations on the benchmark model's calibration set (bench/ablation*, bench/calibration_bench.md).
+PRESET_MODE = "hybrid"
+PRESET_OPTIONS = dict(velocity_extrapolation=1.0)
+PRESET_CHUNK_RATIO = 1.5
 
 
 @dataclass(frozen=True)
@@ -151,18 +158,29 @@ class CachePolicy:
             return "chunk"
         return "hybrid" if self.mode == "hybrid" else "token"
 
-    # Presets, calibrated by ``python -m bench.policies --calibrate`` on the built-in tiny model at 16 steps
-    # with 2 warm-up and 2 chunk-level steps (bench/calibration.md). τ depends on the model and the step
-    # count: on another model, check the cache report and adjust.
+    # Presets, calibrated by ``python -m bench.policies --model bench --calibrate`` on the benchmark model's
+    # calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
+    # on another model, check the cache report and adjust.
+    SLOW_TAU = 0.05
+    FAST_TAU = 0.2
+
+    @classmethod
+    def preset_family(cls, tau, **overrides):
+        """The presets' policy at any τ: ``PRESET_MODE`` with ``PRESET_SCHEDULE``, ``PRESET_OPTIONS`` and
+        ``chunk_tau = PRESET_CHUNK_RATIO · τ`` (unless ``overrides`` set them)."""
+        fields = {"mode": PRESET_MODE, **PRESET_SCHEDULE, **PRESET_OPTIONS, "tau": tau, **overrides}
+        fields.setdefault("chunk_tau", PRESET_CHUNK_RATIO * fields["tau"])
+        return cls(**fields)
+
     @classmethod
     def slow(cls, **overrides):
-        """Quality first: the largest saving at >= 35 dB PSNR against no cache (1.37x fewer FLOPs there)."""
-        return cls(**{**PRESET_SCHEDULE, "tau": 0.04, **overrides})
+        """Quality first: the largest FLOP saving at >= 35 dB PSNR against no cache on the calibration set."""
+        return cls.preset_family(**{"tau": cls.SLOW_TAU, **overrides})
 
     @classmethod
     def fast(cls, **overrides):
-        """Speed first: about twice slow's FLOP saving (2.08x fewer FLOPs there, 27.5 dB)."""
-        return cls(**{**PRESET_SCHEDULE, "tau": 0.2, **overrides})
+        """Speed first: about twice slow's FLOP saving."""
+        return cls.preset_family(**{"tau": cls.FAST_TAU, **overrides})
 
     @classmethod
     def preset(cls, name, **overrides):

@@ -9,7 +9,9 @@ from ..cache_core import COMBINE_MODES, MODES, PRESET_SCHEDULE, PROXIES, CachePo
 # Where the policy travels inside the patched MODEL; the MAGI-1 sampler reads it from here.
 POLICY_KEY = "magi1_cache_policy"
 PRESETS = ("custom", "slow", "fast")
-_DEFAULT = CachePolicy()
+# A fresh node selects the slow preset, and its widgets show that preset's values (so switching to custom
+# keeps the same policy).
+_DEFAULT = CachePolicy.slow()
 
 
 class MAGI1MotionDetailCache(io.ComfyNode):
@@ -28,12 +30,13 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                 io.Combo.Input("mode", options=list(MODES), default=_DEFAULT.mode, tooltip=(
                     "off: compute everything. teacache: one reuse decision for the whole window. flowcache: "
                     "reuse whole chunks. motion: per-token reuse weighted by motion. motion_detail: per-token "
-                    "reuse weighted by motion and texture (keeps detailed regions sharper). hybrid: whole chunks reused while "
-                    "they change little, otherwise per-token reuse as in motion_detail (experimental).")),
-                io.Combo.Input("preset", options=list(PRESETS), default="custom", tooltip=(
+                    "reuse weighted by motion and texture (keeps detailed regions sharper). hybrid (default): whole "
+                    "chunks reused while they change little; when one changes enough, only its moving and detailed "
+                    "tokens are computed.")),
+                io.Combo.Input("preset", options=list(PRESETS), default="slow", tooltip=(
                     "custom: use the values below. slow / fast: quality-first / speed-first values for tau, "
-                    "warmup_steps, chunk_wise_steps, final_full_steps and max_reuse, calibrated on the built-in "
-                    "tiny model at 16 steps (the other values below still apply).")),
+                    "chunk_tau, warmup_steps, chunk_wise_steps, final_full_steps and max_reuse, calibrated on the "
+                    "built-in benchmark model at 16 steps (the other values below still apply).")),
                 io.Float.Input("tau", default=_DEFAULT.tau, min=0.0, max=1.0, step=0.0005, round=0.00001, tooltip=(
                     "Reuse threshold. Higher = more reuse, faster, lower fidelity; 0 = compute every token.")),
                 io.Int.Input("warmup_steps", default=_DEFAULT.warmup_steps, min=0, max=1000, tooltip=(
@@ -62,26 +65,40 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                 io.Combo.Input("proxy", options=list(PROXIES), default=_DEFAULT.proxy, tooltip=(
                     "Signal the weights are measured on. latent: the noisy latent (as released). denoised: "
                     "the model's current clean estimate (less dominated by noise early on).")),
-                io.Int.Input("max_reuse", default=0, min=0, max=1000, tooltip=(
+                io.Int.Input("max_reuse", default=_DEFAULT.max_reuse or 0, min=0, max=1000, tooltip=(
                     "Most consecutive steps a chunk or token may be reused before it is refreshed; 0 = no cap. "
                     "Lower = fewer stale regions, less speed-up.")),
+                io.Float.Input("velocity_extrapolation", default=_DEFAULT.velocity_extrapolation, min=0.0, max=1.0,
+                               step=0.05, optional=True, tooltip=(
+                    "How a reused region moves on. 0: with its last computed velocity (as released). 1: with the "
+                    "trend of its last two computed velocities, at most one of their intervals ahead (sharper at "
+                    "the same speed-up).")),
+                io.Float.Input("chunk_tau", default=_DEFAULT.chunk_tau, min=0.0, max=1.0, step=0.0005, round=0.00001,
+                               optional=True, tooltip=(
+                    "Custom only: threshold of the chunk-level decisions (teacache, flowcache, the chunk-wise steps, "
+                    "hybrid's whole-chunk reuse); 0 = the same as tau. The presets use 1.5 x tau.")),
             ],
             outputs=[io.Model.Output(tooltip="A copy of the model carrying the cache policy.")],
         )
 
     @classmethod
     def execute(cls, model, mode, preset, tau, warmup_steps, chunk_wise_steps, final_full_steps, motion_floor,
-                detail_alpha, detail_window, detail_lambda, combine_mode, proxy, max_reuse) -> io.NodeOutput:
+                detail_alpha, detail_window, detail_lambda, combine_mode, proxy, max_reuse,
+                velocity_extrapolation=None, chunk_tau=None) -> io.NodeOutput:
+        # A workflow saved before the last two inputs existed leaves them out: custom then keeps its old
+        # behaviour (no extrapolation, chunk_tau = tau), and a preset uses its own values.
         values = dict(
             mode=mode, tau=tau, warmup_steps=warmup_steps, chunk_wise_steps=chunk_wise_steps,
             final_full_steps=final_full_steps, motion_floor=motion_floor, detail_alpha=detail_alpha,
             detail_window_size=detail_window, detail_lambda=detail_lambda, weight_combine_mode=combine_mode,
-            proxy=proxy, max_reuse=max_reuse or None,
+            proxy=proxy, max_reuse=max_reuse or None, chunk_tau=chunk_tau or None,
         )
+        if velocity_extrapolation is not None:
+            values["velocity_extrapolation"] = velocity_extrapolation
         if preset == "custom":
             policy = CachePolicy(**values)
         else:
-            for name in ("tau", *PRESET_SCHEDULE):
+            for name in ("tau", "chunk_tau", *PRESET_SCHEDULE):
                 values.pop(name)
             policy = CachePolicy.preset(preset, **values)
         patched = model.clone()

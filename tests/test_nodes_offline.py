@@ -217,3 +217,47 @@ def test_the_benchmark_model_loads_and_encodes_through_the_nodes(pack):
     (old_states, _), = pack.MAGI1TinyTextEncode.execute(prompt=prompt).result[0]
     assert torch.equal(old_states[0], tiny.load_tiny_text_encoder().encode(prompt)[0])
     assert not torch.equal(old_states, states)
+
+
+# ------------------------------------------------------------------------------------ MAGI-1 MotionDetailCache
+class _Model:
+    def __init__(self):
+        self.model_options = {}
+
+    def clone(self):
+        return _Model()
+
+
+def cache_policy(pack, **inputs):
+    node = pack.MAGI1MotionDetailCache
+    patched = node.execute(model=_Model(), **inputs).result[0]
+    return patched.model_options["transformer_options"][pack.modules["cache_policy"].POLICY_KEY]
+
+
+def node_defaults(pack):
+    schema = pack.MAGI1MotionDetailCache.GET_SCHEMA()
+    return {inp.id: inp.options["default"] for inp in schema.inputs if "default" in inp.options}
+
+
+def test_a_fresh_cache_node_selects_the_slow_preset_and_custom_keeps_it(pack):
+    CachePolicy = pack.modules["cache_policy"].CachePolicy  # the pack's own copy of cache_core
+
+    defaults = node_defaults(pack)
+    assert defaults["preset"] == "slow" and defaults["mode"] == CachePolicy.slow().mode
+    assert cache_policy(pack, **defaults) == CachePolicy.slow()
+    assert cache_policy(pack, **{**defaults, "preset": "custom"}) == CachePolicy.slow()
+    assert cache_policy(pack, **{**defaults, "preset": "fast"}) == CachePolicy.fast()
+    # the preset's own chunk_tau wins over the widget; extrapolation comes from the widget
+    chosen = cache_policy(pack, **{**defaults, "chunk_tau": 0.9, "velocity_extrapolation": 0.5})
+    assert chosen == CachePolicy.slow(velocity_extrapolation=0.5)
+    custom = cache_policy(pack, **{**defaults, "preset": "custom", "chunk_tau": 0.0, "tau": 0.3})
+    assert custom.chunk_tau is None and custom.tau == 0.3
+
+
+def test_a_cache_node_saved_before_the_extrapolation_inputs_keeps_its_behaviour(pack):
+    CachePolicy = pack.modules["cache_policy"].CachePolicy
+
+    old = {k: v for k, v in node_defaults(pack).items() if k not in ("velocity_extrapolation", "chunk_tau")}
+    custom = cache_policy(pack, **{**old, "preset": "custom"})
+    assert custom.velocity_extrapolation == 0.0 and custom.chunk_tau is None
+    assert cache_policy(pack, **old) == CachePolicy.slow()  # a preset brings its own values

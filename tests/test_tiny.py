@@ -191,21 +191,25 @@ def test_calibration_sweep_runs_the_default_policy_over_the_fine_grid(tmp_path):
 
     rows = policies.main(["--calibrate", "--quick", "--frames", "24", "--steps", "8", "--out", str(tmp_path)])
     assert [r.tau for r in rows[1:]] == list(policies.CALIBRATION_TAUS)
-    assert all(r.policy == CachePolicy(**policies.COMMON, tau=r.tau) for r in rows[1:])
+    assert all(r.policy == CachePolicy.preset_family(r.tau) for r in rows[1:])
     written = (tmp_path / "calibration.md").read_text()
     assert "- slow:" in written and "- fast:" in written and not (tmp_path / "results.md").exists()
 
 
 def test_presets_are_the_committed_calibration():
-    """The presets are what bench/calibration.md (python -m bench.policies --calibrate) suggests, with the
-    schedule that run used and the default policy it swept."""
+    """The presets are what bench/calibration_bench.md (the benchmark model's calibration set, python -m
+    bench.policies --model bench --prompts bench/setup_calibration.json --calibrate) suggests, for the
+    policy that run swept; the bench spec of that policy is the presets' policy at every τ."""
     from bench import policies
 
-    text = (ROOT / "bench" / "calibration.md").read_text()
+    text = (ROOT / "bench" / "calibration_bench.md").read_text()
     suggested = {name: float(tau) for name, tau in re.findall(r"^- (slow|fast): τ ([0-9.]+) ", text, re.M)}
     assert suggested == {"slow": CachePolicy.slow().tau, "fast": CachePolicy.fast().tau}
     assert policies.COMMON == cache_core.PRESET_SCHEDULE
+    family = policies.family_policy(policies.PRESET_SPEC, 0.1)[0]
+    assert f"**{family}**" in text and "x 2 seeds (100, 101)" in text  # the calibration set's seeds
+    for tau in (0.03, 0.1, 0.25):
+        assert policies.family_policy(policies.PRESET_SPEC, tau)[1] == CachePolicy.preset_family(tau)
     for preset in (CachePolicy.slow(), CachePolicy.fast()):
-        assert preset.replace(tau=0.0) == CachePolicy(**cache_core.PRESET_SCHEDULE, tau=0.0)
-    default = CachePolicy()
-    assert f"**motion_detail {default.weight_combine_mode} / {default.proxy}**" in text
+        assert preset == CachePolicy.preset_family(preset.tau)
+        assert preset.mode == cache_core.policy.PRESET_MODE and preset.chunk_tau == pytest.approx(1.5 * preset.tau)

@@ -204,7 +204,7 @@ def test_demo_runs_the_builtin_tiny_model():
     kinds = {node["class_type"]: node["inputs"] for node in api.values()}
     assert kinds["MAGI1DiTLoader"]["checkpoint"] == kinds["MAGI1VAELoader"]["vae_name"] == "MAGI-1 tiny demo (built-in)"
     assert "MAGI1TinyTextEncode" in kinds and "CLIPLoader" not in kinds
-    assert kinds["MAGI1MotionDetailCache"]["mode"] == "motion_detail"
+    assert kinds["MAGI1MotionDetailCache"]["mode"] == CachePolicy.slow().mode  # the node default: hybrid
     assert {"SaveVideo", "CreateVideo"} <= set(kinds)
     assert kinds["MAGI1Sampler"]["steps"] == tiny.STEPS and kinds["MAGI1Sampler"]["width"] == tiny.SIZE
 
@@ -234,8 +234,9 @@ def test_cache_nodes_show_the_slow_preset_they_select(path):
                         motion_floor=cache["motion_floor"], detail_alpha=cache["detail_alpha"],
                         detail_window_size=cache["detail_window"], detail_lambda=cache["detail_lambda"],
                         weight_combine_mode=cache["combine_mode"], proxy=cache["proxy"],
-                        max_reuse=cache["max_reuse"] or None)
-    assert shown == slow
+                        max_reuse=cache["max_reuse"] or None, velocity_extrapolation=cache["velocity_extrapolation"],
+                        chunk_tau=cache["chunk_tau"] or None)
+    assert shown == slow and slow == CachePolicy.slow()  # the node's default mode is the presets' mode
 
 
 def test_files_are_what_the_builder_writes(tmp_path):

@@ -104,7 +104,7 @@ def _real_model():
     """The nodes every workflow on the official checkpoints shares (ids 1-8), sampler inputs aside."""
     return [
         Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=DIT_4_5B_DISTILL), size=(420, 130)),
-        Node(2, "MAGI1MotionDetailCache", (500, 60), _cache(), links={"model": (1, 0)}, size=(340, 370)),
+        Node(2, "MAGI1MotionDetailCache", (500, 60), _cache(), links={"model": (1, 0)}, size=(340, 430)),
         Node(3, "CLIPLoader", (40, 240), dict(clip_name=T5["name"], type="mochi", device="default"), models=[T5],
              size=(420, 110)),
         Node(5, "MAGI1VAELoader", (40, 600), dict(vae_name=VAE["name"]), models=[VAE], size=(420, 90)),
@@ -114,12 +114,11 @@ def _real_model():
     ]
 
 
-def _cache(mode="motion_detail"):
-    """The calibrated ``slow`` preset (``CachePolicy.slow()``, bench/calibration.md; the workflow test checks
-    that they agree). The widgets show the preset's values, so switching to custom keeps them."""
-    return dict(mode=mode, preset="slow", tau=0.04, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
-                motion_floor=0.6, detail_alpha=0.5, detail_window=3, detail_lambda=0.5, combine_mode="max",
-                proxy="denoised", max_reuse=4)
+def _cache():
+    """The cache node as a fresh one is: the calibrated ``slow`` preset (``CachePolicy.slow()``,
+    bench/calibration_bench.md), its widgets showing the preset's values (the workflow test checks that
+    they agree), so switching to custom keeps them."""
+    return {}
 
 
 def _sampler(**widgets):
@@ -185,7 +184,7 @@ def video_continuation():
 def tiny_demo():
     return [
         Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY), size=(380, 130)),
-        Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 370)),
+        Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 430)),
         Node(4, "MAGI1TinyTextEncode", (40, 240), dict(prompt="a red ball moving right over a checkerboard"),
              size=(380, 150)),
         Node(5, "MAGI1VAELoader", (40, 440), dict(vae_name=TINY), size=(380, 90)),
