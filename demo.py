@@ -14,6 +14,7 @@ import time
 import torch
 
 from cache_core import MODES, CachePolicy
+from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
 from magi1.tiny import MODELS, TINY
 
@@ -36,16 +37,18 @@ def write_mp4(video, path, fps=FPS):
         container.mux(stream.encode())
 
 
-def sample(prompt=None, *, frames=48, steps=None, seed=0, mode="motion_detail", preset="slow", tau=None,
-           model=DEFAULT_MODEL):
-    """The demo's generation on a built-in ``model``: ``(SampleResult, the VAE to decode it with)``."""
+def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, preset="slow", tau=None,
+           model=DEFAULT_MODEL, policy=None):
+    """The demo's generation on a built-in ``model``: ``(SampleResult, the VAE to decode it with)``. The cache
+    policy is the ``preset`` in ``mode`` (``tau`` overriding its τ), or ``policy`` when given."""
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     states, mask = encoder.encode(model.example_prompt if prompt is None else prompt)
     chunks = VideoLayout.plan(frames, model.size, model.size).chunk_num
     caption, caption_mask = chunk_captions(states, mask, chunks, model.special_tokens(),
                                            length=dit.config.caption_max_length)
-    overrides = {"mode": mode} if tau is None else {"mode": mode, "tau": tau}
-    policy = CachePolicy.preset(preset, **overrides)
+    if policy is None:
+        overrides = {"mode": mode} if tau is None else {"mode": mode, "tau": tau}
+        policy = CachePolicy.preset(preset, **overrides)
     result = generate(dit, caption, caption_mask, frames=frames, height=model.size, width=model.size,
                       steps=model.steps if steps is None else steps, seed=seed, policy=policy)
     return result, vae
@@ -60,7 +63,7 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=48, help="video frames (24 per chunk)")
     parser.add_argument("--steps", type=int, help="denoising steps (default: the model's, 16)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", default="motion_detail", choices=MODES, help="cache mode (off: no cache)")
+    parser.add_argument("--mode", default=PRESET_MODE, choices=MODES, help="cache mode (off: no cache)")
     parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
                         help="cache preset (calibrated on this model: bench/calibration.md)")
     parser.add_argument("--tau", type=float, help="reuse threshold instead of the preset's: higher, more reuse")

@@ -143,7 +143,7 @@ def family_policy(spec, tau):
     suffix = "".join(f" +{name}={value:g}" if isinstance(value, float) else f" +{name}={value}"
                      for name, value in sorted(options.items()))
     if chunk is not None:
-        options["chunk_tau"] = chunk * tau
+        options["chunk_tau"] = round(chunk * tau, 9)  # as CachePolicy.preset_family rounds it
         suffix += f" +chunk={chunk:g}x"
 
     def made(family, steps=None, schedule=COMMON, **fields):

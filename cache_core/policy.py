@@ -161,7 +161,7 @@ class CachePolicy:
     # Presets, calibrated by ``python -m bench.policies --model bench --calibrate`` on the benchmark model's
     # calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
     # on another model, check the cache report and adjust.
-    SLOW_TAU = 0.05
+    SLOW_TAU = 0.1
     FAST_TAU = 0.2
 
     @classmethod
@@ -169,17 +169,18 @@ class CachePolicy:
         """The presets' policy at any τ: ``PRESET_MODE`` with ``PRESET_SCHEDULE``, ``PRESET_OPTIONS`` and
         ``chunk_tau = PRESET_CHUNK_RATIO · τ`` (unless ``overrides`` set them)."""
         fields = {"mode": PRESET_MODE, **PRESET_SCHEDULE, **PRESET_OPTIONS, "tau": tau, **overrides}
-        fields.setdefault("chunk_tau", PRESET_CHUNK_RATIO * fields["tau"])
+        fields.setdefault("chunk_tau", round(PRESET_CHUNK_RATIO * fields["tau"], 9))  # 0.15, not 0.15000000000000002
         return cls(**fields)
 
     @classmethod
     def slow(cls, **overrides):
-        """Quality first: the largest FLOP saving at >= 35 dB PSNR against no cache on the calibration set."""
+        """Quality first: the largest FLOP saving at >= 35 dB PSNR against no cache on the calibration set
+        (1.69x fewer FLOPs there, 35.4 dB)."""
         return cls.preset_family(**{"tau": cls.SLOW_TAU, **overrides})
 
     @classmethod
     def fast(cls, **overrides):
-        """Speed first: about twice slow's FLOP saving."""
+        """Speed first: about twice slow's FLOP saving (2.42x fewer FLOPs there, 30.5 dB)."""
         return cls.preset_family(**{"tau": cls.FAST_TAU, **overrides})
 
     @classmethod

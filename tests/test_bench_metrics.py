@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 import torch
 
 from bench.metrics import psnr, ssim, temporal_psnr
@@ -59,3 +61,25 @@ def test_temporal_psnr_compares_frame_to_frame_changes():
     assert abs(temporal_psnr(video, reference) - 10 * math.log10(4 / mse)) < 1e-9
     # a constant offset on every frame leaves the changes, and so the temporal PSNR, untouched
     assert temporal_psnr(reference + 0.5, reference) == math.inf
+
+
+def test_equal_quality_reads_a_results_table_and_interpolates_the_largest_ratio_above_the_bar():
+    from bench.equal_quality import ratio_at_quality, read_rows, report
+
+    table = "\n".join([
+        "| policy | τ | token-steps computed | FLOP ratio | wall speed-up | speed-up / FLOP ratio | PSNR dB | x |",
+        "|---|---|---|---|---|---|---|---|",
+        "| off | 0 | 100% | 1.00x | 1.00x | 1.00 | 99.0 | 0.0 |",
+        "| a | 0.1 | 80% | 1.20x | 1.10x | 0.92 | 40.0 | 0.1 |",
+        "| a | 0.2 | 60% | 1.60x | 1.50x | 0.94 | 30.0 | 0.1 |",
+        "| a | 0.4 | 40% | 2.40x | 2.00x | 0.83 | 31.0 | 0.1 |",  # noisy: above 30 again further on
+        "| b | 0.1 | 90% | 1.10x | 1.05x | 0.95 | 20.0 | 0.1 |",
+    ])
+    rows = read_rows(table)
+    assert rows[0] == ("a", 1.2, 1.1, 40.0) and len(rows) == 4
+    assert ratio_at_quality([(1.2, 40.0), (1.6, 30.0), (2.4, 31.0)], 35.0) == pytest.approx(1.4)  # halfway 1.2-1.6
+    assert ratio_at_quality([(1.2, 40.0), (1.6, 30.0), (2.4, 31.0)], 30.0) == pytest.approx(2.4)
+    # off (1x, 99 dB) starts every sweep: 1.1x at 20 dB crosses 35 dB at 1 + 0.1 * 64/79
+    assert ratio_at_quality([(1.1, 20.0)], 35.0) == pytest.approx(1.0 + 0.1 * 64 / 79)
+    text = report(rows, [35.0])
+    assert "| a | 1.40x / 1.30x |" in text and text.count("\n") == 3

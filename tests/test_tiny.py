@@ -140,7 +140,7 @@ def test_demo_writes_an_mp4_and_prints_the_cache_report(tmp_path, capsys):
     out = tmp_path / "demo.mp4"
     demo.main(["a purple ball moving left over a checkerboard", "--out", str(out), "--frames", "24"])
     printed = capsys.readouterr().out
-    assert "MAGI-1 cache motion_detail: computed" in printed and "wrote" in printed
+    assert "MAGI-1 cache hybrid: computed" in printed and "wrote" in printed  # the presets' mode
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
