@@ -68,16 +68,7 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                 io.Int.Input("max_reuse", default=_DEFAULT.max_reuse or 0, min=0, max=1000, tooltip=(
                     "Most consecutive steps a chunk or token may be reused before it is refreshed; 0 = no cap. "
                     "Lower = fewer stale regions, less speed-up.")),
-                io.Float.Input("velocity_extrapolation", default=_DEFAULT.velocity_extrapolation, min=0.0, max=1.0,
-                               step=0.05, optional=True, tooltip=(
-                    "How a reused region moves on. 0: with its last computed velocity (as released). 1: with the "
-                    "trend of its last two computed velocities, at most one of their intervals ahead (sharper at "
-                    "the same speed-up).")),
-                io.Float.Input("chunk_tau", default=_DEFAULT.chunk_tau, min=0.0, max=1.0, step=0.0005, round=0.00001,
-                               optional=True, tooltip=(
-                    "Custom only: threshold of the chunk-level decisions (teacache, flowcache, the chunk-wise steps, "
-                    "hybrid's whole-chunk reuse); 0 = the same as tau. The presets use 1.5 x tau.")),
-            ],
+            ] + _reuse_inputs(),
             outputs=[io.Model.Output(tooltip="A copy of the model carrying the cache policy.")],
         )
 
@@ -107,3 +98,18 @@ class MAGI1MotionDetailCache(io.ComfyNode):
             logging.warning("MAGI1MotionDetailCache: the model already carries a cache policy; replacing it.")
         options[POLICY_KEY] = policy
         return io.NodeOutput(patched)
+
+
+def _reuse_inputs():
+    """The inputs added in 0.4 (optional, after the others: workflows saved before them still load)."""
+    return [
+        io.Float.Input("velocity_extrapolation", default=_DEFAULT.velocity_extrapolation, min=0.0, max=1.0,
+                       step=0.05, optional=True, tooltip=(
+            "How a reused region moves on. 0: with its last computed velocity (as released). 1: with the "
+            "trend of its last two computed velocities, at most one of their intervals ahead (sharper at "
+            "the same speed-up).")),
+        io.Float.Input("chunk_tau", default=_DEFAULT.chunk_tau, min=0.0, max=1.0, step=0.0005, round=0.00001,
+                       optional=True, tooltip=(
+            "Custom only: threshold of the chunk-level decisions (teacache, flowcache, the chunk-wise steps, "
+            "hybrid's whole-chunk reuse); 0 = the same as tau. The presets use 1.5 x tau.")),
+    ]
