@@ -86,7 +86,7 @@ IN_PROCESS = textwrap.dedent(
     patched = MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
     assert patched is not model and repr(model.model_options) == options_before
     assert patched.model is model.model  # same weights, only options differ
-    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy()
+    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy.slow()  # a fresh node: slow
 
     records = []
     handler = logging.Handler()
@@ -95,7 +95,7 @@ IN_PROCESS = textwrap.dedent(
     fast = MAGI1MotionDetailCache.execute(model=patched, **{**defaults, "preset": "fast", "mode": "motion"}).result[0]
     policy = fast.model_options["transformer_options"][POLICY_KEY]
     assert policy == CachePolicy.fast(mode="motion"), policy
-    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy()
+    assert patched.model_options["transformer_options"][POLICY_KEY] == CachePolicy.slow()  # a fresh node: slow
     assert any("replacing it" in r.getMessage() for r in records), "stacking must warn"
 
     try:
