@@ -65,7 +65,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mode", default=PRESET_MODE, choices=MODES, help="cache mode (off: no cache)")
     parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
-                        help="cache preset (calibrated on this model: bench/calibration.md)")
+                        help="cache preset (calibrated on the benchmark model: bench/calibration_bench.md)")
     parser.add_argument("--tau", type=float, help="reuse threshold instead of the preset's: higher, more reuse")
     args = parser.parse_args(argv)
 

@@ -8,7 +8,9 @@
 
 Prompts, seeds, policies and τ values come from the command line or a JSON ``--setup`` file (keys
 ``prompts``, ``seeds``, ``policies``, ``taus``, ``frames``, ``steps``; the command line wins). A policy is
-written ``teacache``, ``flowcache``, ``motion/<proxy>`` or ``motion_detail/<combine>/<proxy>``. The
+written ``teacache``, ``flowcache``, ``motion/<proxy>``, ``motion_detail/<combine>/<proxy>``,
+``hybrid/<combine>/<proxy>`` or ``released``, optionally followed by ``+<CachePolicy field>=<value>`` and
+``+chunk=<chunk_tau / τ>`` (``family_policy``); a setup's policy may carry its own τ values. The
 benchmark model defaults to its held-out prompts and seeds (``train/bench_heldout.json``).
 
 Every policy generates the same prompts and seeds as ``off``. For each it reports the fraction of
@@ -380,7 +382,8 @@ def main(argv=None):
     parser.add_argument("--prompts", help="a text file, one prompt a line, or a JSON file with 'prompts' (and 'seeds')")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--policies", help="comma-separated: teacache, flowcache, motion/<proxy>, "
-                                           "motion_detail/<combine>/<proxy> (default: all)")
+                                           "motion_detail/<combine>/<proxy>, hybrid/<combine>/<proxy>, released, "
+                                           "each with any +<option>=<value> (default: all)")
     parser.add_argument("--taus", help="comma-separated thresholds, every policy's sweep (default "
                                        f"{','.join(map(str, TAUS))})")
     parser.add_argument("--frames", type=int, help="video frames (default 48)")
@@ -420,8 +423,9 @@ def main(argv=None):
                                 "Quality at equal wall speed-ups (interpolated):", equal_cost(rows, "speedup")])
         if any(r.family.startswith("motion_detail") for r in rows):
             report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
-                       "come from a finer τ sweep of the default policy: `python -m bench.policies "
-                       f"--model {model.name} --calibrate` (bench/{calibration_name}.md).")
+                       "come from a finer τ sweep of the presets' policy on the benchmark model's calibration "
+                       "set: `python -m bench.policies --model bench --prompts bench/setup_calibration.json "
+                       "--calibrate` (bench/calibration_bench.md).")
         name, title = results_name + ".md", f"# Cache policies on the {model.name} model"
     print(report)
     os.makedirs(args.out, exist_ok=True)

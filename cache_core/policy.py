@@ -158,8 +158,8 @@ class CachePolicy:
             return "chunk"
         return "hybrid" if self.mode == "hybrid" else "token"
 
-    # Presets, calibrated by ``python -m bench.policies --model bench --calibrate`` on the benchmark model's
-    # calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
+    # Presets, calibrated by ``python -m bench.policies --model bench --prompts bench/setup_calibration.json
+    # --calibrate`` on the benchmark model's calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
     # on another model, check the cache report and adjust.
     SLOW_TAU = 0.1
     FAST_TAU = 0.2
