@@ -13,6 +13,9 @@ Cross-attention reads only the chunk's own valid caption tokens.
 Precision follows the official ``_high_precision_promoter``: the embedders, RoPE, q/k norms, post
 norms, final norm and final linear hold float32 weights; ``linear_proj`` computes in float32; the rest
 runs in the model's dtype (bfloat16 on GPU).
+
+Every Linear, LayerNorm and Conv3d comes from an injected ``operations`` namespace (``magi1.ops``), and
+the transformer layers' large weights may be stored in float8 (``weights``, see ``LayerFactory``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from torch import nn
 
 from .attention import BACKENDS, attend, attend_segments, resolve_backend
 from .config import ModelConfig
+from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled_fp8_linear
 
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep embedding
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
@@ -43,7 +47,7 @@ def distill_dt(num_steps, distill_interval=1):
 
 class ZeroCenteredLayerNorm(nn.Module):
     """LayerNorm whose stored weight is centred on 0 when ``one_plus`` (``apply_layernorm_1p``):
-    the scale applied is ``weight + 1``. Computes in the dtype of its input."""
+    the scale applied is ``weight + 1``. Computes in the dtype of its input, on its device."""
 
     def __init__(self, dim, eps, one_plus, dtype=None):
         super().__init__()
@@ -53,14 +57,66 @@ class ZeroCenteredLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim, dtype=dtype))
 
     def forward(self, x):
-        weight = self.weight + 1 if self.one_plus else self.weight
-        return F.layer_norm(x, self.weight.shape, weight.to(x.dtype), self.bias.to(x.dtype), self.eps)
+        weight = on_device_of(self.weight, x)
+        weight = weight + 1 if self.one_plus else weight
+        return F.layer_norm(x, self.weight.shape, cast_to(weight, x), cast_to(self.bias, x), self.eps)
+
+
+WEIGHT_KINDS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
+
+
+@dataclass(frozen=True)
+class LayerFactory:
+    """How the DiT's layers are made: the ``operations`` namespace, the compute ``dtype`` and how the
+    transformer layers' large weights are stored (``weights``):
+
+    - ``None``: in ``dtype``;
+    - ``"fp8_e4m3fn"``: float8 (q, qx, k, v, linear_kv_xattn, linear_proj, fc1, fc2, the gate projection),
+      computed in the input's dtype by the operations' cast; ``"fp8_e4m3fn_scaled"``: the same with one
+      float32 ``scale_weight`` per weight (ComfyUI's scaled-fp8 convention);
+    - ``"fp8_official"``: the official ``*_distill_quant`` layout (``QuantizedFp8Linear``) in layers
+      ``1 .. L-2``: per-tensor q, qx, k, v and fc1, per-channel linear_proj and fc2; the rest as ``None``.
+    """
+
+    operations: object = CastOps
+    dtype: torch.dtype = torch.float32
+    weights: Optional[str] = None
+    num_layers: int = 0
+
+    def __post_init__(self):
+        if self.weights is not None and self.weights not in WEIGHT_KINDS:
+            raise ValueError(f"weights must be None or one of {WEIGHT_KINDS}, got {self.weights!r}")
+
+    def float32_linear(self, n_in, n_out, bias=True):
+        """The float32 layers the official model promotes (embedders, final linear)."""
+        return self.operations.Linear(n_in, n_out, bias=bias, dtype=torch.float32)
+
+    def linear(self, n_in, n_out, *, layer, official=None, bias=False):
+        """A transformer layer's linear; ``official``: its kind in the official fp8 checkpoints
+        (``"per_tensor"``, ``"per_channel"``, or None: never quantised there)."""
+        if self.weights == "fp8_official":
+            if official is not None and 0 < layer < self.num_layers - 1:
+                # q, qx, k and v return bfloat16 in the official model whatever its dtype; fc1/fc2/proj its dtype
+                out_dtype = torch.bfloat16 if official == "per_tensor_bf16" else self.dtype
+                return QuantizedFp8Linear(n_in, n_out, per_channel=official == "per_channel", out_dtype=out_dtype)
+        elif self.weights in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):
+            kind = self.operations.Linear if self.weights == "fp8_e4m3fn" else scaled_fp8_linear(self.operations)
+            module = kind(n_in, n_out, bias=bias, dtype=FP8)
+            if bias:  # biases stay in the compute dtype
+                module.bias = nn.Parameter(torch.empty(n_out, dtype=self.dtype, device=module.weight.device),
+                                           requires_grad=False)
+            return module
+        return self.operations.Linear(n_in, n_out, bias=bias, dtype=self.dtype)
+
+    def layer_norm(self, dim, eps):
+        return self.operations.LayerNorm(dim, eps=eps, dtype=self.dtype)
 
 
 class TimestepEmbedder(nn.Module):
-    def __init__(self, cond_dim):
+    def __init__(self, cond_dim, make):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(TIMESTEP_FREQUENCIES, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+        self.mlp = nn.Sequential(make.float32_linear(TIMESTEP_FREQUENCIES, cond_dim), nn.SiLU(),
+                                 make.float32_linear(cond_dim, cond_dim))
 
     def forward(self, t, round_to):
         half = TIMESTEP_FREQUENCIES // 2
@@ -72,14 +128,48 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(embedding)
 
 
+class NullCaption(nn.Module):
+    """The learned null caption ``(L, caption_channels)``, float32. Its own module, so that ComfyUI's
+    partial loading (which moves leaf modules) moves it; the checkpoint key stays
+    ``y_embedder.null_caption_embedding`` (see ``CaptionEmbedder``)."""
+
+    def __init__(self, length, channels):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(length, channels, dtype=torch.float32))
+
+    def row(self, index, like):
+        """Row ``index`` in float32 on ``like``'s device."""
+        return on_device_of(self.weight[index], like).float()
+
+
+NULL_CAPTION_KEYS = ("null_caption_embedding", "null_caption.weight")  # (in the checkpoints, in the module)
+
+
+def _checkpoint_names(module, state_dict, prefix, local_metadata):
+    state_dict[prefix + NULL_CAPTION_KEYS[0]] = state_dict.pop(prefix + NULL_CAPTION_KEYS[1])
+
+
+def _module_names(module, state_dict, prefix, *args):
+    if prefix + NULL_CAPTION_KEYS[0] in state_dict:
+        state_dict[prefix + NULL_CAPTION_KEYS[1]] = state_dict.pop(prefix + NULL_CAPTION_KEYS[0])
+
+
 class CaptionEmbedder(nn.Module):
-    def __init__(self, config: ModelConfig):
+
+    def __init__(self, config: ModelConfig, make):
         super().__init__()
         width = int(config.hidden_size * config.xattn_cond_hidden_ratio)
-        self.y_proj_xattn = nn.Sequential(nn.Linear(config.caption_channels, width), nn.SiLU())
-        self.y_proj_adaln = nn.Sequential(nn.Linear(config.caption_channels, config.cond_dim))
         # Rows [0, L) are the null caption; rows -2 / -1 feed adaLN for conditional / unconditional calls.
-        self.null_caption_embedding = nn.Parameter(torch.empty(config.caption_max_length, config.caption_channels))
+        # (Registered first: parameter order, and so random_dit's draws, stay those of the official layout.)
+        self.null_caption = NullCaption(config.caption_max_length, config.caption_channels)
+        self.y_proj_xattn = nn.Sequential(make.float32_linear(config.caption_channels, width), nn.SiLU())
+        self.y_proj_adaln = nn.Sequential(make.float32_linear(config.caption_channels, config.cond_dim))
+        self.register_state_dict_post_hook(_checkpoint_names)
+        self.register_load_state_dict_pre_hook(_module_names)
+
+    @property
+    def null_caption_embedding(self):
+        return self.null_caption.weight
 
 
 class RotaryEmbedding(nn.Module):
@@ -96,13 +186,14 @@ class RotaryEmbedding(nn.Module):
         exponent = torch.arange(dim // 8, dtype=torch.float32) / (dim // 8)
         return 1.0 / 10000.0 ** exponent
 
-    def forward(self, first_frame, frames, height, width):
-        """cos and sin ``(frames * height * width, 3 * bands)`` for frames ``first_frame ..`` of the video.
+    def forward(self, first_frame, frames, height, width, device):
+        """cos and sin ``(frames * height * width, 3 * bands)`` for frames ``first_frame ..`` of the video,
+        on ``device``.
 
         Frame positions are absolute latent-frame indices; row and column positions are centred and
         rescaled to the extent of a 16x16 token grid, whatever the resolution.
         """
-        device = self.bands.device
+        bands = self.bands.to(device)
         total = first_frame + frames
         scale = math.sqrt(height * width / 256)
         axes = []
@@ -115,7 +206,7 @@ class RotaryEmbedding(nn.Module):
             axes.append(pos)
         axes[0] = axes[0][first_frame:]
         grid = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (T, H, W, 3)
-        angles = (grid[..., None] * self.bands.float()).reshape(frames * height * width, -1)
+        angles = (grid[..., None] * bands.float()).reshape(frames * height * width, -1)
         return angles.cos(), angles.sin()
 
 
@@ -130,41 +221,42 @@ def apply_rotary(x, cos, sin):
 class LinearQKV(nn.Module):
     """The pre-attention LayerNorm and the four projections it feeds (self q/k/v, cross-attention q)."""
 
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make, layer):
         super().__init__()
         d, q_dim, kv_dim = config.hidden_size, config.num_attention_heads * config.kv_channels, \
             config.num_query_groups * config.kv_channels
-        self.layer_norm = nn.LayerNorm(d, eps=config.layernorm_epsilon, dtype=dtype)
-        self.q = nn.Linear(d, q_dim, bias=False, dtype=dtype)
-        self.qx = nn.Linear(d, q_dim, bias=False, dtype=dtype)
-        self.k = nn.Linear(d, kv_dim, bias=False, dtype=dtype)
-        self.v = nn.Linear(d, kv_dim, bias=False, dtype=dtype)
+        self.layer_norm = make.layer_norm(d, config.layernorm_epsilon)
+        self.q = make.linear(d, q_dim, layer=layer, official="per_tensor_bf16")
+        self.qx = make.linear(d, q_dim, layer=layer, official="per_tensor_bf16")
+        self.k = make.linear(d, kv_dim, layer=layer, official="per_tensor_bf16")
+        self.v = make.linear(d, kv_dim, layer=layer, official="per_tensor_bf16")
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make, layer):
         super().__init__()
         eps, one_plus, hd = config.layernorm_epsilon, config.apply_layernorm_1p, config.kv_channels
         q_dim = config.num_attention_heads * hd
         self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_query_groups, hd
-        self.linear_qkv = LinearQKV(config, dtype)
-        self.linear_kv_xattn = nn.Linear(int(config.hidden_size * config.xattn_cond_hidden_ratio),
-                                         2 * config.num_query_groups * hd, bias=False, dtype=dtype)
-        self.linear_proj = nn.Linear(2 * q_dim, config.hidden_size, bias=False, dtype=dtype)
+        self.linear_qkv = LinearQKV(config, make, layer)
+        self.linear_kv_xattn = make.linear(int(config.hidden_size * config.xattn_cond_hidden_ratio),
+                                           2 * config.num_query_groups * hd, layer=layer)
+        self.linear_proj = make.linear(2 * q_dim, config.hidden_size, layer=layer, official="per_channel")
         self.q_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
         self.k_layernorm = ZeroCenteredLayerNorm(hd, eps, one_plus, torch.float32)
-        self.q_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
-        self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, dtype)
+        self.q_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, make.dtype)
+        self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, make.dtype)
 
     def forward(self, h, call, layer_index):
         n, s, _ = h.shape
         a = self.linear_qkv.layer_norm(h)
         q = self._normed_rotated(self.linear_qkv.q(a), self.heads, self.q_layernorm, call)
         k = self._normed_rotated(self.linear_qkv.k(a), self.kv_heads, self.k_layernorm, call)
-        v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim)
+        v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim).to(call.dtype)
         self_out = call.self_attention(q, k, v, layer_index)
 
-        qx = self.q_layernorm_xattn(self.linear_qkv.qx(a).view(n, s, self.heads, self.head_dim))
+        qx = self.linear_qkv.qx(a).to(call.dtype).view(n, s, self.heads, self.head_dim)
+        qx = self.q_layernorm_xattn(qx)
         kv = self.linear_kv_xattn(call.caption).view(-1, self.kv_heads, 2 * self.head_dim)
         kx = self.k_layernorm_xattn(kv[..., :self.head_dim])
         vx = kv[..., self.head_dim:]
@@ -173,8 +265,10 @@ class Attention(nn.Module):
 
         # [self | cross] -> 8 interleaved shards [self_0, cross_0, self_1, cross_1, ...]
         out = torch.stack([self_out.reshape(n, s, PROJ_SHARDS, -1), cross_out.view(n, s, PROJ_SHARDS, -1)], dim=3)
-        out = out.reshape(n, s, -1).float()
-        return F.linear(out, self.linear_proj.weight.float())
+        out = out.reshape(n, s, -1)
+        if isinstance(self.linear_proj, QuantizedFp8Linear):  # the official fp8 layer takes the compute dtype
+            return self.linear_proj(out).float()
+        return self.linear_proj(out.float())  # in float32, as the official model does
 
     def _normed_rotated(self, x, heads, norm, call):
         x = norm(x.view(*x.shape[:2], heads, self.head_dim).float())
@@ -182,12 +276,12 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make, layer):
         super().__init__()
         self.gated = config.gated_linear_unit
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon, dtype=dtype)
-        self.linear_fc1 = nn.Linear(config.hidden_size, config.fc1_out, bias=False, dtype=dtype)
-        self.linear_fc2 = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False, dtype=dtype)
+        self.layer_norm = make.layer_norm(config.hidden_size, config.layernorm_epsilon)
+        self.linear_fc1 = make.linear(config.hidden_size, config.fc1_out, layer=layer, official="per_tensor")
+        self.linear_fc2 = make.linear(config.ffn_hidden_size, config.hidden_size, layer=layer, official="per_channel")
 
     def forward(self, h):
         x = self.linear_fc1(self.layer_norm(h))
@@ -202,10 +296,10 @@ class MLP(nn.Module):
 class AdaModulateLayer(nn.Module):
     """The two per-chunk output gates (attention, MLP) of a layer, from the chunk's condition."""
 
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make, layer):
         super().__init__()
-        self.proj = nn.Sequential(nn.Linear(config.cond_dim, int(2 * config.hidden_size * config.cond_gating_ratio),
-                                            dtype=dtype))
+        width = int(2 * config.hidden_size * config.cond_gating_ratio)
+        self.proj = nn.Sequential(make.linear(config.cond_dim, width, layer=layer, bias=True))
 
     def forward(self, condition):
         gates = self.proj(F.silu(condition))
@@ -213,13 +307,13 @@ class AdaModulateLayer(nn.Module):
 
 
 class TransformerLayer(nn.Module):
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make, layer):
         super().__init__()
         eps, one_plus = config.layernorm_epsilon, config.apply_layernorm_1p
-        self.ada_modulate_layer = AdaModulateLayer(config, dtype)
-        self.self_attention = Attention(config, dtype)
+        self.ada_modulate_layer = AdaModulateLayer(config, make, layer)
+        self.self_attention = Attention(config, make, layer)
         self.self_attn_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
-        self.mlp = MLP(config, dtype)
+        self.mlp = MLP(config, make, layer)
         self.mlp_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
 
     def forward(self, h, call, layer_index):
@@ -231,45 +325,57 @@ class TransformerLayer(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, dtype):
+    def __init__(self, config: ModelConfig, make):
         super().__init__()
-        self.layers = nn.ModuleList(TransformerLayer(config, dtype) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(TransformerLayer(config, make, i) for i in range(config.num_layers))
         self.final_layernorm = ZeroCenteredLayerNorm(config.hidden_size, config.layernorm_epsilon,
                                                      config.apply_layernorm_1p, torch.float32)
 
 
 class FinalLinear(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, make):
         super().__init__()
         patch = config.t_patch_size * config.patch_size * config.patch_size
-        self.linear = nn.Linear(config.hidden_size, patch * config.out_channels, bias=False)
+        self.linear = make.float32_linear(config.hidden_size, patch * config.out_channels, bias=False)
 
 
 class MagiDiT(nn.Module):
-    """The MAGI-1 DiT. Build it with ``magi1.build_dit`` or load it with ``magi1.load_dit``."""
+    """The MAGI-1 DiT. Build it with ``magi1.build_dit`` or load it with ``magi1.load_dit``.
 
-    def __init__(self, config: ModelConfig, dtype=torch.float32):
+    ``operations``: the namespace of Linear / LayerNorm / Conv3d classes (default ``magi1.ops.CastOps``;
+    ComfyUI's loader passes ``comfy.ops.manual_cast``); ``weights``: how the transformer layers' large
+    weights are stored (see ``LayerFactory``).
+    """
+
+    def __init__(self, config: ModelConfig, dtype=torch.float32, *, operations=None, weights=None):
         super().__init__()
         self.config = config
         c = config
-        self.x_embedder = nn.Conv3d(c.in_channels, c.hidden_size, kernel_size=(c.t_patch_size, c.patch_size, c.patch_size),
-                                    stride=(c.t_patch_size, c.patch_size, c.patch_size), bias=False)
-        self.t_embedder = TimestepEmbedder(c.cond_dim)
-        self.y_embedder = CaptionEmbedder(c)
+        make = LayerFactory(operations or CastOps, dtype, weights, c.num_layers)
+        self.compute_dtype, self.weights = dtype, weights
+        kernel = (c.t_patch_size, c.patch_size, c.patch_size)
+        self.x_embedder = make.operations.Conv3d(c.in_channels, c.hidden_size, kernel_size=kernel, stride=kernel,
+                                                 bias=False, dtype=torch.float32)
+        self.t_embedder = TimestepEmbedder(c.cond_dim, make)
+        self.y_embedder = CaptionEmbedder(c, make)
         self.rope = RotaryEmbedding(c.hidden_size // c.num_attention_heads)
-        self.videodit_blocks = TransformerBlock(c, dtype)
-        self.final_linear = FinalLinear(c)
+        self.videodit_blocks = TransformerBlock(c, make)
+        self.final_linear = FinalLinear(c, make)
         self.attention_backend = "auto"
         self.variant = None  # set by load_dit: e.g. "4.5B_distill"; None for a bare build
         self.distill = False  # distilled checkpoints add the step-size embedding (see ``distill_dt``)
+        self.execution_device = None  # where calls run when the weights are spread (ComfyUI partial loading)
 
     @property
     def dtype(self):
-        """The compute dtype of the transformer layers (their weights' dtype)."""
-        return self.videodit_blocks.layers[0].self_attention.linear_qkv.q.weight.dtype
+        """The compute dtype of the transformer layers (their weights' dtype unless those are float8)."""
+        return self.compute_dtype
 
     @property
     def device(self):
+        """Where the model computes: ``execution_device`` when set, else where its patch embedding is."""
+        if self.execution_device is not None:
+            return torch.device(self.execution_device)
         return self.x_embedder.weight.device
 
     def set_attention_backend(self, name):
@@ -326,7 +432,7 @@ class MagiDiT(nn.Module):
             h = h[:, call.selected]
 
         pt = config.t_patch_size  # RoPE counts patched frames, from the first frame of the video
-        cos, sin = self.rope(slice_point * call.frames_per_chunk // pt, frames // pt, call.grid_h, call.grid_w)
+        cos, sin = self.rope(slice_point * call.frames_per_chunk // pt, frames // pt, call.grid_h, call.grid_w, x.device)
         if call.selected is not None:
             cos, sin = cos[call.selected], sin[call.selected]
         call.rope_cos, call.rope_sin = cos, sin
@@ -336,7 +442,7 @@ class MagiDiT(nn.Module):
         t_emb = self.t_embedder(t_flat, call.dtype)
         if distill_dt is not None:
             t_emb = t_emb + self.t_embedder(torch.full_like(t_flat, float(distill_dt)), call.dtype)
-        token = self.y_embedder.null_caption_embedding[-1 if unconditional else -2].float()
+        token = self.y_embedder.null_caption.row(-1 if unconditional else -2, x)
         y_adaln = self.y_embedder.y_proj_adaln(token)
         call.condition = (t_emb.view(n, chunks, -1) + y_adaln).to(call.dtype)
 
@@ -350,7 +456,7 @@ class MagiDiT(nn.Module):
             h = layer(h, call, index)
 
         h = self.videodit_blocks.final_layernorm(h.float())
-        out = F.linear(h, self.final_linear.linear.weight.float())  # (N, tokens, pT*pH*pW*C)
+        out = self.final_linear.linear(h)  # (N, tokens, pT*pH*pW*C), float32
         if call.selected is not None:
             full = out.new_zeros(n, chunks * call.chunk_tokens, out.shape[-1])
             full[:, call.selected] = out

@@ -8,8 +8,9 @@ import re
 
 import torch
 
+from . import fp8
 from .config import ModelConfig
-from .dit import MagiDiT, RotaryEmbedding, ZeroCenteredLayerNorm
+from .dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
 from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
 
 # The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
@@ -31,30 +32,38 @@ CONFIG_METADATA_KEY = "magi1_model_config"  # optional JSON model_config in a ch
 DISTILL_METADATA_KEY = "magi1_distill"  # optional "true" in a checkpoint's metadata
 
 
-def build_dit(model_config, *, device=None, dtype=None):
+def build_dit(model_config, *, device=None, dtype=None, operations=None, weights=None):
     """The DiT for an official ``model_config`` (dict, whole config JSON dict, or ``ModelConfig``).
 
     ``dtype`` is the compute dtype of the transformer layers (default: the config's ``params_dtype``,
-    else float32); the modules the official code promotes to float32 stay float32. On
-    ``device="meta"`` nothing is allocated. Weights are uninitialised: load them.
+    else float32); the modules the official code promotes to float32 stay float32. ``operations``: the
+    Linear / LayerNorm / Conv3d namespace (default ``magi1.ops.CastOps``); ``weights``: float8 storage of
+    the layers' large weights (``magi1.dit.LayerFactory``). On ``device="meta"`` nothing is allocated.
+    Weights are uninitialised: load them.
     """
     config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
     if dtype is None:
         dtype = config.params_dtype or torch.float32
     with torch.device(device if device is not None else "cpu"):
-        return MagiDiT(config, dtype=dtype)
+        return MagiDiT(config, dtype=dtype, operations=operations, weights=weights)
 
 
-def load_dit(path, *, device=None, dtype=None, distill=None):
+def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", operations=None):
     """Load an official MAGI-1 DiT checkpoint.
 
     ``path``: a ``model.safetensors.index.json``, any shard of a sharded checkpoint (its siblings are
     found through the index beside it), a single ``.safetensors`` file, or a folder holding one of those.
     The size (4.5B / 24B) comes from the tensors. Base and distill checkpoints hold identical tensors:
-    ``distill`` defaults to whether the path names it (the official folders are ``*_distill`` /
-    ``inference_weight.distill``). FP8 ``distill_quant`` checkpoints are refused.
+    ``distill`` defaults to whether the checkpoint's file or folder name says so (the official folders
+    are ``*_distill`` / ``inference_weight.distill``) or the file is an official fp8 one.
 
-    Tensors are read one file at a time straight into the model built on the meta device (no second
+    ``weights``: how the transformer layers' large weights are kept: ``"auto"`` (as stored: high
+    precision in ``dtype``, or the file's float8 kind), ``None`` (in ``dtype``), ``"fp8_e4m3fn"`` or
+    ``"fp8_e4m3fn_scaled"`` (stored in float8 at load; see ``magi1.fp8``). A float8 file (including the
+    official ``*_distill_quant`` ones) always loads as the kind it stores. ``operations``: see
+    ``build_dit``.
+
+    Tensors are read one at a time straight into the model built on the meta device (no second
     copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
     (default: bfloat16 on CUDA, float32 elsewhere).
     """
@@ -65,17 +74,23 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
         shapes.update(file_shapes)
         dtypes.update(file_dtypes)
         metadata.update(file_metadata)
-    _refuse_fp8(shapes, dtypes, path)
+    shapes.pop(fp8.SCALED_MARKER, None)
+    stored = fp8.stored_kind(shapes, dtypes)
+    kind = stored if stored is not None or weights == "auto" else weights
     config, size = infer_config(shapes, metadata, dtypes)
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    model = build_dit(config, device="meta", dtype=dtype)
-    check_state_dict(model, shapes)
+    model = build_dit(config, device="meta", dtype=dtype, operations=operations, weights=kind)
     targets = dict(model.state_dict(keep_vars=True))
+    expected = dict(shapes)
+    if kind == "fp8_e4m3fn_scaled" and stored is None:  # the scales are made at load
+        expected.update({k: tuple(v.shape) for k, v in targets.items() if k.endswith(".scale_weight")})
+    check_state_dict(model, expected)
+    convert = fp8.converter(targets, kind)
     for file in files:
-        part = read_tensors(file, device, lambda key: targets[key].dtype)
+        part = read_tensors(file, device, None, convert=convert, skip={fp8.SCALED_MARKER})
         model.load_state_dict(part, strict=False, assign=True)
         del part
     still_meta = [k for k, v in model.state_dict().items() if v.is_meta]
@@ -83,10 +98,18 @@ def load_dit(path, *, device=None, dtype=None, distill=None):
         raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
     model.eval().requires_grad_(False)
     if distill is None:
-        distill = "distill" in os.path.abspath(str(path)).lower() or metadata.get(DISTILL_METADATA_KEY) == "true"
+        distill = ("distill" in _checkpoint_name(files, path) or stored == "fp8_official"
+                   or metadata.get(DISTILL_METADATA_KEY) == "true")
     model.distill = bool(distill)
-    model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}"
+    model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
     return model
+
+
+def _checkpoint_name(files, path):
+    """The lower-case names that may say "distill": the file and the two folders above it (the official
+    layout is ``<size>_distill/inference_weight.distill/model-*.safetensors``), not the whole path."""
+    parts = os.path.abspath(files[0]).split(os.sep)[-3:]
+    return "/".join(parts).lower()
 
 
 def checkpoint_files(path):
@@ -129,17 +152,6 @@ def _shards_of_index(index_path):
     if missing:
         raise FileNotFoundError(f"{os.path.basename(index_path)} lists shards that are not in {folder}: {missing}")
     return shards
-
-
-def _refuse_fp8(shapes, dtypes, path):
-    fp8 = any("F8" in d for d in dtypes.values()) or any(k.endswith(("weight_scale", "smooth_scale")) for k in shapes)
-    if fp8:
-        size = "24B" if shapes.get("x_embedder.weight", (0,))[0] == 6144 else "4.5B"
-        raise ValueError(
-            f"{path} is an FP8 'distill_quant' MAGI-1 checkpoint, which this pack does not run (its layers need "
-            f"flashinfer FP8 kernels). Use the bf16 '{size}_distill' checkpoint instead "
-            f"(huggingface.co/sand-ai/MAGI-1, ckpt/magi/{size}_distill): same model, same speed settings."
-        )
 
 
 def infer_config(shapes, metadata=None, dtypes=None):
@@ -187,13 +199,37 @@ def infer_config(shapes, metadata=None, dtypes=None):
     return ModelConfig(**values), None
 
 
-def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cpu"):
+def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cpu", weights=None, operations=None):
     """A DiT with random weights of sensible scale (for tests, benchmarks and training from scratch):
     matrices ~ N(0, 1/fan_in), biases ~ 0.1 N(0, 1), norm scales ~ 1 + 0.1 N(0, 1), the null caption
     ~ N(0, 1), RoPE bands = defaults * (1 + 0.1 N(0, 1)). Drawn on the CPU by default, so a seed gives
     the same weights on every device; ``draw_device="cuda"`` draws billions of them in seconds instead
-    (other values, for benchmarks)."""
+    (other values, for benchmarks). ``weights`` ``"fp8_e4m3fn"`` / ``"fp8_e4m3fn_scaled"``: the same
+    values stored in float8 as ``load_dit`` would store them."""
     model = build_dit(model_config, device="meta", dtype=dtype)
+    values = _random_values(model, seed, device, draw_device)
+    if weights is not None:
+        if weights not in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):
+            raise ValueError(f"random_dit makes float8 weights of kind fp8_e4m3fn or fp8_e4m3fn_scaled, not {weights!r}")
+        model = build_dit(model_config, device="meta", dtype=dtype, weights=weights, operations=operations)
+        values = _converted(model, values, weights)
+    elif operations is not None:
+        model = build_dit(model_config, device="meta", dtype=dtype, operations=operations)
+    model.load_state_dict(values, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _converted(model, values, kind):
+    """``values`` (by parameter name) stored as ``model``, built for float8 ``kind``, holds them."""
+    convert = fp8.converter(dict(model.named_parameters()), kind)
+    out = {}
+    for key, value in values.items():
+        out.update(convert(key, value))
+    return out
+
+
+def _random_values(model, seed, device, draw_device):
+    """The random values of ``random_dit``, by parameter name."""
     generator = torch.Generator(device=draw_device).manual_seed(int(seed))
     device = torch.device(device) if device is not None else torch.device("cpu")
     modules = dict(model.named_modules())
@@ -210,10 +246,9 @@ def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cp
             value = float(one) + 0.1 * noise
         elif leaf == "bias":
             value = 0.1 * noise
-        elif leaf == "null_caption_embedding":
+        elif isinstance(module, NullCaption):
             value = noise
         else:
             value = noise / param[0].numel() ** 0.5
         values[name] = value.to(device=device, dtype=param.dtype)
-    model.load_state_dict(values, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return values

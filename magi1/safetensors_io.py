@@ -31,10 +31,18 @@ def read_header(file):
                          "or damaged: download it again") from error
 
 
-def read_tensors(file, device, dtype_of):
-    """Every tensor of ``file`` on ``device``, each in ``dtype_of(key)``."""
+def read_tensors(file, device, dtype_of, convert=None, skip=()):
+    """Every tensor of ``file`` on ``device``, each in ``dtype_of(key)``; or, with ``convert(key, tensor)
+    -> {key: tensor}``, what it makes of each (one tensor at a time); keys in ``skip`` are not read."""
+    tensors = {}
     with safe_open(file, framework="pt", device="cpu") as f:
-        return {key: f.get_tensor(key).to(device=device, dtype=dtype_of(key)) for key in f.keys()}
+        for key in f.keys():
+            if key in skip:
+                continue
+            tensor = f.get_tensor(key)
+            parts = convert(key, tensor) if convert is not None else {key: tensor.to(dtype_of(key))}
+            tensors.update({k: v.to(device) for k, v in parts.items()})
+    return tensors
 
 
 def check_state_dict(model, shapes, what="MAGI-1 DiT"):

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 import magi1
+from magi1.fp8 import stored_kind
 from magi1.loader import OFFICIAL_MODEL_CONFIGS, checkpoint_files, infer_config
 from magi1.safetensors_io import check_state_dict
 
@@ -64,16 +65,25 @@ def test_official_sizes_are_recognised_from_shapes_alone(variant, size):
 
 @needs_research
 @pytest.mark.parametrize("variant", ["4.5B_distill_quant", "24B_distill_quant"])
-def test_fp8_checkpoints_are_refused_naming_the_bf16_alternative(tmp_path, variant):
+def test_official_fp8_checkpoints_have_our_keys_shapes_and_dtypes(variant):
+    """The official fp8 layout (every key, shape and stored dtype of the release's key table) is what a
+    model built for it holds, and the table alone says it is that kind and that size."""
     table = official_keys(variant)
-    quantized = {k: v for k, v in table.items() if v[1] == torch.float8_e4m3fn or k.endswith("_scale")}
-    small = {k: torch.zeros(1, dtype=dtype) for k, (_, dtype) in list(quantized.items())[:4]}
-    small["x_embedder.weight"] = torch.zeros(table["x_embedder.weight"][0][0], 1)
-    path = tmp_path / "model.safetensors"
-    save_file(small, str(path))
-    size = variant.split("_")[0]
-    with pytest.raises(ValueError, match=rf"FP8 'distill_quant'.*'{re.escape(size)}_distill' checkpoint"):
-        magi1.load_dit(path)
+    shapes = {k: shape for k, (shape, _) in table.items()}
+    dtypes = {k: {torch.float8_e4m3fn: "F8_E4M3", torch.float32: "F32"}.get(dtype, "BF16")
+              for k, (_, dtype) in table.items()}
+    assert stored_kind(shapes, dtypes) == "fp8_official"
+    config, size = infer_config(shapes)
+    assert size == variant.split("_")[0]
+    model = magi1.build_dit(config, device="meta", dtype=torch.bfloat16, weights="fp8_official")
+    check_state_dict(model, shapes)
+    ours = model.state_dict()
+    float32_modules = ("x_embedder", "t_embedder", "y_embedder", "final_linear", "rope", "q_layernorm.",
+                       "k_layernorm.", "post_norm", "final_layernorm")
+    for key, (_, dtype) in table.items():
+        if dtype == torch.bfloat16 and any(name in key for name in float32_modules):
+            dtype = torch.float32  # the official _high_precision_promoter's float32 modules
+        assert ours[key].dtype == dtype, key
 
 
 def tiny_model(seed=0):

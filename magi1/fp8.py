@@ -1,0 +1,68 @@
+"""Float8 DiT weights: which kind a checkpoint stores, and storing a high-precision checkpoint in float8.
+
+Three kinds (``magi1.dit.LayerFactory``):
+
+- ``fp8_e4m3fn``: the transformer layers' large weights in float8 e4m3, no scale (values beyond +-448
+  saturate; MAGI-1's weights are far below);
+- ``fp8_e4m3fn_scaled``: the same with one float32 ``scale_weight`` per weight, ``W = W8 * scale``, the
+  scale chosen so that the largest magnitude maps to 448 (ComfyUI's scaled-fp8 files; their
+  ``scaled_fp8`` marker tensor is ignored);
+- ``fp8_official``: the official ``*_distill_quant`` checkpoints (``weight_scale`` / ``input_scale`` /
+  ``smooth_scale``, ``[1, out, in]`` weights in layers 1 .. L-2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .ops import FP8, FP8_MAX
+
+KINDS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
+SCALED_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files hold this empty tensor
+
+
+def stored_kind(shapes, dtypes):
+    """The float8 kind a checkpoint's tensors show (``None`` for a high-precision checkpoint)."""
+    if any(k.endswith(("weight_scale", "smooth_scale", "input_scale")) for k in shapes):
+        return "fp8_official"
+    if not any(d.startswith("F8") for k, d in dtypes.items() if k != SCALED_MARKER):
+        return None
+    return "fp8_e4m3fn_scaled" if any(k.endswith(".scale_weight") for k in shapes) else "fp8_e4m3fn"
+
+
+def to_fp8(weight, scaled):
+    """``(float8 weight, float32 scale or None)`` of a high-precision weight."""
+    weight = weight.float()
+    scale = None
+    if scaled:
+        amax = weight.abs().max()
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        weight = weight / scale
+    return weight.clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def converter(targets, kind):
+    """``convert(key, tensor) -> {key: tensor}`` storing a high-precision checkpoint's tensors as the
+    model built for ``kind`` holds them (``targets``: the model's ``state_dict(keep_vars=True)``)."""
+    scaled = kind == "fp8_e4m3fn_scaled"
+
+    def convert(key, tensor):
+        target = targets[key]
+        if target.dtype != FP8 or tensor.dtype == FP8:
+            return {key: tensor.to(target.dtype)}
+        weight, scale = to_fp8(tensor, scaled)
+        out = {key: weight}
+        if scaled:
+            out[key[: -len("weight")] + "scale_weight"] = scale
+        return out
+
+    return convert
+
+
+def nbytes_by_dtype(model):
+    """Bytes of a model's parameters and buffers per dtype name, e.g. ``{"float8_e4m3fn": ..}``."""
+    totals = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        name = str(tensor.dtype).replace("torch.", "")
+        totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
+    return totals

@@ -1,0 +1,134 @@
+"""The layer classes the DiT is built from, injected as an ``operations`` namespace (``Linear``,
+``LayerNorm``, ``Conv3d``), as ComfyUI's models take ``comfy.ops``.
+
+``CastOps`` (the default) is ``torch.nn`` whose layers cast their weights to the input's dtype and device
+when those differ, and do nothing else: a bfloat16 weight meets a float32 input where the official model
+computes in float32 (``linear_proj``), and a float8 weight is computed in the input's dtype. In ComfyUI
+the loader passes ``comfy.ops.manual_cast``, which does the same and also lets the ModelPatcher keep
+layers in host memory ("lowvram") and patch them.
+
+The layers the operations cannot express hold their parameters themselves and move them to the input's
+device in ``forward`` (a no-op when the parameters are there already), so that a partially loaded model
+works whatever was left on the offload device: the zero-centred norms, the RoPE bands and the null
+caption (``magi1/dit.py``), and the official fp8 layers (``QuantizedFp8Linear`` below).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+
+
+def cast_to(tensor, like):
+    """``tensor`` in ``like``'s dtype and on its device (itself when it is already)."""
+    if tensor is None or (tensor.dtype == like.dtype and tensor.device == like.device):
+        return tensor
+    return tensor.to(device=like.device, dtype=like.dtype)
+
+
+def on_device_of(tensor, like):
+    """``tensor`` on ``like``'s device, dtype kept."""
+    return tensor if tensor.device == like.device else tensor.to(like.device)
+
+
+class CastOps:
+    """``torch.nn`` layers that compute in the dtype of their input (weights cast when they differ) and
+    skip weight initialisation (a built model is always loaded)."""
+
+    class Linear(nn.Linear):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x):
+            return F.linear(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+    class LayerNorm(nn.LayerNorm):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x):
+            return F.layer_norm(x, self.normalized_shape, cast_to(self.weight, x), cast_to(self.bias, x), self.eps)
+
+    class Conv3d(nn.Conv3d):
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x):
+            return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
+
+
+def scaled_fp8_linear(operations):
+    """A Linear of ``operations`` holding a float8 weight with one float32 scale (``scale_weight``, the
+    convention of ComfyUI's scaled-fp8 files): ``y = x W^T * scale``, the scale applied to the input
+    (``(x * scale) W^T``), so the layer's own cast (and ComfyUI's partial loading) handles the weight."""
+
+    class ScaledFp8Linear(operations.Linear):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.scale_weight = nn.Parameter(torch.ones((), device=self.weight.device), requires_grad=False)
+
+        def forward(self, x):
+            return super().forward(x * cast_to(self.scale_weight, x))
+
+    return ScaledFp8Linear
+
+
+class QuantizedFp8Linear(nn.Module):
+    """A linear layer of the official ``*_distill_quant`` checkpoints: ``weight [1, out, in]`` float8, a
+    per-tensor ``weight_scale [1]``, an ``input_scale`` (``[in]`` for the per-tensor kind, ``[1]`` for the
+    per-channel kind) and, for the per-channel kind, a ``smooth_scale [1, in]``.
+
+    The input is divided by ``input_scale`` (per-tensor kind) or ``smooth_scale`` (per-channel kind) in
+    float32, clamped to the float8 range, rounded to bfloat16 and then to float8; the product of the float8
+    operands is accumulated in float32 and multiplied by ``input_scale[0] * weight_scale[0]`` (the kernel
+    reads one value per scale), then rounded to ``out_dtype`` (bfloat16 as released).
+    """
+
+    def __init__(self, in_features, out_features, *, per_channel, out_dtype=torch.bfloat16, device=None):
+        super().__init__()
+        self.in_features, self.out_features, self.per_channel = in_features, out_features, per_channel
+        self.out_dtype = out_dtype
+        f32 = dict(dtype=torch.float32, device=device)
+        self.weight = nn.Parameter(torch.empty(1, out_features, in_features, dtype=FP8, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(1, **f32), requires_grad=False)
+        self.input_scale = nn.Parameter(torch.empty(1 if per_channel else in_features, **f32), requires_grad=False)
+        if per_channel:
+            self.smooth_scale = nn.Parameter(torch.empty(1, in_features, **f32), requires_grad=False)
+
+    def quantize_input(self, x):
+        divisor = self.smooth_scale if self.per_channel else self.input_scale
+        x = x.float() / on_device_of(divisor, x).reshape(-1).float()
+        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.bfloat16).to(FP8)
+
+    def forward(self, x):
+        x_fp8 = self.quantize_input(x)
+        weight = on_device_of(self.weight, x)[0]
+        scale = on_device_of(self.input_scale, x)[0] * on_device_of(self.weight_scale, x)[0]
+        return fp8_matmul(x_fp8, weight, scale, self.out_dtype)
+
+
+def fp8_matmul(x_fp8, weight_fp8, scale, out_dtype):
+    """``(x W^T) * scale`` of float8 operands, accumulated in float32, rounded to ``out_dtype``.
+
+    On GPUs with float8 arithmetic (compute capability 8.9+) ``torch._scaled_mm`` runs it; elsewhere the
+    operands are cast up (exactly: every float8 value is a float32 one) and multiplied in float32.
+    """
+    shape = x_fp8.shape
+    x2 = x_fp8.reshape(-1, shape[-1])
+    if x2.is_cuda and fp8_arithmetic(x2.device):
+        one = torch.ones((), device=x2.device)
+        out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    else:
+        out = x2.float() @ weight_fp8.float().t()
+    return (out * scale).to(out_dtype).reshape(*shape[:-1], weight_fp8.shape[0])
+
+
+def fp8_arithmetic(device):
+    """Whether ``device`` multiplies float8 natively (NVIDIA Ada/Hopper and later)."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)

@@ -1,0 +1,281 @@
+"""magi1.memory_plan: weight bytes against real models, KV bytes against real generations, the released
+sizes, the activation model against a measured peak, and the savings advice."""
+
+import dataclasses
+import json
+import os
+import weakref
+
+import pytest
+import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import magi1
+from cache_core import CachePolicy
+from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, build_dit, generate
+from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.memory_plan import (FP8_LINEARS, GB, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan, replan,
+                               vae_weight_bytes, weight_bytes, window_calls)
+from pipeline_fixtures import FIXTURES, load, request
+
+CONFIG_4_5B = ModelConfig(**OFFICIAL_MODEL_CONFIGS["4.5B"])
+CONFIG_24B = ModelConfig(**OFFICIAL_MODEL_CONFIGS["24B"])
+
+
+def tiny_configs():
+    configs = {}
+    for name in ("base", "base_i2v", "distill24", "distill45"):
+        with open(os.path.join(FIXTURES, f"dit_tiny_{name}.json")) as f:
+            configs[name] = ModelConfig.from_dict(json.load(f)["model_config"])
+    base = configs["base"]
+    configs["gated"] = dataclasses.replace(base, gated_linear_unit=True)
+    configs["half_channel"] = dataclasses.replace(base, half_channel_vae=True, in_channels=8, out_channels=8)
+    configs["ratios"] = dataclasses.replace(base, cond_gating_ratio=0.5, xattn_cond_hidden_ratio=0.5,
+                                            cond_hidden_ratio=0.5)
+    return configs
+
+
+def bytes_by_dtype(model):
+    out = {}
+    for p in model.parameters():
+        name = str(p.dtype).replace("torch.", "")
+        out[name] = out.get(name, 0) + p.numel() * p.element_size()
+    return out
+
+
+# ------------------------------------------------------------------------------------------- weights
+@pytest.mark.parametrize("name", sorted(tiny_configs()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weight_bytes_match_the_built_model(name, dtype):
+    config = tiny_configs()[name]
+    model = build_dit(config, device="meta", dtype=dtype)
+    weight_dtype = str(dtype).replace("torch.", "")
+    assert weight_bytes(config, weight_dtype, dtype) == bytes_by_dtype(model)
+    plan = memory_plan(config, 16, 32, 32, weight_dtype=weight_dtype, compute_dtype=dtype, chunk_width=2)
+    assert plan.weights == bytes_by_dtype(model) and plan.weights_on_gpu == sum(plan.weights.values())
+
+
+def test_random_dit_has_the_planned_bytes():
+    config = tiny_configs()["distill24"]
+    assert weight_bytes(config, "bfloat16") == bytes_by_dtype(magi1.random_dit(config, dtype=torch.bfloat16))
+
+
+def expected_fp8(model, kind):
+    """The fp8 rules applied to the real bf16 model's parameter names (independent of memory_plan's own
+    tensor list). TODO: once the fp8 model builder lands, compare ``weight_bytes(config, kind)`` with
+    ``bytes_by_dtype`` of the real fp8 model (plus its scale buffers) here instead."""
+    layers = model.config.num_layers
+    out = {}
+
+    def add(dtype, nbytes):
+        out[dtype] = out.get(dtype, 0) + nbytes
+
+    for name, p in model.named_parameters():
+        parts = name.split(".")
+        linear = ".".join(parts[3:-1]) if parts[:2] == ["videodit_blocks", "layers"] else None
+        index = int(parts[2]) if linear is not None else -1
+        is_weight = parts[-1] == "weight"
+        if kind == "fp8_official" and is_weight and 0 < index < layers - 1 and linear in OFFICIAL_FP8:
+            add("float8_e4m3fn", p.numel())
+            # weight_scale [1], input_scale [in] (or [1] beside smooth_scale [1, in])
+            add("float32", 4 * (1 + p.shape[1] + (1 if linear in OFFICIAL_SMOOTHED else 0)))
+        elif kind != "fp8_official" and is_weight and linear in FP8_LINEARS:
+            add("float8_e4m3fn", p.numel())
+            if kind == "fp8_e4m3fn_scaled":
+                add("float32", 4)
+        else:
+            add(str(p.dtype).replace("torch.", ""), p.numel() * p.element_size())
+    return out
+
+
+@pytest.mark.parametrize("kind", ["fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official"])
+@pytest.mark.parametrize("name", ["distill24", "gated", "distill45"])
+def test_fp8_weight_bytes_follow_the_rules(kind, name):
+    config = dataclasses.replace(tiny_configs()[name], num_layers=4)  # fp8_official: layers 1, 2 quantized
+    model = build_dit(config, device="meta", dtype=torch.bfloat16)
+    assert weight_bytes(config, kind, torch.bfloat16) == expected_fp8(model, kind)
+
+
+def test_official_sizes():
+    weights = weight_bytes(CONFIG_4_5B, "bfloat16")
+    assert 8.8e9 < sum(weights.values()) < 9.0e9  # 4.44 B bf16 parameters + float32 embedders
+    layers = build_dit(CONFIG_4_5B, device="meta", dtype=torch.bfloat16).videodit_blocks.layers
+    assert weights["bfloat16"] == 2 * sum(p.numel() for p in layers.parameters() if p.dtype == torch.bfloat16)
+    plan = memory_plan(CONFIG_24B, 96, 720, 1280)
+    assert plan.kv_caches["main"] == 4 * 21600 * 48 * 2 * 8 * 128 * 2  # 17.0 GB: 4 chunks of 21600 tokens
+    assert 21.0e9 < memory_plan(CONFIG_24B, 96, 720, 1280, cache="chunk").kv_caches["main"] < 21.5e9  # + 1 block
+    fp8 = weight_bytes(CONFIG_24B, "fp8_e4m3fn")
+    assert 23.5e9 < sum(fp8.values()) < 24.5e9
+    assert vae_weight_bytes(VAEConfig(), torch.bfloat16) == sum(
+        p.numel() * 2 for p in magi1.build_vae(VAEConfig(), device="meta", dtype=torch.bfloat16).parameters())
+
+
+def test_streaming_keeps_k_plus_one_layers():
+    plan = memory_plan(CONFIG_24B, 96, 720, 1280, weight_dtype="fp8_e4m3fn", resident_layers=4)
+    total = sum(plan.weights.values())
+    layer = (total - plan.weights["float32"] + 0.0) / 48  # fp8 layers hold no float32 except their norms
+    assert plan.weights_on_gpu + plan.weights_host == total
+    assert abs(plan.weights_on_gpu - 5 * layer) < 0.2e9
+    assert memory_plan(CONFIG_24B, 96, 720, 1280, resident_layers=48).weights_host == 0
+
+
+# ------------------------------------------------------------------------------------------- KV caches
+@pytest.fixture(scope="module")
+def fixture_runs():
+    return {name: load(name) for name in ("base", "base_i2v", "distill24", "distill45")}
+
+
+def policy(mode):
+    return CachePolicy(mode=mode, tau=0.05, warmup_steps=1, chunk_wise_steps=2, final_full_steps=1)
+
+
+def recorded_run(monkeypatch, model, args, mode, kv_offload):
+    """Generate and record every KV cache's bytes (in creation order) and the most rows one read copied."""
+    made, reads = [], [0]
+    init, read = KVCache.__init__, KVCache.read
+
+    def recording_init(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    def recording_read(self, layer, start, end):
+        reads[0] = max(reads[0], end - start)
+        return read(self, layer, start, end)
+
+    monkeypatch.setattr(KVCache, "__init__", recording_init)
+    monkeypatch.setattr(KVCache, "read", recording_read)
+    generate(model, **args, policy=None if mode == "off" else policy(mode), kv_offload=kv_offload)
+    monkeypatch.undo()
+    return [c.nbytes for c in made], reads[0]
+
+
+@pytest.mark.parametrize("name", ["base", "base_i2v", "distill24", "distill45"])
+@pytest.mark.parametrize("mode,cache", [("off", "off"), ("flowcache", "chunk"), ("motion_detail", "token")])
+def test_kv_bytes_match_a_real_generation(monkeypatch, fixture_runs, name, mode, cache):
+    description, tensors, model = fixture_runs[name]
+    args = {**request(description, tensors), "steps": 4}  # fewer steps, the same caches and calls
+    offload = cache == "chunk"  # one offloaded run per fixture: the rows one layer copies to the GPU
+    made, rows_read = recorded_run(monkeypatch, model, args, mode, offload)
+    prefix = args["prefix"]
+    plan = memory_plan(model.config, args["frames"], args["height"], args["width"], compute_dtype=torch.float32,
+                       weight_dtype="float32", passes=1 if model.distill else 3, chunk_width=args["chunk_width"],
+                       window_size=args["window_size"], prefix_frames=0 if prefix is None else prefix.shape[1],
+                       cache=cache, kv_offload=offload)
+    if model.distill:
+        assert made == [plan.kv_caches["main"]]
+    else:
+        expected = [plan.kv_caches["cond_pre"]] + ([plan.kv_caches["cond"]] if "cond" in plan.kv_caches else [])
+        uncond = plan.kv_caches.get("uncond", 0)
+        assert made[:len(expected)] == expected and sum(made[len(expected):]) == uncond
+        assert len(made) == len(expected) + (args["window_size"] if uncond else 0)
+    assert sum(plan.kv_caches.values()) == sum(made)
+    row = 2 * model.config.num_query_groups * model.config.kv_channels * 4
+    if offload:
+        assert plan.kv_host == sum(made) and plan.kv_on_gpu == rows_read * row
+    else:
+        assert plan.kv_host == 0 and plan.kv_on_gpu == sum(made)
+
+
+# ----------------------------------------------------------------------------------------- activations
+class LiveBytes(TorchDispatchMode):
+    """Bytes of the storages that tensors made by torch ops keep alive, and their peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.refs, self.sizes, self.now, self.peak = {}, {}, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter):
+                self._track(t)
+        return out
+
+    def _track(self, t):
+        key = t.untyped_storage().data_ptr()
+        if key == 0:
+            return
+        if key not in self.refs:
+            self.refs[key], self.sizes[key] = 0, t.untyped_storage().nbytes()
+            self.now += self.sizes[key]
+            self.peak = max(self.peak, self.now)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key):
+        self.refs[key] -= 1
+        if not self.refs[key]:
+            self.now -= self.sizes.pop(key)
+            del self.refs[key]
+
+
+@pytest.mark.parametrize("name,mode,cache,dtype", [("distill45", "off", "off", torch.float32),
+                                                   ("base", "off", "off", torch.float32),
+                                                   ("distill24", "motion_detail", "token", torch.float32),
+                                                   ("distill45", "hybrid", "token", torch.bfloat16)])
+def test_measured_peak_stays_under_the_plan(fixture_runs, name, mode, cache, dtype):
+    """Everything a real generation allocates (KV caches, policy state, activations, latents, captions)
+    peaks below the plan's DiT phase without the weights, and not far below."""
+    description, tensors, model = fixture_runs[name]
+    if dtype != torch.float32:
+        model = magi1.random_dit(model.config, dtype=dtype)
+        model.distill = fixture_runs[name][2].distill
+    args = request(description, tensors)
+    args.update(frames=4 * 2 * 5, height=64, width=96, noise=None, prefix=None, steps=4)  # 5 chunks of 96 tokens
+    args.update(caption=args["caption"][:1], caption_mask=args["caption_mask"][:1])
+    plan = memory_plan(model.config, args["frames"], args["height"], args["width"], compute_dtype=dtype,
+                       weight_dtype=str(dtype)[6:], passes=1 if model.distill else 3, chunk_width=args["chunk_width"],
+                       window_size=args["window_size"], cache=cache, decode=False)
+    with LiveBytes() as live:
+        generate(model, **args, policy=None if mode == "off" else policy(mode))
+    planned = plan.dit_phase - plan.weights_on_gpu
+    assert 0.6 * planned < live.peak <= planned, (live.peak, planned)
+
+
+def test_window_calls_follow_the_schedule():
+    layout = VideoLayout.plan(96, 720, 720)
+    assert window_calls(layout, passes=1) == window_calls(layout, passes=1, window_size=4)
+    calls = window_calls(layout, passes=1, cache="chunk")
+    assert calls.query == 4 + 1  # the most chunks one call holds: 4 (refresh + 3, or 4 noisy) + the copy
+    long = VideoLayout.plan(240, 720, 720)
+    assert window_calls(long, passes=1).query == 4 + 1 + 1 and window_calls(long, passes=3).query == 5
+
+
+# ---------------------------------------------------------------------------------------------- advice
+def test_savings_name_offload_and_fp8_with_their_bytes():
+    plan = memory_plan(CONFIG_24B, 96, 720, 1280, cache="chunk")
+    budget = 48e9
+    assert not fits(plan, budget) and not plan.fits(budget)
+    advice = plan.savings(budget)
+    assert [d.split(" saves")[0] for d, _ in advice] == ["kv_offload", "weight_dtype fp8_e4m3fn"]
+    offloaded = replan(plan, kv_offload=True)
+    assert advice[0][1] == plan.total_gpu - offloaded.total_gpu > 15e9
+    both = replan(offloaded, weight_dtype="fp8_e4m3fn")
+    assert advice[1][1] == offloaded.total_gpu - both.total_gpu > 20e9
+    assert fits(both, budget) and both.savings(budget) == []
+
+
+def test_savings_reach_block_swap_and_fewer_frames():
+    plan = memory_plan(CONFIG_24B, 96, 720, 1280)
+    advice = plan.savings(24e9)
+    names = [d.split(" saves")[0] for d, _ in advice]
+    assert names[:2] == ["kv_offload", "weight_dtype fp8_e4m3fn"] and names[2].startswith("resident_layers")
+    k = int(names[2].split()[1])
+    fitted = replan(plan, kv_offload=True, weight_dtype="fp8_e4m3fn", resident_layers=k)
+    assert fits(fitted, 24e9) and not fits(replan(fitted, resident_layers=k + 1), 24e9)
+    assert sum(s for _, s in advice) == plan.total_gpu - fitted.total_gpu
+    small = memory_plan(CONFIG_4_5B, 480, 720, 720, weight_dtype="fp8_e4m3fn", kv_offload=True, resident_layers=1)
+    tight = small.savings(small.total_gpu - 1)
+    assert tight and "fewer frames" in tight[-1][0]
+
+
+def test_lines_and_bad_arguments():
+    text = "\n".join(memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", kv_offload=True).lines())
+    assert "KV cache main" in text and "total GPU" in text and " GB" in text
+    with pytest.raises(ValueError, match="weight_dtype"):
+        memory_plan(CONFIG_4_5B, 96, 720, 720, weight_dtype="int4")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        memory_plan(CONFIG_4_5B, 96, 720, 721)
+    with pytest.raises(ValueError, match="resident_layers"):
+        memory_plan(CONFIG_4_5B, 96, 720, 720, resident_layers=0)
