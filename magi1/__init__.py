@@ -5,6 +5,9 @@ from .dit import MagiDiT, distill_dt
 from .flops import FlopCount, flops
 from .kv_cache import KVCache
 from .loader import build_dit, load_dit, random_dit
+from .memory_plan import MemoryPlan, memory_plan
+from .ops import CastOps
+from .streaming import LayerStreamer, stream_layers
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 from .guidance import Guidance
 from .layout import VideoLayout
@@ -14,8 +17,8 @@ from .text import SpecialTokens, chunk_captions, find_special_tokens, null_capti
 from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
-    "LATENT_SCALE", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "MagiDiT", "MagiVAE", "MaskRecorder",
+    "LATENT_SCALE", "CastOps", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan",
     "ModelConfig", "ReuseDecision", "ReusePolicy", "ReuseState", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
     "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
-    "flops", "generate", "load_dit", "load_vae", "null_caption", "prepare_prompt", "random_dit", "random_vae",
+    "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "prepare_prompt", "random_dit", "random_vae", "stream_layers",
 ]

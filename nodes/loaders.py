@@ -1,20 +1,25 @@
 """MAGI1DiTLoader and MAGI1VAELoader: the official checkpoints from ComfyUI's model folders."""
 
+import logging
+
 import torch
 from comfy_api.latest import io
 
 import comfy.model_management as mm
 import comfy.model_patcher
+import comfy.ops
 import folder_paths
 
 from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
+from .memory import weights_line
 
 TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
 BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/tiny/bench_weights
 BUILTIN = {TINY_CHOICE: tiny.TINY, BENCH_CHOICE: tiny.BENCH}
 MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
+FP8_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_scaled")  # DiT weights stored in float8, computed in bfloat16
 ATTENTION = ("auto", "sdpa", "flash")
 
 
@@ -68,8 +73,12 @@ class MAGI1DiTLoader(io.ComfyNode):
                 io.Combo.Input("variant", options=["auto", "base", "distill"], default="auto", tooltip=(
                     "Base and distill checkpoints hold the same tensors. auto: distill when the path says "
                     "'distill'. Distilled models sample with 1 guidance pass and few steps, base ones with 3.")),
-                io.Combo.Input("weight_dtype", options=list(DTYPES), default="auto", tooltip=(
-                    "auto: bfloat16 on a GPU (as released), float32 on the CPU. float32 doubles the memory.")),
+                io.Combo.Input("weight_dtype", options=list(DTYPES) + list(FP8_CHOICES), default="auto", tooltip=(
+                    "auto: as the file stores them: bfloat16 on a GPU (as released; float32 on the CPU), or the "
+                    "file's float8 kind (official *_distill_quant or other fp8 .safetensors files are recognised). "
+                    "fp8_e4m3fn: the layers' weights stored in float8 at load (half the memory of bfloat16, "
+                    "slightly different numbers); _scaled keeps one scale per weight (more accurate). float32 "
+                    "doubles the memory.")),
                 io.Combo.Input("attention", options=list(ATTENTION), default="auto", tooltip=(
                     "auto: flash-attn on CUDA when installed, else PyTorch SDPA. Both give the same result.")),
             ],
@@ -89,8 +98,13 @@ class MAGI1DiTLoader(io.ComfyNode):
             # missing file is reported at once with where to get it.
             tokens = special_tokens_table()
             path = folder_paths.get_full_path_or_raise("diffusion_models", checkpoint)
-        model = load_dit(path, device=offload_device, dtype=compute_dtype(weight_dtype, load_device), distill=distill)
+        weights = weight_dtype if weight_dtype in FP8_CHOICES else "auto"
+        dtype = compute_dtype("auto" if weights != "auto" else weight_dtype, load_device)
+        # ComfyUI's operations: its memory manager can keep layers in host memory (partial loading) and cast them.
+        model = load_dit(path, device=offload_device, dtype=dtype, distill=distill, weights=weights,
+                         operations=comfy.ops.manual_cast)
         model.set_attention_backend(attention)
+        logging.info("%s (%s)", weights_line(model, load_device), model.variant)
         return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model, tokens), load_device=load_device,
                                                               offload_device=offload_device))
 

@@ -8,6 +8,7 @@ import comfy.utils
 
 from ..magi1 import Guidance, VideoLayout, chunk_captions, generate
 from .cache_policy import POLICY_KEY
+from .memory import checked_plan, weights_line
 from .vae import UNCONNECTED
 
 T5_WIDTH = 4096  # what the official checkpoints read
@@ -130,7 +131,11 @@ class MAGI1Sampler(io.ComfyNode):
         tokens = special_tokens(model)
         VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before loading
         prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
-        mm.load_models_gpu([model], force_full_load=True)
+        plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
+                                                  0 if prefix is None else prefix.shape[1], kv_offload)
+        # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
+        mm.load_models_gpu([model], memory_required=plan.total_gpu, minimum_memory_required=run_bytes)
+        dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
@@ -156,4 +161,6 @@ class MAGI1Sampler(io.ComfyNode):
             masks = result.stats.masks.frames()[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
-        return io.NodeOutput(latent, result.stats.summary(), masks)
+        report = "\n".join([result.stats.summary(), weights_line(dit, model.load_device)] + ([plan_note] if plan_note else [])
+                           + plan.lines())
+        return io.NodeOutput(latent, report, masks)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from magi1.ops import CastOps
+
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_KINDS = ("Combo", "Float", "Int", "String", "Boolean")  # the other declared kinds are sockets
 # ComfyUI's type names of the io classes the nodes use (io.Custom("X") is type X).
@@ -97,7 +99,7 @@ def _fake_comfy():
     comfy = types.ModuleType("comfy")
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
                "folder_paths": folder_paths, "comfy": comfy}
-    for sub in ("model_management", "model_patcher", "utils"):
+    for sub in ("model_management", "model_patcher", "utils", "ops"):
         modules[f"comfy.{sub}"] = types.ModuleType(f"comfy.{sub}")
         setattr(comfy, sub, modules[f"comfy.{sub}"])
     mm = modules["comfy.model_management"]
@@ -105,6 +107,9 @@ def _fake_comfy():
     for name in ("get_torch_device", "unet_offload_device", "vae_device", "intermediate_device"):
         setattr(mm, name, lambda: cpu)
     mm.load_models_gpu = lambda models, **kw: None
+    mm.get_free_memory = lambda device=None: 64 * 2 ** 30
+    mm.current_loaded_models = []
+    modules["comfy.ops"].manual_cast = CastOps  # ComfyUI's casting operations behave as these
     mm.throw_exception_if_processing_interrupted = lambda: None
     modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
     modules["comfy.utils"].ProgressBar = ProgressBar

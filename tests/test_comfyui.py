@@ -297,6 +297,51 @@ NODES_RUN = textwrap.dedent(
     print("NODES OK")
     """
 )
+PARTIAL_LOAD = textwrap.dedent(
+    """
+    import torch
+    import comfy.model_management as mm
+    import comfy.ops
+    from magipack.magi1 import chunk_captions, generate, load_dit, tiny
+    from magipack.nodes.loaders import MAGI1DiTLoader, TINY_CHOICE
+
+    model = tiny.TINY
+    states, mask = model.load_text_encoder().encode(model.example_prompt)
+    caption, caption_mask = chunk_captions(states, mask, 2, model.special_tokens(), length=800)
+
+    def run(dit):
+        dit.execution_device = torch.device("cpu")
+        return generate(dit, caption, caption_mask, frames=48, height=32, width=32, steps=8, seed=3).latent
+
+    def loaded(**options):
+        patcher = MAGI1DiTLoader.execute(checkpoint=TINY_CHOICE, variant="auto", attention="auto",
+                                         **{"weight_dtype": "auto", **options}).result[0]
+        return patcher, patcher.model.diffusion_model
+
+    patcher, dit = loaded()
+    layers = [m for m in dit.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm, torch.nn.Conv3d))]
+    assert layers and all(isinstance(m, comfy.ops.CastWeightBiasOp) for m in layers), "not ComfyUI's operations"
+    size = patcher.model_size()
+    patcher.load(torch.device("cpu"), lowvram_model_memory=size, full_load=True)
+    full = run(dit)
+    patcher.unpatch_model()
+    patcher.load(torch.device("cpu"), lowvram_model_memory=size // 3)  # a third of the model "fits"
+    assert patcher.model.model_lowvram and patcher.model.lowvram_patch_counter >= 0, "not loaded partially"
+    partial_modules = sum(getattr(m, "prev_comfy_cast_weights", None) is not None for m in dit.modules())
+    assert partial_modules > 0, "no module left to ComfyUI's cast"
+    partial = run(dit)
+    assert torch.equal(full, partial), (full - partial).abs().max()
+    # ComfyUI's operations give what the pack's own give
+    plain = load_dit(model.dit_file, distill=True)
+    assert torch.equal(run(plain), full)
+    # fp8 weights through ComfyUI's operations: recognised kinds, close to float32
+    _, fp8 = loaded(weight_dtype="fp8_e4m3fn_scaled")
+    assert fp8.weights == "fp8_e4m3fn_scaled"
+    err = ((run(fp8) - full).norm() / full.norm()).item()
+    assert 0 < err < 0.5, err
+    print(f"PARTIAL OK {partial_modules} modules cast by ComfyUI; fp8 scaled latent error {err:.3f}")
+    """
+)
 NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1EncodePrefix", "MAGI1MotionDetailCache", "MAGI1Sampler",
             "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
 
@@ -315,6 +360,11 @@ def test_t5_states_from_stock_clip_match_the_release_encoding():
 
 def test_pack_registers_and_cache_node_keeps_its_contract():
     assert f"OK {NODE_IDS}" in run_in_comfyui(IN_PROCESS)
+
+
+def test_partially_loaded_model_gives_the_fully_loaded_latent():
+    out = run_in_comfyui(PARTIAL_LOAD)
+    assert "PARTIAL OK" in out, out
 
 
 def test_nodes_generate_and_decode_on_a_tiny_model():

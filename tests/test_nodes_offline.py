@@ -145,7 +145,8 @@ def test_sampler_reads_the_special_tokens_and_prefix_from_the_model_and_latent(p
     # the release's guidance table at the widget's scale (the pack's own copy of magi1: compared by value)
     assert repr(call["guidance"]) == repr(Guidance().with_text_scale(5.0))
     assert call["guidance"].text_scales == (5.0, 5.0, 5.0, 0.0, 0.0)
-    assert latent["samples"].shape == (1, 16, 12, 8, 8) and report == "computed 100%"
+    assert latent["samples"].shape == (1, 16, 12, 8, 8) and report.startswith("computed 100%\n")
+    assert "MAGI-1 memory plan: 48 frames 64x64" in report  # the plan, before the run allocated anything
 
 
 def test_sampler_without_a_special_token_table_names_the_fix(pack, model, captured):
@@ -261,3 +262,22 @@ def test_a_cache_node_saved_before_the_extrapolation_inputs_keeps_its_behaviour(
     custom = cache_policy(pack, **{**old, "preset": "custom"})
     assert custom.velocity_extrapolation == 0.0 and custom.chunk_tau is None
     assert cache_policy(pack, **old) == CachePolicy.slow()  # a preset brings its own values
+
+
+def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
+    """The sampler's check: a run that fits passes, one that fits only with the weights partly in host
+    memory passes with a note, one that does not fit is refused naming the cheapest changes and the plan."""
+    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
+    from magi1.loader import OFFICIAL_MODEL_CONFIGS
+    from magi1.memory_plan import memory_plan, replan
+
+    plan = memory_plan(OFFICIAL_MODEL_CONFIGS["4.5B"], 96, 720, 720, weight_dtype="bfloat16", cache="token")
+    assert memory.check_plan(plan, plan.total_gpu) is None
+    partial = replan(plan, resident_layers=1)
+    note = memory.check_plan(plan, (partial.total_gpu + plan.total_gpu) // 2)
+    assert "host memory" in note
+    with pytest.raises(ValueError) as refused:
+        memory.check_plan(plan, partial.total_gpu // 2)
+    text = str(refused.value)
+    assert "kv_offload saves" in text and "MAGI-1 memory plan: 96 frames 720x720" in text
+    assert "can be made free" in text

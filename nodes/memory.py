@@ -1,0 +1,82 @@
+"""The sampler's memory check: MAGI-1's memory plan against what ComfyUI's memory manager can make free."""
+
+import logging
+
+import comfy.model_management as mm
+
+from ..magi1 import memory_plan
+from ..magi1.memory_plan import GB, replan
+
+TOKEN_MODES = ("motion", "motion_detail", "hybrid")
+
+
+def cache_kind(policy):
+    """What the cache policy keeps, in the plan's terms."""
+    if policy is None or not policy.enabled:
+        return "off"
+    return "token" if policy.mode in TOKEN_MODES else "chunk"
+
+
+def weight_kind(dit):
+    return dit.weights or str(dit.dtype).replace("torch.", "")
+
+
+def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload):
+    """The memory plan of this run, before anything is allocated."""
+    return memory_plan(dit.config, frames, height, width, weight_dtype=weight_kind(dit), compute_dtype=dit.dtype,
+                       passes=1 if dit.distill else 3, prefix_frames=prefix_frames, kv_offload=kv_offload,
+                       cache=cache_kind(policy), decode=False)
+
+
+def available_bytes(patcher, device):
+    """Free memory on ``device`` plus what ComfyUI can evict (other loaded models, e.g. a loaded T5, and
+    this model's own loaded weights, which the plan counts)."""
+    free = mm.get_free_memory(device)
+    evictable = sum(loaded.model_loaded_memory() for loaded in getattr(mm, "current_loaded_models", [])
+                    if getattr(loaded, "device", device) == device)
+    return free + evictable
+
+
+def check_plan(plan, available):
+    """``None`` when the run fits whole; a note when it fits only with the weights partly in host memory
+    (ComfyUI's partial loading); a ValueError naming the cheapest changes when it does not fit at all."""
+    if plan.fits(available):
+        return None
+    partial = replan(plan, resident_layers=1)
+    if partial.fits(available):
+        return (f"the weights do not all fit beside the run ({plan.total_gpu / GB:.1f} GB needed, "
+                f"{available / GB:.1f} GB available): ComfyUI keeps part of them in host memory (slower)")
+    changes = [text.replace("resident_layers", "partial loading with") for text, _ in plan.savings(available)]
+    raise ValueError(
+        f"MAGI-1 Sampler: this run needs {plan.total_gpu / GB:.1f} GB on the GPU ({plan.dit_phase / GB:.1f} GB while "
+        f"sampling) but {available / GB:.1f} GB can be made free. Cheapest changes that would fit: "
+        + ("; ".join(changes) or "none found: use a larger GPU") + ".\n" + "\n".join(plan.lines()))
+
+
+def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_offload):
+    """The plan, its note, and the memory ComfyUI should keep free for the run beside the weights."""
+    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload)
+    device = patcher.load_device
+    note = None
+    if device.type != "cpu":  # the plan is of GPU memory
+        note = check_plan(plan, available_bytes(patcher, device))
+        if note:
+            logging.info("MAGI-1: %s", note)
+    return plan, note, plan.dit_phase - plan.weights_on_gpu
+
+
+def weights_line(dit, device):
+    """How the DiT's weights are held and computed on ``device``, for the reports."""
+    kind = weight_kind(dit)
+    if not kind.startswith("fp8"):
+        return f"MAGI-1 weights: {kind}"
+    from ..magi1.ops import fp8_arithmetic
+
+    if kind == "fp8_official" and fp8_arithmetic(device):
+        how = "float8 matrix products (this GPU has float8 arithmetic)"
+    else:
+        how = (f"each layer's float8 weights cast to {str(dit.dtype).replace('torch.', '')} as it runs"
+               + ("" if device.type != "cuda" or fp8_arithmetic(device) else
+                  " (this GPU has no float8 arithmetic, before Ada/Hopper: the weights take half the memory "
+                  "of bfloat16 ones; the casts add time, not yet measured)"))
+    return f"MAGI-1 weights: {kind}, {how}"
