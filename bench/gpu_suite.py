@@ -19,7 +19,10 @@ Sections (each skipped, saying so, when the time budget would not hold it):
      fractions: wall time, FLOP ratio, bookkeeping share of a step, peak memory;
   g. VAE decode of one 720x720 chunk: time and peak memory;
   f. 24B at 720x1280: 2 and 4 layers timed, extrapolated to 48 (labelled as such);
-  d. torch.compile of the layer stack, on against off.
+  d. torch.compile of the layer stack, on against off;
+  m. memory: a 4.5B-distill 720x720 2-chunk generation's peak against magi1.memory_plan; the window
+     forward with fp8 weights (cast per layer, and the official fp8 layers' float8 products) against
+     bf16; layer streaming (block swap) with 8 and 0 resident layers against resident.
 Random weights: the cache's decisions on them are arbitrary, so the forced fractions of e are what
 measure wall time against FLOPs at real size.
 """
@@ -41,8 +44,8 @@ from magi1.loader import OFFICIAL_MODEL_CONFIGS
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT, median_ms
 
-ORDER = "abcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
-ESTIMATES = dict(a=40, b=15, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
+ORDER = "abcegmfd"  # the run order: the cheap, most wanted numbers first, compilation last
+ESTIMATES = dict(a=40, b=15, c=20, e=130, g=40, m=90, f=45, d=90)  # seconds each on an H100/H200, model builds included
 # Dense bf16 matrix peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 DATASHEET_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A6000": 154.8}
 GOALS = "dense forward >= 60% of bf16 peak; sparse speed-up >= 0.9 of the FLOP saving at 50% active; " \
@@ -286,7 +289,47 @@ def section_g(setup, timer, found):
             f"| {frames} frames {height}x{width}, tiles {tiling.height}x{tiling.width} | {ms:.0f} | {peak} |"]
 
 
-SECTIONS = dict(a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
+def section_m(setup, timer, found):
+    name = "4.5B"
+    height, width = setup.size_45
+    model = setup.dit(name)
+    model.distill = True
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    caption = torch.randn(config.caption_max_length, config.caption_channels, generator=g)
+    mask = torch.arange(config.caption_max_length) < min(120, config.caption_max_length)
+    plan = magi1.memory_plan(config, 48, height, width, weight_dtype=str(setup.dtype).replace("torch.", ""),
+                             compute_dtype=setup.dtype, passes=1, decode=False)
+    cuda = setup.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(setup.device)
+    magi1.generate(model, caption, mask, frames=48, height=height, width=width, steps=8, seed=0)
+    peak = torch.cuda.max_memory_allocated(setup.device) if cuda else None
+    lines = [f"48 frames {height}x{width}, 8 steps, cache off: peak allocated "
+             + (f"{peak / 2**30:.2f} GiB against the plan's {plan.dit_phase / 2**30:.2f} GiB "
+                f"(ratio {peak / plan.dit_phase:.2f}; goal within 10%)" if cuda else "- (CPU)"), ""]
+    if cuda:
+        found.update(plan_ratio=peak / plan.dit_phase)
+    call = WindowCall(model, height, width)
+    rows = [("bf16 weights, resident", timer(call))]
+    for resident in (8, 0):
+        streamer = magi1.stream_layers(model, setup.device, min(resident, config.num_layers))
+        rows.append((f"streamed, {resident} resident layers", timer(call)))
+        streamer.remove()
+    del call
+    for kind in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):
+        fp8 = magi1.random_dit(dict(TINY_45) if setup.smoke else OFFICIAL_MODEL_CONFIGS[name], seed=0,
+                               device=setup.device, dtype=setup.dtype, draw_device=setup.device, weights=kind)
+        rows.append((f"{kind} weights (cast per layer)", timer(WindowCall(fp8, height, width))))
+        del fp8
+    base = rows[0][1]
+    lines += ["| window forward (1 chunk + 1 cached) | ms | against bf16 resident |", "|---|---|---|"]
+    lines += [f"| {label} | {ms:.1f} | {ms / base:.2f}x |" for label, ms in rows]
+    return lines
+
+
+SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
                 c=("Attention kernels", section_c), d=("torch.compile of the layer stack", section_d),
                 e=("Whole 4.5B-distill generations", section_e), f=("24B, a few layers timed and extrapolated", section_f),
                 g=("VAE decode", section_g))

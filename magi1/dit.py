@@ -320,6 +320,7 @@ class TransformerLayer(nn.Module):
         gate_attn, gate_mlp = self.ada_modulate_layer(call.condition)
         attn = self.self_attention(h, call, layer_index)
         h = (self.self_attn_post_norm(call.gated(attn, gate_attn)) + h.float()).to(call.dtype)
+        del attn  # float32 and as large as h twice over: not kept through the MLP
         mlp = self.mlp(h)
         return (self.mlp_post_norm(call.gated(mlp.float(), gate_mlp)) + h.float()).to(call.dtype)
 

@@ -22,11 +22,17 @@ SCALED_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files hold this empty tenso
 
 
 def stored_kind(shapes, dtypes):
-    """The float8 kind a checkpoint's tensors show (``None`` for a high-precision checkpoint)."""
-    if any(k.endswith(("weight_scale", "smooth_scale", "input_scale")) for k in shapes):
+    """The float8 kind a checkpoint's tensors show (``None`` for a high-precision checkpoint); a clear
+    error for a float8 layout none of the kinds is."""
+    if any(k.endswith(".smooth_scale") for k in shapes):  # only the official layout has smoothing scales
         return "fp8_official"
     if not any(d.startswith("F8") for k, d in dtypes.items() if k != SCALED_MARKER):
         return None
+    if any(k.endswith((".weight_scale", ".input_scale", ".comfy_quant")) for k in shapes):
+        raise ValueError("this checkpoint stores float8 weights in a layout the pack does not read (per-layer "
+                         "weight_scale/comfy_quant tensors, as ComfyUI's newer quantised files do): load the "
+                         "bfloat16 checkpoint and pick weight_dtype fp8_e4m3fn_scaled, or the official "
+                         "*_distill_quant checkpoint")
     return "fp8_e4m3fn_scaled" if any(k.endswith(".scale_weight") for k in shapes) else "fp8_e4m3fn"
 
 

@@ -215,10 +215,9 @@ def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16,
       copy of the linear_proj weight (2Q * D * 4 bytes);
     * the gated residual after attention: the float32 output, gated, normed, h.float() and the sum (16D)
       and the new h (bD);
-    * MLP: the attention output (still referenced, 4D), h (bD), the layer norm and fc1 output and its
-      activation (bD + 2bF);
-    * the gated residual after the MLP: the attention output, three float32 copies and the sum (16D),
-      h, the MLP output and the new h (3bD).
+    * MLP: h (bD), the layer norm and fc1 output and its activation (bD + 2bF);
+    * the gated residual after the MLP: three float32 copies and the sum (16D), h, the MLP output and
+      the new h (3bD).
 
     fp8 weights add one dequantized copy of the largest matrix in the compute dtype. Outside the layers:
     the run's caption table and the call's caption tensors (float32), and the latents (float32: the whole
@@ -237,7 +236,7 @@ def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16,
               (b * d + 2 * b * q + 2 * b * k, ct * q * b + gathered),
               (b * d + 4 * b * q + 2 * b * k + max(2 * b * q + 8 * q, 8 * q + 4 * d), 2 * q * d * 4),
               (16 * d + b * d, 0),
-              (4 * d + 2 * b * d + 2 * b * f, 0),
+              (2 * b * d + 2 * b * f, 0),
               (16 * d + 3 * b * d, 0)]
     peak = max(tokens * (held + per_token) + fixed for per_token, fixed in phases)
     if fp8:
@@ -461,7 +460,7 @@ def _offload(plan, available):
 
 def _fp8(plan, available):
     return None if plan.request["weight_dtype"].startswith("fp8") else (
-        "weight_dtype fp8_e4m3fn", replan(plan, weight_dtype="fp8_e4m3fn"))
+        "weight_dtype fp8_e4m3fn_scaled", replan(plan, weight_dtype="fp8_e4m3fn_scaled"))  # the more accurate kind
 
 
 def _first_fitting(plan, available, name, values, describe):

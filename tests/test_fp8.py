@@ -169,3 +169,17 @@ def test_plain_and_fp8_models_agree_on_what_is_fp8():
          "self_attention.linear_qkv.qx.weight", "self_attention.linear_qkv.v.weight"])
     assert all(n.startswith("videodit_blocks.layers.") for n in fp8_names)
     assert model.dtype == torch.float32 and magi1.KVCache.for_model(model, 4, device="meta").dtype == torch.float32
+
+
+def test_float8_layouts_are_told_apart():
+    layer = "videodit_blocks.layers.1.mlp.linear_fc2."
+    official = {layer + "weight": "F8_E4M3", layer + "weight_scale": "F32", layer + "smooth_scale": "F32"}
+    assert stored_kind(official, official) == "fp8_official"
+    scaled = {layer + "weight": "F8_E4M3", layer + "scale_weight": "F32", "scaled_fp8": "F8_E4M3"}
+    assert stored_kind(scaled, scaled) == "fp8_e4m3fn_scaled"
+    plain = {layer + "weight": "F8_E4M3", "x_embedder.weight": "F32"}
+    assert stored_kind(plain, plain) == "fp8_e4m3fn"
+    assert stored_kind({"x_embedder.weight": "BF16"}, {"x_embedder.weight": "BF16"}) is None
+    other = {layer + "weight": "F8_E4M3", layer + "weight_scale": "F32"}  # e.g. ComfyUI's newer quantised files
+    with pytest.raises(ValueError, match="pick weight_dtype fp8_e4m3fn_scaled"):
+        stored_kind(other, other)
