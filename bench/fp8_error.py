@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -24,9 +25,21 @@ from magi1.loader import OFFICIAL_MODEL_CONFIGS
 from magi1.memory_plan import GB, weight_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from test_dit_fixtures import call_arguments, load_fixture, relative_error  # noqa: E402
-from test_fp8 import QUANT, forward, harness_dtypes_in_quantised_layers, official_fp8_model  # noqa: E402
+
+
+def _tests_module(name):
+    """A module of tests/ (the fixture readers and the harness dtype path are defined there once)."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tests", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # test_fp8 imports test_dit_fixtures by this name
+    spec.loader.exec_module(module)
+    return module
+
+
+_fixtures, _fp8_tests = _tests_module("test_dit_fixtures"), _tests_module("test_fp8")
+call_arguments, load_fixture, relative_error = _fixtures.call_arguments, _fixtures.load_fixture, _fixtures.relative_error
+QUANT, forward, official_fp8_model = _fp8_tests.QUANT, _fp8_tests.forward, _fp8_tests.official_fp8_model
+harness_dtypes_in_quantised_layers = _fp8_tests.harness_dtypes_in_quantised_layers
 
 KINDS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled")
 

@@ -313,20 +313,42 @@ def section_m(setup, timer, found):
         found.update(plan_ratio=peak / plan.dit_phase)
     call = WindowCall(model, height, width)
     rows = [("bf16 weights, resident", timer(call))]
+    lines += spread_weights(model, call, setup, timer, rows)
     for resident in (8, 0):
         streamer = magi1.stream_layers(model, setup.device, min(resident, config.num_layers))
         rows.append((f"streamed, {resident} resident layers", timer(call)))
         streamer.remove()
     del call
-    for kind in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):
+    for kind in ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official"):
         fp8 = magi1.random_dit(dict(TINY_45) if setup.smoke else OFFICIAL_MODEL_CONFIGS[name], seed=0,
                                device=setup.device, dtype=setup.dtype, draw_device=setup.device, weights=kind)
-        rows.append((f"{kind} weights (cast per layer)", timer(WindowCall(fp8, height, width))))
+        how = "float8 products where the GPU has them" if kind == "fp8_official" else "cast per layer"
+        rows.append((f"{kind} weights ({how})", timer(WindowCall(fp8, height, width))))
         del fp8
     base = rows[0][1]
     lines += ["| window forward (1 chunk + 1 cached) | ms | against bf16 resident |", "|---|---|---|"]
     lines += [f"| {label} | {ms:.1f} | {ms / base:.2f}x |" for label, ms in rows]
     return lines
+
+
+def spread_weights(model, call, setup, timer, rows):
+    """Every other layer left in host memory and cast in as it runs, as ComfyUI's partial loading leaves a
+    model: the same output as resident (ComfyUI itself is tested on the CPU in tests/test_comfyui.py)."""
+    resident = call().clone()
+    left = [layer for i, layer in enumerate(model.videodit_blocks.layers) if i % 2]
+    for layer in left:
+        layer.to("cpu")
+    model.execution_device = setup.device
+    try:
+        spread = call()
+        rows.append((f"{len(left)} layers left in host memory (partial loading)", timer(call)))
+    finally:
+        for layer in left:
+            layer.to(setup.device)
+        model.execution_device = None
+    same = torch.equal(spread, resident)
+    return [f"Weights spread over host and GPU (every other layer in host memory): output "
+            f"{'identical to' if same else 'DIFFERENT from'} the resident model's.", ""]
 
 
 SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),

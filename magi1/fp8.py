@@ -72,3 +72,24 @@ def nbytes_by_dtype(model):
         name = str(tensor.dtype).replace("torch.", "")
         totals[name] = totals.get(name, 0) + tensor.numel() * tensor.element_size()
     return totals
+
+
+def official_layout(model, values):
+    """``values`` (by parameter name, of the same model in high precision) in the layout of ``model``, built
+    for ``fp8_official``: each quantised layer's weight in float8 ``[1, out, in]`` with ``weight_scale =
+    max|W| / 448`` and input and smoothing scales of 1. No calibration: for benchmarks and tests with
+    random weights, not a way to make official-quality fp8 checkpoints."""
+    from .ops import QuantizedFp8Linear
+
+    params = dict(model.named_parameters())
+    out = {k: v.to(params[k].dtype) for k, v in values.items() if k in params and v.shape == params[k].shape}
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedFp8Linear):
+            weight, scale = to_fp8(values[name + ".weight"], scaled=True)
+            device = weight.device
+            out[name + ".weight"] = weight[None]
+            out[name + ".weight_scale"] = scale.reshape(1)
+            out[name + ".input_scale"] = torch.ones(module.input_scale.shape, device=device)
+            if module.per_channel:
+                out[name + ".smooth_scale"] = torch.ones(module.smooth_scale.shape, device=device)
+    return out

@@ -205,14 +205,13 @@ def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cp
     ~ N(0, 1), RoPE bands = defaults * (1 + 0.1 N(0, 1)). Drawn on the CPU by default, so a seed gives
     the same weights on every device; ``draw_device="cuda"`` draws billions of them in seconds instead
     (other values, for benchmarks). ``weights`` ``"fp8_e4m3fn"`` / ``"fp8_e4m3fn_scaled"``: the same
-    values stored in float8 as ``load_dit`` would store them."""
+    values stored in float8 as ``load_dit`` would store them; ``"fp8_official"``: in the official fp8
+    layout (``magi1.fp8.official_layout``)."""
     model = build_dit(model_config, device="meta", dtype=dtype)
     values = _random_values(model, seed, device, draw_device)
     if weights is not None:
-        if weights not in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):
-            raise ValueError(f"random_dit makes float8 weights of kind fp8_e4m3fn or fp8_e4m3fn_scaled, not {weights!r}")
         model = build_dit(model_config, device="meta", dtype=dtype, weights=weights, operations=operations)
-        values = _converted(model, values, weights)
+        values = fp8.official_layout(model, values) if weights == "fp8_official" else _converted(model, values, weights)
     elif operations is not None:
         model = build_dit(model_config, device="meta", dtype=dtype, operations=operations)
     model.load_state_dict(values, strict=True, assign=True)

@@ -141,16 +141,16 @@ def _size(dtype):
 
 
 def streamed_weight_bytes(config, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, resident_layers=None):
-    """Bytes of the DiT weights on the GPU: everything, or with ``resident_layers=k`` (block swap) the
-    layers' outside and ``k + 1`` layer-sized buffers (k resident layers and one prefetched), each as
-    large as the largest layer."""
+    """Bytes of the DiT weights on the GPU: everything, or with ``resident_layers=k`` (block swap,
+    ``magi1.stream_layers``) what is outside the layers, the first ``k`` layers, and two streamed layers
+    (the one running and the one being prefetched), each counted as large as the largest layer."""
     total = sum(weight_bytes(config, weight_dtype, compute_dtype).values())
-    if resident_layers is None or resident_layers + 1 >= config.num_layers:
+    if resident_layers is None or resident_layers + 2 >= config.num_layers:
         return total
     outer = 4 * sum(math.prod(shape) for _, shape in outer_tensors(config))
     largest = max(sum(layer_weight_bytes(config, i, weight_dtype, compute_dtype).values())
                   for i in range(config.num_layers))
-    return outer + (resident_layers + 1) * largest
+    return outer + (resident_layers + 2) * largest
 
 
 # ------------------------------------------------------------------------------------------- KV caches
@@ -394,7 +394,7 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     check_choice("passes", passes, (1, 3))
     check_choice("cache", cache, CACHE_MODES)
     if resident_layers is not None:
-        check_int("resident_layers", resident_layers, low=1, high=config.num_layers)
+        check_int("resident_layers", resident_layers, low=0, high=config.num_layers)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, chunk_width=chunk_width,
                               patch_size=config.patch_size)
     weights = weight_bytes(config, weight_dtype, compute_dtype)
@@ -477,7 +477,7 @@ def _resident(plan, available):
     layers = plan.request["config"]
     layers = (layers if isinstance(layers, ModelConfig) else ModelConfig.from_dict(layers)).num_layers
     top = plan.request["resident_layers"] or layers
-    return _first_fitting(plan, available, "resident_layers", range(top - 1, 0, -1), lambda k: f"resident_layers {k}")
+    return _first_fitting(plan, available, "resident_layers", range(top - 1, -1, -1), lambda k: f"resident_layers {k}")
 
 
 def _cache_off(plan, available):

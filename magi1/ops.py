@@ -115,12 +115,13 @@ class QuantizedFp8Linear(nn.Module):
 def fp8_matmul(x_fp8, weight_fp8, scale, out_dtype):
     """``(x W^T) * scale`` of float8 operands, accumulated in float32, rounded to ``out_dtype``.
 
-    On GPUs with float8 arithmetic (compute capability 8.9+) ``torch._scaled_mm`` runs it; elsewhere the
-    operands are cast up (exactly: every float8 value is a float32 one) and multiplied in float32.
+    On GPUs with float8 arithmetic (compute capability 8.9+) ``torch._scaled_mm`` runs it (its sizes must be
+    multiples of 16, as the official checkpoints' are); elsewhere the operands are cast up (exactly: every
+    float8 value is a float32 one) and multiplied in float32.
     """
     shape = x_fp8.shape
-    x2 = x_fp8.reshape(-1, shape[-1])
-    if x2.is_cuda and fp8_arithmetic(x2.device):
+    x2 = x_fp8.reshape(-1, shape[-1]).contiguous()
+    if x2.is_cuda and fp8_arithmetic(x2.device) and x2.shape[1] % 16 == 0 and weight_fp8.shape[0] % 16 == 0:
         one = torch.ones((), device=x2.device)
         out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     else:

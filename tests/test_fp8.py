@@ -183,3 +183,13 @@ def test_float8_layouts_are_told_apart():
     other = {layer + "weight": "F8_E4M3", layer + "weight_scale": "F32"}  # e.g. ComfyUI's newer quantised files
     with pytest.raises(ValueError, match="pick weight_dtype fp8_e4m3fn_scaled"):
         stored_kind(other, other)
+
+
+def test_random_official_layout_is_close_to_its_float32_model():
+    """random_dit in the official fp8 layout (for GPU benchmarks): unit input scales make the layers'
+    dequantised weights those of the float32 model, so the outputs differ by float8 rounding only."""
+    config = tiny_config("distill45_quant")
+    official = random_dit(config, seed=4, weights="fp8_official")
+    assert sum(isinstance(m, QuantizedFp8Linear) for m in official.modules()) == 7 * (official.config.num_layers - 2)
+    err = relative_error(forward(official), forward(random_dit(config, seed=4)))
+    assert 1e-3 < err < 0.15, err
