@@ -92,11 +92,11 @@ class LayerFactory:
         return self.operations.Linear(n_in, n_out, bias=bias, dtype=torch.float32)
 
     def linear(self, n_in, n_out, *, layer, official=None, bias=False):
-        """A transformer layer's linear; ``official``: its kind in the official fp8 checkpoints
-        (``"per_tensor"``, ``"per_channel"``, or None: never quantised there)."""
+        """A transformer layer's linear; ``official``: its kind in the official fp8 checkpoints:
+        ``"per_tensor_bf16"`` (q, qx, k, v: the official model builds them returning bfloat16 whatever its
+        dtype), ``"per_tensor"`` (fc1), ``"per_channel"`` (linear_proj, fc2), or None (never quantised)."""
         if self.weights == "fp8_official":
             if official is not None and 0 < layer < self.num_layers - 1:
-                # q, qx, k and v return bfloat16 in the official model whatever its dtype; fc1/fc2/proj its dtype
                 out_dtype = torch.bfloat16 if official == "per_tensor_bf16" else self.dtype
                 return QuantizedFp8Linear(n_in, n_out, per_channel=official == "per_channel", out_dtype=out_dtype)
         elif self.weights in ("fp8_e4m3fn", "fp8_e4m3fn_scaled"):

@@ -15,6 +15,8 @@ caption (``magi1/dit.py``), and the official fp8 layers (``QuantizedFp8Linear`` 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -61,6 +63,7 @@ class CastOps:
             return self._conv_forward(x, cast_to(self.weight, x), cast_to(self.bias, x))
 
 
+@functools.lru_cache(maxsize=None)  # one class per operations namespace
 def scaled_fp8_linear(operations):
     """A Linear of ``operations`` holding a float8 weight with one float32 scale (``scale_weight``, the
     convention of ComfyUI's scaled-fp8 files): ``y = x W^T * scale``, the scale applied to the input
