@@ -365,7 +365,7 @@ class MemoryPlan:
                  ("policy state", self.policy_state, f"+ {self.policy_transient / GB:.2f} while deciding"),
                  ("activations (peak call)", self.activations, ""),
                  ("DiT phase", self.dit_phase, ""),
-                 ("VAE decode", self.vae_decode, "after the DiT phase"),
+                 ("VAE decode", self.vae_decode, "after the DiT phase" if r["decode"] else "not counted"),
                  ("total GPU (peak)", self.total_gpu, "")]
         return [head] + [f"  {name:<26}{nbytes / GB:8.2f} GB  {note}".rstrip() for name, nbytes, note in rows]
 

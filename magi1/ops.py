@@ -23,6 +23,7 @@ from torch import nn
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
+QUANT_BLOCK_BYTES = 256 * 2 ** 20  # the official fp8 layers quantise their input in blocks of this much float32
 
 
 def cast_to(tensor, like):
@@ -104,32 +105,43 @@ class QuantizedFp8Linear(nn.Module):
             self.smooth_scale = nn.Parameter(torch.empty(1, in_features, **f32), requires_grad=False)
 
     def quantize_input(self, x):
-        divisor = self.smooth_scale if self.per_channel else self.input_scale
-        x = x.float() / on_device_of(divisor, x).reshape(-1).float()
-        return x.clamp(-FP8_MAX, FP8_MAX).to(torch.bfloat16).to(FP8)
+        """``x`` in float8 after the division by its scale, in row blocks of at most 256 MiB of float32 (as
+        the official code does, so the float32 copy never spans the whole activation)."""
+        divisor = on_device_of(self.smooth_scale if self.per_channel else self.input_scale, x).reshape(-1).float()
+        flat = x.reshape(-1, self.in_features)
+        out = torch.empty(flat.shape, dtype=FP8, device=x.device)
+        rows = max(1, QUANT_BLOCK_BYTES // (4 * self.in_features))
+        for start in range(0, flat.shape[0], rows):
+            part = flat[start:start + rows].float() / divisor
+            out[start:start + rows] = part.clamp(-FP8_MAX, FP8_MAX).to(torch.bfloat16).to(FP8)
+        return out.view(x.shape)
 
     def forward(self, x):
         x_fp8 = self.quantize_input(x)
         weight = on_device_of(self.weight, x)[0]
-        scale = on_device_of(self.input_scale, x)[0] * on_device_of(self.weight_scale, x)[0]
-        return fp8_matmul(x_fp8, weight, scale, self.out_dtype)
+        scale_a, scale_b = on_device_of(self.input_scale, x)[0], on_device_of(self.weight_scale, x)[0]
+        return fp8_matmul(x_fp8, weight, scale_a, scale_b, self.out_dtype)
 
 
-def fp8_matmul(x_fp8, weight_fp8, scale, out_dtype):
-    """``(x W^T) * scale`` of float8 operands, accumulated in float32, rounded to ``out_dtype``.
+def fp8_matmul(x_fp8, weight_fp8, scale_a, scale_b, out_dtype):
+    """``(x W^T) * scale_a * scale_b`` of float8 operands with a float32 accumulator, rounded to ``out_dtype``.
 
-    On GPUs with float8 arithmetic (compute capability 8.9+) ``torch._scaled_mm`` runs it (its sizes must be
-    multiples of 16, as the official checkpoints' are); elsewhere the operands are cast up (exactly: every
-    float8 value is a float32 one) and multiplied in float32.
+    On GPUs with float8 arithmetic (compute capability 8.9+) ``torch._scaled_mm`` runs it, as the official
+    kernel does (its sizes must be multiples of 16, as the official checkpoints' are). Other CUDA GPUs
+    multiply the operands cast to bfloat16 (exact: every float8 value is a bfloat16 one; float32
+    accumulation, the product rounded to bfloat16 before the scales: one extra rounding); the CPU
+    multiplies them in float32.
     """
     shape = x_fp8.shape
     x2 = x_fp8.reshape(-1, shape[-1]).contiguous()
     if x2.is_cuda and fp8_arithmetic(x2.device) and x2.shape[1] % 16 == 0 and weight_fp8.shape[0] % 16 == 0:
-        one = torch.ones((), device=x2.device)
-        out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+        out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
+                               out_dtype=out_dtype)
     else:
-        out = x2.float() @ weight_fp8.float().t()
-    return (out * scale).to(out_dtype).reshape(*shape[:-1], weight_fp8.shape[0])
+        compute = torch.bfloat16 if x2.is_cuda else torch.float32
+        out = (x2.to(compute) @ weight_fp8.to(compute).t()).float()
+        out = (out * (scale_a * scale_b)).to(out_dtype)
+    return out.reshape(*shape[:-1], weight_fp8.shape[0])
 
 
 def fp8_arithmetic(device):

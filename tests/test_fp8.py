@@ -193,3 +193,15 @@ def test_random_official_layout_is_close_to_its_float32_model():
     assert sum(isinstance(m, QuantizedFp8Linear) for m in official.modules()) == 7 * (official.config.num_layers - 2)
     err = relative_error(forward(official), forward(random_dit(config, seed=4)))
     assert 1e-3 < err < 0.15, err
+
+
+def test_input_quantised_in_blocks_as_a_whole(monkeypatch):
+    """The official layers quantise their input in row blocks (bounded float32 copies): same bits."""
+    import magi1.ops as ops
+
+    layer = random_dit(tiny_config("distill45_quant"), seed=3, weights="fp8_official").videodit_blocks.layers[1]
+    fc2 = layer.mlp.linear_fc2
+    x = torch.randn(5, 7, fc2.in_features) * 3
+    whole = fc2(x)
+    monkeypatch.setattr(ops, "QUANT_BLOCK_BYTES", 4 * fc2.in_features * 3)  # 3 rows per block
+    assert torch.equal(fc2(x), whole)
