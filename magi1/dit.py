@@ -164,8 +164,13 @@ class CaptionEmbedder(nn.Module):
         self.null_caption = NullCaption(config.caption_max_length, config.caption_channels)
         self.y_proj_xattn = nn.Sequential(make.float32_linear(config.caption_channels, width), nn.SiLU())
         self.y_proj_adaln = nn.Sequential(make.float32_linear(config.caption_channels, config.cond_dim))
-        self.register_state_dict_post_hook(_checkpoint_names)
-        self.register_load_state_dict_pre_hook(_module_names)
+        # (public names since torch 2.5; the private ones before)
+        post = getattr(self, "register_state_dict_post_hook", None) or self._register_state_dict_hook
+        post(_checkpoint_names)
+        if hasattr(self, "register_load_state_dict_pre_hook"):
+            self.register_load_state_dict_pre_hook(_module_names)
+        else:
+            self._register_load_state_dict_pre_hook(_module_names, with_module=True)
 
     @property
     def null_caption_embedding(self):

@@ -13,6 +13,8 @@ Three kinds (``magi1.dit.LayerFactory``):
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .ops import FP8, FP8_MAX
@@ -36,6 +38,18 @@ def stored_kind(shapes, dtypes):
     return "fp8_e4m3fn_scaled" if any(k.endswith(".scale_weight") for k in shapes) else "fp8_e4m3fn"
 
 
+def ignored_keys(shapes):
+    """Keys of a ComfyUI scaled-fp8 file the model does not hold: its marker, and the input scales its
+    float8 matrix products may use (the weights are computed in high precision here)."""
+    return {k for k in shapes if k == SCALED_MARKER or k.endswith(".scale_input")}
+
+
+def model_shapes(shapes):
+    """The shapes as the model holds them: ignored keys dropped, one-element weight scales as scalars."""
+    return {k: (() if k.endswith(".scale_weight") and math.prod(v) == 1 else v)
+            for k, v in shapes.items() if k not in ignored_keys(shapes)}
+
+
 def to_fp8(weight, scaled):
     """``(float8 weight, float32 scale or None)`` of a high-precision weight."""
     weight = weight.float()
@@ -55,7 +69,7 @@ def converter(targets, kind):
     def convert(key, tensor):
         target = targets[key]
         if target.dtype != FP8 or tensor.dtype == FP8:
-            return {key: tensor.to(target.dtype)}
+            return {key: tensor.to(target.dtype).reshape(target.shape)}
         weight, scale = to_fp8(tensor, scaled)
         out = {key: weight}
         if scaled:

@@ -74,7 +74,8 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
         shapes.update(file_shapes)
         dtypes.update(file_dtypes)
         metadata.update(file_metadata)
-    shapes.pop(fp8.SCALED_MARKER, None)
+    ignored = fp8.ignored_keys(shapes)
+    shapes = fp8.model_shapes(shapes)
     stored = fp8.stored_kind(shapes, dtypes)
     kind = stored if stored is not None or weights == "auto" else weights
     config, size = infer_config(shapes, metadata, dtypes)
@@ -90,7 +91,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     check_state_dict(model, expected)
     convert = fp8.converter(targets, kind)
     for file in files:
-        part = read_tensors(file, device, None, convert=convert, skip={fp8.SCALED_MARKER})
+        part = read_tensors(file, device, None, convert=convert, skip=ignored)
         model.load_state_dict(part, strict=False, assign=True)
         del part
     still_meta = [k for k, v in model.state_dict().items() if v.is_meta]

@@ -137,14 +137,19 @@ def fp8_matmul(x_fp8, weight_fp8, scale_a, scale_b, out_dtype):
     if x2.is_cuda and fp8_arithmetic(x2.device) and x2.shape[1] % 16 == 0 and weight_fp8.shape[0] % 16 == 0:
         out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
                                out_dtype=out_dtype)
-    else:
+    else:  # in row blocks, so that the float32 products never span the whole output
         compute = torch.bfloat16 if x2.is_cuda else torch.float32
-        out = (x2.to(compute) @ weight_fp8.to(compute).t()).float()
-        out = (out * (scale_a * scale_b)).to(out_dtype)
+        weight, scale = weight_fp8.to(compute).t(), scale_a * scale_b
+        out = torch.empty(x2.shape[0], weight.shape[1], dtype=out_dtype, device=x2.device)
+        rows = max(1, QUANT_BLOCK_BYTES // (4 * weight.shape[1]))
+        for start in range(0, x2.shape[0], rows):
+            out[start:start + rows] = ((x2[start:start + rows].to(compute) @ weight).float() * scale).to(out_dtype)
     return out.reshape(*shape[:-1], weight_fp8.shape[0])
 
 
 def fp8_arithmetic(device):
     """Whether ``device`` multiplies float8 natively (NVIDIA Ada/Hopper and later)."""
     device = torch.device(device)
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    if device.type != "cuda" or torch.version.hip is not None:  # ROCm's float8 is another format (e4m3fnuz)
+        return False
+    return torch.cuda.get_device_capability(device) >= (8, 9)

@@ -134,7 +134,7 @@ class MAGI1Sampler(io.ComfyNode):
         plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
                                                   0 if prefix is None else prefix.shape[1], kv_offload)
         # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
-        mm.load_models_gpu([model], memory_required=plan.total_gpu, minimum_memory_required=run_bytes)
+        mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
         dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
