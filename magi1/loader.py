@@ -12,6 +12,7 @@ from . import fp8
 from .config import ModelConfig
 from .dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
 from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
+from .streaming import stream_layers
 
 # The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
 # tensors have one of these shapes gets the matching settings that tensors cannot show (x rescale,
@@ -48,7 +49,7 @@ def build_dit(model_config, *, device=None, dtype=None, operations=None, weights
         return MagiDiT(config, dtype=dtype, operations=operations, weights=weights)
 
 
-def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", operations=None):
+def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", operations=None, resident_layers=None):
     """Load an official MAGI-1 DiT checkpoint.
 
     ``path``: a ``model.safetensors.index.json``, any shard of a sharded checkpoint (its siblings are
@@ -61,7 +62,8 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     precision in ``dtype``, or the file's float8 kind), ``None`` (in ``dtype``), ``"fp8_e4m3fn"`` or
     ``"fp8_e4m3fn_scaled"`` (stored in float8 at load; see ``magi1.fp8``). A float8 file (including the
     official ``*_distill_quant`` ones) always loads as the kind it stores. ``operations``: see
-    ``build_dit``.
+    ``build_dit``. ``resident_layers``: stream the layers through ``device`` (``magi1.stream_layers``):
+    the weights load into host memory and only that many layers (plus two in flight) live on ``device``.
 
     Tensors are read one at a time straight into the model built on the meta device (no second
     copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
@@ -82,6 +84,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    compute_device, device = device, (torch.device("cpu") if resident_layers is not None else device)
 
     model = build_dit(config, device="meta", dtype=dtype, operations=operations, weights=kind)
     targets = dict(model.state_dict(keep_vars=True))
@@ -103,6 +106,8 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
                    or metadata.get(DISTILL_METADATA_KEY) == "true")
     model.distill = bool(distill)
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
+    if resident_layers is not None:
+        stream_layers(model, compute_device, resident_layers)  # kept as model._layer_streamer
     return model
 
 

@@ -211,3 +211,19 @@ def test_cuda_streaming_equals_resident_with_less_memory():
     assert all(p.is_cuda for p in dit.parameters())
     restored, _ = peak(dit)
     assert_same(restored, plain)
+
+
+def test_load_dit_can_stream_its_layers(tmp_path):
+    """load_dit(..., resident_layers=k): the model comes back streaming, with a resident model's outputs."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model().state_dict().items()}, str(tmp_path / "m.safetensors"),
+              metadata={"magi1_model_config": json.dumps(CONFIG)})
+    resident = magi1.load_dit(tmp_path / "m.safetensors")
+    streamed = magi1.load_dit(tmp_path / "m.safetensors", resident_layers=1)
+    streamer = streamed._layer_streamer
+    assert streamer.streamed == list(range(1, LAYERS))
+    assert_same(calls(streamed), calls(resident))
+    assert streamer.max_resident == 3
