@@ -35,6 +35,7 @@ from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep embedding
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
 PROJ_SHARDS = 8  # the attention output is interleaved in 8 shards before linear_proj (trained with TP 8)
+QUERY_BLOCK = 4096  # queries per attention block when a stop check is polled inside a layer
 
 
 def distill_dt(num_steps, distill_interval=1):
@@ -399,7 +400,7 @@ class MagiDiT(nn.Module):
         return self.x_embedder(x)
 
     def forward(self, x, t, caption, caption_mask, kv_range, *, slice_point=0, unconditional=False,
-                distill_dt=None, cache=None, cache_write_chunks=0, active=None):
+                distill_dt=None, cache=None, cache_write_chunks=0, active=None, stop=None):
         """Velocities of a window of chunks.
 
         Args:
@@ -423,6 +424,8 @@ class MagiDiT(nn.Module):
                 chunk: ``None`` (all tokens), or a 1-D index tensor of the chunk's tokens to compute
                 (empty: skip the chunk). Tokens not computed keep the keys/values stored in ``cache``
                 (so those chunks must be among the written ones) and get a zero velocity.
+            stop: a callable that interrupts by raising (e.g. ComfyUI's interrupt check), polled before
+                every layer and between blocks of ``QUERY_BLOCK`` queries; outputs are unchanged by it.
 
         Returns:
             ``(N, C, T, H, W)`` float32 velocities.
@@ -431,6 +434,7 @@ class MagiDiT(nn.Module):
         n, _, frames, height, width = x.shape
         chunks = t.shape[1]
         call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
+        call.stop = stop
 
         h = self.patch_embedding(x)  # (N, D, T, H/2, W/2)
         h = h.flatten(2).transpose(1, 2).to(call.dtype)  # (N, tokens, D)
@@ -459,6 +463,8 @@ class MagiDiT(nn.Module):
         call.caption = self.y_embedder.y_proj_xattn(y).to(call.dtype)
 
         for index, layer in enumerate(self.videodit_blocks.layers):
+            if stop is not None:
+                stop()
             h = layer(h, call, index)
 
         h = self.videodit_blocks.final_layernorm(h.float())
@@ -527,6 +533,7 @@ class _Call:
         self.chunk_tokens = ct = self.frames_per_chunk // pt * self.grid_h * self.grid_w
         self.start = slice_point * ct  # absolute position of the window's first token
         self.cache = cache
+        self.stop = None  # polled between layers and between blocks of queries (see ``MagiDiT.forward``)
 
         ranges = kv_range.tolist() if torch.is_tensor(kv_range) else [list(r) for r in kv_range]
         if len(ranges) != chunks or any(len(r) != 2 for r in ranges):
@@ -597,9 +604,19 @@ class _Call:
             count = self.query_lengths[j]
             if count:
                 keys, values = space.keys(start, end)
-                out[:, offset:offset + count] = attend(q[:, offset:offset + count], keys, values, self.backend)
+                self._attend_in_blocks(q, out, offset, count, keys, values)
             offset += count
         return out
+
+    def _attend_in_blocks(self, q, out, offset, count, keys, values):
+        """One chunk's queries, in blocks of ``QUERY_BLOCK`` when a stop check is given, polling it between
+        blocks (a block of a multiple of 128 queries gives the same values as the whole)."""
+        block = count if self.stop is None else QUERY_BLOCK
+        for first in range(offset, offset + count, block):
+            last = min(first + block, offset + count)
+            if first > offset:
+                self.stop()
+            out[:, first:last] = attend(q[:, first:last], keys, values, self.backend)
 
     def _key_space(self, k, v, layer):
         if self.cache is None:

@@ -13,8 +13,8 @@ class DiTCall:
     """Calls ``model`` for one run of ``num_steps`` steps a chunk, reading ``captions`` (``CaptionRows``)
     and counting into ``recorder``."""
 
-    def __init__(self, model, captions, recorder, num_steps):
-        self.model, self.captions, self.recorder = model, captions, recorder
+    def __init__(self, model, captions, recorder, num_steps, stop=None):
+        self.model, self.captions, self.recorder, self.stop = model, captions, recorder, stop
         self.device = model.device
         self.distill_dts = [distill_dt(num_steps, i) for i in step_intervals(num_steps)] if model.distill else None
 
@@ -29,6 +29,6 @@ class DiTCall:
         t = torch.tensor(t, dtype=torch.float32).to(self.device, non_blocking=True)
         out = self.model(x, t, caption, mask, ranges, slice_point=slice_point, unconditional=unconditional,
                          distill_dt=None if self.distill_dts is None else self.distill_dts[stage], cache=kv_cache,
-                         cache_write_chunks=kv_write, active=active)
+                         cache_write_chunks=kv_write, active=active, stop=self.stop)
         self.recorder.count_call(rows, ranges, counts, sequences)
         return out

@@ -52,7 +52,7 @@ class SampleResult:
 def generate(model, caption, caption_mask, *, frames, height, width, steps=64, seed=0, noise=None,
              negative_caption=None, negative_mask=None, prefix=None, guidance=None, policy=None,
              window_size=4, chunk_width=6, kv_offload=False, on_step: Optional[Callable] = None,
-             should_stop: Optional[Callable] = None, record_masks=False):
+             should_stop: Optional[Callable] = None, record_masks=False, stop: Optional[Callable] = None):
     """Generate one latent video with the MAGI-1 DiT ``model`` (a ``MagiDiT``).
 
     Args:
@@ -75,6 +75,8 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         on_step: called with a ``StepProgress`` after every step; may raise to interrupt.
         should_stop: polled before every step; returning true raises ``SamplingInterrupted``.
         record_masks: keep the active-token masks (``stats.masks``).
+        stop: a callable that interrupts by raising, polled before every step and inside every DiT call
+            (between layers and blocks of queries), so that a long step stops promptly.
 
     Returns:
         ``SampleResult(latent, stats)``. All KV caches and per-run state are released on return, on
@@ -94,7 +96,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
 
     reuse = start_reuse(policy, model, layout, steps)  # before any KV cache: a policy may refuse this video
     recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
-    streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps),
+    streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps, stop),
                                 reuse, kv_offload, window_size)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
@@ -102,7 +104,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     try:
         with torch.no_grad():
             recorder.start(model.device)
-            latent = loop.run(should_stop)
+            latent = loop.run(should_stop, stop)
             return SampleResult(latent, recorder.finish(model.device))
     finally:  # the traceback of an error or interrupt keeps this frame alive, not the buffers
         loop.close()
@@ -121,12 +123,14 @@ class _Loop:
         self.grid = self.grid32.tolist()  # the same float32 values as host numbers
         self.total_steps = total_forward_steps(layout.chunk_num, steps, window_size, layout.chunk_offset)
 
-    def run(self, should_stop):
+    def run(self, should_stop, stop):
         if self.layout.chunk_offset:
             self.recorder.count_as_dense(lambda: self.streams.encode_prefix(self.prefix, self.layout.chunk_offset))
         for step in range(self.total_steps):
             if should_stop is not None and should_stop():
                 raise SamplingInterrupted(f"sampling interrupted before step {step + 1} of {self.total_steps}")
+            if stop is not None:
+                stop()
             self.step(step)
         return self.x[:, self.layout.output_start:].clone()
 

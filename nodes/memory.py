@@ -58,11 +58,23 @@ def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_
     plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload)
     device = patcher.load_device
     note = None
-    if device.type != "cpu":  # the plan is of GPU memory
+    if device.type == "cpu":
+        check_host_memory(plan, mm.get_free_memory(device))
+    else:
         note = check_plan(plan, available_bytes(patcher, device))
         if note:
             logging.info("MAGI-1: %s", note)
     return plan, note, plan.dit_phase - plan.weights_on_gpu
+
+
+def check_host_memory(plan, available):
+    """On the CPU the weights are in memory already: what the run adds must fit the free memory."""
+    need = plan.dit_phase - plan.weights_on_gpu
+    if need > available:
+        raise ValueError(
+            f"MAGI-1 Sampler: this run needs {need / GB:.1f} GB of memory beside the weights (KV caches, "
+            f"activations) but {available / GB:.1f} GB are free: make the video smaller (width x height x frames "
+            "sets it) or use a GPU.\n" + "\n".join(plan.lines()))
 
 
 def weights_line(dit, device):

@@ -155,7 +155,8 @@ class MAGI1Sampler(io.ComfyNode):
         result = generate(dit, caption, caption_mask, frames=frames, height=height, width=width, steps=steps,
                           seed=seed, negative_caption=negative_caption, negative_mask=negative_mask, prefix=prefix,
                           guidance=Guidance().with_text_scale(guidance), policy=policy, kv_offload=kv_offload,
-                          on_step=on_step, record_masks=record_masks)
+                          on_step=on_step, record_masks=record_masks,
+                          stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
         latent = {"samples": result.latent[None].to(mm.intermediate_device())}
         if record_masks:
             masks = result.stats.masks.frames()[..., None].expand(-1, -1, -1, 3).contiguous()

@@ -281,3 +281,13 @@ def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
     text = str(refused.value)
     assert "kv_offload saves" in text and "MAGI-1 memory plan: 96 frames 720x720" in text
     assert "can be made free" in text
+
+
+def test_a_run_larger_than_host_memory_is_refused_with_the_numbers(pack):
+    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
+    dit = pack.modules["loaders"].tiny.TINY.load_dit()  # the pack's own copy of magi1
+    plan = memory.plan_run(dit, None, 96, 4096, 4096, 0, False)
+    need = plan.dit_phase - plan.weights_on_gpu
+    memory.check_host_memory(plan, need)  # fits exactly
+    with pytest.raises(ValueError, match=r"needs \d+\.\d GB of memory beside the weights .* make the video smaller"):
+        memory.check_host_memory(plan, need - 1)
