@@ -7,11 +7,14 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..magi1 import Guidance, VideoLayout, chunk_captions, generate
+from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .memory import checked_plan, weights_line
 from .vae import UNCONNECTED
 
 T5_WIDTH = 4096  # what the official checkpoints read
+WINDOW_SIZE = 4  # generate's default: steps must be a multiple of it
+LIMITS = {"width": (16, 4096), "height": (16, 4096), "steps": (4, 1000)}  # the widgets' ranges
 
 
 def conditioning_states(conditioning, name, width):
@@ -50,6 +53,29 @@ def prefix_latents(prefix_latent, width, height, channels):
     return samples[0].float()
 
 
+def queue_time_problem(width, height, steps):
+    """What execution would refuse in the widgets' values (None for a linked input), as one message. (Inputs
+    that validate_inputs reads are not range-checked by ComfyUI: their ranges are checked here.)"""
+    for name, value in (("width", width), ("height", height), ("steps", steps)):
+        low, high = LIMITS[name]
+        if value is not None and not low <= value <= high:
+            return f"MAGI-1 Sampler: {name} must be between {low} and {high}, got {value}"
+    try:
+        if steps is not None:
+            check_steps(steps, WINDOW_SIZE)
+        if width is not None and height is not None:
+            VideoLayout.plan(4, height, width)
+    except ValueError as error:
+        return f"MAGI-1 Sampler: {error}"
+    return None
+
+
+def whole_latent_frames(frames):
+    """Frames rounded up to a multiple of 4 (one latent frame each), so that whole chunks hold at least
+    the frames asked for (the release floors: 25 would give 24)."""
+    return -(-int(frames) // 4) * 4
+
+
 def special_tokens(model):
     """The special-token table MAGI-1 DiT Loader attached to the MODEL (it is found once, at load)."""
     tokens = getattr(model.model, "special_tokens", None)
@@ -74,15 +100,18 @@ class MAGI1Sampler(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="A MAGI-1 model from MAGI-1 DiT Loader (optionally through the cache)."),
                 io.Conditioning.Input("positive", tooltip="The prompt, from MAGI-1 Text Encode."),
-                io.Int.Input("width", default=720, min=16, max=4096, step=16, tooltip=(
-                    "Video width in pixels, a multiple of 16. Memory and time grow with width x height.")),
-                io.Int.Input("height", default=720, min=16, max=4096, step=16, tooltip="Video height in pixels, a multiple of 16."),
+                io.Int.Input("width", default=720, min=LIMITS["width"][0], max=LIMITS["width"][1], step=16, tooltip=(
+                    "Video width in pixels: a multiple of 16 (other values are refused when queued, naming the "
+                    "nearest). Memory and time grow with width x height; a run that cannot fit is refused "
+                    "before it starts.")),
+                io.Int.Input("height", default=720, min=LIMITS["height"][0], max=LIMITS["height"][1], step=16, tooltip=(
+                    "Video height in pixels: a multiple of 16 (other values are refused when queued).")),
                 io.Int.Input("frames", default=96, min=4, max=4096, step=4, tooltip=(
-                    "Frames to generate (24 per second); made in chunks of 24 frames, so the count is "
-                    "rounded up to whole chunks.")),
-                io.Int.Input("steps", default=16, min=1, max=1000, tooltip=(
-                    "Denoising steps per chunk: 64 as released for base models; 8, 12 or 16 for distilled ones. "
-                    "More = slower, usually cleaner.")),
+                    "Frames to generate (24 per second), made in chunks of 24: the count is rounded up to "
+                    "whole chunks (25 gives 48), and the report says how many were made.")),
+                io.Int.Input("steps", default=16, min=LIMITS["steps"][0], max=LIMITS["steps"][1], step=4, tooltip=(
+                    "Denoising steps per chunk, a multiple of 4 (others are refused when queued): 64 as "
+                    "released for base models; 8, 12 or 16 for distilled ones. More = slower, usually cleaner.")),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip=(
                     "The noise seed; the same seed gives the same video on any device.")),
                 io.Float.Input("guidance", default=7.5, min=0.0, max=30.0, step=0.1, tooltip=(
@@ -110,7 +139,8 @@ class MAGI1Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae=UNCONNECTED, start_image=UNCONNECTED, prefix_video=UNCONNECTED):
+    def validate_inputs(cls, vae=UNCONNECTED, start_image=UNCONNECTED, prefix_video=UNCONNECTED, width=None,
+                        height=None, steps=None):
         # A prompt saved before 0.2.0 may still wire these removed inputs (ComfyUI passes undeclared ones here
         # too): refuse it at queue time saying where they went, not with a TypeError from execute.
         removed = [name for name, value in (("vae", vae), ("start_image", start_image), ("prefix_video", prefix_video))
@@ -118,7 +148,7 @@ class MAGI1Sampler(io.ComfyNode):
         if removed:
             return (f"MAGI-1 Sampler no longer takes {' or '.join(removed)} (pack 0.2.0): connect them to MAGI-1 "
                     "Encode Prefix, and its prefix_latent to the sampler's prefix_latent")
-        return True
+        return queue_time_problem(width, height, steps) or True
 
     @classmethod
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
@@ -129,6 +159,7 @@ class MAGI1Sampler(io.ComfyNode):
             raise ValueError("MAGI-1 Sampler needs a model from MAGI-1 DiT Loader")
         config = dit.config
         tokens = special_tokens(model)
+        asked, frames = frames, whole_latent_frames(frames)
         VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before loading
         prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
         plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
@@ -162,6 +193,8 @@ class MAGI1Sampler(io.ComfyNode):
             masks = result.stats.masks.frames()[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
-        report = "\n".join([result.stats.summary(), weights_line(dit, model.load_device)] + ([plan_note] if plan_note else [])
-                           + plan.lines())
+        made = (layout.chunk_num - layout.chunk_offset) * layout.chunk_width * 4
+        frames_line = f"MAGI-1 frames: {asked} asked, {made} made ({layout.chunk_num - layout.chunk_offset} chunks of 24)"
+        report = "\n".join([result.stats.summary(), frames_line, weights_line(dit, model.load_device)]
+                           + ([plan_note] if plan_note else []) + plan.lines())
         return io.NodeOutput(latent, report, masks)

@@ -65,9 +65,19 @@ def test_sampler_defaults_are_a_valid_request(nodes):
     assert layout.chunk_num == 4  # 96 frames at 720x720: four chunks of 24 frames
     optional = {inp.id for inp in sampler.inputs if inp.options.get("optional")}
     assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload"}  # 0.2.0: no vae, images
-    # validate_inputs reads only the removed inputs (to name where they went), none that ComfyUI range-checks
-    code = next(node for node in nodes if node.__name__ == "MAGI1Sampler").validate_inputs.__func__.__code__
-    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video"]
+    # validate_inputs reads the removed inputs (to name where they went) and the size and steps (what
+    # execution would refuse); ComfyUI then skips its own range check of those, so the node does it
+    node = next(node for node in nodes if node.__name__ == "MAGI1Sampler")
+    code = node.validate_inputs.__func__.__code__
+    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video", "width", "height",
+                                                         "steps"]
+    assert node.validate_inputs(width=720, height=720, steps=16) is True
+    assert "nearest valid value is 8" in node.validate_inputs(width=720, height=720, steps=6)
+    assert "width must be a multiple of 16; the nearest valid value is 80" in node.validate_inputs(
+        width=72, height=720, steps=16)
+    assert "between 16 and 4096, got 5000" in node.validate_inputs(width=720, height=5000, steps=16)
+    assert "between 4 and 1000, got 0" in node.validate_inputs(width=720, height=720, steps=0)
+    assert node.validate_inputs(width=None, height=None, steps=None) is True  # linked: checked at execution
 
 
 def test_encode_prefix_takes_the_vae_and_one_of_two_image_inputs(nodes):

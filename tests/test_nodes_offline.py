@@ -291,3 +291,12 @@ def test_a_run_larger_than_host_memory_is_refused_with_the_numbers(pack):
     memory.check_host_memory(plan, need)  # fits exactly
     with pytest.raises(ValueError, match=r"needs \d+\.\d GB of memory beside the weights .* make the video smaller"):
         memory.check_host_memory(plan, need - 1)
+
+
+def test_frames_are_rounded_up_to_whole_chunks_and_reported(pack, model, captured):
+    """25 frames make two chunks (48 frames), not one (the release floors 25 to 24 frames)."""
+    _, report, _ = sample(pack, model, frames=25).result
+    assert captured[-1]["frames"] == 28  # 7 latent frames: two chunks
+    assert "MAGI-1 frames: 25 asked, 48 made (2 chunks of 24)" in report
+    _, report, _ = sample(pack, model, frames=48).result
+    assert captured[-1]["frames"] == 48 and "48 asked, 48 made" in report
