@@ -158,6 +158,16 @@ class CachePolicy:
             return "chunk"
         return "hybrid" if self.mode == "hybrid" else "token"
 
+    def unreached_token_phase(self, num_steps):
+        """A warning when a token-level policy never reaches its token phase at ``num_steps`` steps (every
+        step of a chunk is warm-up, chunk-level or final), else None."""
+        if self.mode not in ("motion", "motion_detail", "hybrid"):
+            return None
+        if any(self.phase(step, num_steps) in ("token", "hybrid") for step in range(num_steps)):
+            return None
+        return (f"token phase never reached at {num_steps} steps: warm-up {self.warmup_steps} + chunk-level "
+                f"{self.chunk_wise_steps} + final {self.final_full_steps}; lower them or use more steps")
+
     # Presets, calibrated by ``python -m bench.policies --model bench --prompts bench/setup_calibration.json
     # --calibrate`` on the benchmark model's calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
     # on another model, check the cache report and adjust.

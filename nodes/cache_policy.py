@@ -14,6 +14,14 @@ PRESETS = ("custom", "slow", "fast")
 _DEFAULT = CachePolicy.slow()
 
 
+def preset_summary(name):
+    """A preset's values and schedule, for the tooltip."""
+    p = CachePolicy.preset(name)
+    return (f"{name}: mode {p.mode}, tau {p.tau:g}, chunk_tau {p.chunk_tau:g}, warm-up {p.warmup_steps} + "
+            f"chunk-level {p.chunk_wise_steps} steps, then per token, final {p.final_full_steps} full, "
+            f"max_reuse {p.max_reuse}")
+
+
 class MAGI1MotionDetailCache(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -36,7 +44,8 @@ class MAGI1MotionDetailCache(io.ComfyNode):
                 io.Combo.Input("preset", options=list(PRESETS), default="slow", tooltip=(
                     "custom: use the values below. slow / fast: quality-first / speed-first values for tau, "
                     "chunk_tau, warmup_steps, chunk_wise_steps, final_full_steps and max_reuse, calibrated on the "
-                    "built-in benchmark model at 16 steps (the other values below still apply).")),
+                    "built-in benchmark model at 16 steps (the other values below still apply). "
+                    + "; ".join(preset_summary(name) for name in PRESETS[1:]) + ".")),
                 io.Float.Input("tau", default=_DEFAULT.tau, min=0.0, max=1.0, step=0.0005, round=0.00001, tooltip=(
                     "Reuse threshold. Higher = more reuse, faster, lower fidelity; 0 = compute every token.")),
                 io.Int.Input("warmup_steps", default=_DEFAULT.warmup_steps, min=0, max=1000, tooltip=(

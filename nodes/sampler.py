@@ -195,6 +195,8 @@ class MAGI1Sampler(io.ComfyNode):
             masks = torch.zeros(1, 8, 8, 3)
         made = (layout.chunk_num - layout.chunk_offset) * layout.chunk_width * 4
         frames_line = f"MAGI-1 frames: {asked} asked, {made} made ({layout.chunk_num - layout.chunk_offset} chunks of 24)"
+        notes = [note for note in (plan_note, policy.unreached_token_phase(steps) if policy is not None else None)
+                 if note]
         report = "\n".join([result.stats.summary(), frames_line, weights_line(dit, model.load_device)]
-                           + ([plan_note] if plan_note else []) + plan.lines())
+                           + [f"MAGI-1 note: {note}" for note in notes] + plan.lines())
         return io.NodeOutput(latent, report, masks)

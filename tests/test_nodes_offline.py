@@ -300,3 +300,13 @@ def test_frames_are_rounded_up_to_whole_chunks_and_reported(pack, model, capture
     assert "MAGI-1 frames: 25 asked, 48 made (2 chunks of 24)" in report
     _, report, _ = sample(pack, model, frames=48).result
     assert captured[-1]["frames"] == 48 and "48 asked, 48 made" in report
+
+
+def test_report_names_a_schedule_that_never_reaches_the_token_phase(pack, model, captured):
+    defaults = {i.id: i.default for i in pack.MAGI1MotionDetailCache.GET_SCHEMA().inputs if i.id != "model"}
+    released = dict(defaults, mode="motion_detail", preset="custom", warmup_steps=5, chunk_wise_steps=20)
+    cached = pack.MAGI1MotionDetailCache.execute(model=model, **released).result[0]
+    _, report, _ = sample(pack, cached, steps=16).result
+    assert "MAGI-1 note: token phase never reached at 16 steps: warm-up 5 + chunk-level 20" in report
+    fresh = pack.MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
+    assert "token phase never reached" not in sample(pack, fresh, steps=16).result[1]

@@ -95,3 +95,12 @@ def test_phase_table(mode):
     assert policy.enabled == (mode != "off")
     assert policy.uses_token_weights == (mode in ("motion", "motion_detail", "hybrid"))
     assert policy.uses_detail_weights == (mode in ("motion_detail", "hybrid"))
+
+
+def test_a_schedule_that_never_reaches_the_token_phase_is_named():
+    released = CachePolicy(mode="motion_detail")  # 5 warm-up + 20 chunk-level steps, as released
+    assert released.unreached_token_phase(16) == ("token phase never reached at 16 steps: warm-up 5 + chunk-level 20 "
+                                                   "+ final 2; lower them or use more steps")
+    assert released.unreached_token_phase(64) is None
+    assert CachePolicy.slow().unreached_token_phase(16) is None
+    assert CachePolicy(mode="flowcache").unreached_token_phase(16) is None  # chunk-level by design
