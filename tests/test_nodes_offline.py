@@ -303,7 +303,8 @@ def test_frames_are_rounded_up_to_whole_chunks_and_reported(pack, model, capture
 
 
 def test_report_names_a_schedule_that_never_reaches_the_token_phase(pack, model, captured):
-    defaults = {i.id: i.default for i in pack.MAGI1MotionDetailCache.GET_SCHEMA().inputs if i.id != "model"}
+    defaults = {i.id: i.options.get("default") for i in pack.MAGI1MotionDetailCache.GET_SCHEMA().inputs
+                if i.id != "model"}
     released = dict(defaults, mode="motion_detail", preset="custom", warmup_steps=5, chunk_wise_steps=20)
     cached = pack.MAGI1MotionDetailCache.execute(model=model, **released).result[0]
     _, report, _ = sample(pack, cached, steps=16).result
