@@ -371,6 +371,7 @@ class MagiDiT(nn.Module):
         self.attention_backend = "auto"
         self.variant = None  # set by load_dit: e.g. "4.5B_distill"; None for a bare build
         self.distill = False  # distilled checkpoints add the step-size embedding (see ``distill_dt``)
+        self.variant_reason = "built, not loaded"  # load_dit says why it chose base or distill
         self.execution_device = None  # where calls run when the weights are spread (ComfyUI partial loading)
 
     @property

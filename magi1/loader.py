@@ -101,21 +101,28 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     if still_meta:  # check_state_dict guarantees every key is in the files; this guards the assignment
         raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
     model.eval().requires_grad_(False)
-    if distill is None:
-        distill = ("distill" in _checkpoint_name(files, path) or stored == "fp8_official"
-                   or metadata.get(DISTILL_METADATA_KEY) == "true")
-    model.distill = bool(distill)
+    model.distill, model.variant_reason = _distill(distill, files, stored, metadata)
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
     if resident_layers is not None:
         stream_layers(model, compute_device, resident_layers)  # kept as model._layer_streamer
     return model
 
 
-def _checkpoint_name(files, path):
-    """The lower-case names that may say "distill": the file and the two folders above it (the official
-    layout is ``<size>_distill/inference_weight.distill/model-*.safetensors``), not the whole path."""
-    parts = os.path.abspath(files[0]).split(os.sep)[-3:]
-    return "/".join(parts).lower()
+def _distill(asked, files, stored, metadata):
+    """``(distill, why)``: as asked, else from the checkpoint's own folder and file names and metadata
+    (the official layout is ``<size>_distill/inference_weight.distill/model-*.safetensors``), never from
+    folders further up (a base checkpoint under a folder named "distill" is still base)."""
+    if asked is not None:
+        return bool(asked), "as chosen"
+    folder, name = os.path.split(os.path.abspath(files[0]))
+    own = os.path.basename(folder) if len(files) > 1 or name.startswith("model") else name
+    if "distill" in own.lower():
+        return True, f"the checkpoint's name {own!r} says distill"
+    if stored == "fp8_official":
+        return True, "the official fp8 checkpoints are distilled"
+    if metadata.get(DISTILL_METADATA_KEY) == "true":
+        return True, f"its metadata says {DISTILL_METADATA_KEY}"
+    return False, f"neither the checkpoint's name {own!r} nor its metadata says distill"
 
 
 def checkpoint_files(path):
@@ -147,17 +154,30 @@ def checkpoint_files(path):
 
 
 def _shards_of_index(index_path):
-    with open(index_path) as f:
-        index = json.load(f)
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{index_path} is not valid JSON ({error}); the download is probably incomplete or "
+                         "damaged: download the index file again") from error
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_path} is not a safetensors index (no weight_map)")
     folder = os.path.dirname(os.path.abspath(index_path))
-    shards = [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    shards = [_shard_inside(folder, name, index_path) for name in sorted(set(map(str, weight_map.values())))]
     missing = [os.path.basename(s) for s in shards if not os.path.exists(s)]
     if missing:
         raise FileNotFoundError(f"{os.path.basename(index_path)} lists shards that are not in {folder}: {missing}")
     return shards
+
+
+def _shard_inside(folder, name, index_path):
+    """A shard named by an index, which must be a file name inside the index's own folder."""
+    path = os.path.realpath(os.path.join(folder, name))
+    if os.path.isabs(name) or os.path.dirname(path) != os.path.realpath(folder):
+        raise ValueError(f"{index_path} names a shard outside its folder ({name!r}); shards must sit beside the "
+                         "index: the index file is damaged or not an official one")
+    return os.path.join(folder, name)
 
 
 def infer_config(shapes, metadata=None, dtypes=None):

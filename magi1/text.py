@@ -18,6 +18,8 @@ import html
 import os
 import re
 import urllib.parse
+import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,7 +142,7 @@ class SpecialTokens:
         try:
             with np.load(path, allow_pickle=False) as npz:
                 other = np.asarray(npz["other_tokens"]) if "other_tokens" in npz.files else None
-        except (ValueError, OSError) as error:
+        except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as error:  # truncated, say
             raise ValueError(f"{path} is not a readable .npz file ({error}); download special_tokens.npz from "
                              f"{SPECIAL_TOKENS_SOURCE}") from error
         if other is None or other.ndim != 2 or other.shape[0] <= DURATION_TOKENS[-1]:

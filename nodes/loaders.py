@@ -1,6 +1,7 @@
 """MAGI1DiTLoader and MAGI1VAELoader: the official checkpoints from ComfyUI's model folders."""
 
 import logging
+import os
 
 import torch
 from comfy_api.latest import io
@@ -43,8 +44,19 @@ def checkpoint_choices(folder):
 def special_tokens_table():
     """MAGI-1's special-token table from models/text_encoders (or models/diffusion_models), as
     special_tokens.npz or magi1_special_tokens.npz; an error saying where to get it and put it otherwise."""
-    folders = folder_paths.get_folder_paths("text_encoders") + folder_paths.get_folder_paths("diffusion_models")
-    return SpecialTokens.load(find_special_tokens(folders))
+    return SpecialTokens.load(find_special_tokens(model_folders("text_encoders") + model_folders("diffusion_models")))
+
+
+def model_folders(kind):
+    """ComfyUI's folders for a kind of model, without any inside its output or temp folders (a place to put
+    a downloaded file, never where results go)."""
+    outputs = [os.path.realpath(getter()) for getter in (folder_paths.get_output_directory,
+                                                          folder_paths.get_temp_directory)]
+
+    def inside(folder, root):
+        return os.path.commonpath([os.path.realpath(folder), root]) == root
+
+    return [f for f in folder_paths.get_folder_paths(kind) if not any(inside(f, root) for root in outputs)]
 
 
 def compute_dtype(choice, device):
@@ -104,7 +116,7 @@ class MAGI1DiTLoader(io.ComfyNode):
         model = load_dit(path, device=offload_device, dtype=dtype, distill=distill, weights=weights,
                          operations=comfy.ops.manual_cast)
         model.set_attention_backend(attention)
-        logging.info("%s (%s)", weights_line(model, load_device), model.variant)
+        logging.info("%s", weights_line(model, load_device))
         return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model, tokens), load_device=load_device,
                                                               offload_device=offload_device))
 

@@ -78,10 +78,14 @@ def check_host_memory(plan, available):
 
 
 def weights_line(dit, device):
-    """How the DiT's weights are held and computed on ``device``, for the reports."""
+    """Which model this is and why, and how its weights are held and computed on ``device``, for the reports."""
+    return f"MAGI-1 model: {dit.variant} ({dit.variant_reason}); weights: {_weights(dit, device)}"
+
+
+def _weights(dit, device):
     kind = weight_kind(dit)
     if not kind.startswith("fp8"):
-        return f"MAGI-1 weights: {kind}"
+        return kind
     from ..magi1.ops import FP8, fp8_arithmetic
 
     if kind == "fp8_official" and fp8_arithmetic(device):
@@ -94,4 +98,4 @@ def weights_line(dit, device):
                + ("" if device.type != "cuda" or fp8_arithmetic(device) else
                   "; this GPU has no float8 arithmetic (before Ada/Hopper), so every fp8 kind is cast up "
                   "this way: half the weight memory of bfloat16, the same result up to rounding"))
-    return f"MAGI-1 weights: {kind}, {how}"
+    return f"{kind}, {how}"

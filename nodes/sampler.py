@@ -10,6 +10,7 @@ from ..magi1 import Guidance, VideoLayout, chunk_captions, generate
 from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .memory import checked_plan, weights_line
+from .text_encode import UNKNOWN_WORDS_KEY
 from .vae import UNCONNECTED
 
 T5_WIDTH = 4096  # what the official checkpoints read
@@ -195,7 +196,9 @@ class MAGI1Sampler(io.ComfyNode):
             masks = torch.zeros(1, 8, 8, 3)
         made = (layout.chunk_num - layout.chunk_offset) * layout.chunk_width * 4
         frames_line = f"MAGI-1 frames: {asked} asked, {made} made ({layout.chunk_num - layout.chunk_offset} chunks of 24)"
-        notes = [note for note in (plan_note, policy.unreached_token_phase(steps) if policy is not None else None)
+        unknown = positive[0][1].get(UNKNOWN_WORDS_KEY)
+        notes = [note for note in (plan_note, policy.unreached_token_phase(steps) if policy is not None else None,
+                                   unknown and f"the tiny text encoder does not know {unknown}: read as <unk>")
                  if note]
         report = "\n".join([result.stats.summary(), frames_line, weights_line(dit, model.load_device)]
                            + [f"MAGI-1 note: {note}" for note in notes] + plan.lines())

@@ -1,10 +1,14 @@
 """MAGI1TextEncode: a prompt through the stock T5-XXL CLIP into CONDITIONING the MAGI-1 sampler reads.
 MAGI1TinyTextEncode: the same for a built-in model (tiny demo or benchmark), through its own small text encoder."""
 
+import logging
+
 from comfy_api.latest import io
 
 from ..magi1 import tiny
 from .t5 import t5_states
+
+UNKNOWN_WORDS_KEY = "magi1_unknown_words"  # in a CONDITIONING's options: words the tiny encoder read as <unk>
 
 
 class MAGI1TextEncode(io.ComfyNode):
@@ -52,14 +56,23 @@ class MAGI1TinyTextEncode(io.ComfyNode):
                     "'moving left slowly', 'moving up quickly then stopping', 'standing still then moving right "
                     "slowly', 'entering from the top slowly', 'standing still'), then 'over a' brick wall / tiled "
                     "floor / checkerboard / striped wall / grassy field or 'in a cloudy sky', then optionally "
-                    "', the camera pans left/right'. Other words are ignored.")),
+                    "', the camera pans left/right'. Other words are read as an unknown token, which changes the "
+                    "video: the node's text output and the sampler's report name them.")),
                 io.Combo.Input("model", options=list(tiny.MODELS), default=tiny.TINY.name, tooltip=(
                     "The built-in model the DiT Loader loads: tiny (the demo) or bench (the benchmark model).")),
             ],
-            outputs=[io.Conditioning.Output(tooltip="The built-in model's caption states and their mask.")],
+            outputs=[io.Conditioning.Output(tooltip="The built-in model's caption states and their mask."),
+                     io.String.Output(display_name="unknown_words", tooltip=(
+                         "The prompt's words the encoder does not know (empty when it knows them all)."))],
         )
 
     @classmethod
     def execute(cls, prompt, model=tiny.TINY.name) -> io.NodeOutput:
-        states, mask = tiny.MODELS[model].load_text_encoder().encode(prompt)
-        return io.NodeOutput([[states[None], {"attention_mask": mask[None]}]])
+        encoder = tiny.MODELS[model].load_text_encoder()
+        states, mask = encoder.encode(prompt)
+        unknown = encoder.unknown_words(prompt)
+        options = {"attention_mask": mask[None]}
+        if unknown:
+            logging.warning("MAGI-1 Tiny Text Encode: unknown words %s are read as <unk>", unknown)
+            options[UNKNOWN_WORDS_KEY] = unknown  # the sampler's report names them
+        return io.NodeOutput([[states[None], options]], ", ".join(unknown))

@@ -87,6 +87,9 @@ def _fake_comfy():
     folder_paths.get_filename_list = lambda folder: ["magi/model.safetensors.index.json", "magi/model-00001.safetensors",
                                                     "other.ckpt"]
     folder_paths.get_folder_paths = lambda folder: list(folder_paths.folders.get(folder, []))
+    folder_paths.output_directory = folder_paths.temp_directory = "/nonexistent/comfy-output"  # tests may set them
+    folder_paths.get_output_directory = lambda: folder_paths.output_directory
+    folder_paths.get_temp_directory = lambda: folder_paths.temp_directory
 
     def get_full_path_or_raise(folder, name):
         for directory in folder_paths.get_folder_paths(folder):

@@ -235,3 +235,42 @@ def test_loader_never_unpickles():
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
                 assert "pickle" not in names, f"{path.name} imports pickle"
+
+
+def test_damaged_index_and_special_tokens_name_the_file_and_the_fix(tmp_path):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "model-00001')  # cut short
+    with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON .*download the index"):
+        magi1.load_dit(index)
+    truncated = tmp_path / "special_tokens.npz"
+    from magi1 import tiny
+
+    source = tiny.TINY.special_tokens_file
+    truncated.write_bytes(open(source, "rb").read()[:200])
+    with pytest.raises(ValueError, match=r"special_tokens.npz is not a readable .npz file .*download"):
+        magi1.SpecialTokens.load(truncated)
+
+
+@pytest.mark.parametrize("shard", ["../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_shards_must_sit_beside_the_index(tmp_path, shard):
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x_embedder.weight": shard}}))
+    with pytest.raises(ValueError, match="names a shard outside its folder"):
+        magi1.load_dit(index)
+
+
+@pytest.mark.parametrize("layout, expected", [
+    ("4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),
+    ("distill_runs/4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),  # a parent says distill
+    ("4.5B_distill/inference_weight.distill/model-00001-of-00002.safetensors", True),
+    ("distill_things/my_base.safetensors", False),
+    ("models/my_distill.safetensors", True),
+])
+def test_distill_is_read_from_the_checkpoints_own_name(tmp_path, layout, expected):
+    path = tmp_path / layout
+    path.parent.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(path),
+              metadata={"magi1_model_config": json.dumps(TINY)})
+    loaded = magi1.load_dit(path)
+    assert loaded.distill == expected, loaded.variant_reason
+    assert loaded.variant_reason.startswith("neither") != expected

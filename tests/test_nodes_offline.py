@@ -311,3 +311,26 @@ def test_report_names_a_schedule_that_never_reaches_the_token_phase(pack, model,
     assert "MAGI-1 note: token phase never reached at 16 steps: warm-up 5 + chunk-level 20" in report
     fresh = pack.MAGI1MotionDetailCache.execute(model=model, **defaults).result[0]
     assert "token phase never reached" not in sample(pack, fresh, steps=16).result[1]
+
+
+def test_tiny_encoder_names_the_words_it_does_not_know(pack, model, captured):
+    conditioning, unknown = pack.MAGI1TinyTextEncode.execute(prompt="a red zebra ball moving right qux").result
+    assert unknown == "qux, zebra"
+    _, report, _ = sample(pack, model, positive=conditioning).result
+    assert "the tiny text encoder does not know ['qux', 'zebra']: read as <unk>" in report
+    known, none = pack.MAGI1TinyTextEncode.execute(prompt="a red ball moving right over a checkerboard").result
+    assert none == "" and "does not know" not in sample(pack, model, positive=known).result[1]
+
+
+def test_special_token_search_lists_only_input_model_folders(pack, tmp_path, monkeypatch):
+    folder_paths = pack.modules["loaders"].folder_paths
+    output = tmp_path / "output"
+    inputs = tmp_path / "models" / "text_encoders"
+    for folder in (output / "text_encoders", inputs):
+        folder.mkdir(parents=True)
+    monkeypatch.setattr(folder_paths, "output_directory", str(output))
+    monkeypatch.setitem(folder_paths.folders, "text_encoders", [str(output / "text_encoders"), str(inputs)])
+    monkeypatch.setitem(folder_paths.folders, "diffusion_models", [])
+    with pytest.raises(FileNotFoundError) as error:
+        pack.modules["loaders"].special_tokens_table()
+    assert str(inputs) in str(error.value) and str(output) not in str(error.value)

@@ -65,6 +65,10 @@ class TinyTextEncoder(nn.Module):
             x = layer(x, src_key_padding_mask=~mask)
         return self.norm(x) * mask[..., None]
 
+    def unknown_words(self, prompt):
+        """The prompt's words this encoder does not know (it reads each as ``<unk>``, which changes the video)."""
+        return sorted({word for word in words(prompt) if word not in self.index})
+
     @torch.no_grad()
     def encode(self, prompt):
         """One prompt -> states ``(max_tokens, width)`` float32 and the bool mask of the valid rows."""
