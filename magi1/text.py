@@ -213,6 +213,55 @@ def chunk_captions(states, mask, chunks, special_tokens=None, *, length=CAPTION_
     return torch.stack(embeddings), torch.stack(masks)
 
 
+SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:\s*(.*)$")
+
+
+def parse_prompt_schedule(text):
+    """``[(first_chunk, prompt), ...]`` of a prompt schedule: lines ``N: prompt`` (from chunk ``N`` until the
+    next line's chunk) or ``N-M: prompt`` (chunks ``N`` to ``M``; the next line must start at ``M + 1``),
+    chunks counted from 0, the first chunk the sampler generates; the last prompt runs to the end. A line
+    without a range continues the previous prompt. Text without any such line is one prompt for every
+    chunk: ``[(0, text)]``."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not any(SCHEDULE_LINE.match(line) for line in lines):
+        return [(0, text)]
+    schedule, expected = [], 0
+    for line in lines:
+        match = SCHEDULE_LINE.match(line)
+        if match is None:
+            if not schedule:
+                raise ValueError(f"prompt schedule: the first line must start with a chunk, e.g. '0: ...', got {line!r}")
+            schedule[-1] = (schedule[-1][0], schedule[-1][1] + " " + line.strip())
+            continue
+        first, last, prompt = int(match.group(1)), match.group(2), match.group(3).strip()
+        if (expected is not None and first != expected) or (expected is None and schedule and first <= schedule[-1][0]):
+            raise ValueError(f"prompt schedule: line {line.strip()!r} starts at chunk {first}, but "
+                             + ("chunk 0 needs the first prompt" if not schedule else
+                                f"the chunks must follow on (expected {expected})" if expected is not None else
+                                f"it must come after chunk {schedule[-1][0]}"))
+        if last is not None and int(last) < first:
+            raise ValueError(f"prompt schedule: {line.strip()!r} ends before it starts")
+        schedule.append((first, prompt))
+        expected = int(last) + 1 if last is not None else None
+    return schedule
+
+
+def scheduled_captions(prompts, chunks, special_tokens=None, *, length=CAPTION_LENGTH):
+    """The captions of the chunks to generate from a schedule ``[(first_chunk, states, mask), ...]`` (sorted,
+    the first at chunk 0): chunk ``k`` reads the last prompt starting at or before ``k``, with its own
+    per-chunk special tokens, exactly as ``chunk_captions`` builds that prompt's row ``k``. One prompt gives
+    ``chunk_captions`` itself."""
+    if not prompts or prompts[0][0] != 0:
+        raise ValueError("a prompt schedule needs a prompt for chunk 0")
+    built = [chunk_captions(states, mask, chunks, special_tokens, length=length) for _, states, mask in prompts]
+    if len(built) == 1:
+        return built[0]
+    starts = [first for first, _, _ in prompts]
+    pick = [max(i for i, first in enumerate(starts) if first <= k) for k in range(chunks)]
+    return (torch.stack([built[i][0][k] for k, i in enumerate(pick)]),
+            torch.stack([built[i][1][k] for k, i in enumerate(pick)]))
+
+
 def null_caption(null_caption_embedding):
     """The null caption ``(L, D)`` float32 and its mask (first 50 rows) from the model's learned table."""
     table = null_caption_embedding.detach().float()

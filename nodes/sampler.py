@@ -6,11 +6,11 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1 import Guidance, VideoLayout, chunk_captions, generate
+from ..magi1 import Guidance, VideoLayout, generate, scheduled_captions
 from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .memory import checked_plan, weights_line
-from .text_encode import UNKNOWN_WORDS_KEY
+from .text_encode import FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY
 from .vae import UNCONNECTED
 
 T5_WIDTH = 4096  # what the official checkpoints read
@@ -34,6 +34,29 @@ def conditioning_states(conditioning, name, width):
             "prompt with " + ("MAGI-1 Tiny Text Encode (the built-in tiny model has its own text encoder)"
                               if width != T5_WIDTH else "MAGI-1 Text Encode and T5-XXL (CLIPLoader, type 'mochi')"))
     return states[0], mask[0]
+
+
+def conditioning_schedule(conditioning, name, width):
+    """``[(first_chunk, states, mask), ...]`` of a CONDITIONING from MAGI-1 Text Encode: one prompt for every
+    chunk, or a prompt schedule (entries carrying their first chunk). Entries of other nodes beyond the
+    first are not read, as before schedules existed."""
+    if not conditioning:
+        raise ValueError(f"{name} is empty; connect MAGI-1 Text Encode")
+    scheduled = [entry for entry in conditioning if FIRST_CHUNK_KEY in entry[1]]
+    if not scheduled:
+        return [(0, *conditioning_states(conditioning, name, width))]
+    return sorted(((int(entry[1][FIRST_CHUNK_KEY]), *conditioning_states([entry], name, width)) for entry in scheduled),
+                  key=lambda item: item[0])
+
+
+def conditioning_notes(conditioning, chunks):
+    """Report lines about the prompt: words the tiny encoder did not know, scheduled prompts this run does
+    not reach."""
+    unknown = sorted({word for entry in conditioning for word in entry[1].get(UNKNOWN_WORDS_KEY, [])})
+    unused = sorted(entry[1][FIRST_CHUNK_KEY] for entry in conditioning
+                    if entry[1].get(FIRST_CHUNK_KEY, 0) >= chunks)
+    return [unknown and f"the tiny text encoder does not know {unknown}: read as <unk>",
+            unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks"]
 
 
 def prefix_latents(prefix_latent, width, height, channels):
@@ -171,12 +194,12 @@ class MAGI1Sampler(io.ComfyNode):
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
-        states, mask = conditioning_states(positive, "positive", config.caption_channels)
-        caption, caption_mask = chunk_captions(states, mask, chunks, tokens, length=config.caption_max_length)
+        caption, caption_mask = scheduled_captions(conditioning_schedule(positive, "positive", config.caption_channels),
+                                                   chunks, tokens, length=config.caption_max_length)
         negative_caption = negative_mask = None
         if negative is not None:
-            negative_caption, negative_mask = chunk_captions(
-                *conditioning_states(negative, "negative", config.caption_channels), chunks,
+            negative_caption, negative_mask = scheduled_captions(
+                conditioning_schedule(negative, "negative", config.caption_channels), chunks,
                 length=config.caption_max_length)
         progress = comfy.utils.ProgressBar(1)
 
@@ -194,12 +217,9 @@ class MAGI1Sampler(io.ComfyNode):
             masks = result.stats.masks.frames()[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
-        made = (layout.chunk_num - layout.chunk_offset) * layout.chunk_width * 4
-        frames_line = f"MAGI-1 frames: {asked} asked, {made} made ({layout.chunk_num - layout.chunk_offset} chunks of 24)"
-        unknown = positive[0][1].get(UNKNOWN_WORDS_KEY)
-        notes = [note for note in (plan_note, policy.unreached_token_phase(steps) if policy is not None else None,
-                                   unknown and f"the tiny text encoder does not know {unknown}: read as <unk>")
-                 if note]
-        report = "\n".join([result.stats.summary(), frames_line, weights_line(dit, model.load_device)]
-                           + [f"MAGI-1 note: {note}" for note in notes] + plan.lines())
+        notes = [plan_note, policy.unreached_token_phase(steps) if policy is not None else None,
+                 *conditioning_notes(positive, chunks)]
+        lines = [result.stats.summary(), f"MAGI-1 frames: {asked} asked, {chunks * layout.chunk_width * 4} made "
+                 f"({chunks} chunks of 24)", weights_line(dit, model.load_device)]
+        report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note] + plan.lines())
         return io.NodeOutput(latent, report, masks)

@@ -5,10 +5,37 @@ import logging
 
 from comfy_api.latest import io
 
-from ..magi1 import tiny
+from ..magi1 import parse_prompt_schedule, tiny
 from .t5 import t5_states
 
 UNKNOWN_WORDS_KEY = "magi1_unknown_words"  # in a CONDITIONING's options: words the tiny encoder read as <unk>
+FIRST_CHUNK_KEY = "magi1_first_chunk"  # in a CONDITIONING's options: where a scheduled prompt starts
+SCHEDULE_HELP = ("One prompt for the whole video, or a prompt schedule: lines 'N: prompt' (from chunk N, counted "
+                 "from 0, until the next line's chunk) or 'N-M: prompt'; a chunk is 24 frames (1 s). Each chunk "
+                 "gets its own caption with MAGI-1's per-chunk tokens.")
+
+
+def schedule_conditioning(text, encode):
+    """The CONDITIONING of a prompt or prompt schedule (``magi1.parse_prompt_schedule``): one entry per
+    scheduled prompt, carrying its first chunk; a plain prompt gives a single entry, exactly as before."""
+    schedule = parse_prompt_schedule(text)
+    entries = []
+    for first, prompt in schedule:
+        states, mask, extra = encode(prompt)
+        options = {"attention_mask": mask[None], **extra}
+        if len(schedule) > 1:
+            options[FIRST_CHUNK_KEY] = first
+        entries.append([states[None], options])
+    return entries
+
+
+def schedule_problem(prompt):
+    """A queue-time message for a malformed prompt schedule, else True."""
+    try:
+        parse_prompt_schedule(prompt)
+    except ValueError as error:
+        return str(error)
+    return True
 
 
 class MAGI1TextEncode(io.ComfyNode):
@@ -24,16 +51,19 @@ class MAGI1TextEncode(io.ComfyNode):
                 io.Clip.Input("clip", tooltip="T5-XXL v1.1 from CLIPLoader, type 'mochi'."),
                 io.String.Input("prompt", multiline=True, default="", tooltip=(
                     "What the video shows. It is lower-cased and cleaned as MAGI-1 was trained "
-                    "(no web addresses, HTML or CJK; (word:1.2) weights do not apply).")),
+                    "(no web addresses, HTML or CJK; (word:1.2) weights do not apply). " + SCHEDULE_HELP)),
             ],
             outputs=[io.Conditioning.Output(tooltip=(
                 "The T5 states and their attention mask; the sampler adds MAGI-1's per-chunk tokens."))],
         )
 
     @classmethod
+    def validate_inputs(cls, prompt=None):
+        return True if prompt is None else schedule_problem(prompt)
+
+    @classmethod
     def execute(cls, clip, prompt) -> io.NodeOutput:
-        states, mask = t5_states(clip, prompt)
-        return io.NodeOutput([[states[None], {"attention_mask": mask[None]}]])
+        return io.NodeOutput(schedule_conditioning(prompt, lambda text: (*t5_states(clip, text), {})))
 
 
 class MAGI1TinyTextEncode(io.ComfyNode):
@@ -57,7 +87,7 @@ class MAGI1TinyTextEncode(io.ComfyNode):
                     "slowly', 'entering from the top slowly', 'standing still'), then 'over a' brick wall / tiled "
                     "floor / checkerboard / striped wall / grassy field or 'in a cloudy sky', then optionally "
                     "', the camera pans left/right'. Other words are read as an unknown token, which changes the "
-                    "video: the node's text output and the sampler's report name them.")),
+                    "video: the node's text output and the sampler's report name them. " + SCHEDULE_HELP)),
                 io.Combo.Input("model", options=list(tiny.MODELS), default=tiny.TINY.name, tooltip=(
                     "The built-in model the DiT Loader loads: tiny (the demo) or bench (the benchmark model).")),
             ],
@@ -67,12 +97,19 @@ class MAGI1TinyTextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt=None):
+        return True if prompt is None else schedule_problem(prompt)
+
+    @classmethod
     def execute(cls, prompt, model=tiny.TINY.name) -> io.NodeOutput:
         encoder = tiny.MODELS[model].load_text_encoder()
-        states, mask = encoder.encode(prompt)
-        unknown = encoder.unknown_words(prompt)
-        options = {"attention_mask": mask[None]}
+
+        def encode(text):
+            unknown = encoder.unknown_words(text)
+            return (*encoder.encode(text), {UNKNOWN_WORDS_KEY: unknown} if unknown else {})  # the report names them
+
+        conditioning = schedule_conditioning(prompt, encode)
+        unknown = sorted({w for entry in conditioning for w in entry[1].get(UNKNOWN_WORDS_KEY, [])})
         if unknown:
             logging.warning("MAGI-1 Tiny Text Encode: unknown words %s are read as <unk>", unknown)
-            options[UNKNOWN_WORDS_KEY] = unknown  # the sampler's report names them
-        return io.NodeOutput([[states[None], options]], ", ".join(unknown))
+        return io.NodeOutput(conditioning, ", ".join(unknown))

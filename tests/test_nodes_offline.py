@@ -334,3 +334,26 @@ def test_special_token_search_lists_only_input_model_folders(pack, tmp_path, mon
     with pytest.raises(FileNotFoundError) as error:
         pack.modules["loaders"].special_tokens_table()
     assert str(inputs) in str(error.value) and str(output) not in str(error.value)
+
+
+def test_prompt_schedule_reaches_the_sampler_chunk_by_chunk(pack, model, captured):
+    plain, _ = pack.MAGI1TinyTextEncode.execute(prompt="a red ball moving right over a checkerboard").result
+    one, _ = pack.MAGI1TinyTextEncode.execute(prompt="0: a red ball moving right over a checkerboard").result
+    assert len(one) == 1 and torch.equal(one[0][0], plain[0][0]) and one[0][1].keys() == plain[0][1].keys()
+    sample(pack, model, positive=plain)
+    sample(pack, model, positive=one)
+    assert torch.equal(captured[-1]["caption"], captured[-2]["caption"])  # a one-prompt schedule is the prompt
+
+    text = "0: a red ball moving right over a checkerboard\n1: a blue square moving left over a striped wall"
+    scheduled, _ = pack.MAGI1TinyTextEncode.execute(prompt=text).result
+    assert [entry[1]["magi1_first_chunk"] for entry in scheduled] == [0, 1]
+    _, report, _ = sample(pack, model, positive=scheduled, frames=72).result
+    caption = captured[-1]["caption"]  # 3 chunks: 0 the first prompt, 1 and 2 the second
+    second, _ = pack.MAGI1TinyTextEncode.execute(prompt="a blue square moving left over a striped wall").result
+    sample(pack, model, positive=plain, frames=72)
+    sample(pack, model, positive=second, frames=72)
+    assert torch.equal(caption[0], captured[-2]["caption"][0])
+    assert torch.equal(caption[1:], captured[-1]["caption"][1:])
+    _, report, _ = sample(pack, model, positive=scheduled, frames=24).result
+    assert "the prompts scheduled from chunks [1] are not used: this run makes 1 chunks" in report
+    assert pack.MAGI1TinyTextEncode.validate_inputs(prompt="1: a red ball").startswith("prompt schedule:")

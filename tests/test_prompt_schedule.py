@@ -1,0 +1,63 @@
+"""Per-chunk prompts: the schedule's grammar, and each chunk's caption rows being those of its own prompt."""
+
+import pytest
+import torch
+
+from magi1 import chunk_captions, parse_prompt_schedule, scheduled_captions, tiny
+
+
+def test_a_plain_prompt_is_one_prompt_for_every_chunk():
+    assert parse_prompt_schedule("a red ball: moving right") == [(0, "a red ball: moving right")]
+    assert parse_prompt_schedule("a red ball\nover a wall") == [(0, "a red ball\nover a wall")]
+
+
+def test_schedule_lines():
+    text = "0: a red ball\n2-3: a blue square\n   over a wall\n4: the camera pans left"
+    assert parse_prompt_schedule(text) == [(0, "a red ball"), (2, "a blue square over a wall"),
+                                           (4, "the camera pans left")]
+    assert parse_prompt_schedule("0-1: a\n2: b") == [(0, "a"), (2, "b")]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1: a", "chunk 0 needs the first prompt"),
+    ("0: a\n0: b", "must come after chunk 0"),
+    ("0-1: a\n3: b", r"must follow on \(expected 2\)"),
+    ("a\n0: b", "the first line must start with a chunk"),
+    ("0-1: a\n2-1: b", "ends before it starts"),
+])
+def test_schedule_mistakes_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_prompt_schedule(text)
+
+
+def random_prompt(seed, width=64, length=20):
+    g = torch.Generator().manual_seed(seed)
+    valid = int(torch.randint(3, length, (1,), generator=g))
+    return torch.randn(length, width, generator=g), torch.arange(length) < valid
+
+
+def test_one_prompt_schedule_is_chunk_captions_bit_for_bit():
+    tokens = tiny.TINY.special_tokens()
+    states, mask = random_prompt(0)
+    one = scheduled_captions([(0, states, mask)], 5, tokens, length=64)
+    expected = chunk_captions(states, mask, 5, tokens, length=64)
+    assert torch.equal(one[0], expected[0]) and torch.equal(one[1], expected[1])
+
+
+@pytest.mark.parametrize("starts", [(0, 2), (0, 1, 3), (0, 4)])
+def test_each_chunk_reads_its_own_prompt(starts):
+    tokens, chunks = tiny.TINY.special_tokens(), 5
+    prompts = [(first, *random_prompt(seed)) for seed, first in enumerate(starts)]
+    caption, mask = scheduled_captions(prompts, chunks, tokens, length=64)
+    for k in range(chunks):
+        own = max(i for i, first in enumerate(starts) if first <= k)
+        expected = chunk_captions(prompts[own][1], prompts[own][2], chunks, tokens, length=64)
+        assert torch.equal(caption[k], expected[0][k]) and torch.equal(mask[k], expected[1][k])
+        # row 0 is this chunk's DURATION token (chunks after it), row 1 HQ: MAGI-1's per-chunk tokens
+        assert torch.equal(caption[k, 0], tokens.duration(chunks - k - 1))
+    assert not torch.equal(caption[0], caption[starts[1]])
+
+
+def test_a_schedule_needs_chunk_zero():
+    with pytest.raises(ValueError, match="chunk 0"):
+        scheduled_captions([(1, *random_prompt(0))], 3, tiny.TINY.special_tokens(), length=64)
