@@ -9,7 +9,9 @@ import comfy.utils
 from ..magi1 import Guidance, VideoLayout, generate, scheduled_captions
 from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
+from .loaders import MAGI1_VAE
 from .memory import checked_plan, weights_line
+from .preview import LivePreview
 from .text_encode import FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY
 from .vae import UNCONNECTED
 
@@ -152,6 +154,10 @@ class MAGI1Sampler(io.ComfyNode):
                     "Output one frame per step showing where the cache computed (white) or reused (black).")),
                 io.Boolean.Input("kv_offload", default=False, optional=True, tooltip=(
                     "Keep the KV cache in CPU memory: fits longer videos on small GPUs, a little slower.")),
+                MAGI1_VAE.Input("preview_vae", optional=True, tooltip=(
+                    "Optional: the MAGI-1 VAE, for live previews of the chunk being denoised (a latent-to-RGB "
+                    "projection fitted once from this VAE). Shown when ComfyUI's preview method is not 'none' "
+                    "(e.g. --preview-method auto). Unconnected: no previews.")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The generated MAGI-1 latents, for MAGI-1 Decode."),
@@ -176,7 +182,7 @@ class MAGI1Sampler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
-                prefix_latent=None, record_masks=False, kv_offload=False) -> io.NodeOutput:
+                prefix_latent=None, record_masks=False, kv_offload=False, preview_vae=None) -> io.NodeOutput:
         policy = model.model_options.get("transformer_options", {}).get(POLICY_KEY)
         dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "y_embedder"):
@@ -202,10 +208,11 @@ class MAGI1Sampler(io.ComfyNode):
                 conditioning_schedule(negative, "negative", config.caption_channels), chunks,
                 length=config.caption_max_length)
         progress = comfy.utils.ProgressBar(1)
+        live_preview = LivePreview(preview_vae)  # gives None each step without a VAE or with previews off
 
         def on_step(step):  # ComfyUI's interrupt point; the sampler frees its state when it raises
             mm.throw_exception_if_processing_interrupted()
-            progress.update_absolute(step.step + 1, step.total)
+            progress.update_absolute(step.step + 1, step.total, live_preview(step))
 
         result = generate(dit, caption, caption_mask, frames=frames, height=height, width=width, steps=steps,
                           seed=seed, negative_caption=negative_caption, negative_mask=negative_mask, prefix=prefix,

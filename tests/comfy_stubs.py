@@ -3,6 +3,7 @@ nodes declare, so that schemas can be checked without ComfyUI, and do just enoug
 folders, a ModelPatcher holder, resizing) for the nodes to run in unit tests. tests/test_comfyui.py checks
 the same nodes against the real API. workflows/build_workflows.py reads the schemas through them too."""
 
+import enum
 import importlib
 import importlib.util
 import itertools
@@ -53,8 +54,15 @@ class ProgressBar:
     def __init__(self, total):
         self.total, self.current = total, 0
 
-    def update_absolute(self, value, total=None):
-        self.current, self.total = value, total or self.total
+    def update_absolute(self, value, total=None, preview=None):
+        self.current, self.total, self.preview = value, total or self.total, preview
+
+
+class LatentPreviewMethod(enum.Enum):  # comfy.cli_args.LatentPreviewMethod
+    NoPreviews = "none"
+    Auto = "auto"
+    Latent2RGB = "latent2rgb"
+    TAESD = "taesd"
 
 
 def _common_upscale(samples, width, height, method, crop):
@@ -102,7 +110,7 @@ def _fake_comfy():
     comfy = types.ModuleType("comfy")
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
                "folder_paths": folder_paths, "comfy": comfy}
-    for sub in ("model_management", "model_patcher", "utils", "ops"):
+    for sub in ("model_management", "model_patcher", "utils", "ops", "cli_args"):
         modules[f"comfy.{sub}"] = types.ModuleType(f"comfy.{sub}")
         setattr(comfy, sub, modules[f"comfy.{sub}"])
     mm = modules["comfy.model_management"]
@@ -113,6 +121,9 @@ def _fake_comfy():
     mm.get_free_memory = lambda device=None: 64 * 2 ** 30
     mm.current_loaded_models = []
     modules["comfy.ops"].manual_cast = CastOps  # ComfyUI's casting operations behave as these
+    modules["comfy.cli_args"].LatentPreviewMethod = LatentPreviewMethod  # ComfyUI's default: no previews
+    modules["comfy.cli_args"].args = types.SimpleNamespace(preview_method=LatentPreviewMethod.NoPreviews,
+                                                           preview_size=512)
     mm.throw_exception_if_processing_interrupted = lambda: None
     modules["comfy.model_patcher"].ModelPatcher = ModelPatcher
     modules["comfy.utils"].ProgressBar = ProgressBar

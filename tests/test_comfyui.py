@@ -504,12 +504,26 @@ def needs_no_external_weights(api):
     return True
 
 
+def sampler_latent_frames(api, node_id, prefix=0):
+    """Latent frames a sampler returns: its frames (rounded up to whole latent frames) after ``prefix``
+    latent frames in whole 6-frame chunks (a start image's frame kept, a prefix video's left out); a prefix
+    linked from another sampler is that sampler's output."""
+    sampler = api[node_id]["inputs"]
+    source = sampler.get("prefix_latent")
+    if isinstance(source, list) and api[source[0]]["class_type"] == "MAGI1Sampler":
+        prefix = sampler_latent_frames(api, source[0])
+    return -(-(-(-sampler["frames"] // 4) + prefix) // 6) * 6 - (prefix if prefix > 1 else 0)
+
+
 def expected_frames(api, prefix=0):
-    """Frames of the saved video: the sampler's frames after ``prefix`` latent frames in whole 24-frame
-    chunks (a start image's frame kept, a prefix video's left out), decoded in 12-frame tiles."""
-    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
-    latent_frames = -(-(sampler["frames"] // 4 + prefix) // 6) * 6 - (prefix if prefix > 1 else 0)
-    return sum(1 if size == 1 else 4 * size for size in (min(3, latent_frames - s) for s in range(0, latent_frames, 3)))
+    """Frames of the saved video: every sampler's latent frames (one segment each), decoded in tiles of 3
+    latent frames (12 frames; a tile of one latent frame gives one frame)."""
+    total = 0
+    for node_id in [k for k, node in api.items() if node["class_type"] == "MAGI1Sampler"]:
+        latent_frames = sampler_latent_frames(api, node_id, prefix)
+        total += sum(1 if size == 1 else 4 * size for size in (min(3, latent_frames - s)
+                                                               for s in range(0, latent_frames, 3)))
+    return total
 
 
 def video_frames(path):

@@ -64,7 +64,7 @@ def test_sampler_defaults_are_a_valid_request(nodes):
     layout = VideoLayout.plan(defaults["frames"], defaults["height"], defaults["width"])
     assert layout.chunk_num == 4  # 96 frames at 720x720: four chunks of 24 frames
     optional = {inp.id for inp in sampler.inputs if inp.options.get("optional")}
-    assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload"}  # 0.2.0: no vae, images
+    assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload", "preview_vae"}  # 0.2.0: no vae
     # validate_inputs reads the removed inputs (to name where they went) and the size and steps (what
     # execution would refuse); ComfyUI then skips its own range check of those, so the node does it
     node = next(node for node in nodes if node.__name__ == "MAGI1Sampler")

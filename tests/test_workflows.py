@@ -26,6 +26,7 @@ STOCK_WIDGETS = {
     "LoadImage": ["image"],
     "LoadVideo": ["file"],
     "GetVideoComponents": [],
+    "ImageBatch": [],
     "CreateVideo": ["fps"],
     "SaveVideo": ["filename_prefix", "format", "codec"],
     "PreviewImage": [],
@@ -33,7 +34,8 @@ STOCK_WIDGETS = {
 }
 STOCK_UI_EXTRAS = {("LoadImage", "image"), ("LoadVideo", "file")}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
-EXPECTED = {"magi1_tiny_demo", "magi1_bench_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation"}
+EXPECTED = {"magi1_tiny_demo", "magi1_bench_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation",
+            "magi1_long_video"}
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +253,13 @@ def test_files_are_what_the_builder_writes(tmp_path):
         nodes = graph()
         assert json.loads((ROOT / "workflows" / f"{name}.json").read_text()) == build.to_ui(name, nodes), name
         assert json.loads((API_DIR / f"{name}.json").read_text()) == build.to_api(nodes), name
+
+
+def test_long_video_continues_each_segment_from_the_one_before():
+    api = json.loads((API_DIR / "magi1_long_video.json").read_text())
+    samplers = {k: v["inputs"] for k, v in api.items() if v["class_type"] == "MAGI1Sampler"}
+    assert len(samplers) == 3
+    chain = [s.get("prefix_latent", [None])[0] for s in samplers.values()]
+    assert chain == [None, "6", "17"]  # segment 2 continues segment 1's latent, segment 3 segment 2's
+    prompts = [api[s["positive"][0]]["inputs"]["prompt"] for s in samplers.values()]
+    assert len(set(prompts)) == 3  # a different prompt for each segment

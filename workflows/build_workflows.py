@@ -63,6 +63,7 @@ STOCK_TYPES = {
     "SaveVideo": NodeType([("video", "VIDEO")], ["filename_prefix", "format", "codec"], []),
     "PreviewImage": NodeType([("images", "IMAGE")], [], []),
     "PreviewAny": NodeType([("source", "*")], [], []),
+    "ImageBatch": NodeType([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
     "MarkdownNote": NodeType([], ["text"], []),  # frontend only: not in API files
 }
 NODE_TYPES = {**_our_node_types(), **STOCK_TYPES}
@@ -146,7 +147,8 @@ def text_to_video():
         Node(4, "MAGI1TextEncode", (40, 390), dict(prompt=(
             "A golden retriever runs along a sunlit beach as small waves roll in, its ears flapping, the "
             "camera tracking beside it at low height.")), links={"clip": (3, 0)}, size=(420, 170)),
-        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0)}, size=(380, 330)),
+        Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0),
+                                                          "preview_vae": (5, 0)}, size=(380, 330)),
         Node(9, "SaveVideo", (1300, 300), dict(filename_prefix="video/magi1_t2v", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 140)),
         Node(12, "MarkdownNote", (40, 720), dict(text=MODEL_FILES_NOTE + MEMORY_NOTE), size=(420, 380)),
@@ -161,7 +163,8 @@ def image_to_video():
         Node(10, "LoadImage", (500, 460), dict(image="example.png"), title="Start image", size=(340, 320)),
         _encode_prefix(("start_image", (10, 0)), (880, 440)),
         Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0),
-                                                          "prefix_latent": (15, 0)}, size=(380, 330)),
+                                                          "prefix_latent": (15, 0), "preview_vae": (5, 0)},
+             size=(380, 330)),
         Node(9, "SaveVideo", (1300, 300), dict(filename_prefix="video/magi1_i2v", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 140)),
         Node(12, "MarkdownNote", (40, 720), dict(text=MODEL_FILES_NOTE + (
@@ -179,7 +182,8 @@ def video_continuation():
         Node(13, "GetVideoComponents", (500, 820), links={"video": (10, 0)}, size=(280, 90)),
         _encode_prefix(("prefix_video", (13, 0)), (880, 440)),
         Node(6, "MAGI1Sampler", (880, 60), _sampler(), links={"model": (2, 0), "positive": (4, 0),
-                                                          "prefix_latent": (15, 0)}, size=(380, 330)),
+                                                          "prefix_latent": (15, 0), "preview_vae": (5, 0)},
+             size=(380, 330)),
         Node(9, "SaveVideo", (1300, 300), dict(filename_prefix="video/magi1_continued", format="auto", codec="auto"),
              links={"video": (8, 0)}, size=(380, 140)),
         Node(12, "MarkdownNote", (40, 720), dict(text=MODEL_FILES_NOTE + (
@@ -198,7 +202,7 @@ def tiny_demo():
         Node(5, "MAGI1VAELoader", (40, 440), dict(vae_name=TINY), size=(380, 90)),
         Node(6, "MAGI1Sampler", (840, 60), _sampler(width=64, height=64, frames=48, steps=16, seed=0,
                                                     record_masks=True),
-             links={"model": (2, 0), "positive": (4, 0)}, size=(360, 330)),
+             links={"model": (2, 0), "positive": (4, 0), "preview_vae": (5, 0)}, size=(360, 330)),
         Node(7, "MAGI1Decode", (1240, 60), links={"vae": (5, 0), "samples": (6, 0)}, size=(270, 80)),
         Node(8, "CreateVideo", (1240, 190), dict(fps=24), links={"images": (7, 0)}, size=(270, 80)),
         Node(9, "SaveVideo", (1240, 300), dict(filename_prefix="video/magi1_tiny_demo", format="auto", codec="auto"),
@@ -234,12 +238,57 @@ def bench_demo():
     return list(nodes.values())
 
 
+LONG_VIDEO_PROMPTS = ("a red ball moving right over a checkerboard", "a red ball bouncing over a checkerboard",
+                      "a red ball shrinking over a checkerboard, the camera pans left")
+
+
+def long_video():
+    """A long video in segments on the tiny model: generate, continue from that latent with another prompt,
+    continue again; the three segments decoded and joined (ids 1-9 as in the tiny demo)."""
+    nodes = [
+        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY), size=(380, 130)),
+        Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 430)),
+        Node(5, "MAGI1VAELoader", (40, 240), dict(vae_name=TINY), size=(380, 90)),
+    ]
+    text_ids, sampler_ids, decode_ids = (4, 16, 18), (6, 17, 19), (7, 20, 21)
+    for k, (text, sampler, decode) in enumerate(zip(text_ids, sampler_ids, decode_ids)):
+        links = {"model": (2, 0), "positive": (text, 0), "preview_vae": (5, 0)}
+        if k:
+            links["prefix_latent"] = (sampler_ids[k - 1], 0)  # continue from the segment before
+        nodes += [
+            Node(text, "MAGI1TinyTextEncode", (40 + 420 * k, 540), dict(prompt=LONG_VIDEO_PROMPTS[k]),
+                 title=f"Segment {k + 1} prompt", size=(380, 150)),
+            Node(sampler, "MAGI1Sampler", (40 + 420 * k, 740), _sampler(width=64, height=64, frames=48, steps=16,
+                                                                       seed=k), links=links,
+                 title=f"Segment {k + 1}", size=(380, 330)),
+            Node(decode, "MAGI1Decode", (40 + 420 * k, 1120), links={"vae": (5, 0), "samples": (sampler, 0)},
+                 size=(270, 80)),
+        ]
+    nodes += [
+        Node(22, "ImageBatch", (1300, 540), links={"image1": (7, 0), "image2": (20, 0)}, size=(220, 60)),
+        Node(23, "ImageBatch", (1300, 660), links={"image1": (22, 0), "image2": (21, 0)}, size=(220, 60)),
+        Node(8, "CreateVideo", (1300, 780), dict(fps=24), links={"images": (23, 0)}, size=(270, 80)),
+        Node(9, "SaveVideo", (1300, 900), dict(filename_prefix="video/magi1_long_video", format="auto", codec="auto"),
+             links={"video": (8, 0)}, size=(380, 300)),
+        Node(11, "PreviewAny", (1300, 60), links={"source": (19, 1)}, title="Last segment's report", size=(360, 160)),
+        Node(12, "MarkdownNote", (860, 60), dict(text=(
+            "### A long video in segments\n\nEach segment continues the one before it from its latent "
+            "(MAGI-1 Sampler's `prefix_latent`) with its own prompt, so the story can change as it goes; the "
+            "decoded segments are joined into one video. Runs on any CPU with the built-in tiny model; with "
+            "the official checkpoints, swap the loaders and text nodes as in the other workflows.\n\nWithin "
+            "one sampler, a prompt schedule does the same chunk by chunk: lines like `0: a red ball moving "
+            "right` and `2: a red ball bouncing` in the text node.")), size=(400, 300)),
+    ]
+    return nodes
+
+
 WORKFLOWS = {
     "magi1_tiny_demo": tiny_demo,
     "magi1_bench_demo": bench_demo,
     "magi1_text_to_video": text_to_video,
     "magi1_image_to_video": image_to_video,
     "magi1_video_continuation": video_continuation,
+    "magi1_long_video": long_video,
 }
 
 
