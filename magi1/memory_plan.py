@@ -25,7 +25,7 @@ from .checks import check_choice, check_int
 from .config import ModelConfig
 from .layout import TEMPORAL_DOWNSAMPLE, VideoLayout
 from .schedule import NOISE2CLEAN_KVRANGE, total_forward_steps, window_step
-from .vae import VAEConfig, VAETiling
+from .vae import SEAMLESS, VAEConfig, VAETiling
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
 CACHE_MODES = ("off", "chunk", "token")
@@ -281,7 +281,7 @@ def policy_state_bytes(config, layout, *, cache="off", window_size=4, compute_dt
 
 
 # ------------------------------------------------------------------------------------------ VAE decode
-def vae_decode_bytes(latent_frames, latent_height, latent_width, tiling=VAETiling(), *,
+def vae_decode_bytes(latent_frames, latent_height, latent_width, tiling=SEAMLESS, *,
                      config: VAEConfig = VAEConfig(), dtype=torch.bfloat16):
     """Peak bytes of ``MagiVAE.decode`` with the finished frames going to the host (as the ComfyUI node
     does): the whole VAE, the latent and its float32 copy, two temporal rows of decoded float32 tiles
@@ -372,7 +372,7 @@ class MemoryPlan:
 
 def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, passes=1,
                 prefix_frames=0, window_size=4, chunk_width=6, kv_offload=False, cache="off", resident_layers=None,
-                vae_tiling=VAETiling(), decode=True, unload_dit=True, extrapolation=True,
+                vae_tiling=SEAMLESS, decode=True, unload_dit=True, extrapolation=True,
                 vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16):
     """Predict the GPU memory of generating ``frames`` video frames at ``height`` x ``width`` pixels.
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import traceback
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -98,9 +99,12 @@ class VAEConfig:
 @dataclass(frozen=True)
 class VAETiling:
     """Tile sizes in pixels and frames. The defaults are the release's: 256x256-pixel tiles overlapping by
-    a quarter (blended linearly over 64 pixels), 12-frame tiles (``fps // 2`` at 24 fps) without overlap.
-    Smaller tiles use less memory; ``height``/``width`` must be multiples of the VAE's spatial factor
-    and ``length`` of its temporal factor."""
+    a quarter (blended linearly over 64 pixels), 12-frame tiles (``fps // 2`` at 24 fps) without overlap,
+    which leave a visible seam every 12 frames (``SEAMLESS`` overlaps them instead). Smaller tiles use less
+    memory; ``height``/``width`` must be multiples of the VAE's spatial factor and ``length`` of its
+    temporal factor. In decoding, ``temporal_overlap`` is rounded to whole latent frames: temporal tiles of
+    ``n = length / 4`` latents advance by ``int(n * (1 - temporal_overlap))`` and cross-fade linearly over
+    the frames two of them share."""
 
     height: int = 256
     width: int = 256
@@ -119,6 +123,12 @@ class VAETiling:
                              f"{self.height}x{self.width}")
         if self.length % temporal or self.length < temporal:
             raise ValueError(f"VAE tile length must be a positive multiple of {temporal} frames, got {self.length}")
+
+
+# The decode without seams (MAGI-1 Decode's default; bench/decode_seams.txt): 16-frame tiles, the VAE's trained
+# length, overlapping by half (2 latent frames) and cross-faded over 8 frames. At 720p: 1.4x the release's
+# tiles of a third more tokens each, about twice its decoder FLOPs.
+SEAMLESS = VAETiling(length=16, temporal_overlap=0.5)
 
 
 class PatchEmbed(nn.Module):
@@ -284,29 +294,39 @@ class MagiVAE(nn.Module):
 
     # --------------------------------------------------------------------------------- tiled, DiT scale
     @torch.no_grad()
-    def decode(self, latent, tiling: Optional[VAETiling] = VAETiling(), output_device=None):
+    def decode(self, latent, tiling: Optional[VAETiling] = VAETiling(), output_device=None, stop=None):
         """DiT latents ``([B,] 16, T, h, w)`` -> video ``([B,] 3, F, 8h, 8w)`` float32 in about [-1, 1].
 
-        Tiled as released (``tiling=None`` decodes in one piece). A temporal tile of one latent frame gives
-        one video frame, so with 12-frame tiles ``T`` latents give ``decoded_frames(T)`` frames. Finished
-        frames go to ``output_device`` (default: the latent's device) as they are made.
+        Tiled as released by default (``tiling=None`` decodes in one piece, ``SEAMLESS`` overlaps the temporal
+        tiles). A temporal tile of one latent frame gives one video frame, so ``T`` latents give
+        ``decoded_frames(T, tiling)`` frames. Finished frames go to ``output_device`` (default: the latent's
+        device) as they are made. ``stop``, a callable that interrupts by raising (e.g. ComfyUI's interrupt
+        check), is called before every tile; an interrupt or error leaves nothing allocated behind it.
         """
         batched = latent.dim() == 5
         z = (latent if batched else latent[None]).float() / LATENT_SCALE
         if z.dim() != 5 or z.shape[1] != self.config.z_chans:
             raise ValueError(f"the VAE decodes latents ({self.config.z_chans}, T, h, w), got {list(latent.shape)}")
         output_device = torch.device(output_device) if output_device is not None else latent.device
-        if tiling is None:
-            video = self.decode_tile(z).float().to(output_device)
-        else:
-            video = _tiled_decode(self, z, tiling, output_device)
+        try:
+            if tiling is None:
+                _poll(stop)
+                video = self.decode_tile(z).float().to(output_device)
+            else:
+                video = _tiled_decode(self, z, tiling, output_device, stop)
+        except BaseException as error:
+            _drop_locals(error)
+            raise
+        finally:
+            del z
         return video if batched else video[0]
 
     @torch.no_grad()
-    def encode(self, video, tiling: Optional[VAETiling] = VAETiling()):
+    def encode(self, video, tiling: Optional[VAETiling] = VAETiling(), stop=None):
         """Video ``([B,] 3, F, H, W)`` in [-1, 1] -> DiT latents ``([B,] 16, T, H/8, W/8)`` float32 (the
         posterior mean times ``LATENT_SCALE``), tiled as released. Each temporal tile must hold 1 frame or a
-        multiple of 4 (``encodable_frames``): 1, 4, 8, 12, 13, 16, ... with the release's 12-frame tiles."""
+        multiple of 4 (``encodable_frames``): 1, 4, 8, 12, 13, 16, ... with the release's 12-frame tiles.
+        ``stop`` is called before every tile, as in ``decode``."""
         batched = video.dim() == 5
         x = video if batched else video[None]
         if x.dim() != 5 or x.shape[1] != self.config.in_chans:
@@ -322,10 +342,15 @@ class MagiVAE(nn.Module):
         sf = self.spatial_factor
         if height % sf or width % sf:
             raise ValueError(f"video height and width must be multiples of {sf}, got {height}x{width}")
-        if tiling is None:
-            z = self.encode_tile(x)
-        else:
-            z = _tiled_encode(self, x, tiling)
+        try:
+            if tiling is None:
+                _poll(stop)
+                z = self.encode_tile(x)
+            else:
+                z = _tiled_encode(self, x, tiling, stop)
+        except BaseException as error:
+            _drop_locals(error)
+            raise
         z = z.float() * LATENT_SCALE
         return z if batched else z[0]
 
@@ -339,18 +364,13 @@ class MagiVAE(nn.Module):
         return frames > 0 and all(n == 1 or n % tf == 0 for n in sizes)
 
     def decoded_frames(self, latent_frames, tiling: Optional[VAETiling] = VAETiling()):
-        """How many video frames ``decode`` makes from ``latent_frames`` latent frames."""
+        """How many video frames ``decode`` makes from ``latent_frames`` latent frames: 4 per latent frame,
+        but a temporal tile of one latent frame gives one (the release's last tile of 1, 4, 7, ... latents)."""
         tf = self.temporal_factor
         if tiling is None:
             return 1 if latent_frames == 1 else latent_frames * tf
-        tile = tiling.length // tf
-        stride = max(int(tile * (1 - tiling.temporal_overlap)), 1)
-        keep = tiling.length - int(tiling.length * tiling.temporal_overlap)
-        frames = 0
-        for start in range(0, latent_frames, stride):
-            size = min(tile, latent_frames - start)
-            frames += min(1 if size == 1 else size * tf, keep)
-        return frames
+        tiles = _temporal_tiles(latent_frames, *_temporal_tile_stride(tiling, tf))
+        return sum(keep for _, _, keep in tiles)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -385,48 +405,103 @@ def _starts(size, stride):
     return list(range(0, size, stride))
 
 
-def _tiled_decode(vae, z, tiling, output_device):
-    """Decode overlapping latent tiles; each tile is blended with the un-blended decode of the tile before it
-    in time, above and to the left, then cropped to the stride, and the crops are concatenated."""
-    sf, tf = vae.spatial_factor, vae.temporal_factor
-    tiling.check(sf, tf)
-    tile = (tiling.length // tf, tiling.height // sf, tiling.width // sf)  # in latents
-    stride = (int(tile[0] * (1 - tiling.temporal_overlap)), int(tile[1] * (1 - tiling.spatial_overlap)),
-              int(tile[2] * (1 - tiling.spatial_overlap)))
+def _poll(stop):
+    if stop is not None:
+        stop()
+
+
+def _drop_locals(error):
+    """Clear the locals of the finished frames an error's traceback holds (the tiles, the slabs), so that an
+    interrupt or error releases the memory even while the traceback is kept (ComfyUI keeps it to report)."""
+    traceback.clear_frames(error.__traceback__)
+
+
+def _temporal_tile_stride(tiling, tf):
+    """Temporal tile length and stride in latent frames."""
+    tile = tiling.length // tf
+    stride = int(tile * (1 - tiling.temporal_overlap))
+    if stride < 1:
+        raise ValueError(f"VAE tiles of {tiling.length} frames with temporal overlap {tiling.temporal_overlap} "
+                         "leave no stride; use longer tiles or a smaller overlap")
+    return tile, stride, tf
+
+
+def _temporal_tiles(latent_frames, tile, stride, tf):
+    """``(start, size, frames kept)`` of each temporal tile of a decode, in latent frames (kept: video frames).
+    Without overlap they are the release's ``range(0, T, tile)``, each kept whole; with overlap they stop
+    once one reaches the end, and each but the last keeps the ``tf * stride`` frames before the next one's
+    start (the next one starts with the cross-fade). A tile of one latent frame makes one video frame."""
+    tiles = []
+    for start in range(0, latent_frames, stride):
+        size = min(tile, latent_frames - start)
+        made = 1 if size == 1 else size * tf
+        last = start + tile >= latent_frames
+        tiles.append((start, size, made if last else min(made, tf * stride)))
+        if last:
+            break
+    return tiles
+
+
+def _spatial_plan(vae, tiling):
+    """Spatial tile size, stride, blend extent and kept size: (rows, columns) in latents and pixels."""
+    sf = vae.spatial_factor
+    tile = (tiling.height // sf, tiling.width // sf)
+    stride = (int(tile[0] * (1 - tiling.spatial_overlap)), int(tile[1] * (1 - tiling.spatial_overlap)))
     if min(stride) < 1:
         raise ValueError(f"VAE tiles of {tiling.height}x{tiling.width}x{tiling.length} with these overlaps leave "
                          "no stride; use larger tiles or smaller overlaps")
-    pixels = (tile[0] * tf, tile[1] * sf, tile[2] * sf)
-    blend = (int(pixels[0] * tiling.temporal_overlap), int(pixels[1] * tiling.spatial_overlap),
-             int(pixels[2] * tiling.spatial_overlap))
-    keep = tuple(p - e for p, e in zip(pixels, blend))
-    starts = [_starts(z.shape[2 + d], stride[d]) for d in range(3)]
-
-    slabs, previous_row = [], None
-    for f in starts[0]:
-        row = [[vae.decode_tile(z[:, :, f:f + tile[0], i:i + tile[1], j:j + tile[2]]).float() for j in starts[2]]
-               for i in starts[1]]
-        rows = []
-        for ii, tiles in enumerate(row):
-            crops = []
-            for jj, decoded in enumerate(tiles):
-                out = decoded.clone()
-                if previous_row is not None:
-                    _blend(previous_row[ii][jj], out, blend[0], 2)
-                if ii > 0:
-                    _blend(row[ii - 1][jj], out, blend[1], 3)
-                if jj > 0:
-                    _blend(tiles[jj - 1], out, blend[2], 4)
-                crops.append(out[:, :, :keep[0], :keep[1], :keep[2]])
-            rows.append(torch.cat(crops, dim=4))
-        slabs.append(torch.cat(rows, dim=3).to(output_device))
-        previous_row = row
-    return torch.cat(slabs, dim=2)
+    blend = (int(tile[0] * sf * tiling.spatial_overlap), int(tile[1] * sf * tiling.spatial_overlap))
+    keep = (tile[0] * sf - blend[0], tile[1] * sf - blend[1])
+    return tile, stride, blend, keep
 
 
-def _tiled_encode(vae, x, tiling):
+def _tiled_decode(vae, z, tiling, output_device, stop):
+    """Decode in temporal tiles, each a slab stitched from spatial tiles as released (``_decode_slab``). With
+    temporal overlap each slab's first frames are cross-faded (weights ``i / extent``, as the spatial blend)
+    from the frames the slab before made for the same latents, un-blended; without, slabs are concatenated."""
+    tiling.check(vae.spatial_factor, vae.temporal_factor)
+    tiles = _temporal_tiles(z.shape[2], *_temporal_tile_stride(tiling, vae.temporal_factor))
+    plan = _spatial_plan(vae, tiling)
+    parts, tail = [], None
+    for start, size, keep in tiles:
+        slab = _decode_slab(vae, z[:, :, start:start + size], plan, stop)
+        cut = keep if start + size < z.shape[2] else slab.shape[2]  # frames the next tile starts over
+        following = slab[:, :, cut:].clone() if cut < slab.shape[2] else None
+        if tail is not None:
+            _blend(tail, slab, tail.shape[2], 2)
+        parts.append(slab[:, :, :keep].to(output_device, copy=keep < slab.shape[2]))  # not a view of the slab
+        slab, tail = None, following
+    return torch.cat(parts, dim=2)
+
+
+def _decode_slab(vae, z, plan, stop):
+    """One temporal tile of latents decoded in overlapping spatial tiles, as the release does: each tile is
+    blended with the un-blended decodes of the tiles above and to its left, cropped to the stride, and the
+    crops are concatenated. ``stop`` is called before every tile."""
+    (th, tw), stride, blend, keep = plan
+    rows, cols = _starts(z.shape[3], stride[0]), _starts(z.shape[4], stride[1])
+    decoded = []
+    for i in rows:
+        for j in cols:
+            _poll(stop)
+            decoded.append(vae.decode_tile(z[:, :, :, i:i + th, j:j + tw]).float())
+    stitched = []
+    for ii in range(len(rows)):
+        crops = []
+        for jj in range(len(cols)):
+            out = decoded[ii * len(cols) + jj].clone()
+            if ii > 0:
+                _blend(decoded[(ii - 1) * len(cols) + jj], out, blend[0], 3)
+            if jj > 0:
+                _blend(decoded[ii * len(cols) + jj - 1], out, blend[1], 4)
+            crops.append(out[:, :, :, :keep[0], :keep[1]])
+        stitched.append(torch.cat(crops, dim=4))
+    return torch.cat(stitched, dim=3)
+
+
+def _tiled_encode(vae, x, tiling, stop):
     """Encode overlapping pixel tiles. Unlike decoding, the release blends in place in tile order, so a tile
-    blends against neighbours that were already blended with theirs."""
+    blends against neighbours that were already blended with theirs. ``stop`` is called before every tile."""
     sf, tf = vae.spatial_factor, vae.temporal_factor
     tiling.check(sf, tf)
     stride = (int(tiling.length * (1 - tiling.temporal_overlap)), int(tiling.height * (1 - tiling.spatial_overlap)),
@@ -440,8 +515,12 @@ def _tiled_encode(vae, x, tiling):
     keep = tuple(n - e for n, e in zip(latent, blend))
     size = (tiling.length, tiling.height, tiling.width)
     starts = [_starts(x.shape[2 + d], stride[d]) for d in range(3)]
-    encoded = [[[vae.encode_tile(x[:, :, f:f + size[0], i:i + size[1], j:j + size[2]]).float() for j in starts[2]]
-                for i in starts[1]] for f in starts[0]]
+    encoded = [[[] for _ in starts[1]] for _ in starts[0]]
+    for ff, f in enumerate(starts[0]):
+        for ii, i in enumerate(starts[1]):
+            for j in starts[2]:
+                _poll(stop)
+                encoded[ff][ii].append(vae.encode_tile(x[:, :, f:f + size[0], i:i + size[1], j:j + size[2]]).float())
     slabs = []
     for ff, plane in enumerate(encoded):
         rows = []

@@ -2,6 +2,7 @@
 or a prefix video into the clean latents MAGI-1 Sampler continues from; MAGI1Decode turns latents into
 frames."""
 
+import dataclasses
 import logging
 
 import torch
@@ -11,12 +12,17 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..magi1 import VAETiling, VideoLayout
+from ..magi1.vae import SEAMLESS
 from .loaders import MAGI1_VAE
 
 LATENT_CHANNELS = 16  # what every MAGI-1 DiT reads (the 24B duplicates them into its 32 input channels)
 # ComfyUI calls validate_inputs with None for a connected input (its value is not made yet) and leaves an
 # unconnected optional input out: this default tells the two apart.
 UNCONNECTED = object()
+# MAGI-1 Decode's temporal tilings (the names are saved in workflows: keep them). The default overlaps its
+# 16-frame tiles by half and cross-fades them (bench/decode_seams.txt); the release's tiles leave a seam.
+SEAMLESS_CHOICE, RELEASED_CHOICE = "seamless", "as released (12 frames, no overlap)"
+TEMPORAL_TILINGS = {SEAMLESS_CHOICE: SEAMLESS, RELEASED_CHOICE: VAETiling()}
 
 
 def check_vae(vae):
@@ -104,7 +110,8 @@ class MAGI1EncodePrefix(io.ComfyNode):
             logging.warning("MAGI-1 Encode Prefix: the prefix video has %d frames; continuing from its last %d (the "
                             "VAE encodes 1, 4, 8, 12, 13, 16, ... frames)", images.shape[0], usable)
         images = fit_frames(images[images.shape[0] - usable:], width, height)
-        latent = vae.encode(images_to_video(images.to(vae.device)), VAETiling())
+        latent = vae.encode(images_to_video(images.to(vae.device)), VAETiling(),
+                            stop=mm.throw_exception_if_processing_interrupted)
         return io.NodeOutput({"samples": latent[None].to(mm.intermediate_device())})
 
 
@@ -115,22 +122,35 @@ class MAGI1Decode(io.ComfyNode):
             node_id="MAGI1Decode",
             display_name="MAGI-1 Decode",
             category="MAGI-1",
-            description="Decodes MAGI-1 latents into frames, in tiles as released. Feed the frames to CreateVideo.",
+            description=("Decodes MAGI-1 latents into frames, in tiles (by default overlapping in time, so that no "
+                         "seam shows every 12 frames). Feed the frames to CreateVideo."),
             inputs=[
                 MAGI1_VAE.Input("vae", tooltip="The MAGI-1 VAE from MAGI-1 VAE Loader."),
                 io.Latent.Input("samples", tooltip="Latents from MAGI-1 Sampler."),
                 io.Int.Input("tile_size", default=256, min=64, max=4096, step=64, tooltip=(
                     "Tile width and height in pixels (256 as released). Smaller uses less GPU memory.")),
+                io.Combo.Input("temporal_tiling", options=list(TEMPORAL_TILINGS), default=SEAMLESS_CHOICE,
+                               optional=True, tooltip=(
+                    "How the frames are split into tiles in time. seamless (default): 16-frame tiles (the "
+                    "VAE's training length) overlapping by 8 frames and cross-faded, so no jump shows at tile "
+                    "boundaries; about twice the release's decode time, a third more memory per tile. as "
+                    "released: 12-frame tiles without overlap, the official pipeline's numbers; cheapest, "
+                    "but a visible jump (flicker) every 12 frames. Both give the same number of frames.")),
             ],
             outputs=[io.Image.Output(tooltip="The video frames (24 per second).")],
         )
 
     @classmethod
-    def execute(cls, vae, samples, tile_size) -> io.NodeOutput:
+    def execute(cls, vae, samples, tile_size, temporal_tiling=SEAMLESS_CHOICE) -> io.NodeOutput:
         latent = samples["samples"]
         if latent.dim() != 5 or latent.shape[1] != vae.config.z_chans:
             raise ValueError(f"MAGI-1 Decode takes MAGI-1 latents [1, {vae.config.z_chans}, T, h, w], got "
                              f"{list(latent.shape)}")
-        frames = [vae.decode(clip_latent, VAETiling(height=tile_size, width=tile_size),
-                             output_device=mm.intermediate_device()) for clip_latent in latent]
-        return io.NodeOutput(torch.cat([video_to_images(video) for video in frames]))
+        if temporal_tiling not in TEMPORAL_TILINGS:
+            raise ValueError(f"MAGI-1 Decode's temporal_tiling must be one of {list(TEMPORAL_TILINGS)}, got "
+                             f"{temporal_tiling!r}")
+        tiling = dataclasses.replace(TEMPORAL_TILINGS[temporal_tiling], height=tile_size, width=tile_size)
+        frames = vae.decoded_frames(latent.shape[2])  # the release's count, whatever the tiling
+        videos = [vae.decode(clip_latent, tiling, output_device=mm.intermediate_device(),
+                             stop=mm.throw_exception_if_processing_interrupted)[:, :frames] for clip_latent in latent]
+        return io.NodeOutput(torch.cat([video_to_images(video) for video in videos]))

@@ -235,3 +235,174 @@ def test_bad_inputs():
         vae.encode(torch.zeros(3, 4, 6, 8))
     with pytest.raises(ValueError, match="attention backend"):
         vae.set_attention_backend("xformers")
+
+
+# ------------------------------------------------------------------------- temporal overlap, stop checks
+def _previous_tiled_decode(vae, z, tiling):
+    """The tiled decode as it was before temporal overlap was reworked (the release's, pinned by the
+    fixtures for no temporal overlap): the reference the release tiling must still equal exactly."""
+    sf, tf = vae.spatial_factor, vae.temporal_factor
+    tile = (tiling.length // tf, tiling.height // sf, tiling.width // sf)
+    stride = (tile[0], int(tile[1] * (1 - tiling.spatial_overlap)), int(tile[2] * (1 - tiling.spatial_overlap)))
+    blend = (int(tile[1] * sf * tiling.spatial_overlap), int(tile[2] * sf * tiling.spatial_overlap))
+    keep = (tile[1] * sf - blend[0], tile[2] * sf - blend[1])
+    slabs = []
+    for f in range(0, z.shape[2], stride[0]):
+        row = [[vae.decode_tile(z[:, :, f:f + tile[0], i:i + tile[1], j:j + tile[2]]).float()
+                for j in range(0, z.shape[4], stride[2])] for i in range(0, z.shape[3], stride[1])]
+        rows = []
+        for ii, tiles in enumerate(row):
+            crops = []
+            for jj, decoded in enumerate(tiles):
+                out = decoded.clone()
+                if ii > 0:
+                    vae_module._blend(row[ii - 1][jj], out, blend[0], 3)
+                if jj > 0:
+                    vae_module._blend(tiles[jj - 1], out, blend[1], 4)
+                crops.append(out[:, :, :, :keep[0], :keep[1]])
+            rows.append(torch.cat(crops, dim=4))
+        slabs.append(torch.cat(rows, dim=3))
+    return torch.cat(slabs, dim=2)
+
+
+@pytest.fixture(scope="module")
+def small():
+    return random_vae(VAEConfig(embed_dim=64, depth=1, num_heads=4, patch_size=4, video_size=16), seed=6)
+
+
+@pytest.mark.parametrize("tiling", [VAETiling(), VAETiling(height=16, width=16), VAETiling(height=16, width=12, length=8),
+                                    VAETiling(height=16, width=16, length=4)])
+def test_release_tiling_unchanged(small, tiling):
+    g = torch.Generator().manual_seed(0)
+    for latent_frames in range(1, 9):
+        latent = torch.randn(16, latent_frames, 9, 7, generator=g)
+        expected = _previous_tiled_decode(small, latent[None] / LATENT_SCALE, tiling)[0]
+        assert torch.equal(small.decode(latent, tiling), expected), latent_frames
+
+
+def _reference_overlap_decode(vae, latent, tiling):
+    """Each temporal tile decoded on its own (spatially tiled, whole in time), cross-faded by hand frame by
+    frame: in the 4 * overlap frames two tiles share, the later one's weight rises as i / (4 * overlap)."""
+    n = tiling.length // 4
+    stride = int(n * (1 - tiling.temporal_overlap))
+    whole = VAETiling(height=tiling.height, width=tiling.width, length=4 * latent.shape[1])
+    starts = [0]
+    while starts[-1] + n < latent.shape[1]:
+        starts.append(starts[-1] + stride)
+    pieces = [vae.decode(latent[:, s:s + n], whole) for s in starts]
+    frames = []
+    for f in range(4 * latent.shape[1] if latent.shape[1] > 1 else 1):
+        covering = [k for k, s in enumerate(starts) if 4 * s <= f < 4 * s + pieces[k].shape[1]]
+        if len(covering) == 1:
+            frames.append(pieces[covering[0]][:, f - 4 * starts[covering[0]]])
+            continue
+        a, b = covering
+        w = torch.tensor((f - 4 * starts[b]) / (4 * (n - stride)), dtype=torch.float64).float()
+        frames.append(pieces[a][:, f - 4 * starts[a]] * (1 - w) + pieces[b][:, f - 4 * starts[b]] * w)
+    return torch.stack(frames, dim=1)
+
+
+@pytest.mark.parametrize("tiling", [VAETiling(height=16, width=16, length=16, temporal_overlap=0.5),
+                                    VAETiling(height=16, width=12, length=12, temporal_overlap=1 / 3),
+                                    VAETiling(height=64, width=64, length=8, temporal_overlap=0.5),
+                                    VAETiling(height=16, width=16, length=20, temporal_overlap=0.25)])
+def test_temporal_overlap_cross_fades_like_a_slow_reference(small, tiling):
+    g = torch.Generator().manual_seed(1)
+    for latent_frames in (1, 2, 4, 5, 7, 10):
+        latent = torch.randn(16, latent_frames, 9, 7, generator=g)
+        video = small.decode(latent, tiling)
+        assert video.shape[1] == small.decoded_frames(latent_frames, tiling) == (
+            1 if latent_frames == 1 else 4 * latent_frames)
+        torch.testing.assert_close(video, _reference_overlap_decode(small, latent, tiling), rtol=0, atol=1e-6)
+
+
+def test_overlapping_tiles_are_counted_and_none_is_wasted():
+    vae = build_vae(VAEConfig(embed_dim=256, depth=1, num_heads=4), device="meta")
+    calls = _counting(vae, "decode")
+    video = vae.decode(torch.zeros(16, 24, 24, 24), vae_module.SEAMLESS)
+    # 16-frame tiles (4 latents) every 2 latents; the last one reaches the end: starts 0, 2, ..., 20
+    assert [c[0] for c in calls] == [4] * 11 and list(video.shape) == [3, 96, 192, 192]
+    for frames in range(1, 30):
+        assert vae.decoded_frames(frames, vae_module.SEAMLESS) == (1 if frames == 1 else 4 * frames)
+        # the release's count: 4 per latent frame, but a last tile of one latent frame makes one
+        assert vae.decoded_frames(frames) == 4 * frames - (3 if frames % 3 == 1 else 0)
+    with pytest.raises(ValueError, match="leave no stride"):
+        vae.decode(torch.zeros(16, 2, 2, 2), VAETiling(length=4, temporal_overlap=0.5))
+
+
+def test_seamless_is_the_release_tiling_but_in_time():
+    assert vae_module.SEAMLESS == VAETiling(length=16, temporal_overlap=0.5)
+    assert VAETiling() == VAETiling(length=12, temporal_overlap=0.0)  # the release's stays the default
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("what", ["decode", "encode"])
+@pytest.mark.parametrize("tiling", [VAETiling(height=16, width=16), VAETiling(height=16, width=16, length=16,
+                                                                                temporal_overlap=0.5), None])
+def test_stop_is_polled_before_every_tile_and_changes_nothing(small, what, tiling):
+    if what == "encode" and tiling is not None and tiling.temporal_overlap:
+        return  # encoding keeps the release's temporal tiling
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 7, 9, 7, generator=g) if what == "decode" else torch.rand(3, 24, 36, 28, generator=g) * 2 - 1
+    run = getattr(small, what)
+    expected = run(x, tiling)
+    polls = []
+    assert torch.equal(run(x, tiling, stop=lambda: polls.append(1)), expected)
+    original = getattr(small, f"{what}_tile")
+    tiles = []
+
+    def counted(t):
+        tiles.append(len(polls))  # the polls made before this tile
+        return original(t)
+
+    setattr(small, f"{what}_tile", counted)
+    try:
+        polls.clear()
+        run(x, tiling, stop=lambda: polls.append(1))
+    finally:
+        del small.__dict__[f"{what}_tile"]
+    assert tiles == list(range(1, len(tiles) + 1)) and len(polls) == len(tiles)
+    assert len(tiles) == (1 if tiling is None else len(tiles)) and (tiling is None or len(tiles) > 4)
+
+
+@pytest.mark.parametrize("what", ["decode", "encode"])
+def test_interrupt_between_tiles_releases_everything(small, what):
+    import gc
+    import weakref
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(16, 10, 9, 7, generator=g) if what == "decode" else torch.rand(3, 24, 36, 28, generator=g) * 2 - 1
+    tiling = (VAETiling(height=16, width=16, length=16, temporal_overlap=0.5) if what == "decode"
+              else VAETiling(height=16, width=16))
+    run = getattr(small, what)
+    expected = run(x, tiling)
+    original = getattr(small, f"{what}_tile")
+    made = []
+
+    def tracked(t):
+        out = original(t)
+        made.append(weakref.ref(out))
+        if what == "decode":  # a view of the scaled float32 copy of the latent
+            made.append(weakref.ref(t._base))
+        return out
+
+    count = [0]
+
+    def stop():
+        count[0] += 1
+        if count[0] == 9:  # inside the third temporal tile of the decode, the second slab of the encode
+            raise _Stop()
+
+    setattr(small, f"{what}_tile", tracked)
+    try:
+        with pytest.raises(_Stop) as info:
+            run(x, tiling, stop=stop)
+    finally:
+        del small.__dict__[f"{what}_tile"]
+    gc.collect()
+    assert info.value.__traceback__ is not None and len(made) == (16 if what == "decode" else 8)
+    assert all(ref() is None for ref in made)  # the tiles and the scaled input, even while the traceback lives
+    assert torch.equal(run(x, tiling), expected)
