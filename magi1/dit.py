@@ -35,7 +35,10 @@ from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled
 TIMESTEP_FREQUENCIES = 256  # width of the sinusoidal timestep embedding
 TIMESTEP_SCALE = 1000.0  # t in [0, 1] is embedded as t * 1000
 PROJ_SHARDS = 8  # the attention output is interleaved in 8 shards before linear_proj (trained with TP 8)
-QUERY_BLOCK = 4096  # queries per attention block when a stop check is polled inside a layer
+# Work between two polls of a stop check inside a layer's attention (FLOPs): about half a second on a 2-core
+# CPU, and on a GPU more than any real chunk needs (blocks of whole multiples of 128 queries, so that the
+# values are those of one call).
+BLOCK_FLOPS = {"cpu": 5e10, "cuda": 1e14}
 
 
 def distill_dt(num_steps, distill_interval=1):
@@ -610,9 +613,12 @@ class _Call:
         return out
 
     def _attend_in_blocks(self, q, out, offset, count, keys, values):
-        """One chunk's queries, in blocks of ``QUERY_BLOCK`` when a stop check is given, polling it between
-        blocks (a block of a multiple of 128 queries gives the same values as the whole)."""
-        block = count if self.stop is None else QUERY_BLOCK
+        """One chunk's queries, in blocks of about ``BLOCK_FLOPS`` of work when a stop check is given,
+        polling it between blocks (a block of a multiple of 128 queries gives the same values as the whole)."""
+        block = count
+        if self.stop is not None:
+            work = 4 * keys.shape[1] * q.shape[2] * q.shape[3]  # FLOPs per query
+            block = min(count, max(128, int(BLOCK_FLOPS.get(q.device.type, 1e13) // work) // 128 * 128))
         for first in range(offset, offset + count, block):
             last = min(first + block, offset + count)
             if first > offset:

@@ -7,7 +7,7 @@ import torch
 
 import magi1
 from magi1 import chunk_captions, generate, tiny
-from magi1.dit import QUERY_BLOCK
+import magi1.dit as dit_module
 
 MODEL = tiny.TINY
 
@@ -61,16 +61,19 @@ def test_interrupt_inside_a_call_stops_and_leaves_nothing_behind(setup):
     assert torch.equal(run(setup, size), reference)
 
 
-def test_dit_polls_between_query_blocks():
-    """A layer whose chunk has more than QUERY_BLOCK queries is interrupted inside its attention."""
+def test_dit_polls_between_query_blocks(monkeypatch):
+    """A layer whose chunk's attention is long is interrupted inside it, between blocks of queries, and the
+    blocks give the values of one call."""
     config = dict(num_layers=1, hidden_size=32, ffn_hidden_size=32, num_attention_heads=2, num_query_groups=1,
                   kv_channels=16, caption_channels=8, caption_max_length=4, in_channels=4, out_channels=4)
     dit = magi1.random_dit(config, seed=0)
-    side = 2 * int((QUERY_BLOCK * 2.5) ** 0.5) // 2 * 2  # one chunk of one frame, about 2.5 blocks of tokens
+    side, block = 100, 1024  # one chunk of one frame: 2500 tokens, blocks of 1024 queries
+    tokens = (side // 2) ** 2
+    monkeypatch.setitem(dit_module.BLOCK_FLOPS, "cpu", block * 4 * tokens * 32)  # 32 = heads x head dim
     x = torch.randn(1, 4, 1, side, side)
     args = (x, torch.tensor([[0.5]]), torch.randn(1, 1, 4, 8), torch.ones(1, 1, 4, dtype=torch.bool),
-            [[0, (side // 2) ** 2]])
+            [[0, tokens]])
     check = Countdown()
     with torch.no_grad():
         assert torch.equal(dit(*args, stop=check), dit(*args))
-    assert check.polls == 1 + ((side // 2) ** 2 - 1) // QUERY_BLOCK  # before the layer, then between blocks
+    assert check.polls == 1 + (tokens - 1) // block  # before the layer, then between blocks
