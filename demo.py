@@ -9,16 +9,21 @@ Prints the cache report and writes an H.264 mp4 (24 fps) with PyAV.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 
 from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
+from magi1.schedule import check_steps
 from magi1.tiny import MODELS, TINY
 
 FPS = 24
+WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
 DEFAULT_MODEL = TINY
 DEFAULT_PROMPT = DEFAULT_MODEL.example_prompt
 
@@ -54,28 +59,132 @@ def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, pres
     return result, vae
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("prompt", nargs="?", help="what to generate (default: the model's example prompt)")
-    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL.name,
-                        help="built-in model: tiny (64x64, a sprite) or bench (128x128, detailed scenes)")
-    parser.add_argument("--out", help="mp4 to write (default: magi1_<model>_demo.mp4)")
-    parser.add_argument("--frames", type=int, default=48, help="video frames (24 per chunk)")
-    parser.add_argument("--steps", type=int, help="denoising steps (default: the model's, 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mode", default=PRESET_MODE, choices=MODES, help="cache mode (off: no cache)")
-    parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
-                        help="cache preset (calibrated on the benchmark model: bench/calibration_bench.md)")
-    parser.add_argument("--tau", type=float, help="reuse threshold instead of the preset's: higher, more reuse")
-    args = parser.parse_args(argv)
+SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range, and ComfyUI's
+MAX_FRAMES = 2400  # 100 s at 24 fps: longer is a mistake more often than a plan (time grows with it)
+OUT_SUFFIX = ".mp4"
 
+
+class UsageError(Exception):
+    """A user error: printed as one line, ``demo.py: error: ...``, exit status 2."""
+
+
+def _int_in(name, low, high, hint=""):
+    """An argparse type: an integer in [low, high], else a one-line error naming the valid range."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a whole number{hint}, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be in [{low}, {high}]{hint}, got {value}")
+        return value
+    parse.__name__ = name  # what argparse names in its own messages
+    return parse
+
+
+def _tau(text):
+    """An argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"tau must be a number >= 0 (e.g. 0.1), got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block: the message names the fix
+        self.exit(2, f"{self.prog}: error: {message} (python demo.py --help lists the options)\n")
+
+
+def build_parser():
+    parser = _Parser(prog="demo.py", description=__doc__.split("\n\n")[0],
+                     epilog="Errors are one line naming the fix; nothing is generated until the options check out.")
+    parser.add_argument("prompt", nargs="?", help="what to generate, in the model's words (default: the model's "
+                        "example prompt; README, 'Try it', lists the words each model knows)")
+    parser.add_argument("--model", choices=sorted(MODELS), default=DEFAULT_MODEL.name,
+                        help="built-in model: tiny (64x64, a sprite; default) or bench (128x128, detailed scenes)")
+    parser.add_argument("--out", help="the .mp4 to write, in an existing writable folder (default: "
+                        "magi1_<model>_demo.mp4 in the current folder); checked before generating")
+    parser.add_argument("--frames", type=_int_in("frames", 4, MAX_FRAMES), default=48,
+                        help=f"video length in frames, 4 to {MAX_FRAMES} (default 48 = 2 s at 24 fps); generated "
+                        "in chunks of 24, and the video has frames rounded down to a multiple of 4")
+    parser.add_argument("--steps", type=_int_in("steps", 4, 1000, " and a multiple of 4"),
+                        help="denoising steps per chunk, a multiple of 4 (default: the model's, 16); fewer is "
+                        "faster and rougher")
+    parser.add_argument("--seed", type=_int_in("seed", 0, SEED_MAX), default=0,
+                        help="noise seed, 0 to 2**64-1 (default 0): the same seed gives the same video")
+    parser.add_argument("--mode", default=PRESET_MODE, choices=MODES,
+                        help=f"cache mode (default {PRESET_MODE}); off: no cache, every token computed")
+    parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
+                        help="cache preset (default slow; calibrated on the benchmark model: bench/calibration_bench.md)")
+    parser.add_argument("--tau", type=_tau, help="reuse threshold (>= 0) instead of the preset's: higher, more "
+                        "reuse and faster, lower, closer to no cache; needs a cache mode other than off")
+    return parser
+
+
+def check_out(out):
+    """Refuse an ``--out`` that could not be written, before generating anything."""
+    path = Path(out)
+    if path.is_dir():
+        raise UsageError(f"--out {out} is a folder: give a file name, e.g. --out {path / 'demo.mp4'}")
+    if path.suffix.lower() != OUT_SUFFIX:
+        raise UsageError(f"--out must end in {OUT_SUFFIX} (an H.264 mp4 is written), got {out!r}: "
+                         f"try --out {path.with_suffix(OUT_SUFFIX).name}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"--out: the folder {folder} does not exist: create it (mkdir -p {folder}) or pick another")
+    if not os.access(folder, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UsageError(f"--out: cannot write {out} (permission denied): pick a folder you can write to")
+
+
+def checked_options(args):
+    """The run's ``(model, out path, steps, policy)``, or UsageError naming the fix."""
     model = MODELS[args.model]
     out = args.out or f"magi1_{model.name}_demo.mp4"
+    check_out(out)
+    steps = model.steps if args.steps is None else args.steps
+    try:
+        check_steps(steps, WINDOW_SIZE)
+    except ValueError as error:
+        raise UsageError(f"--steps: {error}") from None
+    if args.tau is not None and args.mode == "off":
+        raise UsageError("--tau sets the cache's reuse threshold, and --mode off has no cache: drop --tau, "
+                         "or pick a cache mode (e.g. --mode hybrid)")
+    try:
+        overrides = {"mode": args.mode} if args.tau is None else {"mode": args.mode, "tau": args.tau}
+        policy = CachePolicy.preset(args.preset, **overrides)
+    except ValueError as error:
+        raise UsageError(f"--tau: {error}") from None
+    return model, out, steps, policy
+
+
+def fail(message, status=1):
+    """Exit with one line on stderr: ``demo.py: error: <message>``."""
+    print(f"demo.py: error: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        model, out, steps, policy = checked_options(args)
+    except UsageError as error:
+        fail(error, status=2)
     began = time.perf_counter()
-    result, vae = sample(args.prompt, frames=args.frames, steps=args.steps, seed=args.seed, mode=args.mode,
-                         preset=args.preset, tau=args.tau, model=model)
-    video = vae.decode(result.latent)
-    write_mp4(video, out)
+    try:
+        result, vae = sample(args.prompt, frames=args.frames, steps=steps, seed=args.seed, model=model,
+                             policy=policy)
+        video = vae.decode(result.latent)
+    except ValueError as error:  # the library's refusals name their fix
+        fail(error)
+    except KeyboardInterrupt:
+        fail("interrupted; nothing written", status=130)
+    try:
+        write_mp4(video, out)
+    except ImportError:
+        fail("writing the mp4 needs PyAV: pip install av (or pip install -r requirements.txt)")
     print(result.stats.summary())
     print(f"wrote {out}: {video.shape[1]} frames, {model.size}x{model.size}, in {time.perf_counter() - began:.1f} s")
 

@@ -16,6 +16,19 @@ except ImportError:  # also covers a flash-attn built against another torch
 BACKENDS = ("auto", "flash", "sdpa")
 
 
+def _sdpa_has_gqa():
+    """Whether this torch's SDPA takes ``enable_gqa`` (torch 2.5 and newer)."""
+    try:
+        x = torch.zeros(1, 1, 1, 1)
+        F.scaled_dot_product_attention(x, x, x, enable_gqa=False)
+    except TypeError:
+        return False
+    return True
+
+
+SDPA_GQA = _sdpa_has_gqa()
+
+
 def flash_available():
     return flash_attn_func is not None
 
@@ -40,10 +53,19 @@ def attend(q, k, v, backend):
     """Full attention. q ``(B, Sq, Hq, D)``, k and v ``(B, Sk, Hkv, D)`` -> ``(B, Sq, Hq, D)``."""
     if backend == "flash":
         return flash_attn_func(q, k, v)
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), enable_gqa=q.shape[2] != k.shape[2]
-    )
-    return out.transpose(1, 2)
+    return _sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def _sdpa(q, k, v, gqa=None):
+    """SDPA on ``(B, H, S, D)`` tensors with grouped-query heads. ``gqa``: use SDPA's own ``enable_gqa``
+    (torch >= 2.5; the default where available) or repeat each key/value head for its query heads."""
+    grouped = q.shape[1] != k.shape[1]
+    if SDPA_GQA if gqa is None else gqa:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=grouped)
+    if grouped:  # torch 2.4: no enable_gqa; the same grouping, made explicit
+        group = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def attend_segments(q, k, v, q_lengths, k_lengths, backend):

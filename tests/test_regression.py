@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 
 from regression_cases import CASES, describe, run_case
 
+# The cases are pinned bit for bit on the torch releases CI runs (2.13) and those it was checked on (2.7);
+# torch 2.4, the oldest the pack declares, computes the same videos to within float32 rounding.
+BIT_EXACT = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
 HERE = os.path.join(os.path.dirname(__file__), "fixtures", "regression")
 
 
@@ -25,7 +28,10 @@ def recorded():
 def test_generation_is_unchanged(recorded, name):
     latents, stats = recorded
     result = run_case(name)
-    assert torch.equal(result.latent, latents[name])
+    if BIT_EXACT:
+        assert torch.equal(result.latent, latents[name])
+    else:  # torch 2.4 (the oldest declared) differs from the recording in the last float32 bits (1.2e-6)
+        torch.testing.assert_close(result.latent, latents[name], rtol=0, atol=1e-5)
     if name + ".masks" in latents:
         assert torch.equal(result.stats.masks.frames(), latents[name + ".masks"])
     assert describe(result.stats) == stats[name]
