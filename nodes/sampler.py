@@ -102,6 +102,16 @@ def whole_latent_frames(frames):
     return -(-int(frames) // 4) * 4
 
 
+MASK_PREVIEW_WIDTH = 384  # pixels: one cell per token is a few pixels wide, too small to see in a node
+
+
+def visible(frames):
+    """Mask frames ``(N, H, W)`` enlarged by a whole factor (nearest: each token a sharp block) to about
+    ``MASK_PREVIEW_WIDTH`` pixels wide."""
+    factor = max(1, MASK_PREVIEW_WIDTH // frames.shape[-1])
+    return frames.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
 def special_tokens(model):
     """The special-token table MAGI-1 DiT Loader attached to the MODEL (it is found once, at load)."""
     tokens = getattr(model.model, "special_tokens", None)
@@ -221,7 +231,7 @@ class MAGI1Sampler(io.ComfyNode):
                           stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
         latent = {"samples": result.latent[None].to(mm.intermediate_device())}
         if record_masks:
-            masks = result.stats.masks.frames()[..., None].expand(-1, -1, -1, 3).contiguous()
+            masks = visible(result.stats.masks.frames())[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
         notes = [plan_note, policy.unreached_token_phase(steps) if policy is not None else None,

@@ -357,3 +357,12 @@ def test_prompt_schedule_reaches_the_sampler_chunk_by_chunk(pack, model, capture
     _, report, _ = sample(pack, model, positive=scheduled, frames=24).result
     assert "the prompts scheduled from chunks [1] are not used: this run makes 1 chunks" in report
     assert pack.MAGI1TinyTextEncode.validate_inputs(prompt="1: a red ball").startswith("prompt schedule:")
+
+
+def test_cache_mask_previews_are_large_enough_to_see(pack):
+    visible = pack.modules["sampler"].visible
+    frames = (torch.rand(5, 8, 24) > 0.5).float()
+    big = visible(frames)
+    assert big.shape == (5, 8 * 16, 24 * 16)  # 16 = 384 // 24: whole blocks, each token a sharp square
+    assert torch.equal(big[:, ::16, ::16], frames)
+    assert visible(torch.zeros(1, 4, 500)).shape == (1, 4, 500)  # already wide: unchanged
