@@ -115,7 +115,7 @@ def _distill(asked, files, stored, metadata):
     if asked is not None:
         return bool(asked), "as chosen"
     folder, name = os.path.split(os.path.abspath(files[0]))
-    own = os.path.basename(folder) if len(files) > 1 or name.startswith("model") else name
+    own = f"{os.path.basename(folder)}/{name}"  # the file and its own folder, never further up
     if "distill" in own.lower():
         return True, f"the checkpoint's name {own!r} says distill"
     if stored == "fp8_official":
@@ -172,9 +172,9 @@ def _shards_of_index(index_path):
 
 
 def _shard_inside(folder, name, index_path):
-    """A shard named by an index, which must be a file name inside the index's own folder."""
-    path = os.path.realpath(os.path.join(folder, name))
-    if os.path.isabs(name) or os.path.dirname(path) != os.path.realpath(folder):
+    """A shard named by an index, which must be a plain file name in the index's own folder (the name is
+    checked, not where a symlink points: Hugging Face caches link every file to a blob elsewhere)."""
+    if os.path.isabs(name) or "/" in name or "\\" in name or name in ("", ".", ".."):
         raise ValueError(f"{index_path} names a shard outside its folder ({name!r}); shards must sit beside the "
                          "index: the index file is damaged or not an official one")
     return os.path.join(folder, name)

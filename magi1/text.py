@@ -213,27 +213,26 @@ def chunk_captions(states, mask, chunks, special_tokens=None, *, length=CAPTION_
     return torch.stack(embeddings), torch.stack(masks)
 
 
-SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:\s*(.*)$")
+SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:(?:\s+(.*))?$")  # "2: ...", not "12:30 ..."
 
 
 def parse_prompt_schedule(text):
     """``[(first_chunk, prompt), ...]`` of a prompt schedule: lines ``N: prompt`` (from chunk ``N`` until the
     next line's chunk) or ``N-M: prompt`` (chunks ``N`` to ``M``; the next line must start at ``M + 1``),
-    chunks counted from 0, the first chunk the sampler generates; the last prompt runs to the end. A line
-    without a range continues the previous prompt. Text without any such line is one prompt for every
-    chunk: ``[(0, text)]``."""
+    chunks counted from 0, the first chunk the sampler generates; the last prompt runs to the end (a range
+    on the last line does not stop it). A line without a range continues the previous prompt. Text whose
+    first line is not such a line (a colon must be followed by a space: "12:30 pm" is no range) is one
+    prompt for every chunk: ``[(0, text)]``."""
     lines = [line for line in text.splitlines() if line.strip()]
-    if not any(SCHEDULE_LINE.match(line) for line in lines):
+    if not lines or not SCHEDULE_LINE.match(lines[0]):
         return [(0, text)]
     schedule, expected = [], 0
     for line in lines:
         match = SCHEDULE_LINE.match(line)
-        if match is None:
-            if not schedule:
-                raise ValueError(f"prompt schedule: the first line must start with a chunk, e.g. '0: ...', got {line!r}")
+        if match is None:  # (never the first line)
             schedule[-1] = (schedule[-1][0], schedule[-1][1] + " " + line.strip())
             continue
-        first, last, prompt = int(match.group(1)), match.group(2), match.group(3).strip()
+        first, last, prompt = int(match.group(1)), match.group(2), (match.group(3) or "").strip()
         if (expected is not None and first != expected) or (expected is None and schedule and first <= schedule[-1][0]):
             raise ValueError(f"prompt schedule: line {line.strip()!r} starts at chunk {first}, but "
                              + ("chunk 0 needs the first prompt" if not schedule else

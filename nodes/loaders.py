@@ -54,7 +54,10 @@ def model_folders(kind):
                                                           folder_paths.get_temp_directory)]
 
     def inside(folder, root):
-        return os.path.commonpath([os.path.realpath(folder), root]) == root
+        try:
+            return os.path.commonpath([os.path.realpath(folder), root]) == root
+        except ValueError:  # on different Windows drives
+            return False
 
     return [f for f in folder_paths.get_folder_paths(kind) if not any(inside(f, root) for root in outputs)]
 

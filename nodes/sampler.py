@@ -236,7 +236,7 @@ class MAGI1Sampler(io.ComfyNode):
             masks = torch.zeros(1, 8, 8, 3)
         notes = [plan_note, policy.unreached_token_phase(steps) if policy is not None else None,
                  *conditioning_notes(positive, chunks)]
-        lines = [result.stats.summary(), f"MAGI-1 frames: {asked} asked, {chunks * layout.chunk_width * 4} made "
+        lines = [result.stats.summary(), f"MAGI-1 frames: {asked} asked, {result.latent.shape[1] * 4} made "
                  f"({chunks} chunks of 24)", weights_line(dit, model.load_device)]
         report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note] + plan.lines())
         return io.NodeOutput(latent, report, masks)

@@ -8,6 +8,7 @@ tests that read them skip, saying so, where that folder is absent.
 import ast
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -251,7 +252,21 @@ def test_damaged_index_and_special_tokens_name_the_file_and_the_fix(tmp_path):
         magi1.SpecialTokens.load(truncated)
 
 
-@pytest.mark.parametrize("shard", ["../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors"])
+def test_symlinked_shards_load(tmp_path):
+    """Hugging Face caches link each file to a blob elsewhere: the index's names are what is checked."""
+    blobs, folder = tmp_path / "blobs", tmp_path / "snapshot"
+    blobs.mkdir()
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in tiny_model().state_dict().items()}, str(blobs / "abc"),
+              metadata={"magi1_model_config": json.dumps(TINY)})
+    os.symlink(blobs / "abc", folder / "model-00001-of-00001.safetensors")
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x_embedder.weight": "model-00001-of-00001.safetensors"}}))
+    assert magi1.load_dit(index).config.hidden_size == TINY["hidden_size"]
+
+
+@pytest.mark.parametrize("shard", ["../../../etc/passwd", "/etc/passwd", "sub/../../x.safetensors", "..",
+                                   "sub\\..\\x.safetensors"])
 def test_index_shards_must_sit_beside_the_index(tmp_path, shard):
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"x_embedder.weight": shard}}))
@@ -263,8 +278,10 @@ def test_index_shards_must_sit_beside_the_index(tmp_path, shard):
     ("4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),
     ("distill_runs/4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),  # a parent says distill
     ("4.5B_distill/inference_weight.distill/model-00001-of-00002.safetensors", True),
-    ("distill_things/my_base.safetensors", False),
+    ("distill_things/my_base.safetensors", True),  # its own folder says so (the report says why; variant overrides)
     ("models/my_distill.safetensors", True),
+    ("diffusion_models/model_4.5B_distill.safetensors", True),  # the file's own name
+    ("4.5B_distill/model.safetensors", True),  # its own folder
 ])
 def test_distill_is_read_from_the_checkpoints_own_name(tmp_path, layout, expected):
     path = tmp_path / layout

@@ -11,6 +11,12 @@ def test_a_plain_prompt_is_one_prompt_for_every_chunk():
     assert parse_prompt_schedule("a red ball\nover a wall") == [(0, "a red ball\nover a wall")]
 
 
+@pytest.mark.parametrize("text", ["0:00, a countdown clock", "12:30 pm, a clock tower",
+                                  "Scene:\n1: a cat walks", "a cat\n0: walks"])
+def test_text_that_is_not_a_schedule_stays_one_prompt(text):
+    assert parse_prompt_schedule(text) == [(0, text)]
+
+
 def test_schedule_lines():
     text = "0: a red ball\n2-3: a blue square\n   over a wall\n4: the camera pans left"
     assert parse_prompt_schedule(text) == [(0, "a red ball"), (2, "a blue square over a wall"),
@@ -22,7 +28,6 @@ def test_schedule_lines():
     ("1: a", "chunk 0 needs the first prompt"),
     ("0: a\n0: b", "must come after chunk 0"),
     ("0-1: a\n3: b", r"must follow on \(expected 2\)"),
-    ("a\n0: b", "the first line must start with a chunk"),
     ("0-1: a\n2-1: b", "ends before it starts"),
 ])
 def test_schedule_mistakes_are_named(text, message):
