@@ -111,7 +111,7 @@ def layer_weight_bytes(config, index, weight_dtype="bfloat16", compute_dtype=tor
             if weight_dtype == "fp8_e4m3fn_scaled":
                 _add(total, "float32", 4)
         else:
-            _add(total, compute, n * torch.empty(0, dtype=getattr(torch, compute)).element_size())
+            _add(total, compute, n * _size(getattr(torch, compute)))
     return total
 
 

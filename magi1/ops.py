@@ -147,6 +147,7 @@ def fp8_matmul(x_fp8, weight_fp8, scale_a, scale_b, out_dtype):
     return out.reshape(*shape[:-1], weight_fp8.shape[0])
 
 
+@functools.lru_cache(maxsize=None)  # asked by every official fp8 layer call: once per device
 def fp8_arithmetic(device):
     """Whether ``device`` multiplies float8 natively (NVIDIA Ada/Hopper and later)."""
     device = torch.device(device)

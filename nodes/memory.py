@@ -5,20 +5,18 @@ import logging
 import comfy.model_management as mm
 
 from ..magi1 import memory_plan
-from ..magi1.memory_plan import GB, replan
-
-TOKEN_MODES = ("motion", "motion_detail", "hybrid")
+from ..magi1.memory_plan import GB, dtype_name, replan
 
 
 def cache_kind(policy):
     """What the cache policy keeps, in the plan's terms."""
     if policy is None or not policy.enabled:
         return "off"
-    return "token" if policy.mode in TOKEN_MODES else "chunk"
+    return "token" if policy.uses_token_weights else "chunk"
 
 
 def weight_kind(dit):
-    return dit.weights or str(dit.dtype).replace("torch.", "")
+    return dit.weights or dtype_name(dit.dtype)
 
 
 def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload):
@@ -28,7 +26,7 @@ def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload):
                        cache=cache_kind(policy), decode=False)
 
 
-def available_bytes(patcher, device):
+def available_bytes(device):
     """Free memory on ``device`` plus what ComfyUI can evict (other loaded models, e.g. a loaded T5, and
     this model's own loaded weights, which the plan counts)."""
     free = mm.get_free_memory(device)
@@ -61,7 +59,7 @@ def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_
     if device.type == "cpu":
         check_host_memory(plan, mm.get_free_memory(device))
     else:
-        note = check_plan(plan, available_bytes(patcher, device))
+        note = check_plan(plan, available_bytes(device))
         if note:
             logging.info("MAGI-1: %s", note)
     return plan, note, plan.dit_phase - plan.weights_on_gpu
@@ -93,7 +91,7 @@ def _weights(dit, device):
     else:
         fp8_weights = sum(p.numel() for p in dit.parameters() if p.dtype == FP8)
         cast_ms = 3 * fp8_weights / 1e12 * 1e3  # read 1 byte, write 2 per weight per call, at 1 TB/s
-        how = (f"each layer's float8 weights cast to {str(dit.dtype).replace('torch.', '')} as it runs, about "
+        how = (f"each layer's float8 weights cast to {dtype_name(dit.dtype)} as it runs, about "
                f"{cast_ms:.0f} ms of memory traffic per DiT call at 1 TB/s (an estimate)"
                + ("" if device.type != "cuda" or fp8_arithmetic(device) else
                   "; this GPU has no float8 arithmetic (before Ada/Hopper), so every fp8 kind is cast up "

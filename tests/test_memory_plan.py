@@ -12,6 +12,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import magi1
+from magi1.fp8 import nbytes_by_dtype
 from cache_core import CachePolicy
 from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, build_dit, generate
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
@@ -36,12 +37,7 @@ def tiny_configs():
     return configs
 
 
-def bytes_by_dtype(model):
-    out = {}
-    for p in model.parameters():
-        name = str(p.dtype).replace("torch.", "")
-        out[name] = out.get(name, 0) + p.numel() * p.element_size()
-    return out
+bytes_by_dtype = nbytes_by_dtype  # the real tensors' bytes (the DiT holds no buffers)
 
 
 # ------------------------------------------------------------------------------------------- weights
