@@ -262,7 +262,11 @@ class Attention(nn.Module):
         q = self._normed_rotated(self.linear_qkv.q(a), self.heads, self.q_layernorm, call)
         k = self._normed_rotated(self.linear_qkv.k(a), self.kv_heads, self.k_layernorm, call)
         v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim).to(call.dtype)
+        if call.cp is not None:  # Ulysses: the whole sequence for this rank's heads, and back after
+            q, k, v = call.cp.to_heads(q, "q"), call.cp.to_heads(k, "kv"), call.cp.to_heads(v, "kv")
         self_out = call.self_attention(q, k, v, layer_index)
+        if call.cp is not None:
+            self_out = call.cp.to_tokens(self_out)
 
         qx = self.linear_qkv.qx(a).to(call.dtype).view(n, s, self.heads, self.head_dim)
         qx = self.q_layernorm_xattn(qx)
@@ -270,7 +274,7 @@ class Attention(nn.Module):
         kx = self.k_layernorm_xattn(kv[..., :self.head_dim])
         vx = kv[..., self.head_dim:]
         cross_out = attend_segments(qx.reshape(n * s, self.heads, self.head_dim), kx, vx,
-                                    call.query_lengths, call.caption_lengths, call.backend)
+                                    call.local_lengths, call.caption_lengths, call.backend)
 
         # [self | cross] -> 8 interleaved shards [self_0, cross_0, self_1, cross_1, ...]
         out = torch.stack([self_out.reshape(n, s, PROJ_SHARDS, -1), cross_out.view(n, s, PROJ_SHARDS, -1)], dim=3)
@@ -376,6 +380,8 @@ class MagiDiT(nn.Module):
         self.distill = False  # distilled checkpoints add the step-size embedding (see ``distill_dt``)
         self.variant_reason = "built, not loaded"  # load_dit says why it chose base or distill
         self.execution_device = None  # where calls run when the weights are spread (ComfyUI partial loading)
+        self.parallel = None  # a magi1.Parallel when several processes share this model (magi1.layer_sharding)
+        self.context_parallel = None  # its magi1.parallel.ContextParallel: how they share each call
 
     @property
     def dtype(self):
@@ -449,6 +455,9 @@ class MagiDiT(nn.Module):
         cos, sin = self.rope(slice_point * call.frames_per_chunk // pt, frames // pt, call.grid_h, call.grid_w, x.device)
         if call.selected is not None:
             cos, sin = cos[call.selected], sin[call.selected]
+        if call.cp is not None:  # this rank's share of the tokens
+            first, end = call.share_tokens(h.shape[1])
+            h, cos, sin = h[:, first:end], cos[first:end], sin[first:end]
         call.rope_cos, call.rope_sin = cos, sin
 
         # Per-chunk condition: timestep (+ step size) embedding plus the learned adaLN caption token.
@@ -473,6 +482,8 @@ class MagiDiT(nn.Module):
 
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear.linear(h)  # (N, tokens, pT*pH*pW*C), float32
+        if call.cp is not None:
+            out = call.cp.gather_tokens(out)
         if call.selected is not None:
             full = out.new_zeros(n, chunks * call.chunk_tokens, out.shape[-1])
             full[:, call.selected] = out
@@ -531,6 +542,7 @@ class _Call:
         if tuple(caption_mask.shape[:2]) != (n, chunks):
             raise ValueError(f"caption_mask must be (N, chunks, L) = ({n}, {chunks}, L), got {tuple(caption_mask.shape)}")
         self.dtype = model.dtype
+        self.cp = model.context_parallel
         self.backend = resolve_backend(model.attention_backend, x.device, self.dtype)
         self.frames_per_chunk = frames // chunks
         self.grid_h, self.grid_w = height // p, width // p
@@ -558,7 +570,7 @@ class _Call:
             raise ValueError(f"a cached call takes one sequence and writes within the cache's {cache.capacity} "
                              f"tokens; got N={n} writing up to token {self.start + written * ct}")
         self.written = written
-        self.query_lengths = [ct] * (n * chunks)
+        self.query_lengths = [ct] * (n * chunks)  # per (sequence, chunk): its computed queries
         self.selected = None
         if active is not None:
             if n != 1:
@@ -583,15 +595,28 @@ class _Call:
             self.written_rows = self.selected[: self.written_tokens]  # relative to the window start
         else:
             self.written_rows = None
+        self.local_lengths = self.query_lengths  # the queries of this process (context parallel: its share)
+
+    def share_tokens(self, total):
+        """Context parallel: this rank's tokens ``[first, end)`` of each sequence's ``total``, and the
+        per-(sequence, chunk) counts of its share (``local_lengths``)."""
+        first, end = self.cp.begin_call(total)
+        n = len(self.query_lengths) // len(self.ranges)
+        per_chunk, offset = [], 0
+        for count in self.query_lengths[: len(self.ranges)]:
+            per_chunk.append(max(0, min(end, offset + count) - max(first, offset)))
+            offset += count
+        self.local_lengths = per_chunk * n
+        return first, end
 
     def gated(self, x, per_chunk):
         """``x (N, tokens, D)`` times the gate of each token's chunk (``per_chunk (N, chunks, D)``): a
         broadcast over each chunk's run of tokens, cheaper than gathering a gate per token."""
         n, s, d = x.shape
-        if self.selected is None:  # every chunk has its full run of tokens
+        if self.selected is None and self.cp is None:  # every chunk has its full run of tokens
             return (x.view(n, len(self.query_lengths) // n, -1, d) * per_chunk[:, :, None]).view(n, s, d)
         parts, offset = [], 0
-        for j, count in enumerate(self.query_lengths):
+        for j, count in enumerate(self.local_lengths[: per_chunk.shape[1]]):
             if count:
                 parts.append(x[:, offset:offset + count] * per_chunk[:, j:j + 1])
             offset += count
@@ -608,6 +633,9 @@ class _Call:
             count = self.query_lengths[j]
             if count:
                 keys, values = space.keys(start, end)
+                if self.cp is not None and self.cp.kv_expand is not None:  # one KV head per query head
+                    expand = self.cp.kv_expand.to(keys.device)
+                    keys, values = keys.index_select(2, expand), values.index_select(2, expand)
                 self._attend_in_blocks(q, out, offset, count, keys, values)
             offset += count
         return out

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .caption_rows import CaptionRows
 from .kv_cache import KVCache
@@ -156,6 +157,64 @@ class SinglePass:
         return chunk_active
 
 
+STREAM_GROUP = {"cond": 0, "cond_pre": 1, "uncond": 2}  # stream -> its group (mod the number of groups)
+
+
+class StreamGroups:
+    """Guidance parallel: which process group runs which guidance stream, and what the groups exchange.
+
+    With ``parallel.cfg`` groups (2 or 3), stream ``s`` runs in group ``STREAM_GROUP[s] % cfg`` (2 groups:
+    cond and uncond together, cond_pre alone). Each group's outputs reach every process through one
+    sum over the peer group (the processes of the same context-parallel rank, one per group; the other
+    groups add zeros, so the sum is exact), and the clean chunks' keys/values that cond_pre writes are
+    broadcast to the group running cond.
+    """
+
+    def __init__(self, parallel, model, chunk_tokens):
+        self.parallel = parallel
+        self.split = parallel is not None and parallel.cfg > 1
+        self.num_layers = model.config.num_layers
+        cp = getattr(model, "context_parallel", None)
+        kv_heads = model.config.num_query_groups if cp is None else cp.local_kv_heads
+        self.row_shape = (chunk_tokens, kv_heads, model.config.kv_channels)
+        self.dtype, self.device = model.dtype, model.device
+
+    def runs(self, stream):
+        par = self.parallel
+        return not self.split or STREAM_GROUP[stream] % par.cfg == par.cfg_index
+
+    def share_rows(self, held, is_source):
+        """One clean chunk's rows of one layer (``held`` on the cond_pre group), on every peer."""
+        par = self.parallel
+        if is_source:
+            rows = held.to(self.device).contiguous()
+        else:
+            rows = torch.empty(self.row_shape, dtype=self.dtype, device=self.device)
+        source = (STREAM_GROUP["cond_pre"] % par.cfg) * par.cp + par.cp_rank
+        dist.broadcast(rows, source, group=par.peer_group)
+        return rows
+
+    def gather(self, cond, cond_pre, uncond, computed, cw, like):
+        """Every stream's velocities of the computed chunks on every process (None where not run here)."""
+        if not self.split:
+            return cond, cond_pre, uncond
+        c, _, h, w = like.shape
+        table = torch.zeros(3, len(computed), c, cw, h, w, device=like.device)
+        for i, j in enumerate(computed):
+            frames = slice(j * cw, (j + 1) * cw)
+            for s, stream in enumerate((cond, cond_pre)):
+                if stream is not None:
+                    table[s, i] = stream[:, frames]
+            if uncond is not None:
+                table[2, i] = uncond[j]
+        dist.all_reduce(table, group=self.parallel.peer_group)
+        window = (max(computed) + 1) * cw
+        cond, cond_pre = torch.zeros(2, c, window, h, w, device=like.device)
+        for i, j in enumerate(computed):
+            cond[:, j * cw:(j + 1) * cw], cond_pre[:, j * cw:(j + 1) * cw] = table[0, i], table[1, i]
+        return cond, cond_pre, {j: table[2, i] for i, j in enumerate(computed)}
+
+
 class ThreePass:
     """Base models: ``cond``, ``cond_pre`` and ``uncond`` passes, combined per chunk by its time.
 
@@ -164,14 +223,20 @@ class ThreePass:
     too.
     """
 
-    def __init__(self, guidance, model, layout, captions, call, *, reusing, token_level, kv_offload, window_size):
+    def __init__(self, guidance, model, layout, captions, call, *, reusing, token_level, kv_offload, window_size,
+                 parallel=None):
         self.guidance, self.captions, self.call = guidance, captions, call
         self.cw, self.ct, self.window_size = layout.chunk_width, layout.tokens_per_chunk, window_size
+        self.groups = StreamGroups(parallel, model, self.ct)
+        runs = self.groups.runs
         capacity = layout.chunk_num * self.ct
-        self.kv_cond_pre = KVCache.for_model(model, capacity, offload=kv_offload)
-        self.kv_cond = KVCache.for_model(model, capacity, offload=kv_offload) if reusing else None
+        self.kv_cond_pre = KVCache.for_model(model, capacity, offload=kv_offload) if runs("cond_pre") else None
+        # cond keeps its own cache when it may be reused, or when cond_pre runs in another process group
+        # (its clean rows then arrive from there: ``_clean_rows``).
+        own = runs("cond") and (reusing or not runs("cond_pre"))
+        self.kv_cond = KVCache.for_model(model, capacity, offload=kv_offload) if own else None
         self.kv_uncond = None
-        if token_level:
+        if token_level and runs("uncond"):
             self.kv_uncond = [KVCache.for_model(model, self.ct, offload=kv_offload) for _ in range(window_size)]
         self.reusing = reusing
         self._scale_table = {}  # time -> (s_prev, s_text)
@@ -184,6 +249,10 @@ class ThreePass:
         self.kv_cond_pre = self.kv_cond = self.kv_uncond = None
 
     def encode_prefix(self, prefix, chunks):
+        if self.kv_cond_pre is None:  # cond_pre runs elsewhere: the same prefix keys/values, computed here
+            if self.kv_cond is not None:
+                write_prefix(self.call, self.kv_cond, prefix, chunks, self.cw, self.ct, unconditional=True)
+            return
         write_prefix(self.call, self.kv_cond_pre, prefix, chunks, self.cw, self.ct, unconditional=True)
         if self.kv_cond is not None:
             self._copy_rows(0, chunks)
@@ -207,20 +276,24 @@ class ThreePass:
         common = dict(slice_point=plan.slice_point, stage=plan.stage_index, active=[None] * refresh + active,
                       counts=[ct] * refresh + counts)
         kv_write = len(plan.kv_ranges)
-        cond = None
-        if computed:
+        runs = self.groups.runs
+        cond = cond_pre = uncond = None
+        if computed and runs("cond"):
             rows = self.captions.call_rows(plan, "positive")
             kv_cond = self.kv_cond if self.kv_cond is not None else self.kv_cond_pre
             cond = self.call(x_call[None], t, rows, ranges, unconditional=False, kv_cache=kv_cond,
                              kv_write=kv_write if self.reusing else 0, **common)[0, :, refresh * cw:]
-        rows = self.captions.call_rows(plan, "negative")
-        cond_pre = self.call(x_call[None], t, rows, ranges, unconditional=True, kv_cache=self.kv_cond_pre,
-                             kv_write=kv_write, **common)[0, :, refresh * cw:]
-        if self.kv_cond is not None and refresh:  # the cond stream reads the clean chunk as cond_pre wrote it
-            self._copy_rows(plan.slice_point, plan.slice_point + 1)
+        if runs("cond_pre"):
+            rows = self.captions.call_rows(plan, "negative")
+            cond_pre = self.call(x_call[None], t, rows, ranges, unconditional=True, kv_cache=self.kv_cond_pre,
+                                 kv_write=kv_write, **common)[0, :, refresh * cw:]
+        if refresh:  # the cond stream reads the clean chunk as cond_pre wrote it
+            self._clean_rows(plan.slice_point)
         if not computed:
             return [None] * len(noisy)
-        uncond = self._uncond(plan, x_call[:, refresh * cw:], t_noisy, active, counts, computed)
+        if runs("uncond"):
+            uncond = self._uncond(plan, x_call[:, refresh * cw:], t_noisy, active, counts, computed)
+        cond, cond_pre, uncond = self.groups.gather(cond, cond_pre, uncond, computed, cw, x_call)
         velocities = [None] * len(noisy)
         for j in computed:
             prev_scale, text_scale = self._scales(t_noisy[j])
@@ -252,6 +325,22 @@ class ThreePass:
                             stage=plan.stage_index, active=[active[j]], counts=[counts[j]])
             uncond[j] = out[0]
         return uncond
+
+    def _clean_rows(self, chunk):
+        """The clean chunk's keys/values, as cond_pre wrote them, into cond's own cache (from the process
+        group that runs cond_pre when that is another one)."""
+        if not self.groups.split:
+            if self.kv_cond is not None:
+                self._copy_rows(chunk, chunk + 1)
+            return
+        rows = slice(chunk * self.ct, (chunk + 1) * self.ct)
+        source = self.kv_cond_pre if self.kv_cond_pre is not None else self.kv_cond
+        for layer in range(len(source.keys) if source is not None else self.groups.num_layers):
+            for kind in ("keys", "values"):
+                held = getattr(source, kind)[layer][rows] if source is not None else None
+                rows_in = self.groups.share_rows(held, self.kv_cond_pre is not None)
+                if self.kv_cond is not None:
+                    getattr(self.kv_cond, kind)[layer][rows].copy_(rows_in)
 
     def _copy_rows(self, first_chunk, end_chunk):
         rows = slice(first_chunk * self.ct, end_chunk * self.ct)

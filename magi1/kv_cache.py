@@ -42,9 +42,12 @@ class KVCache:
 
     @classmethod
     def for_model(cls, model, capacity, *, device=None, dtype=None, offload=False):
-        """A cache shaped for ``model`` (a ``MagiDiT``), on its device and in its compute dtype by default."""
+        """A cache shaped for ``model`` (a ``MagiDiT``), on its device and in its compute dtype by default.
+        Under context parallelism it holds only the KV heads this process attends with."""
         config = model.config
-        return cls(config.num_layers, capacity, config.num_query_groups, config.kv_channels,
+        cp = getattr(model, "context_parallel", None)
+        kv_heads = config.num_query_groups if cp is None else cp.local_kv_heads
+        return cls(config.num_layers, capacity, kv_heads, config.kv_channels,
                    device=device if device is not None else model.device,
                    dtype=dtype if dtype is not None else model.dtype, offload=offload)
 

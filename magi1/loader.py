@@ -8,7 +8,7 @@ import re
 
 import torch
 
-from . import fp8
+from . import fp8, layer_sharding
 from .config import ModelConfig
 from .dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
 from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
@@ -49,7 +49,8 @@ def build_dit(model_config, *, device=None, dtype=None, operations=None, weights
         return MagiDiT(config, dtype=dtype, operations=operations, weights=weights)
 
 
-def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", operations=None, resident_layers=None):
+def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", operations=None, resident_layers=None,
+             parallel=None):
     """Load an official MAGI-1 DiT checkpoint.
 
     ``path``: a ``model.safetensors.index.json``, any shard of a sharded checkpoint (its siblings are
@@ -64,6 +65,8 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     official ``*_distill_quant`` ones) always loads as the kind it stores. ``operations``: see
     ``build_dit``. ``resident_layers``: stream the layers through ``device`` (``magi1.stream_layers``):
     the weights load into host memory and only that many layers (plus two in flight) live on ``device``.
+    ``parallel``: a ``magi1.Parallel``: this process reads only the transformer layers it owns and the
+    model is shared with the others (``magi1.layer_sharding.distribute``); ``device`` defaults to its device.
 
     Tensors are read one at a time straight into the model built on the meta device (no second
     copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
@@ -81,6 +84,8 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     stored = fp8.stored_kind(shapes, dtypes)
     kind = stored if stored is not None or weights == "auto" else weights
     config, size = infer_config(shapes, metadata, dtypes)
+    if device is None and parallel is not None:
+        device = parallel.device
     device = torch.device(device) if device is not None else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -93,11 +98,19 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
         expected.update({k: tuple(v.shape) for k, v in targets.items() if k.endswith(".scale_weight")})
     check_state_dict(model, expected)
     convert = fp8.converter(targets, kind)
+    others = set()  # the layers other processes own
+    if parallel is not None and parallel.cp > 1:
+        if resident_layers is not None:
+            raise ValueError("resident_layers (streaming) and parallel cannot be combined: the processes already "
+                             "split the layers")
+        others = layer_sharding.others_keys(shapes, config.num_layers, parallel)
     for file in files:
-        part = read_tensors(file, device, None, convert=convert, skip=ignored)
+        part = read_tensors(file, device, None, convert=convert, skip=set(ignored) | others)
         model.load_state_dict(part, strict=False, assign=True)
         del part
-    still_meta = [k for k, v in model.state_dict().items() if v.is_meta]
+    other_layers = tuple(layer_sharding.layer_prefix(i) for i in range(config.num_layers)
+                         if others and i not in layer_sharding.owned_layers(config.num_layers, parallel))
+    still_meta = [k for k, v in model.state_dict().items() if v.is_meta and not (other_layers and k.startswith(other_layers))]
     if still_meta:  # check_state_dict guarantees every key is in the files; this guards the assignment
         raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
     model.eval().requires_grad_(False)
@@ -105,7 +118,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
     if resident_layers is not None:
         stream_layers(model, compute_device, resident_layers)  # kept as model._layer_streamer
-    return model
+    return layer_sharding.distribute(model, parallel)
 
 
 def _distill(asked, files, stored, metadata):

@@ -7,14 +7,26 @@ the velocities to integrate with (fresh or reused), and hands the state the chun
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
 FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
 
-def start_reuse(policy, model, layout, num_steps):
-    """The driver of one run: ``PolicyReuse`` for a policy that is on, else ``NoReuse``."""
+def start_reuse(policy, model, layout, num_steps, parallel=None):
+    """The driver of one run: ``PolicyReuse`` for a policy that is on, else ``NoReuse``. Over several
+    processes (``parallel``) rank 0 alone runs the policy (``LeadingReuse``) and the others follow its
+    decisions and latents (``FollowingReuse``)."""
     if policy is None or not policy.enabled:
         return NoReuse(layout, "off" if policy is None else policy.mode)
-    return PolicyReuse(policy, model, layout, num_steps)
+    if parallel is None or parallel.world == 1:
+        return PolicyReuse(policy, model, layout, num_steps)
+    if parallel.rank == 0:
+        return LeadingReuse(policy, model, layout, num_steps, parallel)
+    return FollowingReuse(policy, model, layout, parallel)
 
 
 class NoReuse:
@@ -39,6 +51,10 @@ class NoReuse:
 
     def observe(self, chunks, chunk_steps, x_new, velocities, times_after, frame_before):
         pass
+
+    def share(self, x_new):
+        """The window's latents after the step, as every process integrates them (rank 0's, when a policy
+        runs on several processes); changed in place."""
 
     def close(self):
         pass
@@ -86,3 +102,83 @@ class PolicyReuse(NoReuse):
             embedded = model.patch_embedding(x_noisy[None])[0]
             return [embedded[:, j * cw:(j + 1) * cw].to(model.dtype) for j in range(chunks)]
         return [model.patch_embedding(x_noisy[None, :, j * cw:(j + 1) * cw])[0].to(model.dtype) for j in range(chunks)]
+
+
+@dataclass(frozen=True)
+class SharedDecision:
+    """Rank 0's decision for one chunk, as the other processes receive it (``magi1.reuse_contract``)."""
+
+    chunk_id: int
+    step: int
+    phase: str
+    n_active: int
+    n_tokens: int
+    active: Optional[torch.Tensor]
+
+    @property
+    def action(self):
+        if self.n_active == self.n_tokens:
+            return "dense"
+        return "skip" if self.n_active == 0 else "sparse"
+
+
+def _decision_table(parallel, tokens, chunks):
+    """The buffer decisions travel in: per chunk ``[n_active or -1 for all, mask of tokens]``."""
+    return torch.zeros(chunks, 1 + tokens, dtype=torch.int64, device=parallel.device)
+
+
+class LeadingReuse(PolicyReuse):
+    """Rank 0 of a multi-process run: the policy's decisions and latents, broadcast to every process."""
+
+    def __init__(self, policy, model, layout, num_steps, parallel):
+        super().__init__(policy, model, layout, num_steps)
+        self.parallel = parallel
+
+    def decide(self, chunks, chunk_steps, x_noisy, times):
+        decisions = super().decide(chunks, chunk_steps, x_noisy, times)
+        table = _decision_table(self.parallel, self.tokens, len(decisions))
+        for row, d in zip(table, decisions):
+            row[0] = -1 if d.active is None else d.n_active
+            if d.active is None:
+                row[1:] = 1
+            else:
+                row[1 + d.active.to(row.device)] = 1
+        dist.broadcast(table, 0)
+        return decisions
+
+    def share(self, x_new):
+        dist.broadcast(x_new, 0)
+
+
+class FollowingReuse(NoReuse):
+    """The other processes: rank 0's decisions and latents, no policy state of their own."""
+
+    reusing = True
+
+    def __init__(self, policy, model, layout, parallel):
+        super().__init__(layout, policy.mode)
+        self.token_level = policy.uses_token_weights
+        self.parallel, self.device = parallel, model.device
+        self.chunk_shape = (model.config.latent_channels, layout.chunk_width, layout.latent_height,
+                            layout.latent_width)
+
+    def decide(self, chunks, chunk_steps, x_noisy, times):
+        table = _decision_table(self.parallel, self.tokens, len(chunks))
+        dist.broadcast(table, 0)
+        decisions = []
+        for chunk, step, row in zip(chunks, chunk_steps, table.cpu()):
+            count = int(row[0])
+            active = None if count < 0 else row[1:].nonzero()[:, 0].to(x_noisy.device)
+            decisions.append(SharedDecision(chunk, step, "shared", self.tokens if count < 0 else count,
+                                            self.tokens, active))
+        return decisions
+
+    def active(self, decisions, chunks):
+        return [d.active for d in decisions], [d.n_active for d in decisions]
+
+    def velocities(self, decisions, fresh, dts):
+        """Placeholders where rank 0 reuses (its latents replace this process's after the step)."""
+        return [v if v is not None else torch.zeros(self.chunk_shape, device=self.device) for v in fresh]
+
+    def share(self, x_new):
+        dist.broadcast(x_new, 0)

@@ -52,7 +52,8 @@ class SampleResult:
 def generate(model, caption, caption_mask, *, frames, height, width, steps=64, seed=0, noise=None,
              negative_caption=None, negative_mask=None, prefix=None, guidance=None, policy=None,
              window_size=4, chunk_width=6, kv_offload=False, on_step: Optional[Callable] = None,
-             should_stop: Optional[Callable] = None, record_masks=False, stop: Optional[Callable] = None):
+             should_stop: Optional[Callable] = None, record_masks=False, stop: Optional[Callable] = None,
+             parallel=None):
     """Generate one latent video with the MAGI-1 DiT ``model`` (a ``MagiDiT``).
 
     Args:
@@ -77,6 +78,10 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         record_masks: keep the active-token masks (``stats.masks``).
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
+        parallel: a ``magi1.Parallel`` shared by several processes, each calling ``generate`` with the same
+            arguments on a model loaded with ``parallel=`` (``magi1.parallel``); default: the model's.
+            Every process returns the same latent; ``on_step`` is called on rank 0 only. ``stop`` and
+            ``should_stop`` must agree on every process (stop a multi-process run by ending its processes).
 
     Returns:
         ``SampleResult(latent, stats)``. All KV caches and per-run state are released on return, on
@@ -86,6 +91,9 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.reuse_contract.ReusePolicy) or "
                         f"None, got {type(policy).__name__}")
     guidance = guidance or Guidance()
+    parallel = _checked_parallel(parallel, model)
+    if parallel is not None and not parallel.is_main:
+        on_step = None  # progress and previews come from rank 0
     check_steps(steps, window_size)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
@@ -94,10 +102,10 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     x = _initial_latent(noise, seed, latent_shape, model.device)
     captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
 
-    reuse = start_reuse(policy, model, layout, steps)  # before any KV cache: a policy may refuse this video
+    reuse = start_reuse(policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
     recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
     streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps, stop),
-                                reuse, kv_offload, window_size)
+                                reuse, kv_offload, window_size, parallel)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
     del x, prefix  # the loop holds them now, and drops them when it closes
@@ -163,6 +171,7 @@ class _Loop:
         for j, (v, dt) in enumerate(zip(velocities, dts)):
             frames = slice(j * cw, (j + 1) * cw)
             x_new[:, frames] = x_noisy[:, frames] + v * dt
+        self.reuse.share(x_new)  # over several processes with a policy: rank 0's latents everywhere
         self.x[:, plan.start * cw: plan.end * cw] = x_new
 
         t_after = [self.grid[s + 1] for s in plan.steps]
@@ -188,13 +197,25 @@ class _Loop:
         return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
 
 
-def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size):
+def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size, parallel):
     """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise), with the
     KV caches that ``reuse`` needs."""
     if guidance.passes == 1 or (guidance.passes is None and model.distill):
+        if parallel is not None and parallel.cfg > 1:
+            raise ValueError(f"guidance parallel ({parallel.cfg} groups) needs the 3 guidance passes of a base model; "
+                             "distilled models make 1: run them with cfg parallel 1")
         return SinglePass(guidance, model, layout, captions, call, reusing=reuse.reusing, kv_offload=kv_offload)
     return ThreePass(guidance, model, layout, captions, call, reusing=reuse.reusing, token_level=reuse.token_level,
-                     kv_offload=kv_offload, window_size=window_size)
+                     kv_offload=kv_offload, window_size=window_size, parallel=parallel)
+
+
+def _checked_parallel(parallel, model):
+    """The run's ``Parallel`` (the model's by default), which must be the one the model is shared with."""
+    parallel = parallel if parallel is not None else getattr(model, "parallel", None)
+    if parallel is not None and getattr(model, "parallel", None) is not parallel:
+        raise ValueError("generate(parallel=...) needs a model shared with it: load it with load_dit(parallel=...) "
+                         "or pass it through magi1.layer_sharding.distribute(model, parallel)")
+    return parallel
 
 
 def _checked_prefix(prefix, latent_shape, layout, device, frames, height, width):

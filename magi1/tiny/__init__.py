@@ -47,8 +47,8 @@ class BuiltinModel:
     def special_tokens_file(self):
         return os.path.join(self.folder, "special_tokens.npz")
 
-    def load_dit(self, device=None, dtype=None):
-        return load_dit(self.dit_file, device=device, dtype=dtype, distill=True)
+    def load_dit(self, device=None, dtype=None, parallel=None):
+        return load_dit(self.dit_file, device=device, dtype=dtype, distill=True, parallel=parallel)
 
     def load_vae(self, device=None, dtype=None):
         return load_vae(self.vae_file, device=device, dtype=dtype)
