@@ -22,7 +22,9 @@ Sections (each skipped, saying so, when the time budget would not hold it):
   d. torch.compile of the layer stack, on against off;
   m. memory: a 4.5B-distill 720x720 2-chunk generation's peak against magi1.memory_plan; the window
      forward with fp8 weights (cast per layer, and the official fp8 layers' float8 products) against
-     bf16; layer streaming (block swap) with 8 and 0 resident layers against resident.
+     bf16; layer streaming (block swap) with 8 and 0 resident layers against resident;
+  p. the multi-process code path on one process (magi1.parallel, NCCL world of 1): the window forward's
+     time against the plain model's (the all-to-alls, token split and gather with nothing to exchange).
 Random weights: the cache's decisions on them are arbitrary, so the forced fractions of e are what
 measure wall time against FLOPs at real size.
 """
@@ -44,8 +46,8 @@ from magi1.loader import OFFICIAL_MODEL_CONFIGS
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT, median_ms
 
-ORDER = "abmcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
-ESTIMATES = dict(a=40, b=15, m=60, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
+ORDER = "abmpcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
+ESTIMATES = dict(a=40, b=15, m=60, p=25, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
 # Dense bf16 matrix peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 DATASHEET_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A6000": 154.8}
 GOALS = "dense forward >= 60% of bf16 peak; sparse speed-up >= 0.9 of the FLOP saving at 50% active; " \
@@ -331,6 +333,34 @@ def section_m(setup, timer, found):
     return lines
 
 
+def section_p(setup, timer, found):
+    import socket
+
+    from magi1.layer_sharding import distribute
+    from magi1.parallel import Parallel
+    model = setup.dit("4.5B")
+    call = WindowCall(model, *setup.size_45)
+    plain_ms = timer(call)
+    reference = call().clone()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    parallel = Parallel.start(0, 1, f"tcp://127.0.0.1:{port}", device=setup.device)
+    try:
+        distribute(model, parallel)
+        through = call()
+        parallel_ms = timer(call)
+    finally:
+        model.parallel = model.context_parallel = None
+        parallel.close()
+    difference = float((through - reference).abs().max())
+    found.update(parallel_overhead=parallel_ms / plain_ms - 1)
+    return [f"Window forward (1 chunk of {call.tokens} tokens + 1 cached), {setup.dtype}, one process.", "",
+            "| path | ms | against plain |", "|---|---|---|", f"| plain model | {plain_ms:.1f} | 1.00x |",
+            f"| through magi1.parallel (world of 1) | {parallel_ms:.1f} | {parallel_ms / plain_ms:.3f}x |", "",
+            f"Largest difference between the two outputs: {difference:.1e}."]
+
+
 def spread_weights(model, call, setup, timer, rows):
     """Every other layer left in host memory and cast in as it runs, as ComfyUI's partial loading leaves a
     model: the same output as resident (ComfyUI itself is tested on the CPU in tests/test_comfyui.py)."""
@@ -351,7 +381,7 @@ def spread_weights(model, call, setup, timer, rows):
             f"{'identical to' if same else 'DIFFERENT from'} the resident model's.", ""]
 
 
-SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
+SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), p=("Multi-process path on one GPU", section_p), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
                 c=("Attention kernels", section_c), d=("torch.compile of the layer stack", section_d),
                 e=("Whole 4.5B-distill generations", section_e), f=("24B, a few layers timed and extrapolated", section_f),
                 g=("VAE decode", section_g))

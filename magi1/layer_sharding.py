@@ -129,6 +129,6 @@ def distribute(model, parallel):
         return model
     model.parallel = parallel
     model.context_parallel = parallel.context(model.config)
-    if parallel.cp > 1:
+    if parallel.cp > 1 and parallel.shard_weights:
         model._layer_sharding = LayerSharding(model, parallel)
     return model

@@ -99,7 +99,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     check_state_dict(model, expected)
     convert = fp8.converter(targets, kind)
     others = set()  # the layers other processes own
-    if parallel is not None and parallel.cp > 1:
+    if parallel is not None and parallel.cp > 1 and parallel.shard_weights:
         if resident_layers is not None:
             raise ValueError("resident_layers (streaming) and parallel cannot be combined: the processes already "
                              "split the layers")

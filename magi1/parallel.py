@@ -16,7 +16,8 @@ A run of ``world = cfg * cp`` processes (one GPU each with NCCL, or CPU processe
   ``1 / cp``; see ``kv_heads_of``).
 * **Weights by layer** (``magi1.layer_sharding``): each transformer layer is owned by one rank of the
   group, which alone reads it from the checkpoint and keeps it; the owner broadcasts it to the group just
-  before the layer runs.
+  before the layer runs. ``shard_weights=False`` keeps every layer on every rank instead (no weight
+  traffic: the faster choice when the weights fit each GPU, above all without NVLink).
 * **Cache decisions**: rank 0 alone runs the cache policy; its decisions and the latents it integrates
   are broadcast (``magi1.reuse``), so every rank computes the same tokens.
 
@@ -56,7 +57,7 @@ class Parallel:
     (torchrun's variables); ``close()`` when done.
     """
 
-    def __init__(self, cfg=1, device=None):
+    def __init__(self, cfg=1, device=None, shard_weights=True):
         if not dist.is_initialized():
             raise RuntimeError("magi1.Parallel needs torch.distributed initialised: use Parallel.start or "
                                "Parallel.from_environment")
@@ -66,6 +67,7 @@ class Parallel:
         self.cfg, self.cp = cfg, self.world // cfg
         self.cfg_index, self.cp_rank = divmod(self.rank, self.cp)
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.shard_weights = bool(shard_weights)  # False: every rank keeps every layer (no weight broadcasts)
         # Every rank creates every group, in the same order (torch.distributed requires it).
         self.cp_group = self._groups([[g * self.cp + r for r in range(self.cp)] for g in range(cfg)],
                                      self.cfg_index)
@@ -80,7 +82,8 @@ class Parallel:
         return groups[mine]
 
     @classmethod
-    def start(cls, rank, world_size, init_method, *, cfg=1, backend=None, device=None, timeout_s=1800):
+    def start(cls, rank, world_size, init_method, *, cfg=1, backend=None, device=None, shard_weights=True,
+              timeout_s=1800):
         """Join a run of ``world_size`` processes at ``init_method`` (e.g. ``tcp://127.0.0.1:29500``)."""
         device = torch.device(device) if device is not None else default_device(rank)
         backend = backend or os.environ.get(BACKEND_ENV) or ("nccl" if device.type == "cuda" else "gloo")
@@ -88,10 +91,10 @@ class Parallel:
             torch.cuda.set_device(device)
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout_s))
-        return cls(cfg, device)
+        return cls(cfg, device, shard_weights)
 
     @classmethod
-    def from_environment(cls, *, cfg=1, backend=None, device=None):
+    def from_environment(cls, *, cfg=1, backend=None, device=None, shard_weights=True):
         """The run torchrun describes (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``);
         None for a single process (``WORLD_SIZE`` unset or 1)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -99,7 +102,7 @@ class Parallel:
             return None
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
         return cls.start(int(os.environ["RANK"]), world, "env://", cfg=cfg, backend=backend,
-                         device=device if device is not None else default_device(local))
+                         device=device if device is not None else default_device(local), shard_weights=shard_weights)
 
     @property
     def is_main(self):

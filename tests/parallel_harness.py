@@ -213,9 +213,9 @@ def _uneven_job(par):
 EXTRA_JOBS = {"tiny": _tiny_job, "uneven": _uneven_job}
 
 
-def _worker(rank, world, port, cfg, jobs, out_dir):
+def _worker(rank, world, port, cfg, jobs, out_dir, shard_weights):
     torch.set_num_threads(1)
-    par = Parallel.start(rank, world, f"tcp://127.0.0.1:{port}", cfg=cfg, backend="gloo")
+    par = Parallel.start(rank, world, f"tcp://127.0.0.1:{port}", cfg=cfg, backend="gloo", shard_weights=shard_weights)
     try:
         latents, seconds = {}, {}
         for key, (name, replay) in jobs.items():
@@ -239,11 +239,11 @@ def _worker(rank, world, port, cfg, jobs, out_dir):
         par.close()
 
 
-def run_world(world, jobs, cfg=1):
+def run_world(world, jobs, cfg=1, shard_weights=True):
     """``jobs``: key -> (case name, replayed policy or None). Returns key -> rank 0's latent (and
     ``key.masks``), and key -> seconds."""
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.spawn(_worker, args=(world, free_port(), cfg, jobs, out_dir), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), cfg, jobs, out_dir, shard_weights), nprocs=world, join=True)
         path = os.path.join(out_dir, "latents.safetensors")
         from safetensors import safe_open
         with safe_open(path, "pt") as f:

@@ -41,6 +41,7 @@ def runs(references):
         out[world, cfg] = run_world(world, jobs, cfg=cfg)[0]
     jobs = {"uneven": ("uneven", None), "distill45_cache": ("distill45_cache", _replay(references["distill45_cache"][2]))}
     out[IRREGULAR] = run_world(IRREGULAR[0], jobs)[0]
+    out["replicated"] = run_world(2, {"tiny": ("tiny", None)}, shard_weights=False)[0]
     return out
 
 
@@ -102,3 +103,10 @@ def test_builtin_model_loaded_by_layer_owners(runs):
     rest = parameter_bytes(whole) - layers
     # each rank holds the replicated rest and half of the layers (the tiny model has an even layer count)
     assert held.tolist() == [rest + layers / 2] * 2
+
+
+def test_replicated_weights_give_the_same_latent(runs):
+    """shard_weights=False: every rank keeps the whole model and nothing is broadcast."""
+    from magi1.tiny import TINY
+    assert torch.equal(runs["replicated"]["tiny"], runs[2, 1]["tiny"])
+    assert runs["replicated"]["tiny.bytes"].tolist() == [parameter_bytes(TINY.load_dit())] * 2

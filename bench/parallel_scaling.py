@@ -1,0 +1,185 @@
+"""Several processes: per-rank memory and communication on paper for 24B, and time per step measured on CPU.
+
+    python -m bench.parallel_scaling              # writes bench/parallel_scaling.md
+    python -m bench.parallel_scaling --paper      # the paper table only (no processes started)
+
+Paper (``magi1.memory_plan`` and ``magi1.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
+context parallel over N processes, bf16 compute, cache off). Per rank:
+
+* weights: the layers it owns (``ceil(L / N)``), one more layer in flight (the one broadcast to it), and
+  everything outside the layers (replicated);
+* KV cache: the KV heads its query heads read (``8 / N`` of 8 for N <= 8);
+* activations: the window call's peak (``dit_activation_bytes``) with its per-token part divided by N,
+  plus the all-to-all buffers (send and receive copies of q, k, v of its tokens) and the gathered output;
+  the latents and caption table stay whole on every rank;
+* communication per denoising step, bytes received by one rank: per layer of every DiT call, the
+  all-to-alls of q, k, v and the attention output ((N - 1) / N of its share each) and the layer's weights
+  from their owner (N - 1 of N layers), and the gathered output.
+
+Measured: the built-in tiny model (64x64, 48 frames, 16 steps), gloo on this machine's CPU cores, one
+thread per process: one process as usual, one process through the parallel path (world 1), and two
+processes. With the slow cache preset, the two-process run's free-running decisions are compared with the
+one-process run's (rank 0 decides on latents that differ by float rounding).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import socket
+import tempfile
+import time
+
+import torch
+
+from magi1 import memory_plan
+from magi1.config import ModelConfig
+from magi1.layout import VideoLayout
+from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.memory_plan import GB, dit_activation_bytes, layer_weight_bytes, window_calls
+from magi1.parallel import split_sizes
+from magi1.schedule import total_forward_steps
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "parallel_scaling.md")
+SIZE = dict(frames=96, height=720, width=1280)
+BF16 = 2
+
+
+def per_rank(config, processes, weight_dtype="bfloat16"):
+    """Per-rank GB of weights, KV cache, activations, and the GB one rank receives per step."""
+    plan = memory_plan(config, **SIZE, weight_dtype=weight_dtype, passes=1, cache="off", decode=False)
+    layout = VideoLayout.plan(**SIZE, patch_size=config.patch_size)
+    calls = window_calls(layout, passes=1)
+    n, L = processes, config.num_layers
+    layer = [sum(layer_weight_bytes(config, i, weight_dtype).values()) for i in range(L)]
+    rest = sum(plan.weights.values()) - sum(layer)
+    owned = max(sum(layer[i] for i in range(L) if i % n == r) for r in range(n))
+    weights = rest + owned + (max(layer) if n > 1 else 0)
+    local_kv = max(split_sizes(config.num_attention_heads, n)) * config.num_query_groups // config.num_attention_heads
+    kv = plan.kv_on_gpu * max(1, local_kv) // config.num_query_groups
+    tokens = calls.query * layout.tokens_per_chunk
+    local = max(split_sizes(tokens, n))
+    q, k = config.num_attention_heads * config.kv_channels, config.num_query_groups * config.kv_channels
+    whole = dit_activation_bytes(config, layout, calls)
+    activations = whole / n + (2 * local * (q + 2 * k) * BF16 + tokens * 4 * config.out_channels * 4 if n > 1 else 0)
+    received = 0.0
+    if n > 1:
+        share = (n - 1) / n
+        per_layer = share * local * (2 * q + 2 * k) * BF16  # q, k, v to heads; the output back to tokens
+        received = L * per_layer + sum(layer) * share + tokens * 4 * config.out_channels * 4 * share
+    steps_per_chunk = 16  # the distilled 16-step schedule: one window call per step
+    return dict(weights=weights / GB, kv=kv / GB, activations=activations / GB,
+                total=(weights + kv + activations) / GB, comm=received / GB, calls_per_step=1,
+                steps=total_forward_steps(layout.chunk_num, steps_per_chunk, 4), tokens=tokens)
+
+
+def paper_table():
+    config = ModelConfig.from_dict(OFFICIAL_MODEL_CONFIGS["24B"])
+    lines = ["| 24B distill 720x1280, 96 frames | N | weights / rank | KV cache / rank | activations / rank | "
+             "total / rank | received / step / rank |", "|---|---|---|---|---|---|---|"]
+    for label, dtype in (("bf16", "bfloat16"), ("fp8_e4m3fn weights", "fp8_e4m3fn")):
+        for n in (1, 2, 4, 8):
+            r = per_rank(config, n, dtype)
+            lines.append(f"| {label} | {n} | {r['weights']:.1f} GB | {r['kv']:.1f} GB | {r['activations']:.1f} GB | "
+                         f"{r['total']:.1f} GB | {r['comm']:.1f} GB |")
+    return "\n".join(lines)
+
+
+# --- measured on CPU ------------------------------------------------------------------------------------
+
+def _request(frames=48, steps=16):
+    from magi1 import chunk_captions
+    from magi1.tiny import TINY
+    states, mask = TINY.load_text_encoder().encode(TINY.example_prompt)
+    chunks = VideoLayout.plan(frames, TINY.size, TINY.size).chunk_num
+    caption, caption_mask = chunk_captions(states, mask, chunks, TINY.special_tokens(), length=800)
+    return dict(caption=caption, caption_mask=caption_mask, frames=frames, height=TINY.size, width=TINY.size,
+                steps=steps, seed=0)
+
+
+def _policy():
+    from cache_core import CachePolicy
+    return CachePolicy.preset("slow")
+
+
+def _run(parallel, cached):
+    from magi1 import generate
+    from magi1.tiny import TINY
+    model = TINY.load_dit(parallel=parallel)
+    args = _request()
+    with torch.no_grad():
+        generate(model, **{**args, "frames": 24, "steps": 8}, parallel=parallel)  # warm-up
+        start = time.perf_counter()
+        result = generate(model, **args, policy=_policy() if cached else None, parallel=parallel, record_masks=cached)
+    return result, time.perf_counter() - start
+
+
+def _worker(rank, world, port, out_dir):
+    from safetensors.torch import save_file
+    from magi1.parallel import Parallel
+    torch.set_num_threads(1)
+    par = Parallel.start(rank, world, f"tcp://127.0.0.1:{port}", backend="gloo")
+    try:
+        plain, seconds = _run(par, cached=False)
+        cached, _ = _run(par, cached=True)
+        if rank == 0:
+            save_file({"latent": plain.latent, "masks": cached.stats.masks.frames().float(),
+                       "cached": cached.latent}, os.path.join(out_dir, "out.safetensors"),
+                      metadata={"seconds": repr(seconds), "steps": repr(plain.stats.steps)})
+    finally:
+        par.close()
+
+
+def _processes(world):
+    import torch.multiprocessing as mp
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_worker, args=(world, port, out_dir), nprocs=world, join=True)
+        path = os.path.join(out_dir, "out.safetensors")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata()
+        return load_file(path), float(meta["seconds"]), int(meta["steps"])
+
+
+def measured():
+    torch.set_num_threads(1)
+    plain, seconds = _run(None, cached=False)
+    cached, _ = _run(None, cached=True)
+    steps = plain.stats.steps
+    lines = ["| tiny model, 64x64, 48 frames, 16 steps (CPU, 1 thread per process) | s / step | latent vs 1 process |",
+             "|---|---|---|", f"| 1 process | {seconds / steps * 1000:.1f} ms | - |"]
+    mismatch = {}
+    for world in (1, 2):
+        out, secs, _ = _processes(world)
+        error = float((out["latent"] - plain.latent).norm() / plain.latent.norm())
+        label = "1 process through the parallel path (gloo)" if world == 1 else f"{world} processes (gloo)"
+        lines.append(f"| {label} | {secs / steps * 1000:.1f} ms | {error:.1e} |")
+        single = cached.stats.masks.frames().float()
+        mismatch[world] = float((out["masks"] != single).float().mean())
+    lines.append("")
+    lines.append(f"Free-running cache decisions (slow preset), share of mask entries (step x token) that differ "
+                 f"from one process: 1 process through the parallel path {mismatch[1]:.2%}, "
+                 f"2 processes {mismatch[2]:.2%}.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--paper", action="store_true", help="the paper table only")
+    args = parser.parse_args(argv)
+    text = paper_table()
+    if not args.paper:
+        text += "\n\n" + measured()
+        with open(OUT, "w") as f:
+            f.write(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
