@@ -14,32 +14,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
+from magi1.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.schedule import check_steps
 from magi1.tiny import MODELS, TINY
 
-FPS = 24
 WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
 DEFAULT_MODEL = TINY
 DEFAULT_PROMPT = DEFAULT_MODEL.example_prompt
-
-
-def write_mp4(video, path, fps=FPS):
-    """``[3, F, H, W]`` in [-1, 1] -> an H.264 mp4 at ``fps``."""
-    import av  # PyAV: a requirement of the pack (ComfyUI ships it too)
-
-    frames = ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).contiguous().numpy()
-    with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.options = {"crf": "16"}
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
 
 
 def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, preset="slow", tau=None,

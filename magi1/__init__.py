@@ -7,6 +7,7 @@ from .kv_cache import KVCache
 from .loader import build_dit, load_dit, random_dit
 from .memory_plan import MemoryPlan, memory_plan
 from .ops import CastOps
+from .parallel import Parallel
 from .streaming import LayerStreamer, stream_layers
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 from .guidance import Guidance
@@ -18,7 +19,7 @@ from .text import (SpecialTokens, chunk_captions, find_special_tokens, null_capt
 from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
-    "LATENT_SCALE", "CastOps", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan",
+    "LATENT_SCALE", "CastOps", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan", "Parallel",
     "ModelConfig", "ReuseDecision", "ReusePolicy", "ReuseState", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
     "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
     "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "parse_prompt_schedule", "prepare_prompt", "random_dit", "random_vae", "scheduled_captions", "stream_layers",

@@ -37,13 +37,6 @@ def owned_layers(num_layers, parallel):
     return [i for i in range(num_layers) if i % parallel.cp == parallel.cp_rank]
 
 
-def others_keys(keys, num_layers, parallel):
-    """The checkpoint keys of the layers other ranks own (this rank does not read them)."""
-    mine = set(owned_layers(num_layers, parallel))
-    prefixes = tuple(layer_prefix(i) for i in range(num_layers) if i not in mine)
-    return {key for key in keys if key.startswith(prefixes)}
-
-
 class _SharedLayer:
     """One layer's tensor slots, their shapes and dtypes, and their places in the flat buffer."""
 

@@ -98,27 +98,39 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
         expected.update({k: tuple(v.shape) for k, v in targets.items() if k.endswith(".scale_weight")})
     check_state_dict(model, expected)
     convert = fp8.converter(targets, kind)
-    others = set()  # the layers other processes own
-    if parallel is not None and parallel.cp > 1 and parallel.shard_weights:
-        if resident_layers is not None:
-            raise ValueError("resident_layers (streaming) and parallel cannot be combined: the processes already "
-                             "split the layers")
-        others = layer_sharding.others_keys(shapes, config.num_layers, parallel)
-    for file in files:
-        part = read_tensors(file, device, None, convert=convert, skip=set(ignored) | others)
-        model.load_state_dict(part, strict=False, assign=True)
-        del part
-    other_layers = tuple(layer_sharding.layer_prefix(i) for i in range(config.num_layers)
-                         if others and i not in layer_sharding.owned_layers(config.num_layers, parallel))
-    still_meta = [k for k, v in model.state_dict().items() if v.is_meta and not (other_layers and k.startswith(other_layers))]
-    if still_meta:  # check_state_dict guarantees every key is in the files; this guards the assignment
-        raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
+    other_layers = _other_layers(config, parallel, resident_layers)
+    skip = set(ignored) | {k for k in shapes if other_layers and k.startswith(other_layers)}
+    _read_into(model, files, device, convert, skip, other_layers)
     model.eval().requires_grad_(False)
     model.distill, model.variant_reason = _distill(distill, files, stored, metadata)
     model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
     if resident_layers is not None:
         stream_layers(model, compute_device, resident_layers)  # kept as model._layer_streamer
     return layer_sharding.distribute(model, parallel)
+
+
+def _other_layers(config, parallel, resident_layers):
+    """The key prefixes of the transformer layers other processes own (this one does not read them)."""
+    if parallel is None or parallel.cp == 1 or not parallel.shard_weights:
+        return ()
+    if resident_layers is not None:
+        raise ValueError("resident_layers (streaming) and parallel cannot be combined: the processes already split "
+                         "the layers")
+    mine = set(layer_sharding.owned_layers(config.num_layers, parallel))
+    return tuple(layer_sharding.layer_prefix(i) for i in range(config.num_layers) if i not in mine)
+
+
+def _read_into(model, files, device, convert, skip, other_layers):
+    """Every tensor of ``files`` but those in ``skip`` (ignored ones, other processes' layers), into the
+    meta-built model."""
+    for file in files:
+        part = read_tensors(file, device, None, convert=convert, skip=skip)
+        model.load_state_dict(part, strict=False, assign=True)
+        del part
+    still_meta = [k for k, v in model.state_dict().items()
+                  if v.is_meta and not (other_layers and k.startswith(other_layers))]
+    if still_meta:  # check_state_dict guarantees every key is in the files; this guards the assignment
+        raise RuntimeError(f"DiT tensors left unloaded: {still_meta[:5]}")
 
 
 def _distill(asked, files, stored, metadata):

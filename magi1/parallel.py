@@ -35,7 +35,8 @@ import torch.distributed as dist
 
 BACKEND_ENV = "MAGI1_DIST_BACKEND"  # overrides the backend (nccl on CUDA, gloo on CPU)
 # torch 2.13 renamed all_gather_into_tensor (still there, deprecated); torch 2.4 has only the old name.
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+# (getattr: torch builds without distributed support still import the pack)
+_all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
 def split_sizes(total, parts):

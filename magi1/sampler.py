@@ -61,8 +61,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
             ``(G, L)``, one per chunk to generate (G = chunks after the prefix; the text path builds
             them), or a single ``(L, ...)`` for every chunk. An all-zero mask means no prompt.
         frames, height, width: video frames and pixel size (``VideoLayout.plan``).
-        steps: denoising steps per chunk (a multiple of 4 and of ``window_size``; 12 uses the
-            distilled shortcut schedule).
+        steps: per chunk, a multiple of 4 and of ``window_size`` (12: the distilled shortcut schedule).
         seed, noise: the initial noise is ``noise`` if given ([16, T, H/8, W/8]), else drawn on the
             CPU from ``seed`` (the same video on any device).
         negative_caption, negative_mask: replaces the null caption in the unconditional passes of base
@@ -71,41 +70,34 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
             scaled by the VAE's scale factor.
         guidance: ``Guidance()``; policy: a token-reuse policy such as ``cache_core.CachePolicy`` (see
             ``magi1.reuse_contract``; None = no reuse).
-        window_size, chunk_width: the official 4 and 6.
-        kv_offload: keep the KV caches in host memory (slower; for small GPUs).
-        on_step: called with a ``StepProgress`` after every step; may raise to interrupt.
-        should_stop: polled before every step; returning true raises ``SamplingInterrupted``.
+        window_size, chunk_width: the official 4 and 6. kv_offload: keep the KV caches in host memory.
+        on_step: called with a ``StepProgress`` after every step; may raise to interrupt. should_stop:
+            polled before every step; returning true raises ``SamplingInterrupted``.
         record_masks: keep the active-token masks (``stats.masks``).
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
-        parallel: a ``magi1.Parallel`` shared by several processes, each calling ``generate`` with the same
-            arguments on a model loaded with ``parallel=`` (``magi1.parallel``); default: the model's.
-            Every process returns the same latent; ``on_step`` is called on rank 0 only. ``stop`` and
-            ``should_stop`` must agree on every process (stop a multi-process run by ending its processes).
+        parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.parallel``): every process calls
+            with the same arguments and gets the same latent; ``on_step`` runs on rank 0 only, and ``stop``
+            / ``should_stop`` must agree on every process (else end the processes).
 
     Returns:
         ``SampleResult(latent, stats)``. All KV caches and per-run state are released on return, on
         error and on interrupt.
     """
-    if policy is not None and not isinstance(policy, ReusePolicy):
-        raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.reuse_contract.ReusePolicy) or "
-                        f"None, got {type(policy).__name__}")
+    _check_policy(policy)
     guidance = guidance or Guidance()
     parallel = _checked_parallel(parallel, model)
-    if parallel is not None and not parallel.is_main:
-        on_step = None  # progress and previews come from rank 0
+    on_step = on_step if parallel is None or parallel.is_main else None  # progress and previews from rank 0
     check_steps(steps, window_size)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
-    latent_shape = (model.config.latent_channels, layout.latent_frames, layout.latent_height, layout.latent_width)
-    prefix = _checked_prefix(prefix, latent_shape, layout, model.device, frames, height, width)
-    x = _initial_latent(noise, seed, latent_shape, model.device)
+    prefix, x = _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width)
     captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
 
     reuse = start_reuse(policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
     recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
-    streams = _guidance_streams(guidance, model, layout, captions, DiTCall(model, captions, recorder, steps, stop),
-                                reuse, kv_offload, window_size, parallel)
+    call = DiTCall(model, captions, recorder, steps, stop)
+    streams = _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size, parallel)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
     del x, prefix  # the loop holds them now, and drops them when it closes
@@ -216,6 +208,19 @@ def _checked_parallel(parallel, model):
         raise ValueError("generate(parallel=...) needs a model shared with it: load it with load_dit(parallel=...) "
                          "or pass it through magi1.layer_sharding.distribute(model, parallel)")
     return parallel
+
+
+def _check_policy(policy):
+    if policy is not None and not isinstance(policy, ReusePolicy):
+        raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.reuse_contract.ReusePolicy) or "
+                        f"None, got {type(policy).__name__}")
+
+
+def _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width):
+    """The checked prefix latents and the initial latent, on the model's device."""
+    latent_shape = (model.config.latent_channels, layout.latent_frames, layout.latent_height, layout.latent_width)
+    prefix = _checked_prefix(prefix, latent_shape, layout, model.device, frames, height, width)
+    return prefix, _initial_latent(noise, seed, latent_shape, model.device)
 
 
 def _checked_prefix(prefix, latent_shape, layout, device, frames, height, width):
