@@ -28,10 +28,13 @@ class MagiModel(torch.nn.Module):
     """What a MAGI-1 MODEL's ModelPatcher holds (ComfyUI keeps its bookkeeping, such as ``device``, on this
     module): the DiT as ``diffusion_model``, as in ComfyUI's own models."""
 
-    def __init__(self, dit, special_tokens):
+    def __init__(self, dit, special_tokens, source=None):
         super().__init__()
         self.diffusion_model = dit
         self.special_tokens = special_tokens  # magi1.SpecialTokens: the sampler's only source of the table
+        # Where the DiT came from and how it was loaded (builtin, path, dtype, weights, distill, attention), so
+        # that worker processes can load it themselves (MAGI-1 Multi-GPU).
+        self.source = source
 
 
 def checkpoint_choices(folder):
@@ -120,7 +123,9 @@ class MAGI1DiTLoader(io.ComfyNode):
                          operations=comfy.ops.manual_cast)
         model.set_attention_backend(attention)
         logging.info("%s", weights_line(model, load_device))
-        return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model, tokens), load_device=load_device,
+        source = dict(builtin=BUILTIN[checkpoint].name if checkpoint in BUILTIN else None, path=os.path.abspath(path),
+                      dtype=str(dtype).removeprefix("torch."), weights=weights, distill=distill, attention=attention)
+        return io.NodeOutput(comfy.model_patcher.ModelPatcher(MagiModel(model, tokens, source), load_device=load_device,
                                                               offload_device=offload_device))
 
 

@@ -11,6 +11,7 @@ from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
 from .memory import checked_plan, weights_line
+from .multi_gpu import MULTI_GPU_KEY, sample_on_workers
 from .preview import LivePreview
 from .text_encode import FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY
 from .vae import UNCONNECTED
@@ -194,6 +195,7 @@ class MAGI1Sampler(io.ComfyNode):
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
                 prefix_latent=None, record_masks=False, kv_offload=False, preview_vae=None) -> io.NodeOutput:
         policy = model.model_options.get("transformer_options", {}).get(POLICY_KEY)
+        workers = model.model_options.get("transformer_options", {}).get(MULTI_GPU_KEY)  # MAGI-1 Multi-GPU
         dit = getattr(model.model, "diffusion_model", None)
         if not hasattr(dit, "y_embedder"):
             raise ValueError("MAGI-1 Sampler needs a model from MAGI-1 DiT Loader")
@@ -202,41 +204,80 @@ class MAGI1Sampler(io.ComfyNode):
         asked, frames = frames, whole_latent_frames(frames)
         VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before loading
         prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
-        plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
-                                                  0 if prefix is None else prefix.shape[1], kv_offload)
-        # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
-        mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
-        dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
+        plan = plan_note = None
+        if workers is None:
+            plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
+                                                      0 if prefix is None else prefix.shape[1], kv_offload)
+            # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
+            mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
+            dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
+        # With workers, each loads its share of the model on its own GPU: nothing is loaded here, and the memory
+        # check of one device does not apply.
         layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
                                   patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
-        caption, caption_mask = scheduled_captions(conditioning_schedule(positive, "positive", config.caption_channels),
-                                                   chunks, tokens, length=config.caption_max_length)
-        negative_caption = negative_mask = None
-        if negative is not None:
-            negative_caption, negative_mask = scheduled_captions(
-                conditioning_schedule(negative, "negative", config.caption_channels), chunks,
-                length=config.caption_max_length)
-        progress = comfy.utils.ProgressBar(1)
-        live_preview = LivePreview(preview_vae)  # gives None each step without a VAE or with previews off
-
-        def on_step(step):  # ComfyUI's interrupt point; the sampler frees its state when it raises
-            mm.throw_exception_if_processing_interrupted()
-            progress.update_absolute(step.step + 1, step.total, live_preview(step))
-
-        result = generate(dit, caption, caption_mask, frames=frames, height=height, width=width, steps=steps,
-                          seed=seed, negative_caption=negative_caption, negative_mask=negative_mask, prefix=prefix,
-                          guidance=Guidance().with_text_scale(guidance), policy=policy, kv_offload=kv_offload,
-                          on_step=on_step, record_masks=record_masks,
-                          stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
-        latent = {"samples": result.latent[None].to(mm.intermediate_device())}
-        if record_masks:
-            masks = visible(result.stats.masks.frames())[..., None].expand(-1, -1, -1, 3).contiguous()
+        inputs = dict(prefix=prefix, **run_captions(positive, negative, chunks, tokens, config))
+        request = dict(frames=frames, height=height, width=width, steps=steps, seed=seed)
+        if workers is None:
+            latent, summary, mask_frames = run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks,
+                                                    preview_vae)
+            run_lines, notes = [], []
+        else:
+            latent, summary, mask_frames, run_lines, notes = run_on_workers(
+                model, workers, inputs, dict(request, guidance=guidance, kv_offload=kv_offload,
+                                             record_masks=record_masks), policy, preview_vae)
+        samples = {"samples": latent[None].to(mm.intermediate_device())}
+        if record_masks and mask_frames is not None:
+            masks = visible(mask_frames)[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
-        notes = [plan_note, policy.unreached_token_phase(steps) if policy is not None else None,
+        notes = [plan_note, *notes, policy.unreached_token_phase(steps) if policy is not None else None,
                  *conditioning_notes(positive, chunks)]
-        lines = [result.stats.summary(), f"MAGI-1 frames: {asked} asked, {result.latent.shape[1] * 4} made "
-                 f"({chunks} chunks of 24)", weights_line(dit, model.load_device)]
-        report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note] + plan.lines())
-        return io.NodeOutput(latent, report, masks)
+        lines = [summary, f"MAGI-1 frames: {asked} asked, {latent.shape[1] * 4} made ({chunks} chunks of 24)",
+                 *run_lines, weights_line(dit, model.load_device)]
+        report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note]
+                           + (plan.lines() if plan is not None else []))
+        return io.NodeOutput(samples, report, masks)
+
+
+def run_captions(positive, negative, chunks, tokens, config):
+    """The captions ``magi1.generate`` takes: per chunk, from the prompt (and the negative prompt, if any)."""
+    caption, caption_mask = scheduled_captions(conditioning_schedule(positive, "positive", config.caption_channels),
+                                               chunks, tokens, length=config.caption_max_length)
+    negative_caption = negative_mask = None
+    if negative is not None:
+        negative_caption, negative_mask = scheduled_captions(
+            conditioning_schedule(negative, "negative", config.caption_channels), chunks,
+            length=config.caption_max_length)
+    return dict(caption=caption, caption_mask=caption_mask, negative_caption=negative_caption,
+                negative_mask=negative_mask)
+
+
+def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, preview_vae):
+    """The run in this process, on the model's device: ``(latent, summary, mask frames or None)``."""
+    progress = comfy.utils.ProgressBar(1)
+    live_preview = LivePreview(preview_vae)  # gives None each step without a VAE or with previews off
+
+    def on_step(step):  # ComfyUI's interrupt point; the sampler frees its state when it raises
+        mm.throw_exception_if_processing_interrupted()
+        progress.update_absolute(step.step + 1, step.total, live_preview(step))
+
+    result = generate(dit, inputs["caption"], inputs["caption_mask"], **request,
+                      negative_caption=inputs["negative_caption"], negative_mask=inputs["negative_mask"],
+                      prefix=inputs["prefix"], guidance=Guidance().with_text_scale(guidance), policy=policy,
+                      kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
+                      stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
+    return result.latent, result.stats.summary(), result.stats.masks.frames() if record_masks else None
+
+
+def run_on_workers(model, workers, inputs, request, policy, preview_vae):
+    """The run on the worker processes of MAGI-1 Multi-GPU: ``(latent, summary, mask frames or None, report
+    lines, notes)``."""
+    tensors, summary = sample_on_workers(model, workers, policy, inputs, request, comfy.utils.ProgressBar(1))
+    where = (f"CUDA devices {workers['devices']}" if workers["devices"] is not None else
+             f"the first {workers['workers']} CUDA devices" if torch.cuda.is_available() else "the CPU (gloo)")
+    lines = [f"MAGI-1 ran on {workers['workers']} worker processes ({where}; cfg parallel {workers['cfg_parallel']})"]
+    notes = ["live previews are not shown when the sampler runs on several GPUs" if preview_vae is not None else None,
+             "the cache masks did not come back from the workers" if request["record_masks"] and "masks" not in tensors
+             else None]
+    return tensors["latent"], summary, tensors.get("masks"), lines, notes

@@ -342,8 +342,8 @@ PARTIAL_LOAD = textwrap.dedent(
     print(f"PARTIAL OK {partial_modules} modules cast by ComfyUI; fp8 scaled latent error {err:.3f}")
     """
 )
-NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1EncodePrefix", "MAGI1MotionDetailCache", "MAGI1Sampler",
-            "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
+NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1EncodePrefix", "MAGI1MotionDetailCache", "MAGI1MultiGPU",
+            "MAGI1Sampler", "MAGI1SaveCaptionStates", "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
 
 
 def run_in_comfyui(script, timeout=600):
@@ -598,6 +598,16 @@ def test_tiny_model_continues_an_image_and_a_video_through_encode_prefix(server)
         began = time.time()
         assert saved_video(server, run_prompt(server, api)) == (expected_frames(api, prefix), 64, 64)
         print(f"{images[0]}: {time.time() - began:.1f} s")
+
+
+def test_the_tiny_demo_runs_on_two_worker_processes(server):
+    """MAGI-1 Multi-GPU between the model and the sampler: 2 worker processes (gloo on the CPU here), started
+    and stopped by the sampler in the running server; the same video as the demo graph makes in one process."""
+    api = json.loads((ROOT / "workflows" / "api" / "magi1_tiny_demo.json").read_text())
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    api["40"] = {"class_type": "MAGI1MultiGPU", "inputs": {"model": sampler["model"], "gpus": 2, "cfg_parallel": 1}}
+    sampler.update(model=["40", 0], seed=11)  # another seed than the demo's: not a cached result
+    assert saved_video(server, run_prompt(server, api)) == (expected_frames(api), 64, 64)
 
 
 def test_prefix_inputs_are_checked_at_queue_time(server):

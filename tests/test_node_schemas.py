@@ -16,7 +16,7 @@ def nodes():
 def test_ids_are_unique_prefixed_and_categorised(nodes):
     schemas = [node.GET_SCHEMA() for node in nodes]
     ids = [schema.node_id for schema in schemas]
-    assert len(ids) == len(set(ids)) == 8
+    assert len(ids) == len(set(ids)) == 10
     for schema in schemas:
         assert schema.node_id.startswith("MAGI1") and schema.category == "MAGI-1"
         assert schema.display_name.startswith("MAGI-1 ") and schema.description
