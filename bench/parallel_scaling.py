@@ -12,9 +12,11 @@ context parallel over N processes, bf16 compute, cache off). Per rank:
 * activations: the window call's peak (``dit_activation_bytes``) with its per-token part divided by N,
   plus the all-to-all buffers (send and receive copies of q, k, v of its tokens) and the gathered output;
   the latents and caption table stay whole on every rank;
-* communication per denoising step, bytes received by one rank: per layer of every DiT call, the
-  all-to-alls of q, k, v and the attention output ((N - 1) / N of its share each) and the layer's weights
-  from their owner (N - 1 of N layers), and the gathered output.
+* communication per denoising step (one window call), bytes received by one rank: per layer, the
+  all-to-alls of q, k, v and the attention output ((N - 1) / N of its share each) and the gathered output;
+  and the weights of the layers it does not own (N - 1 of N), broadcast by their owners;
+* compute per step: ``magi1.flops`` of the window call (keys taken as the window's tokens, an estimate)
+  over N, at an assumed 600 TFLOP/s per GPU.
 
 Measured: the built-in tiny model (64x64, 48 frames, 16 steps), gloo on this machine's CPU cores, one
 thread per process: one process as usual, one process through the parallel path (world 1), and two
@@ -38,13 +40,14 @@ from magi1.config import ModelConfig
 from magi1.layout import VideoLayout
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
 from magi1.memory_plan import GB, dit_activation_bytes, layer_weight_bytes, window_calls
+from magi1.flops import flops
 from magi1.parallel import split_sizes
-from magi1.schedule import total_forward_steps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "parallel_scaling.md")
 SIZE = dict(frames=96, height=720, width=1280)
 BF16 = 2
+PER_GPU_FLOPS = 600e12  # an assumed sustained bf16 rate per GPU (H100-class), for the compute column
 
 
 def per_rank(config, processes, weight_dtype="bfloat16"):
@@ -64,26 +67,30 @@ def per_rank(config, processes, weight_dtype="bfloat16"):
     q, k = config.num_attention_heads * config.kv_channels, config.num_query_groups * config.kv_channels
     whole = dit_activation_bytes(config, layout, calls)
     activations = whole / n + (2 * local * (q + 2 * k) * BF16 + tokens * 4 * config.out_channels * 4 if n > 1 else 0)
-    received = 0.0
+    exchanged = broadcast = 0.0
     if n > 1:
         share = (n - 1) / n
-        per_layer = share * local * (2 * q + 2 * k) * BF16  # q, k, v to heads; the output back to tokens
-        received = L * per_layer + sum(layer) * share + tokens * 4 * config.out_channels * 4 * share
-    steps_per_chunk = 16  # the distilled 16-step schedule: one window call per step
+        # q, k, v to heads and the output back to tokens, every layer; the gathered output once
+        exchanged = L * share * local * (2 * q + 2 * k) * BF16 + tokens * 4 * config.out_channels * 4 * share
+        broadcast = sum(layer) * share  # the layers this rank does not own
+    # one window call per step, its keys about the window's tokens (an estimate)
+    work = flops(config, query_tokens=tokens, key_tokens=tokens, caption_tokens=120, chunks=calls.query).total
     return dict(weights=weights / GB, kv=kv / GB, activations=activations / GB,
-                total=(weights + kv + activations) / GB, comm=received / GB, calls_per_step=1,
-                steps=total_forward_steps(layout.chunk_num, steps_per_chunk, 4), tokens=tokens)
+                total=(weights + kv + activations) / GB, exchanged=exchanged / GB, broadcast=broadcast / GB,
+                compute_s=work / n / PER_GPU_FLOPS)
 
 
 def paper_table():
     config = ModelConfig.from_dict(OFFICIAL_MODEL_CONFIGS["24B"])
     lines = ["| 24B distill 720x1280, 96 frames | N | weights / rank | KV cache / rank | activations / rank | "
-             "total / rank | received / step / rank |", "|---|---|---|---|---|---|---|"]
+             "total / rank | all-to-all / step / rank | weights received / step / rank | compute / step / rank |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, dtype in (("bf16", "bfloat16"), ("fp8_e4m3fn weights", "fp8_e4m3fn")):
         for n in (1, 2, 4, 8):
             r = per_rank(config, n, dtype)
             lines.append(f"| {label} | {n} | {r['weights']:.1f} GB | {r['kv']:.1f} GB | {r['activations']:.1f} GB | "
-                         f"{r['total']:.1f} GB | {r['comm']:.1f} GB |")
+                         f"{r['total']:.1f} GB | {r['exchanged']:.1f} GB | {r['broadcast']:.1f} GB | "
+                         f"{r['compute_s']:.1f} s |")
     return "\n".join(lines)
 
 
@@ -110,10 +117,15 @@ def _run(parallel, cached):
     model = TINY.load_dit(parallel=parallel)
     args = _request()
     with torch.no_grad():
-        generate(model, **{**args, "frames": 24, "steps": 8}, parallel=parallel)  # warm-up
+        generate(model, **_request(frames=24, steps=8), parallel=parallel)  # warm-up
         start = time.perf_counter()
         result = generate(model, **args, policy=_policy() if cached else None, parallel=parallel, record_masks=cached)
     return result, time.perf_counter() - start
+
+
+def _steps(stats):
+    """Forward steps of a run."""
+    return 1 + max(record.step for record in stats.records)
 
 
 def _worker(rank, world, port, out_dir):
@@ -127,7 +139,7 @@ def _worker(rank, world, port, out_dir):
         if rank == 0:
             save_file({"latent": plain.latent, "masks": cached.stats.masks.frames().float(),
                        "cached": cached.latent}, os.path.join(out_dir, "out.safetensors"),
-                      metadata={"seconds": repr(seconds), "steps": repr(plain.stats.steps)})
+                      metadata={"seconds": repr(seconds), "steps": repr(_steps(plain.stats))})
     finally:
         par.close()
 
@@ -151,7 +163,7 @@ def measured():
     torch.set_num_threads(1)
     plain, seconds = _run(None, cached=False)
     cached, _ = _run(None, cached=True)
-    steps = plain.stats.steps
+    steps = _steps(plain.stats)
     lines = ["| tiny model, 64x64, 48 frames, 16 steps (CPU, 1 thread per process) | s / step | latent vs 1 process |",
              "|---|---|---|", f"| 1 process | {seconds / steps * 1000:.1f} ms | - |"]
     mismatch = {}
