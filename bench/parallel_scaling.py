@@ -6,7 +6,8 @@
 Paper (``magi1.memory_plan`` and ``magi1.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
 context parallel over N processes, bf16 compute, cache off). Per rank:
 
-* weights: the layers it owns (``ceil(L / N)``), one more layer in flight (the one broadcast to it), and
+* weights: the layers it owns (``ceil(L / N)``), the layers in flight (the running one and the next, which
+  is broadcast while the running one computes; one for N = 2, where every other layer is its own), and
   everything outside the layers (replicated);
 * KV cache: the KV heads its query heads read (``8 / N`` of 8 for N <= 8);
 * activations: the window call's peak (``dit_activation_bytes``) with its per-token part divided by N,
@@ -59,7 +60,7 @@ def per_rank(config, processes, weight_dtype="bfloat16"):
     layer = [sum(layer_weight_bytes(config, i, weight_dtype).values()) for i in range(L)]
     rest = sum(plan.weights.values()) - sum(layer)
     owned = max(sum(layer[i] for i in range(L) if i % n == r) for r in range(n))
-    weights = rest + owned + (max(layer) if n > 1 else 0)
+    weights = rest + owned + (2 * max(layer) if n > 2 else max(layer) if n == 2 else 0)  # layers in flight
     local_kv = max(split_sizes(config.num_attention_heads, n)) * config.num_query_groups // config.num_attention_heads
     kv = plan.kv_on_gpu * max(1, local_kv) // config.num_query_groups
     tokens = calls.query * layout.tokens_per_chunk

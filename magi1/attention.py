@@ -74,6 +74,8 @@ def attend_segments(q, k, v, q_lengths, k_lengths, backend):
     q ``(Sq, Hq, D)`` and k, v ``(Sk, Hkv, D)`` hold their segments back to back; the lengths are host
     integers. Used for cross-attention, where every chunk reads only its own valid caption tokens.
     """
+    if q.shape[0] == 0:  # a context-parallel rank without queries in this call
+        return torch.empty_like(q)
     if backend == "flash":
         cu_q = _cumulative(q_lengths, q.device)
         cu_k = _cumulative(k_lengths, q.device)

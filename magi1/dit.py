@@ -277,8 +277,9 @@ class Attention(nn.Module):
                                     call.local_lengths, call.caption_lengths, call.backend)
 
         # [self | cross] -> 8 interleaved shards [self_0, cross_0, self_1, cross_1, ...]
-        out = torch.stack([self_out.reshape(n, s, PROJ_SHARDS, -1), cross_out.view(n, s, PROJ_SHARDS, -1)], dim=3)
-        out = out.reshape(n, s, -1)
+        shard = self.heads * self.head_dim // PROJ_SHARDS  # (explicit: a rank may hold no tokens, s = 0)
+        out = torch.stack([self_out.reshape(n, s, PROJ_SHARDS, shard), cross_out.view(n, s, PROJ_SHARDS, shard)], dim=3)
+        out = out.reshape(n, s, 2 * PROJ_SHARDS * shard)
         if isinstance(self.linear_proj, QuantizedFp8Linear):  # the official fp8 layer takes the compute dtype
             return self.linear_proj(out).float()
         return self.linear_proj(out.float())  # in float32, as the official model does
@@ -634,7 +635,7 @@ class _Call:
             if count:
                 keys, values = space.keys(start, end)
                 if self.cp is not None and self.cp.kv_expand is not None:  # one KV head per query head
-                    expand = self.cp.kv_expand.to(keys.device)
+                    expand = self.cp.expand_index(keys.device)
                     keys, values = keys.index_select(2, expand), values.index_select(2, expand)
                 self._attend_in_blocks(q, out, offset, count, keys, values)
             offset += count
@@ -644,7 +645,7 @@ class _Call:
         """One chunk's queries, in blocks of about ``BLOCK_FLOPS`` of work when a stop check is given,
         polling it between blocks (a block of a multiple of 128 queries gives the same values as the whole)."""
         block = count
-        if self.stop is not None:
+        if self.stop is not None and self.cp is None:  # (context parallel: between layers only, as every rank)
             work = 4 * keys.shape[1] * q.shape[2] * q.shape[3]  # FLOPs per query
             block = min(count, max(128, int(BLOCK_FLOPS.get(q.device.type, 1e13) // work) // 128 * 128))
         for first in range(offset, offset + count, block):

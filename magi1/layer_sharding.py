@@ -2,10 +2,11 @@
 
 Layer ``i`` belongs to rank ``i % cp`` of its group: that rank alone reads the layer from the checkpoint
 (``magi1.load_dit(parallel=...)``) and keeps it. Every other rank holds the layer's parameters as meta
-tensors (no memory); just before the layer runs, the owner broadcasts it to the group as one flat byte
-buffer (float8 and float32 alike), the others point the layer's parameters at views of that buffer, and
-drop it when the layer is done. Weight memory per rank is about ``1 / cp`` of the layers plus the one
-running, and everything outside the layers (embedders, final layer: about 1% of the weights) stays
+tensors (no memory). The owner broadcasts the layer to the group as one flat byte buffer (float8 and
+float32 alike) while the layer before it computes (on a communicator of its own, beside the all-to-alls);
+the others point the layer's parameters at views of that buffer when it runs and drop it when it is done.
+Weight memory per rank is about ``1 / cp`` of the layers plus at most two in flight (the running one and
+the next), and everything outside the layers (embedders, final layer: about 1% of the weights) stays
 replicated. The bytes broadcast per DiT call equal the layers' size, as an FSDP all-gather's would.
 
 Every rank of the group must run the same DiT calls in the same order (the sampler guarantees it), so
@@ -77,7 +78,8 @@ class LayerSharding:
         layers = model.videodit_blocks.layers
         self.layers = [_SharedLayer(layer, i % parallel.cp) for i, layer in enumerate(layers)]
         self.broadcast_bytes = 0  # counted per call, for the scaling report
-        self._hooks = []
+        self._pending = {}  # layer -> (work, buffer) of a broadcast started ahead of the layer
+        self._hooks = [model.register_forward_hook(self._end_of_call, always_call=True)]
         self._flat = {}  # the owned layers' weights, each in the flat buffer it is broadcast from
         for index, layer in enumerate(layers):
             shared = self.layers[index]
@@ -89,18 +91,31 @@ class LayerSharding:
             self._hooks.append(layer.register_forward_pre_hook(self._before(index)))
             self._hooks.append(layer.register_forward_hook(self._after(index), always_call=True))
 
+    def _fetch(self, index):
+        """Start broadcasting layer ``index`` from its owner: ``(work, buffer)``."""
+        shared, par = self.layers[index], self.parallel
+        mine = shared.owner == par.cp_rank
+        flat = self._flat[index] if mine else torch.empty(shared.nbytes, dtype=torch.uint8, device=par.device)
+        source = dist.get_global_rank(par.weights_group, shared.owner)
+        self.broadcast_bytes += shared.nbytes
+        return dist.broadcast(flat, source, group=par.weights_group, async_op=True), flat
+
     def _before(self, index):
         def hook(module, args):
-            shared, par = self.layers[index], self.parallel
-            mine = shared.owner == par.cp_rank
-            flat = self._flat[index] if mine else torch.empty(shared.nbytes, dtype=torch.uint8, device=par.device)
-            src = dist.get_global_rank(par.cp_group, shared.owner) if par.cp_group is not dist.group.WORLD \
-                else shared.owner
-            dist.broadcast(flat, src, group=par.cp_group)
-            self.broadcast_bytes += shared.nbytes
-            if not mine:
+            work, flat = self._pending.pop(index, None) or self._fetch(index)
+            work.wait()
+            if index + 1 < len(self.layers):  # the next layer travels while this one computes
+                self._pending[index + 1] = self._fetch(index + 1)
+            shared = self.layers[index]
+            if shared.owner != self.parallel.cp_rank:
                 shared.point_at(flat)
         return hook
+
+    def _end_of_call(self, module, args, output):
+        """A call that stopped midway leaves the next layer's broadcast started: finish and drop it."""
+        for work, _ in self._pending.values():
+            work.wait()
+        self._pending.clear()
 
     def _after(self, index):
         def hook(module, args, output):
@@ -120,6 +135,9 @@ def distribute(model, parallel):
     context parallel calls, and each transformer layer kept by its owner only. Returns the model."""
     if parallel is None:
         return model
+    if getattr(model, "parallel", None) is not None or getattr(model, "_layer_streamer", None) is not None:
+        raise ValueError("this model is already shared between processes or streams its layers: distribute a "
+                         "freshly loaded model")
     model.parallel = parallel
     model.context_parallel = parallel.context(model.config)
     if parallel.cp > 1 and parallel.shard_weights:

@@ -134,6 +134,8 @@ def fp8_matmul(x_fp8, weight_fp8, scale_a, scale_b, out_dtype):
     """
     shape = x_fp8.shape
     x2 = x_fp8.reshape(-1, shape[-1]).contiguous()
+    if x2.shape[0] == 0:  # no rows (a context-parallel rank without tokens in this call)
+        return torch.empty(*shape[:-1], weight_fp8.shape[0], dtype=out_dtype, device=x2.device)
     if x2.is_cuda and fp8_arithmetic(x2.device) and x2.shape[1] % 16 == 0 and weight_fp8.shape[0] % 16 == 0:
         out = torch._scaled_mm(x2, weight_fp8.t(), scale_a=scale_a.float(), scale_b=scale_b.float(),
                                out_dtype=out_dtype)

@@ -74,10 +74,13 @@ class Parallel:
                                      self.cfg_index)
         self.peer_group = self._groups([[g * self.cp + r for g in range(cfg)] for r in range(self.cp)],
                                        self.cp_rank)
+        # The layer broadcasts get communicators of their own, so that they overlap the all-to-alls.
+        self.weights_group = self._groups([[g * self.cp + r for r in range(self.cp)] for g in range(cfg)],
+                                          self.cfg_index, separate=True)
 
     @staticmethod
-    def _groups(members, mine):
-        if len(members[0]) == dist.get_world_size():
+    def _groups(members, mine, separate=False):
+        if len(members[0]) == dist.get_world_size() and not separate:
             return dist.group.WORLD
         groups = [dist.new_group(ranks) for ranks in members]
         return groups[mine]
@@ -151,6 +154,13 @@ class ContextParallel:
         group = (b - a) // (kb - ka) if (b - a) % (kb - ka) == 0 else 0
         regular = group and index == [i // group for i in range(b - a)]
         self.kv_expand = None if regular else torch.tensor(index)
+        self._expand_on = {}  # device -> kv_expand there
+
+    def expand_index(self, device):
+        """``kv_expand`` on ``device`` (copied there once)."""
+        if device not in self._expand_on:
+            self._expand_on[device] = self.kv_expand.to(device)
+        return self._expand_on[device]
 
     def token_range(self, total):
         """This rank's tokens ``[start, end)`` of ``total``."""

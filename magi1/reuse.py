@@ -26,7 +26,7 @@ def start_reuse(policy, model, layout, num_steps, parallel=None):
         return PolicyReuse(policy, model, layout, num_steps)
     if parallel.rank == 0:
         return LeadingReuse(policy, model, layout, num_steps, parallel)
-    return FollowingReuse(policy, model, layout, parallel)
+    return FollowingReuse(policy, model, layout, num_steps, parallel)
 
 
 class NoReuse:
@@ -122,6 +122,14 @@ class SharedDecision:
         return "skip" if self.n_active == 0 else "sparse"
 
 
+FAILED = -2  # in a decision table's first entry: rank 0's policy raised
+
+
+def _active_of(table, device):
+    """Per chunk of a decision table: None (every token) or the ascending indices of its computed tokens."""
+    return [None if int(row[0]) < 0 else row[1:].nonzero()[:, 0].to(device) for row in table]
+
+
 def _decision_table(parallel, tokens, chunks):
     """The buffer decisions travel in: per chunk ``[n_active or -1 for all, mask of tokens]``."""
     return torch.zeros(chunks, 1 + tokens, dtype=torch.int64, device=parallel.device)
@@ -135,8 +143,13 @@ class LeadingReuse(PolicyReuse):
         self.parallel = parallel
 
     def decide(self, chunks, chunk_steps, x_noisy, times):
-        decisions = super().decide(chunks, chunk_steps, x_noisy, times)
-        table = _decision_table(self.parallel, self.tokens, len(decisions))
+        table = _decision_table(self.parallel, self.tokens, len(chunks))
+        try:
+            decisions = super().decide(chunks, chunk_steps, x_noisy, times)
+        except Exception:
+            table[0, 0] = FAILED  # the other processes raise too, instead of waiting for decisions
+            dist.broadcast(table, 0)
+            raise
         for row, d in zip(table, decisions):
             row[0] = -1 if d.active is None else d.n_active
             if d.active is None:
@@ -144,7 +157,11 @@ class LeadingReuse(PolicyReuse):
             else:
                 row[1 + d.active.to(row.device)] = 1
         dist.broadcast(table, 0)
+        self._active = _active_of(table, x_noisy.device)  # what the others read: the same tokens everywhere
         return decisions
+
+    def active(self, decisions, chunks):
+        return self._active, [d.n_active for d in decisions]
 
     def share(self, x_new):
         dist.broadcast(x_new, 0)
@@ -155,8 +172,9 @@ class FollowingReuse(NoReuse):
 
     reusing = True
 
-    def __init__(self, policy, model, layout, parallel):
+    def __init__(self, policy, model, layout, num_steps, parallel):
         super().__init__(layout, policy.mode)
+        PolicyReuse(policy, model, layout, num_steps).close()  # refuses (raises) the videos rank 0's policy refuses
         self.token_level = policy.uses_token_weights
         self.parallel, self.device = parallel, model.device
         self.chunk_shape = (model.config.latent_channels, layout.chunk_width, layout.latent_height,
@@ -165,13 +183,11 @@ class FollowingReuse(NoReuse):
     def decide(self, chunks, chunk_steps, x_noisy, times):
         table = _decision_table(self.parallel, self.tokens, len(chunks))
         dist.broadcast(table, 0)
-        decisions = []
-        for chunk, step, row in zip(chunks, chunk_steps, table.cpu()):
-            count = int(row[0])
-            active = None if count < 0 else row[1:].nonzero()[:, 0].to(x_noisy.device)
-            decisions.append(SharedDecision(chunk, step, "shared", self.tokens if count < 0 else count,
-                                            self.tokens, active))
-        return decisions
+        if int(table[0, 0]) == FAILED:
+            raise RuntimeError("rank 0's cache policy failed at this step (its error is in rank 0's output)")
+        counts = table[:, 0].tolist()
+        return [SharedDecision(chunk, step, "shared", self.tokens if count < 0 else count, self.tokens, active)
+                for chunk, step, count, active in zip(chunks, chunk_steps, counts, _active_of(table, x_noisy.device))]
 
     def active(self, decisions, chunks):
         return [d.active for d in decisions], [d.n_active for d in decisions]

@@ -105,7 +105,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         with torch.no_grad():
             recorder.start(model.device)
             latent = loop.run(should_stop, stop)
-            return SampleResult(latent, recorder.finish(model.device))
+            return SampleResult(latent, _all_streams_counted(recorder.finish(model.device), parallel))
     finally:  # the traceback of an error or interrupt keeps this frame alive, not the buffers
         loop.close()
         captions.close()
@@ -199,6 +199,16 @@ def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload
         return SinglePass(guidance, model, layout, captions, call, reusing=reuse.reusing, kv_offload=kv_offload)
     return ThreePass(guidance, model, layout, captions, call, reusing=reuse.reusing, token_level=reuse.token_level,
                      kv_offload=kv_offload, window_size=window_size, parallel=parallel)
+
+
+def _all_streams_counted(stats, parallel):
+    """With guidance streams in several process groups each rank counted its own group's DiT calls: add the
+    other groups' (exact: the counts are whole numbers and FLOP sums far below 2**53)."""
+    if parallel is not None and parallel.cfg > 1:
+        counts = torch.tensor([stats.flops, float(stats.model_calls)], dtype=torch.float64, device=parallel.device)
+        torch.distributed.all_reduce(counts, group=parallel.peer_group)
+        stats.flops, stats.model_calls = float(counts[0]), int(counts[1])
+    return stats
 
 
 def _checked_parallel(parallel, model):

@@ -64,6 +64,9 @@ def checked_devices(gpus, devices, cuda_count):
         logging.warning("MAGI-1 Multi-GPU: no CUDA GPU here; the %d workers run on the CPU (gloo), which is only "
                         "useful for testing", gpus)
         return None
+    if not torch.distributed.is_available() or not torch.distributed.is_nccl_available():
+        raise ValueError("MAGI-1 Multi-GPU needs PyTorch with NCCL for several GPUs (Linux builds have it; Windows "
+                         "builds do not): run MAGI-1 Sampler without this node, or ComfyUI under Linux or WSL")
     if devices is None and gpus > cuda_count:
         raise ValueError(f"MAGI-1 Multi-GPU: gpus is {gpus} but this machine has {cuda_count} CUDA devices: set gpus "
                          f"to {cuda_count} or fewer")
@@ -80,6 +83,9 @@ def checked_model(model, processes_per_group, cfg_parallel):
     dit = getattr(model.model, "diffusion_model", None)
     if not hasattr(dit, "y_embedder") or getattr(model.model, "source", None) is None:
         raise ValueError("MAGI-1 Multi-GPU needs a model from MAGI-1 DiT Loader (the workers load it themselves)")
+    if getattr(model, "patches", None):  # ComfyUI weight patches (e.g. a LoRA) live in this process only
+        raise ValueError("MAGI-1 Multi-GPU: this model carries weight patches (e.g. a LoRA), which the workers would "
+                         "not see (they load the checkpoint themselves): remove them or run on one GPU")
     if cfg_parallel > 1 and dit.distill:
         raise ValueError(f"MAGI-1 Multi-GPU: cfg_parallel {cfg_parallel} splits the 3 guidance passes of base "
                          "models; this model is distilled (1 pass): set cfg_parallel to 1")

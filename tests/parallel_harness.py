@@ -207,10 +207,54 @@ def uneven_forward(model, request):
 def _uneven_job(par):
     model, request = uneven_request()
     distribute(model, par)
-    return {"uneven": uneven_forward(model, request)}
+    out = {"uneven": uneven_forward(model, request)}
+    model, request = lonely_request()
+    distribute(model, par)
+    out["lonely"] = uneven_forward(model, request)
+    return out
 
 
-EXTRA_JOBS = {"tiny": _tiny_job, "uneven": _uneven_job}
+def lonely_request():
+    """A sparse call of one chunk computing a single token: every rank but one holds no query."""
+    model, request = uneven_request()
+    one = torch.tensor([5])
+    return model, dict(request, x=request["x"][:, :, :2], t=request["t"][:, :1], caption=request["caption"][:, :1],
+                       caption_mask=request["caption_mask"][:, :1], kv_range=[(0, 8)], active=[one],
+                       cache_write_chunks=1)
+
+
+class _Failing(Recording):
+    """A policy whose state raises at its third decision (on rank 0, the only one that runs it)."""
+
+    def new_state(self, **kw):
+        state = _RecordingState(self, self.inner.new_state(**kw))
+        decide, calls = state.decide, []
+
+        def failing(chunk_steps):
+            calls.append(1)
+            if len(calls) == 3:
+                raise ValueError("the policy failed on purpose")
+            return decide(chunk_steps)
+        state.decide = failing
+        return state
+
+
+def _failing_job(par):
+    """Rank 0's policy raises midway: every rank must raise (none waits for decisions that never come)."""
+    model, args, cache = case_request("distill45_cache")
+    distribute(model, par)
+    raised = 0.0
+    try:
+        with torch.no_grad():
+            generate(model, **args, policy=_Failing(cache), parallel=par)
+    except (ValueError, RuntimeError):
+        raised = 1.0
+    every = [torch.zeros(1) for _ in range(par.world)]
+    torch.distributed.all_gather(every, torch.tensor([raised]))
+    return {"failing.raised": torch.cat(every)}
+
+
+EXTRA_JOBS = {"tiny": _tiny_job, "uneven": _uneven_job, "failing": _failing_job}
 
 
 def _worker(rank, world, port, cfg, jobs, out_dir, shard_weights):
@@ -230,6 +274,8 @@ def _worker(rank, world, port, cfg, jobs, out_dir, shard_weights):
                 result = generate(model, **args, policy=cache, parallel=par, record_masks=cache is not None)
             seconds[key] = time.perf_counter() - start
             latents[key] = result.latent
+            latents[key + ".counts"] = torch.tensor([result.stats.flops, float(result.stats.model_calls)],
+                                                    dtype=torch.float64)
             if result.stats.masks is not None and rank == 0:
                 latents[key + ".masks"] = result.stats.masks.frames().float()
         if rank == 0:

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from magi1.parallel import kv_heads_of, split_sizes
-from parallel_harness import CASES, Replayed, parameter_bytes, run_world, single, tiny_request, uneven_forward, \
-    uneven_request
+from parallel_harness import CASES, Replayed, lonely_request, parameter_bytes, run_world, single, tiny_request, \
+    uneven_forward, uneven_request
 from pipeline_fixtures import relative_error
 
 TOLERANCE = 1e-5  # relative, float32
@@ -35,7 +35,7 @@ def runs(references):
         names = [n for n in NO_CACHE + CACHED if cfg == 1 or n in BASE]
         jobs = {name: (name, _replay(references[name][2])) for name in names}
         if (world, cfg) == (2, 1):
-            jobs.update(tiny=("tiny", None), uneven=("uneven", None))
+            jobs.update(tiny=("tiny", None), uneven=("uneven", None), failing=("failing", None))
         if (world, cfg) == (4, 1):
             jobs.update(uneven=("uneven", None))
         out[world, cfg] = run_world(world, jobs, cfg=cfg)[0]
@@ -83,6 +83,22 @@ def test_an_uneven_sparse_call_matches_one_process(runs, world):
     model, request = uneven_request()
     error = relative_error(runs[world, 1]["uneven"], uneven_forward(model, request))
     assert error < TOLERANCE
+    model, request = lonely_request()  # one token: the other ranks have none
+    assert relative_error(runs[world, 1]["lonely"], uneven_forward(model, request)) < TOLERANCE
+
+
+@pytest.mark.parametrize("world,cfg", WORLDS)
+def test_reported_work_counts_every_process_group(runs, references, world, cfg):
+    """FLOPs and DiT calls in rank 0's report are the whole run's, guidance groups included."""
+    for name in NO_CACHE + CACHED:
+        if cfg == 1 or name in BASE:
+            stats = references[name][1]
+            flops, calls = runs[world, cfg][name + ".counts"].tolist()
+            assert calls == stats.model_calls and flops == pytest.approx(stats.flops, rel=1e-12), name
+
+
+def test_a_policy_failing_on_rank_0_stops_every_rank(runs):
+    assert runs[2, 1]["failing.raised"].tolist() == [1.0, 1.0]
 
 
 def test_irregular_head_grouping(runs, references):

@@ -246,7 +246,7 @@ def test_the_multi_gpu_node_sets_its_option_on_a_clone(pack, model):
     assert patched.model is model.model  # the weights are shared, not copied
 
 
-def test_the_multi_gpu_node_refuses_what_cannot_run_naming_the_fix(pack, model):
+def test_the_multi_gpu_node_refuses_what_cannot_run_naming_the_fix(pack, model, monkeypatch):
     node = pack.MAGI1MultiGPU
     assert node.validate_inputs(gpus=2, cfg_parallel=1, devices="") is True
     assert node.validate_inputs() is True  # linked inputs: checked at execution
@@ -260,10 +260,18 @@ def test_the_multi_gpu_node_refuses_what_cannot_run_naming_the_fix(pack, model):
         multi_gpu(pack, model, gpus=2, cfg_parallel=2)
     with pytest.raises(ValueError, match="this model has 4 attention heads to split: use at most 4 gpus"):
         multi_gpu(pack, model, gpus=8)
+    patched = model.clone()
+    patched.patches = {"videodit_blocks.layers.0.mlp.linear_fc1.weight": ["a LoRA's patch"]}
+    with pytest.raises(ValueError, match="carries weight patches .* remove them or run on one GPU"):
+        multi_gpu(pack, patched)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA GPU: leave devices empty"):
             multi_gpu(pack, model, devices="0,1")
     multi = pack.modules["multi_gpu"]
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: False)  # a Windows build of PyTorch
+    with pytest.raises(ValueError, match="needs PyTorch with NCCL .* or ComfyUI under Linux or WSL"):
+        multi.checked_devices(2, None, 2)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: True)  # as on Linux with CUDA
     with pytest.raises(ValueError, match="gpus is 4 but this machine has 2 CUDA devices: set gpus to 2 or fewer"):
         multi.checked_devices(4, None, 2)
     with pytest.raises(ValueError, match=r"devices \[3\] do not exist: this machine has CUDA devices 0 to 1"):
