@@ -344,6 +344,8 @@ class ThreePass:
 
     def _copy_rows(self, first_chunk, end_chunk):
         rows = slice(first_chunk * self.ct, end_chunk * self.ct)
+        if self.kv_cond_pre.offload and torch.cuda.is_available():
+            torch.cuda.synchronize()  # offloaded rows are written by asynchronous device-to-host copies
         for layer in range(len(self.kv_cond_pre.keys)):
             self.kv_cond.keys[layer][rows].copy_(self.kv_cond_pre.keys[layer][rows])
             self.kv_cond.values[layer][rows].copy_(self.kv_cond_pre.values[layer][rows])
