@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .caption_rows import CaptionRows
 from .kv_cache import KVCache
+from .parallel import collective_buffers
 from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T
 
 
@@ -187,9 +188,11 @@ class StreamGroups:
         """One clean chunk's rows of one layer (``held`` on the cond_pre group), on every peer."""
         par = self.parallel
         if is_source:
-            rows = held.to(self.device).contiguous()
+            with collective_buffers():
+                rows = held.to(self.device).clone()
         else:
-            rows = torch.empty(self.row_shape, dtype=self.dtype, device=self.device)
+            with collective_buffers():
+                rows = torch.empty(self.row_shape, dtype=self.dtype, device=self.device)
         source = (STREAM_GROUP["cond_pre"] % par.cfg) * par.cp + par.cp_rank
         dist.broadcast(rows, source, group=par.peer_group)
         return rows
@@ -199,7 +202,8 @@ class StreamGroups:
         if not self.split:
             return cond, cond_pre, uncond
         c, _, h, w = like.shape
-        table = torch.zeros(3, len(computed), c, cw, h, w, device=like.device)
+        with collective_buffers():
+            table = torch.zeros(3, len(computed), c, cw, h, w, device=like.device)
         for i, j in enumerate(computed):
             frames = slice(j * cw, (j + 1) * cw)
             for s, stream in enumerate((cond, cond_pre)):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .parallel import collective_buffers
 from .streaming import _get, _slots
 
 ALIGN = 16  # bytes: each tensor starts aligned in the flat buffer, so that typed views of it are allowed
@@ -95,7 +96,8 @@ class LayerSharding:
         """Start broadcasting layer ``index`` from its owner: ``(work, buffer)``."""
         shared, par = self.layers[index], self.parallel
         mine = shared.owner == par.cp_rank
-        flat = self._flat[index] if mine else torch.empty(shared.nbytes, dtype=torch.uint8, device=par.device)
+        with collective_buffers():
+            flat = self._flat[index] if mine else torch.empty(shared.nbytes, dtype=torch.uint8, device=par.device)
         source = dist.get_global_rank(par.weights_group, shared.owner)
         self.broadcast_bytes += shared.nbytes
         return dist.broadcast(flat, source, group=par.weights_group, async_op=True), flat

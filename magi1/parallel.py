@@ -39,6 +39,13 @@ BACKEND_ENV = "MAGI1_DIST_BACKEND"  # overrides the backend (nccl on CUDA, gloo 
 _all_gather = getattr(dist, "all_gather_single", None) or getattr(dist, "all_gather_into_tensor", None)
 
 
+def collective_buffers():
+    """Where to make the tensors a collective writes into: normal tensors even under ``torch.inference_mode``
+    (gloo on torch 2.4 writes them from its own threads, outside inference mode, which refuses to update
+    inference tensors in place)."""
+    return torch.inference_mode(False)
+
+
 def split_sizes(total, parts):
     """``parts`` contiguous shard sizes of ``total`` items, differing by at most one."""
     return [total * (i + 1) // parts - total * i // parts for i in range(parts)]
@@ -201,7 +208,8 @@ class ContextParallel:
         n, local, f = x.shape
         padded = x.new_zeros(n, longest, f)
         padded[:, :local] = x
-        out = x.new_empty(self.size * n * longest * f)
+        with collective_buffers():
+            out = x.new_empty(self.size * n * longest * f)
         _all_gather(out, padded.reshape(-1).contiguous(), group=self.group)
         out = out.view(self.size, n, longest, f)
         return torch.cat([out[r, :, :t] for r, t in enumerate(tokens)], dim=1)
@@ -209,7 +217,8 @@ class ContextParallel:
     def _exchange(self, sends, receive_numels, like):
         """One ``all_to_all_single``: ``sends[r]`` (flat) to rank ``r``; returns what each rank sent here."""
         send = torch.cat(sends).contiguous()
-        out = like.new_empty(sum(receive_numels))
+        with collective_buffers():
+            out = like.new_empty(sum(receive_numels))
         dist.all_to_all_single(out, send, output_split_sizes=list(receive_numels),
                                input_split_sizes=[s.numel() for s in sends], group=self.group)
         return list(out.split(list(receive_numels)))

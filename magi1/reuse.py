@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .parallel import collective_buffers
+
 FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
 
@@ -132,7 +134,8 @@ def _active_of(table, device):
 
 def _decision_table(parallel, tokens, chunks):
     """The buffer decisions travel in: per chunk ``[n_active or -1 for all, mask of tokens]``."""
-    return torch.zeros(chunks, 1 + tokens, dtype=torch.int64, device=parallel.device)
+    with collective_buffers():
+        return torch.zeros(chunks, 1 + tokens, dtype=torch.int64, device=parallel.device)
 
 
 class LeadingReuse(PolicyReuse):
@@ -164,7 +167,7 @@ class LeadingReuse(PolicyReuse):
         return self._active, [d.n_active for d in decisions]
 
     def share(self, x_new):
-        dist.broadcast(x_new, 0)
+        _broadcast_latents(x_new)
 
 
 class FollowingReuse(NoReuse):
@@ -197,4 +200,12 @@ class FollowingReuse(NoReuse):
         return [v if v is not None else torch.zeros(self.chunk_shape, device=self.device) for v in fresh]
 
     def share(self, x_new):
-        dist.broadcast(x_new, 0)
+        _broadcast_latents(x_new)
+
+
+def _broadcast_latents(x_new):
+    """Rank 0's ``x_new`` into every process's (through a normal tensor: see ``collective_buffers``)."""
+    with collective_buffers():
+        shared = x_new.clone()
+    dist.broadcast(shared, 0)
+    x_new.copy_(shared)

@@ -22,6 +22,7 @@ from .caption_rows import CaptionRows
 from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
 from .layout import VideoLayout
+from .parallel import collective_buffers
 from .recording import Recorder
 from .reuse import start_reuse
 from .reuse_contract import ReusePolicy
@@ -205,7 +206,8 @@ def _all_streams_counted(stats, parallel):
     """With guidance streams in several process groups each rank counted its own group's DiT calls: add the
     other groups' (exact: the counts are whole numbers and FLOP sums far below 2**53)."""
     if parallel is not None and parallel.cfg > 1:
-        counts = torch.tensor([stats.flops, float(stats.model_calls)], dtype=torch.float64, device=parallel.device)
+        with collective_buffers():
+            counts = torch.tensor([stats.flops, float(stats.model_calls)], dtype=torch.float64, device=parallel.device)
         torch.distributed.all_reduce(counts, group=parallel.peer_group)
         stats.flops, stats.model_calls = float(counts[0]), int(counts[1])
     return stats

@@ -170,7 +170,7 @@ def _tiny_job(par):
     held = torch.tensor([float(parameter_bytes(model))])
     every = [torch.zeros(1) for _ in range(par.world)]
     torch.distributed.all_gather(every, held)
-    with torch.no_grad():
+    with torch.inference_mode():  # as ComfyUI runs nodes
         latent = generate(model, **tiny_request(), parallel=par).latent
     return {"tiny": latent, "tiny.bytes": torch.cat(every)}
 
@@ -270,7 +270,7 @@ def _worker(rank, world, port, cfg, jobs, out_dir, shard_weights):
             distribute(model, par)
             cache = replay if replay is not None else cache
             start = time.perf_counter()
-            with torch.no_grad():
+            with torch.inference_mode():  # as ComfyUI runs nodes (gloo on torch 2.4 is particular about it)
                 result = generate(model, **args, policy=cache, parallel=par, record_masks=cache is not None)
             seconds[key] = time.perf_counter() - start
             latents[key] = result.latent
