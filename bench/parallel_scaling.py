@@ -116,6 +116,8 @@ def _run(parallel, cached):
     from magi1 import generate
     from magi1.tiny import TINY
     model = TINY.load_dit(parallel=parallel)
+    if parallel is not None and parallel.world == 1:  # distribute skips the exchanges for one process: forced
+        model.context_parallel = parallel.context(model.config)
     args = _request()
     with torch.no_grad():
         generate(model, **_request(frames=24, steps=8), parallel=parallel)  # warm-up

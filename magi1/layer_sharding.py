@@ -141,7 +141,8 @@ def distribute(model, parallel):
         raise ValueError("this model is already shared between processes or streams its layers: distribute a "
                          "freshly loaded model")
     model.parallel = parallel
-    model.context_parallel = parallel.context(model.config)
-    if parallel.cp > 1 and parallel.shard_weights:
-        model._layer_sharding = LayerSharding(model, parallel)
+    if parallel.cp > 1:  # (one process per guidance group: nothing to exchange inside a call)
+        model.context_parallel = parallel.context(model.config)
+        if parallel.shard_weights:
+            model._layer_sharding = LayerSharding(model, parallel)
     return model
