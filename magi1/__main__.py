@@ -436,12 +436,13 @@ def main(argv=None):
             print(f"{PROG}: error: {error}", file=sys.stderr)
         sys.exit(2)
     named_rank = os.environ.get("RANK") if run.world > 1 else None  # runtime errors may differ between processes
-    began, par = time.perf_counter(), None
+    began, par, done = time.perf_counter(), None, False
     try:
         par = start_parallel(run)
         latent, vae, lines = sample(run, par)
         if par is None or par.is_main:
             print("\n".join(lines + write_outputs(run, latent, vae, began)))
+        done = True
     except (ValueError, FileNotFoundError) as error:  # the library's refusals name their fix
         fail(error, rank=named_rank)
     except ImportError as error:
@@ -450,7 +451,7 @@ def main(argv=None):
         fail("interrupted; nothing written", status=130, rank=named_rank)
     finally:
         if par is not None:
-            par.close()
+            par.close(wait=done)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,19 @@ class Parallel:
     def is_main(self):
         return self.rank == 0
 
-    def close(self):
-        if dist.is_initialized():
+    def close(self, wait=True):
+        """Leave the run: after a run that went well (``wait``) every process waits for the others, then the
+        groups go, subgroups first (torch 2.4's gloo could hang in a process that tore its groups down while
+        another still used them). After an error, no waiting: the others may never come."""
+        if not dist.is_initialized():
+            return
+        try:
+            if wait:
+                dist.barrier()
+        finally:
+            for group in {self.cp_group, self.peer_group, self.weights_group} - {dist.group.WORLD}:
+                dist.destroy_process_group(group)
+            self.cp_group = self.peer_group = self.weights_group = None
             dist.destroy_process_group()
 
     def context(self, config):

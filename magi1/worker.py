@@ -107,11 +107,13 @@ def main(argv=None):
                                          shard_weights=bool(job.get("split_weights", True)))
     device = parallel.device if parallel is not None else default_device(int(os.environ.get("LOCAL_RANK", "0")))
     print(f"MAGI-1 worker {parallel or 'alone'} on {device}", flush=True)
+    done = False
     try:
         run(job_dir, job, inputs, parallel, device)
+        done = True
     finally:
         if parallel is not None:
-            parallel.close()
+            parallel.close(wait=done)
 
 
 if __name__ == "__main__":
