@@ -17,6 +17,7 @@ from pathlib import Path
 from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
+from magi1.__main__ import int_argument  # the option types of python -m magi1
 from magi1.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.schedule import check_steps
 from magi1.tiny import MODELS, TINY
@@ -52,20 +53,6 @@ class UsageError(Exception):
     """A user error: printed as one line, ``demo.py: error: ...``, exit status 2."""
 
 
-def _int_in(name, low, high, hint=""):
-    """An argparse type: an integer in [low, high], else a one-line error naming the valid range."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a whole number{hint}, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be in [{low}, {high}]{hint}, got {value}")
-        return value
-    parse.__name__ = name  # what argparse names in its own messages
-    return parse
-
-
 def _tau(text):
     """An argparse type: a finite number >= 0."""
     try:
@@ -91,13 +78,13 @@ def build_parser():
                         help="built-in model: tiny (64x64, a sprite; default) or bench (128x128, detailed scenes)")
     parser.add_argument("--out", help="the .mp4 to write, in an existing writable folder (default: "
                         "magi1_<model>_demo.mp4 in the current folder); checked before generating")
-    parser.add_argument("--frames", type=_int_in("frames", 4, MAX_FRAMES), default=48,
+    parser.add_argument("--frames", type=int_argument("frames", 4, MAX_FRAMES), default=48,
                         help=f"video length in frames, 4 to {MAX_FRAMES} (default 48 = 2 s at 24 fps); generated "
                         "in chunks of 24, and the video has frames rounded down to a multiple of 4")
-    parser.add_argument("--steps", type=_int_in("steps", 4, 1000, " and a multiple of 4"),
+    parser.add_argument("--steps", type=int_argument("steps", 4, 1000, " and a multiple of 4"),
                         help="denoising steps per chunk, a multiple of 4 (default: the model's, 16); fewer is "
                         "faster and rougher")
-    parser.add_argument("--seed", type=_int_in("seed", 0, SEED_MAX), default=0,
+    parser.add_argument("--seed", type=int_argument("seed", 0, SEED_MAX), default=0,
                         help="noise seed, 0 to 2**64-1 (default 0): the same seed gives the same video")
     parser.add_argument("--mode", default=PRESET_MODE, choices=MODES,
                         help=f"cache mode (default {PRESET_MODE}); off: no cache, every token computed")

@@ -334,18 +334,14 @@ def section_m(setup, timer, found):
 
 
 def section_p(setup, timer, found):
-    import socket
-
     from magi1.layer_sharding import distribute
     from magi1.parallel import Parallel
+    from magi1.workers import free_port
     model = setup.dit("4.5B")
     call = WindowCall(model, *setup.size_45)
     plain_ms = timer(call)
     reference = call().clone()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    parallel = Parallel.start(0, 1, f"tcp://127.0.0.1:{port}", device=setup.device)
+    parallel = Parallel.start(0, 1, f"tcp://127.0.0.1:{free_port()}", device=setup.device)
     try:
         distribute(model, parallel)
         model.context_parallel = parallel.context(model.config)  # distribute skips it for one process: forced

@@ -28,9 +28,7 @@ one-process run's (rank 0 decides on latents that differ by float rounding).
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import socket
 import tempfile
 import time
 
@@ -151,9 +149,8 @@ def _processes(world):
     import torch.multiprocessing as mp
     from safetensors import safe_open
     from safetensors.torch import load_file
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from magi1.workers import free_port
+    port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world, port, out_dir), nprocs=world, join=True)
         path = os.path.join(out_dir, "out.safetensors")

@@ -82,8 +82,9 @@ class Run:
 
 
 # -------------------------------------------------------------------------------------------- options
-def _int_in(name, low, high, hint=""):
-    """An argparse type: an integer in [low, high], else a one-line error naming the valid range."""
+def int_argument(name, low, high, hint=""):
+    """An argparse type: an integer in [low, high], else a one-line error naming the valid range (demo.py's
+    options use it too)."""
     def parse(text):
         try:
             value = int(text)
@@ -131,16 +132,16 @@ def build_parser():
         "prompt); a prompt schedule too: lines 'N: prompt' from chunk N (24 frames each)")
     add("--caption-states", help="a caption-states .safetensors (ComfyUI: MAGI-1 Text Encode -> MAGI-1 Save Caption "
         "States),\ninstead of --prompt; any model")
-    add("--frames", type=_int_in("frames", 4, MAX_FRAMES), default=48, help=f"video length, 4 to {MAX_FRAMES} "
+    add("--frames", type=int_argument("frames", 4, MAX_FRAMES), default=48, help=f"video length, 4 to {MAX_FRAMES} "
         "frames (default 48 = 2 s at 24 fps); rounded up to\nwhole latent frames (4 each), made in chunks of 24")
-    add("--width", type=_int_in("width", 16, 4096), help="video width in pixels, a multiple of 16 (default: a "
+    add("--width", type=int_argument("width", 16, 4096), help="video width in pixels, a multiple of 16 (default: a "
         f"built-in's size, else {CHECKPOINT_SIZE})")
-    add("--height", type=_int_in("height", 16, 4096), help="video height in pixels, a multiple of 16 (default: as for "
+    add("--height", type=int_argument("height", 16, 4096), help="video height in pixels, a multiple of 16 (default: as for "
         "--width)")
-    add("--steps", type=_int_in("steps", 4, 1000, " and a multiple of 4"), help="denoising steps per chunk, a "
+    add("--steps", type=int_argument("steps", 4, 1000, " and a multiple of 4"), help="denoising steps per chunk, a "
         f"multiple of 4 (default: a built-in's, {TINY.steps}; for a checkpoint {CHECKPOINT_STEPS},\nsuited to "
         "distilled ones: base models were released with 64)")
-    add("--seed", type=_int_in("seed", 0, SEED_MAX), default=0, help="noise seed, 0 to 2**64-1 (default 0): the "
+    add("--seed", type=int_argument("seed", 0, SEED_MAX), default=0, help="noise seed, 0 to 2**64-1 (default 0): the "
         "same seed gives the same video")
     add("--cache", default="slow", help="the cache preset: slow (default), fast, default (the released "
         "MotionDetailCache\nconfiguration) or off (every token computed)")

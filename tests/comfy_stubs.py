@@ -160,3 +160,13 @@ def node_schemas():
     """``{node id: schema}`` of every node of the pack, as the stand-ins record them."""
     with pack_nodes() as nodes:
         return {node.GET_SCHEMA().node_id: node.GET_SCHEMA() for node in nodes}
+
+
+@contextmanager
+def pack_namespace():
+    """``pack_nodes`` as one namespace: the node classes by id, and their modules by file name
+    (``pack.modules["sampler"]``)."""
+    with pack_nodes() as nodes:
+        classes = {node.GET_SCHEMA().node_id: node for node in nodes}
+        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
+        yield types.SimpleNamespace(modules=modules, **classes)

@@ -11,7 +11,6 @@ construction, while every velocity, computed or reused, comes from the parallel 
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from cache_core import CachePolicy
 from magi1 import generate
 from magi1.layer_sharding import distribute
 from magi1.parallel import Parallel
+from magi1.workers import free_port
 from pipeline_fixtures import load, request
 
 
@@ -141,12 +141,6 @@ def _clone(x):
 
 
 # --- processes ---------------------------------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def tiny_request():
     """The built-in tiny model's demo generation (24 frames, no cache): ``generate`` arguments."""

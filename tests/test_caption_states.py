@@ -4,14 +4,12 @@ file whose captions are the ones MAGI-1 Sampler builds from the same CONDITIONIN
 
 import os
 import pickle
-import sys
-import types
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_stubs import pack_nodes
+from comfy_stubs import pack_namespace
 from magi1 import scheduled_captions, tiny
 from magi1.caption_states import CaptionStates, load_caption_states, save_caption_states
 
@@ -190,10 +188,8 @@ def get_save_image_path(filename_prefix, output_dir, image_width=0, image_height
 
 @pytest.fixture(scope="module")
 def pack():
-    with pack_nodes() as nodes:
-        classes = {node.GET_SCHEMA().node_id: node for node in nodes}
-        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
-        yield types.SimpleNamespace(modules=modules, **classes)
+    with pack_namespace() as pack:
+        yield pack
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_stubs import pack_nodes
+from comfy_stubs import pack_namespace
 from magi1 import Guidance, VAETiling, tiny
 
 TINY = "MAGI-1 tiny demo (built-in)"
@@ -20,10 +20,8 @@ TINY = "MAGI-1 tiny demo (built-in)"
 @pytest.fixture(scope="module")
 def pack():
     """The pack's node classes by id, and their modules by file name (``pack.modules["sampler"]``)."""
-    with pack_nodes() as nodes:
-        classes = {node.GET_SCHEMA().node_id: node for node in nodes}
-        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
-        yield types.SimpleNamespace(modules=modules, **classes)
+    with pack_namespace() as pack:
+        yield pack
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
-import types
 
 import pytest
 import torch
 
 from cache_core import CachePolicy
-from comfy_stubs import pack_nodes
+from comfy_stubs import pack_namespace
 from magi1 import chunk_captions, generate, tiny
 from magi1.workers import read_progress, read_result, run_workers, worker_environment, write_job
 from pipeline_fixtures import relative_error
@@ -216,10 +215,8 @@ TINY_CHOICE = "MAGI-1 tiny demo (built-in)"
 
 @pytest.fixture(scope="module")
 def pack():
-    with pack_nodes() as nodes:
-        classes = {node.GET_SCHEMA().node_id: node for node in nodes}
-        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
-        yield types.SimpleNamespace(modules=modules, **classes)
+    with pack_namespace() as pack:
+        yield pack
 
 
 @pytest.fixture(scope="module")
