@@ -12,10 +12,11 @@ except ModuleNotFoundError as error:  # not running inside ComfyUI
     ComfyExtension = None
 
 if ComfyExtension is not None:
-    from .nodes import NODES
+    from .nodes import NODES, report_problems_per_input
 
     class MAGI1Extension(ComfyExtension):
         async def get_node_list(self):
+            report_problems_per_input()  # nodes/queue_checks.py: each queue-time problem on its own input
             return list(NODES)
 
     async def comfy_entrypoint() -> ComfyExtension:

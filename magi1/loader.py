@@ -57,7 +57,9 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     found through the index beside it), a single ``.safetensors`` file, or a folder holding one of those.
     The size (4.5B / 24B) comes from the tensors. Base and distill checkpoints hold identical tensors:
     ``distill`` defaults to whether the checkpoint's file or folder name says so (the official folders
-    are ``*_distill`` / ``inference_weight.distill``) or the file is an official fp8 one.
+    are ``*_distill`` / ``inference_weight.distill``) or the file is an official fp8 one. The model's
+    ``variant`` and ``variant_reason`` say which it is and why (see ``model_description``); a built-in
+    model's file (``magi1.tiny``) is named by its title, e.g. "MAGI-1 tiny demo (built-in)".
 
     ``weights``: how the transformer layers' large weights are kept: ``"auto"`` (as stored: high
     precision in ``dtype``, or the file's float8 kind), ``None`` (in ``dtype``), ``"fp8_e4m3fn"`` or
@@ -102,11 +104,34 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     skip = set(ignored) | {k for k in shapes if other_layers and k.startswith(other_layers)}
     _read_into(model, files, device, convert, skip, other_layers)
     model.eval().requires_grad_(False)
-    model.distill, model.variant_reason = _distill(distill, files, stored, metadata)
-    model.variant = f"{size or 'custom'}_{'distill' if model.distill else 'base'}" + ("_fp8" if kind else "")
+    _name(model, files, size, kind, *_distill(distill, files, stored, metadata))
     if resident_layers is not None:
         stream_layers(model, compute_device, resident_layers)  # kept as model._layer_streamer
     return layer_sharding.distribute(model, parallel)
+
+
+def _name(model, files, size, kind, distill, why):
+    """Set the loaded model's ``distill``, ``variant`` (e.g. "4.5B_distill"), ``variant_reason`` (why base or
+    distill) and ``builtin`` (a ``magi1.tiny`` model's name, else None): a built-in model's file is named by
+    its title, as the loaders list it, not as a "custom_distill" checkpoint."""
+    from .tiny import builtin_at  # here: magi1.tiny imports this module
+
+    builtin = builtin_at(files[0]) if len(files) == 1 else None
+    model.distill, model.builtin = distill, None if builtin is None else builtin.name
+    if builtin is None:
+        model.variant = f"{size or 'custom'}_{'distill' if distill else 'base'}" + ("_fp8" if kind else "")
+        model.variant_reason = why
+    else:
+        model.variant = builtin.title
+        model.variant_reason = "distilled" if distill else "run as a base model (as chosen)"
+
+
+def model_description(model):
+    """How the reports name a loaded DiT: ``4.5B_distill (why it is taken as distilled)``, or a built-in
+    model by its name (``MAGI-1 tiny demo (built-in), distilled``)."""
+    if getattr(model, "builtin", None):
+        return f"{model.variant}, {model.variant_reason}"
+    return f"{model.variant} ({model.variant_reason})"
 
 
 def _other_layers(config, parallel, resident_layers):
@@ -175,7 +200,73 @@ def checkpoint_files(path):
         shards = _shards_of_index(os.path.join(folder, index))
         if os.path.join(folder, name) in shards:
             return shards
-    return [os.path.abspath(path)]
+    return _unindexed_shards(path) or [os.path.abspath(path)]
+
+
+SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safetensors$")  # Hugging Face's
+
+
+def checkpoint_entries(names, folder_of):
+    """One entry per checkpoint among ``names`` (the ``/``-separated ``.safetensors`` files of a model folder,
+    as ComfyUI lists them), for a dropdown: a sharded checkpoint once, by its ``.safetensors.index.json``
+    (found beside its shards; ``folder_of(name)`` gives the folder a listed file is in), or by its first shard
+    when it has no index; every other file as itself. Returns ``(entries, set_of)``: the sorted entries, and
+    each hidden shard's entry (so that a shard chosen before stays loadable)."""
+    by_folder = {}
+    for name in names:
+        if name.endswith(".safetensors"):
+            by_folder.setdefault(name.rpartition("/")[0], []).append(name)
+    entries, set_of = [], {}
+    for prefix, files in by_folder.items():
+        grouped = set()
+        folder = folder_of(files[0])
+        for index in _index_files(folder):
+            entry = f"{prefix}/{index}" if prefix else index
+            try:
+                shards = {os.path.basename(shard) for shard in _shards_of_index(os.path.join(folder, index))}
+            except (OSError, ValueError):
+                continue  # a damaged index is not offered; its shards stay listed as files
+            members = [name for name in files if name.rpartition("/")[2] in shards]
+            entries.append(entry)
+            set_of.update((name, entry) for name in members)
+            grouped.update(members)
+        unindexed = {}
+        for name in files:
+            match = SHARD_NAME.match(name.rpartition("/")[2])
+            if name not in grouped and match:
+                unindexed.setdefault((match["stem"], match["total"]), []).append(name)
+        for members in unindexed.values():
+            members.sort()
+            if len(members) > 1:
+                entries.append(members[0])
+                set_of.update((name, members[0]) for name in members[1:])
+                grouped.update(members)
+        entries += [name for name in files if name not in grouped]
+    return sorted(entries), set_of
+
+
+def _index_files(folder):
+    try:
+        return sorted(n for n in os.listdir(folder) if n.endswith(".safetensors.index.json"))
+    except OSError:
+        return []
+
+
+def _unindexed_shards(path):
+    """The whole set of a Hugging Face-named shard without an index (``model-00001-of-00002.safetensors``:
+    every number up to the total, beside it), or None when the name is not a shard's."""
+    folder, name = os.path.split(os.path.abspath(path))
+    match = SHARD_NAME.match(name)
+    if match is None or int(match["total"]) < 2:
+        return None
+    width, total = len(match["number"]), int(match["total"])
+    shards = [os.path.join(folder, f"{match['stem']}-{i:0{width}d}-of-{match['total']}.safetensors")
+              for i in range(1, total + 1)]
+    missing = [os.path.basename(s) for s in shards if not os.path.exists(s)]
+    if missing:
+        raise FileNotFoundError(f"{name} is one of {total} shards, but {missing} are not beside it in {folder}: "
+                                "download the missing shards")
+    return shards
 
 
 def _shards_of_index(index_path):

@@ -214,6 +214,8 @@ def chunk_captions(states, mask, chunks, special_tokens=None, *, length=CAPTION_
 
 
 SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:(?:\s+(.*))?$")  # "2: ...", not "12:30 ..."
+LOOSE_SCHEDULE_LINE = re.compile(r"^\s*\d+\s*(?:-\s*\d+\s*)?:\S")  # "2:a ..." inside a schedule: a typo
+MAX_CHUNK_DIGITS = 6  # chunk numbers longer than this are refused (Python refuses ints of over 4300 digits)
 
 
 def parse_prompt_schedule(text):
@@ -225,13 +227,26 @@ def parse_prompt_schedule(text):
     prompt for every chunk: ``[(0, text)]``."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines or not SCHEDULE_LINE.match(lines[0]):
+        later = next((line for line in lines[1:] if SCHEDULE_LINE.match(line)), None)
+        if later is not None:  # a schedule whose first line was mistyped: not silently one prompt
+            raise ValueError(f"prompt schedule: the line {later.strip()!r} starts a scheduled prompt, but the first "
+                             f"line {lines[0].strip()[:60]!r} does not: begin with '0: <prompt>' (a number, a "
+                             "colon and a space), or remove the schedule lines for one prompt")
         return [(0, text)]
     schedule, expected = [], 0
     for line in lines:
         match = SCHEDULE_LINE.match(line)
         if match is None:  # (never the first line)
+            if LOOSE_SCHEDULE_LINE.match(line):
+                number, rest = line.strip().split(":", 1)
+                raise ValueError(f"prompt schedule: the line {line.strip()[:60]!r} looks like a scheduled prompt but "
+                                 f"has no space after the colon: write '{number.strip()}: {rest.strip()[:40]}' (or "
+                                 "join it to the line above if it continues that prompt)")
             schedule[-1] = (schedule[-1][0], schedule[-1][1] + " " + line.strip())
             continue
+        if any(len(number) > MAX_CHUNK_DIGITS for number in match.groups()[:2] if number):
+            raise ValueError(f"prompt schedule: the line {line.strip()[:60]!r} names a chunk beyond any video "
+                             f"(a chunk is 24 frames; MAGI-1 Sampler makes at most 4096 frames, 171 chunks)")
         first, last, prompt = int(match.group(1)), match.group(2), (match.group(3) or "").strip()
         if (expected is not None and first != expected) or (expected is None and schedule and first <= schedule[-1][0]):
             raise ValueError(f"prompt schedule: line {line.strip()!r} starts at chunk {first}, but "

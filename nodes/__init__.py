@@ -10,3 +10,13 @@ from .vae import MAGI1Decode, MAGI1EncodePrefix
 
 NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1TinyTextEncode, MAGI1MotionDetailCache,
          MAGI1EncodePrefix, MAGI1Sampler, MAGI1Decode, MAGI1SaveCaptionStates, MAGI1MultiGPU]
+
+
+def report_problems_per_input():
+    """Have ComfyUI report each queue-time problem of these nodes on the one input it concerns
+    (``queue_checks.attribute_to_inputs``)."""
+    import execution  # ComfyUI's module (the pack never imports it elsewhere)
+
+    from .queue_checks import attribute_to_inputs
+
+    return attribute_to_inputs(execution, NODES)

@@ -5,6 +5,7 @@ import logging
 from comfy_api.latest import io
 
 from ..cache_core import COMBINE_MODES, MODES, PRESET_SCHEDULE, PROXIES, CachePolicy
+from .queue_checks import CheckedNode
 
 # Where the policy travels inside the patched MODEL; the MAGI-1 sampler reads it from here.
 POLICY_KEY = "magi1_cache_policy"
@@ -22,7 +23,7 @@ def preset_summary(name):
             f"max_reuse {p.max_reuse}")
 
 
-class MAGI1MotionDetailCache(io.ComfyNode):
+class MAGI1MotionDetailCache(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -82,31 +83,61 @@ class MAGI1MotionDetailCache(io.ComfyNode):
         )
 
     @classmethod
+    def input_rules(cls, values):
+        # The policy's own checks (e.g. an odd detail window), once every value is known, on the input
+        # whose field the message names.
+        if any(values.get(name) is None for name in POLICY_INPUTS):
+            return {}
+        try:
+            policy_of(**{name: values[name] for name in POLICY_INPUTS},
+                      **{name: values[name] for name in OPTIONAL_POLICY_INPUTS if name in values})
+        except ValueError as error:
+            field = str(error).split(" ", 1)[0]
+            return {INPUT_OF_FIELD.get(field, field if field in values else "mode"): str(error)}
+        return {}
+
+    @classmethod
     def execute(cls, model, mode, preset, tau, warmup_steps, chunk_wise_steps, final_full_steps, motion_floor,
                 detail_alpha, detail_window, detail_lambda, combine_mode, proxy, max_reuse,
                 velocity_extrapolation=None, chunk_tau=None) -> io.NodeOutput:
-        # A workflow saved before the last two inputs existed leaves them out: custom then keeps its old
-        # behaviour (no extrapolation, chunk_tau = tau), and a preset uses its own values.
-        values = dict(
-            mode=mode, tau=tau, warmup_steps=warmup_steps, chunk_wise_steps=chunk_wise_steps,
-            final_full_steps=final_full_steps, motion_floor=motion_floor, detail_alpha=detail_alpha,
-            detail_window_size=detail_window, detail_lambda=detail_lambda, weight_combine_mode=combine_mode,
-            proxy=proxy, max_reuse=max_reuse or None, chunk_tau=chunk_tau or None,
-        )
-        if velocity_extrapolation is not None:
-            values["velocity_extrapolation"] = velocity_extrapolation
-        if preset == "custom":
-            policy = CachePolicy(**values)
-        else:
-            for name in ("tau", "chunk_tau", *PRESET_SCHEDULE):
-                values.pop(name)
-            policy = CachePolicy.preset(preset, **values)
+        policy = policy_of(mode, preset, tau, warmup_steps, chunk_wise_steps, final_full_steps, motion_floor,
+                           detail_alpha, detail_window, detail_lambda, combine_mode, proxy, max_reuse,
+                           velocity_extrapolation, chunk_tau)
         patched = model.clone()
         options = patched.model_options.setdefault("transformer_options", {})
         if POLICY_KEY in options:
             logging.warning("MAGI1MotionDetailCache: the model already carries a cache policy; replacing it.")
         options[POLICY_KEY] = policy
         return io.NodeOutput(patched)
+
+
+POLICY_INPUTS = ("mode", "preset", "tau", "warmup_steps", "chunk_wise_steps", "final_full_steps", "motion_floor",
+                 "detail_alpha", "detail_window", "detail_lambda", "combine_mode", "proxy", "max_reuse")
+OPTIONAL_POLICY_INPUTS = ("velocity_extrapolation", "chunk_tau")
+INPUT_OF_FIELD = {"detail_window_size": "detail_window", "weight_combine_mode": "combine_mode"}  # policy -> node
+
+
+def policy_of(mode, preset, tau, warmup_steps, chunk_wise_steps, final_full_steps, motion_floor, detail_alpha,
+              detail_window, detail_lambda, combine_mode, proxy, max_reuse, velocity_extrapolation=None,
+              chunk_tau=None):
+    """The CachePolicy of the node's values."""
+    # A workflow saved before the last two inputs existed leaves them out: custom then keeps its old
+    # behaviour (no extrapolation, chunk_tau = tau), and a preset uses its own values.
+    values = dict(
+        mode=mode, tau=tau, warmup_steps=warmup_steps, chunk_wise_steps=chunk_wise_steps,
+        final_full_steps=final_full_steps, motion_floor=motion_floor, detail_alpha=detail_alpha,
+        detail_window_size=detail_window, detail_lambda=detail_lambda, weight_combine_mode=combine_mode,
+        proxy=proxy, max_reuse=max_reuse or None, chunk_tau=chunk_tau or None,
+    )
+    if velocity_extrapolation is not None:
+        values["velocity_extrapolation"] = velocity_extrapolation
+    if preset == "custom":
+        return CachePolicy(**values)
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    for name in ("tau", "chunk_tau", *PRESET_SCHEDULE):
+        values.pop(name)
+    return CachePolicy.preset(preset, **values)
 
 
 def _reuse_inputs():

@@ -7,6 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..magi1.caption_states import save_caption_states
+from .queue_checks import CheckedNode
 from .sampler import conditioning_schedule
 
 SUFFIX = ".safetensors"
@@ -20,7 +21,7 @@ def schedule_of(conditioning, name):
     return conditioning_schedule(conditioning, name, conditioning[0][0].shape[-1])
 
 
-class MAGI1SaveCaptionStates(io.ComfyNode):
+class MAGI1SaveCaptionStates(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -44,6 +45,18 @@ class MAGI1SaveCaptionStates(io.ComfyNode):
                 "The saved file's full path, for python -m magi1 --caption-states."))],
             is_output_node=True,
         )
+
+    @classmethod
+    def input_rules(cls, values):
+        prefix = values.get("filename_prefix")
+        if prefix is None:
+            return {}
+        output = os.path.abspath(folder_paths.get_output_directory())
+        target = os.path.abspath(os.path.join(output, prefix))
+        if not prefix.strip() or os.path.commonpath([output, target]) != output or target == output:
+            return {"filename_prefix": f"filename_prefix must name a file inside ComfyUI's output folder, got "
+                                       f"{prefix!r}: e.g. magi1/caption_states"}
+        return {}
 
     @classmethod
     def execute(cls, positive, filename_prefix, negative=None) -> io.NodeOutput:

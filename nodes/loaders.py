@@ -13,7 +13,9 @@ import folder_paths
 
 from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
+from ..magi1.loader import checkpoint_entries
 from .memory import weights_line
+from .queue_checks import CheckedNode
 
 TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
 BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/tiny/bench_weights
@@ -38,10 +40,18 @@ class MagiModel(torch.nn.Module):
 
 
 def checkpoint_choices(folder):
-    """The built-in models, then the loadable files of a model folder: single .safetensors files and
-    sharded checkpoints' index files."""
-    return list(BUILTIN) + sorted(name for name in folder_paths.get_filename_list(folder)
-                                  if name.endswith((".safetensors", ".safetensors.index.json")))
+    """The built-in models, then the checkpoints of a model folder: single .safetensors files, and each
+    sharded checkpoint once, by its index file (``magi1.loader.checkpoint_entries``)."""
+    return list(BUILTIN) + folder_checkpoints(folder)[0]
+
+
+def folder_checkpoints(folder):
+    """``(entries, set_of)`` of a ComfyUI model folder (``checkpoint_entries``): ComfyUI lists only files
+    with model extensions, so the index files are found beside the shards it lists."""
+    def folder_of(name):
+        return os.path.dirname(folder_paths.get_full_path(folder, name) or "")
+
+    return checkpoint_entries(folder_paths.get_filename_list(folder), folder_of)
 
 
 def special_tokens_table():
@@ -72,7 +82,7 @@ def compute_dtype(choice, device):
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-class MAGI1DiTLoader(io.ComfyNode):
+class MAGI1DiTLoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -85,7 +95,8 @@ class MAGI1DiTLoader(io.ComfyNode):
             inputs=[
                 io.Combo.Input("checkpoint", options=checkpoint_choices("diffusion_models"), tooltip=(
                     "The DiT weights, e.g. 4.5B_distill/inference_weight.distill/model.safetensors.index.json "
-                    "(the size is read from the tensors), or a built-in model: the tiny demo (CPU, 64x64 videos) or "
+                    "(a sharded checkpoint is listed once, by its index file; the size is read from the "
+                    "tensors), or a built-in model: the tiny demo (CPU, 64x64 videos) or "
                     "the benchmark model (CPU, 128x128 scenes); pair them with MAGI-1 Tiny Text Encode (same "
                     "model) and the built-in VAE.")),
                 io.Combo.Input("variant", options=["auto", "base", "distill"], default="auto", tooltip=(
@@ -103,6 +114,12 @@ class MAGI1DiTLoader(io.ComfyNode):
             outputs=[io.Model.Output(tooltip=(
                 "The MAGI-1 model and its special-token table, managed by ComfyUI's memory manager."))],
         )
+
+    @classmethod
+    def still_accepted(cls, name, value):
+        # A shard of a sharded checkpoint, chosen before the dropdown listed each checkpoint once, still loads
+        # (the whole checkpoint: magi1.loader finds its siblings).
+        return name == "checkpoint" and value in folder_checkpoints("diffusion_models")[1]
 
     @classmethod
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
@@ -129,7 +146,7 @@ class MAGI1DiTLoader(io.ComfyNode):
                                                               offload_device=offload_device))
 
 
-class MAGI1VAELoader(io.ComfyNode):
+class MAGI1VAELoader(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -14,6 +14,7 @@ import comfy.model_management as mm
 import folder_paths
 
 from ..magi1.workers import read_progress, read_result, run_workers, write_job
+from .queue_checks import CheckedNode
 
 # Where the option travels inside the patched MODEL; MAGI-1 Sampler reads it from here.
 MULTI_GPU_KEY = "magi1_multi_gpu"
@@ -35,23 +36,23 @@ def parse_devices(text):
     return devices
 
 
-def queue_time_problem(gpus, cfg_parallel, devices):
-    """What execution would refuse in the widgets' values (None for a linked input), as one message."""
+def device_problems(gpus, cfg_parallel, devices):
+    """``{input: message}``: what execution would refuse in the values (None for a linked input)."""
     if gpus is not None and not GPU_RANGE[0] <= gpus <= GPU_RANGE[1]:
-        return f"MAGI-1 Multi-GPU: gpus must be between {GPU_RANGE[0]} and {GPU_RANGE[1]}, got {gpus}"
+        return {"gpus": f"MAGI-1 Multi-GPU: gpus must be between {GPU_RANGE[0]} and {GPU_RANGE[1]}, got {gpus}"}
     if cfg_parallel is not None and cfg_parallel not in CFG_CHOICES:
-        return f"MAGI-1 Multi-GPU: cfg_parallel must be 1, 2 or 3, got {cfg_parallel}"
+        return {"cfg_parallel": f"MAGI-1 Multi-GPU: cfg_parallel must be 1, 2 or 3, got {cfg_parallel}"}
     if gpus is not None and cfg_parallel is not None and gpus % cfg_parallel:
-        return (f"MAGI-1 Multi-GPU: gpus ({gpus}) must be a multiple of cfg_parallel ({cfg_parallel}): set gpus to "
-                f"{max(cfg_parallel, gpus - gpus % cfg_parallel)} or cfg_parallel to 1")
+        return {"gpus": f"MAGI-1 Multi-GPU: gpus ({gpus}) must be a multiple of cfg_parallel ({cfg_parallel}): set "
+                        f"gpus to {max(cfg_parallel, gpus - gpus % cfg_parallel)} or cfg_parallel to 1"}
     try:
         listed = parse_devices(devices) if devices is not None else None
     except ValueError as error:
-        return f"MAGI-1 Multi-GPU: {error}"
+        return {"devices": f"MAGI-1 Multi-GPU: {error}"}
     if listed is not None and gpus is not None and len(listed) != gpus:
-        return (f"MAGI-1 Multi-GPU: devices lists {len(listed)} GPUs ({devices}) but gpus is {gpus}: list {gpus} "
-                "devices, or leave devices empty for the first ones")
-    return None
+        return {"devices": f"MAGI-1 Multi-GPU: devices lists {len(listed)} GPUs ({devices}) but gpus is {gpus}: list "
+                           f"{gpus} devices, or leave devices empty for the first ones"}
+    return {}
 
 
 def checked_devices(gpus, devices, cuda_count):
@@ -95,7 +96,7 @@ def checked_model(model, processes_per_group, cfg_parallel):
                          f"{heads} attention heads to split: use at most {heads * cfg_parallel} gpus")
 
 
-class MAGI1MultiGPU(io.ComfyNode):
+class MAGI1MultiGPU(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -125,15 +126,14 @@ class MAGI1MultiGPU(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, gpus=None, cfg_parallel=None, devices=None):
-        # ComfyUI does not range-check the inputs validate_inputs reads: queue_time_problem does.
-        return queue_time_problem(gpus, cfg_parallel, devices) or True
+    def input_rules(cls, values):
+        return device_problems(values.get("gpus"), values.get("cfg_parallel"), values.get("devices"))
 
     @classmethod
     def execute(cls, model, gpus, cfg_parallel, devices="", split_weights=True) -> io.NodeOutput:
-        problem = queue_time_problem(gpus, cfg_parallel, devices)
-        if problem:
-            raise ValueError(problem)
+        problems = device_problems(gpus, cfg_parallel, devices)
+        if problems:
+            raise ValueError(next(iter(problems.values())))
         checked_model(model, gpus // cfg_parallel, cfg_parallel)
         cuda_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         listed = checked_devices(gpus, parse_devices(devices), cuda_count)

@@ -1,5 +1,7 @@
 """MAGI1Sampler: the autoregressive MAGI-1 sampler as a node (its prefix comes encoded, from nodes/vae.py)."""
 
+import math
+
 import torch
 from comfy_api.latest import io
 
@@ -7,16 +9,19 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..magi1 import Guidance, VideoLayout, generate, scheduled_captions
+from ..magi1.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
 from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
 from .memory import checked_plan, weights_line
 from .multi_gpu import MULTI_GPU_KEY, sample_on_workers
 from .preview import LivePreview
-from .text_encode import FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY
-from .vae import UNCONNECTED
+from .queue_checks import CheckedNode
+from .t5 import T5_KEY
+from .text_encode import ENCODER_KEY, FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY, unknown_note
 
 T5_WIDTH = 4096  # what the official checkpoints read
+REMOVED_INPUTS = ("vae", "start_image", "prefix_video")  # the sampler's image inputs before 0.2.0
 WINDOW_SIZE = 4  # generate's default: steps must be a multiple of it
 LIMITS = {"width": (16, 4096), "height": (16, 4096), "steps": (4, 1000)}  # the widgets' ranges
 
@@ -41,10 +46,11 @@ def conditioning_states(conditioning, name, width):
 
 def conditioning_schedule(conditioning, name, width):
     """``[(first_chunk, states, mask), ...]`` of a CONDITIONING from MAGI-1 Text Encode: one prompt for every
-    chunk, or a prompt schedule (entries carrying their first chunk). Entries of other nodes beyond the
-    first are not read, as before schedules existed."""
+    chunk, or a prompt schedule (entries carrying their first chunk). What the sampler cannot apply is
+    refused (``check_entries``)."""
     if not conditioning:
         raise ValueError(f"{name} is empty; connect MAGI-1 Text Encode")
+    check_entries(conditioning, name)
     scheduled = [entry for entry in conditioning if FIRST_CHUNK_KEY in entry[1]]
     if not scheduled:
         return [(0, *conditioning_states(conditioning, name, width))]
@@ -52,14 +58,62 @@ def conditioning_schedule(conditioning, name, width):
                   key=lambda item: item[0])
 
 
+# Options of a CONDITIONING entry the sampler reads or that change nothing for MAGI-1; every other one was set by
+# a node whose effect the sampler does not apply, and is named in the report (or refused: TIMESTEP_RANGE).
+READ_OPTIONS = {"attention_mask", "pooled_output", FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY, ENCODER_KEY}
+TIMESTEP_RANGE = ("start_percent", "end_percent")  # ConditioningSetTimestepRange
+
+
+def check_entries(conditioning, name):
+    """Refuse what would silently change the prompt: several prompts that are not a prompt schedule (e.g.
+    ConditioningCombine, of which only the first would be read) and a timestep range."""
+    plain = [entry for entry in conditioning if FIRST_CHUNK_KEY not in entry[1]]
+    if len(plain) > 1 or (plain and len(plain) < len(conditioning)):
+        raise ValueError(
+            f"{name} holds {len(conditioning)} prompts (e.g. from ConditioningCombine), and MAGI-1 Sampler reads one "
+            "prompt per chunk: for prompts that change over the video, write a prompt schedule in one MAGI-1 Text "
+            "Encode ('0: first prompt', '2: second prompt', ...); otherwise connect one prompt")
+    for entry in conditioning:
+        start, end = (entry[1].get(key) for key in TIMESTEP_RANGE)
+        if (start is not None and start > 0) or (end is not None and end < 1):
+            raise ValueError(
+                f"{name} carries a timestep range ({start} to {end}, from ConditioningSetTimestepRange), which MAGI-1 "
+                "Sampler does not apply (every chunk reads its prompt at every step): remove that node; to change "
+                "the prompt over the video, use a prompt schedule in MAGI-1 Text Encode")
+
+
+def check_encoder(conditioning, name, builtin):
+    """The prompt must come from the text encoder of this model: T5-XXL for a checkpoint, the built-in model's
+    own encoder for a built-in one (``builtin``: its name, None for a checkpoint). Entries of other nodes,
+    which name no encoder, are checked by their width alone (``conditioning_states``)."""
+    wanted = builtin or T5_KEY
+    for entry in conditioning:
+        encoder = entry[1].get(ENCODER_KEY)
+        if encoder is None or encoder == wanted:
+            continue
+        if builtin is None:
+            fix = "encode it with MAGI-1 Text Encode and T5-XXL (CLIPLoader, type 'mochi')"
+        elif encoder == T5_KEY:
+            fix = f"encode it with MAGI-1 Tiny Text Encode, model {builtin}"
+        else:
+            fix = f"set MAGI-1 Tiny Text Encode's model to {builtin}"
+        made_by = "T5-XXL" if encoder == T5_KEY else f"the built-in {encoder} model's text encoder"
+        this = f"the built-in {builtin} model" if builtin else "this checkpoint, which reads T5-XXL prompts"
+        raise ValueError(f"{name} was encoded by {made_by}, but the DiT is {this}: {fix}")
+
+
 def conditioning_notes(conditioning, chunks):
-    """Report lines about the prompt: words the tiny encoder did not know, scheduled prompts this run does
-    not reach."""
+    """Report lines about the prompt: what the tiny encoder could not read, scheduled prompts this run does
+    not reach, options of other nodes the sampler does not apply."""
     unknown = sorted({word for entry in conditioning for word in entry[1].get(UNKNOWN_WORDS_KEY, [])})
     unused = sorted(entry[1][FIRST_CHUNK_KEY] for entry in conditioning
                     if entry[1].get(FIRST_CHUNK_KEY, 0) >= chunks)
-    return [unknown and f"the tiny text encoder does not know {unknown}: read as <unk>",
-            unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks"]
+    ignored = sorted({key for entry in conditioning for key, value in entry[1].items()
+                      if key not in READ_OPTIONS and key not in TIMESTEP_RANGE and value is not None})
+    return [unknown and unknown_note(unknown),
+            unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks",
+            ignored and f"the prompt carries options the sampler does not apply (set by other conditioning nodes): "
+                        f"{ignored}"]
 
 
 def prefix_latents(prefix_latent, width, height, channels):
@@ -80,27 +134,19 @@ def prefix_latents(prefix_latent, width, height, channels):
     return samples[0].float()
 
 
-def queue_time_problem(width, height, steps):
-    """What execution would refuse in the widgets' values (None for a linked input), as one message. (Inputs
-    that validate_inputs reads are not range-checked by ComfyUI: their ranges are checked here.)"""
-    for name, value in (("width", width), ("height", height), ("steps", steps)):
-        low, high = LIMITS[name]
-        if value is not None and not low <= value <= high:
-            return f"MAGI-1 Sampler: {name} must be between {low} and {high}, got {value}"
-    try:
-        if steps is not None:
-            check_steps(steps, WINDOW_SIZE)
-        if width is not None and height is not None:
-            VideoLayout.plan(4, height, width)
-    except ValueError as error:
-        return f"MAGI-1 Sampler: {error}"
-    return None
-
-
-def whole_latent_frames(frames):
-    """Frames rounded up to a multiple of 4 (one latent frame each), so that whole chunks hold at least
-    the frames asked for (the release floors: 25 would give 24)."""
-    return -(-int(frames) // 4) * 4
+def size_problems(values, owner):
+    """``{input: message}`` for a width, height or steps that execution would refuse (linked inputs, None,
+    are checked at execution)."""
+    checks = {"width": check_pixel_size, "height": check_pixel_size,
+              "steps": lambda name, steps: check_steps(steps, WINDOW_SIZE)}
+    problems = {}
+    for name, check in checks.items():
+        if values.get(name) is not None:
+            try:
+                check(name, values[name])
+            except ValueError as error:
+                problems[name] = f"{owner}: {error}"
+    return problems
 
 
 MASK_PREVIEW_WIDTH = 384  # pixels: one cell per token is a few pixels wide, too small to see in a node
@@ -111,6 +157,13 @@ def visible(frames):
     ``MASK_PREVIEW_WIDTH`` pixels wide."""
     factor = max(1, MASK_PREVIEW_WIDTH // frames.shape[-1])
     return frames.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+def made_note(prefix_frames):
+    """How a prefix counts in the frames made (FRAMES_RULE)."""
+    if prefix_frames == 1:
+        return ", the start image the first frame"
+    return f", after the prefix's {frames_made(prefix_frames)} frames" if prefix_frames else ""
 
 
 def special_tokens(model):
@@ -124,7 +177,7 @@ def special_tokens(model):
     return tokens
 
 
-class MAGI1Sampler(io.ComfyNode):
+class MAGI1Sampler(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -144,8 +197,7 @@ class MAGI1Sampler(io.ComfyNode):
                 io.Int.Input("height", default=720, min=LIMITS["height"][0], max=LIMITS["height"][1], step=16, tooltip=(
                     "Video height in pixels: a multiple of 16 (other values are refused when queued).")),
                 io.Int.Input("frames", default=96, min=4, max=4096, step=4, tooltip=(
-                    "Frames to generate (24 per second), made in chunks of 24: the count is rounded up to "
-                    "whole chunks (25 gives 48), and the report says how many were made.")),
+                    "Frames of the video (24 per second). " + FRAMES_RULE + " The report says how many were made.")),
                 io.Int.Input("steps", default=16, min=LIMITS["steps"][0], max=LIMITS["steps"][1], step=4, tooltip=(
                     "Denoising steps per chunk, a multiple of 4 (others are refused when queued): 64 as "
                     "released for base models; 8, 12 or 16 for distilled ones. More = slower, usually cleaner.")),
@@ -180,16 +232,13 @@ class MAGI1Sampler(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae=UNCONNECTED, start_image=UNCONNECTED, prefix_video=UNCONNECTED, width=None,
-                        height=None, steps=None):
-        # A prompt saved before 0.2.0 may still wire these removed inputs (ComfyUI passes undeclared ones here
-        # too): refuse it at queue time saying where they went, not with a TypeError from execute.
-        removed = [name for name, value in (("vae", vae), ("start_image", start_image), ("prefix_video", prefix_video))
-                   if value is not UNCONNECTED]
-        if removed:
-            return (f"MAGI-1 Sampler no longer takes {' or '.join(removed)} (pack 0.2.0): connect them to MAGI-1 "
-                    "Encode Prefix, and its prefix_latent to the sampler's prefix_latent")
-        return queue_time_problem(width, height, steps) or True
+    def input_rules(cls, values):
+        # A prompt saved before 0.2.0 may still wire these removed inputs (ComfyUI passes undeclared linked
+        # inputs to validate_inputs too): refused at queue time saying where they went.
+        problems = {name: (f"MAGI-1 Sampler no longer takes {name} (pack 0.2.0): connect it to MAGI-1 Encode "
+                           "Prefix, and its prefix_latent to the sampler's prefix_latent")
+                    for name in REMOVED_INPUTS if name in values}
+        return {**problems, **size_problems(values, "MAGI-1 Sampler")}
 
     @classmethod
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
@@ -201,20 +250,27 @@ class MAGI1Sampler(io.ComfyNode):
             raise ValueError("MAGI-1 Sampler needs a model from MAGI-1 DiT Loader")
         config = dit.config
         tokens = special_tokens(model)
-        asked, frames = frames, whole_latent_frames(frames)
-        VideoLayout.plan(frames, height, width, patch_size=config.patch_size)  # a size it takes, before loading
+        if not math.isfinite(guidance):
+            raise ValueError(f"MAGI-1 Sampler: guidance must be a finite number, got {guidance}: set it to 7.5 "
+                             "(the release's) or another value from 0 to 30")
+        builtin = (getattr(model.model, "source", None) or {}).get("builtin")
+        for name, conditioning in (("positive", positive), ("negative", negative)):
+            if conditioning is not None:  # before anything loads: a prompt this run cannot use is refused now
+                check_entries(conditioning, name)
+                check_encoder(conditioning, name, builtin)
         prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
+        prefix_frames = 0 if prefix is None else prefix.shape[1]
+        asked, frames = frames, frames_to_generate(frames, prefix_frames)  # FRAMES_RULE
+        layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, patch_size=config.patch_size)
         plan = plan_note = None
         if workers is None:
-            plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width,
-                                                      0 if prefix is None else prefix.shape[1], kv_offload)
+            plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width, prefix_frames,
+                                                      kv_offload)
             # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
             mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
             dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
         # With workers, each loads its share of the model on its own GPU: nothing is loaded here, and the memory
         # check of one device does not apply.
-        layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else prefix.shape[1],
-                                  patch_size=config.patch_size)
         chunks = layout.chunk_num - layout.chunk_offset
         inputs = dict(prefix=prefix, **run_captions(positive, negative, chunks, tokens, config))
         request = dict(frames=frames, height=height, width=width, steps=steps, seed=seed)
@@ -233,7 +289,8 @@ class MAGI1Sampler(io.ComfyNode):
             masks = torch.zeros(1, 8, 8, 3)
         notes = [plan_note, *notes, policy.unreached_token_phase(steps) if policy is not None else None,
                  *conditioning_notes(positive, chunks)]
-        lines = [summary, f"MAGI-1 frames: {asked} asked, {latent.shape[1] * 4} made ({chunks} chunks of 24)",
+        lines = [summary, f"MAGI-1 frames: {asked} asked, {frames_made(latent.shape[1])} made ({chunks} chunk"
+                          f"{'s' * (chunks > 1)} of 24{made_note(prefix_frames)})",
                  *run_lines, weights_line(dit, model.load_device)]
         report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note]
                            + (plan.lines() if plan is not None else []))

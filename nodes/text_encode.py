@@ -6,39 +6,49 @@ import logging
 from comfy_api.latest import io
 
 from ..magi1 import parse_prompt_schedule, tiny
-from .t5 import t5_states
+from .queue_checks import CheckedNode
+from .t5 import T5_KEY, t5_states
 
 UNKNOWN_WORDS_KEY = "magi1_unknown_words"  # in a CONDITIONING's options: words the tiny encoder read as <unk>
 FIRST_CHUNK_KEY = "magi1_first_chunk"  # in a CONDITIONING's options: where a scheduled prompt starts
+ENCODER_KEY = "magi1_text_encoder"  # in a CONDITIONING's options: "t5xxl", or the built-in model encoded for
 SCHEDULE_HELP = ("One prompt for the whole video, or a prompt schedule: lines 'N: prompt' (from chunk N, counted "
                  "from 0, until the next line's chunk) or 'N-M: prompt'; a chunk is 24 frames (1 s). Each chunk "
                  "gets its own caption with MAGI-1's per-chunk tokens.")
 
 
-def schedule_conditioning(text, encode):
+def schedule_conditioning(text, encode, encoder):
     """The CONDITIONING of a prompt or prompt schedule (``magi1.parse_prompt_schedule``): one entry per
-    scheduled prompt, carrying its first chunk; a plain prompt gives a single entry, exactly as before."""
+    scheduled prompt, carrying its first chunk; a plain prompt gives a single entry. Every entry names the
+    ``encoder`` that made it, so that the sampler can refuse a prompt encoded for another model."""
     schedule = parse_prompt_schedule(text)
     entries = []
     for first, prompt in schedule:
         states, mask, extra = encode(prompt)
-        options = {"attention_mask": mask[None], **extra}
+        options = {"attention_mask": mask[None], ENCODER_KEY: encoder, **extra}
         if len(schedule) > 1:
             options[FIRST_CHUNK_KEY] = first
         entries.append([states[None], options])
     return entries
 
 
-def schedule_problem(prompt):
-    """A queue-time message for a malformed prompt schedule, else True."""
+def schedule_problems(values):
+    """The queue-time check of a prompt (a malformed prompt schedule), as ``{"prompt": message}``."""
+    if values.get("prompt") is None:
+        return {}
     try:
-        parse_prompt_schedule(prompt)
+        parse_prompt_schedule(values["prompt"])
     except ValueError as error:
-        return str(error)
-    return True
+        return {"prompt": str(error)}
+    return {}
 
 
-class MAGI1TextEncode(io.ComfyNode):
+def unknown_note(unknown):
+    return (f"the tiny text encoder does not know {unknown}: unknown words are read as <unk>, other characters "
+            "(digits, accents, CJK, emoji) are skipped")
+
+
+class MAGI1TextEncode(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -58,15 +68,15 @@ class MAGI1TextEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt=None):
-        return True if prompt is None else schedule_problem(prompt)
+    def input_rules(cls, values):
+        return schedule_problems(values)
 
     @classmethod
     def execute(cls, clip, prompt) -> io.NodeOutput:
-        return io.NodeOutput(schedule_conditioning(prompt, lambda text: (*t5_states(clip, text), {})))
+        return io.NodeOutput(schedule_conditioning(prompt, lambda text: (*t5_states(clip, text), {}), T5_KEY))
 
 
-class MAGI1TinyTextEncode(io.ComfyNode):
+class MAGI1TinyTextEncode(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -87,7 +97,8 @@ class MAGI1TinyTextEncode(io.ComfyNode):
                     "slowly', 'entering from the top slowly', 'standing still'), then 'over a' brick wall / tiled "
                     "floor / checkerboard / striped wall / grassy field or 'in a cloudy sky', then optionally "
                     "', the camera pans left/right'. Other words are read as an unknown token, which changes the "
-                    "video: the node's text output and the sampler's report name them. " + SCHEDULE_HELP)),
+                    "video; digits and other characters than letters and punctuation are skipped: the node's text output "
+                    "and the sampler's report name both. " + SCHEDULE_HELP)),
                 io.Combo.Input("model", options=list(tiny.MODELS), default=tiny.TINY.name, tooltip=(
                     "The built-in model the DiT Loader loads: tiny (the demo) or bench (the benchmark model).")),
             ],
@@ -97,8 +108,8 @@ class MAGI1TinyTextEncode(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, prompt=None):
-        return True if prompt is None else schedule_problem(prompt)
+    def input_rules(cls, values):
+        return schedule_problems(values)
 
     @classmethod
     def execute(cls, prompt, model=tiny.TINY.name) -> io.NodeOutput:
@@ -108,8 +119,8 @@ class MAGI1TinyTextEncode(io.ComfyNode):
             unknown = encoder.unknown_words(text)
             return (*encoder.encode(text), {UNKNOWN_WORDS_KEY: unknown} if unknown else {})  # the report names them
 
-        conditioning = schedule_conditioning(prompt, encode)
+        conditioning = schedule_conditioning(prompt, encode, model)
         unknown = sorted({w for entry in conditioning for w in entry[1].get(UNKNOWN_WORDS_KEY, [])})
         if unknown:
-            logging.warning("MAGI-1 Tiny Text Encode: unknown words %s are read as <unk>", unknown)
+            logging.warning("MAGI-1 Tiny Text Encode: %s", unknown_note(unknown))
         return io.NodeOutput(conditioning, ", ".join(unknown))

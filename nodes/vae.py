@@ -11,14 +11,13 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1 import VAETiling, VideoLayout
+from ..magi1 import VAETiling
+from ..magi1.layout import check_pixel_size
 from ..magi1.vae import SEAMLESS
 from .loaders import MAGI1_VAE
+from .queue_checks import CheckedNode
 
 LATENT_CHANNELS = 16  # what every MAGI-1 DiT reads (the 24B duplicates them into its 32 input channels)
-# ComfyUI calls validate_inputs with None for a connected input (its value is not made yet) and leaves an
-# unconnected optional input out: this default tells the two apart.
-UNCONNECTED = object()
 # MAGI-1 Decode's temporal tilings (the names are saved in workflows: keep them). The default overlaps its
 # 16-frame tiles by half and cross-fades them (bench/decode_seams.txt); the release's tiles leave a seam.
 SEAMLESS_CHOICE, RELEASED_CHOICE = "seamless", "as released (12 frames, no overlap)"
@@ -34,13 +33,14 @@ def check_vae(vae):
 
 
 def one_of(has_start_image, has_prefix_video):
-    """An error message unless exactly one of start_image and prefix_video is connected, else None."""
+    """``{input: message}`` unless exactly one of start_image and prefix_video is connected."""
     if has_start_image and has_prefix_video:
-        return "connect start_image or prefix_video, not both (a start image is a prefix video of one frame)"
+        return {"prefix_video": "connect start_image or prefix_video, not both (a start image is a prefix video of "
+                                "one frame): disconnect one"}
     if not (has_start_image or has_prefix_video):
-        return ("connect start_image (image-to-video) or prefix_video (video continuation); for text-to-video "
-                "leave MAGI-1 Sampler's prefix_latent unconnected instead")
-    return None
+        return {"start_image": "connect start_image (image-to-video) or prefix_video (video continuation); for "
+                               "text-to-video leave MAGI-1 Sampler's prefix_latent unconnected instead"}
+    return {}
 
 
 def fit_frames(images, width, height):
@@ -61,7 +61,7 @@ def video_to_images(video):
     return ((video.clamp(-1.0, 1.0) + 1.0) / 2.0).movedim(0, -1).contiguous()
 
 
-class MAGI1EncodePrefix(io.ComfyNode):
+class MAGI1EncodePrefix(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -90,19 +90,25 @@ class MAGI1EncodePrefix(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, vae=None, start_image=UNCONNECTED, prefix_video=UNCONNECTED):
-        # At queue time. Only sockets are taken: ComfyUI skips its own range checks of the inputs taken here.
-        # vae is taken only because ComfyUI reports a failure once per input it passed in, and with neither
-        # image connected it is the only one.
-        return one_of(start_image is not UNCONNECTED, prefix_video is not UNCONNECTED) or True
+    def input_rules(cls, values):
+        # ComfyUI passes a connected input (None: not made yet) and leaves an unconnected optional one out.
+        problems = one_of("start_image" in values, "prefix_video" in values)
+        for name in ("width", "height"):
+            if values.get(name) is not None:
+                try:
+                    check_pixel_size(name, values[name])
+                except ValueError as error:
+                    problems[name] = str(error)
+        return problems
 
     @classmethod
     def execute(cls, vae, width, height, start_image=None, prefix_video=None) -> io.NodeOutput:
-        error = one_of(start_image is not None, prefix_video is not None)
-        if error:
-            raise ValueError(error)
+        problems = one_of(start_image is not None, prefix_video is not None)
+        if problems:
+            raise ValueError(next(iter(problems.values())))
         check_vae(vae)
-        VideoLayout.plan(4, height, width)  # a size MAGI-1 takes (multiples of 16), before encoding
+        for name, value in (("width", width), ("height", height)):
+            check_pixel_size(name, value)  # a size MAGI-1 takes (multiples of 16), before encoding
         images = start_image[:1] if start_image is not None else prefix_video
         # Temporal tiles of 1 or a multiple of 4 frames: keep the last frames that fit, the ones continued from.
         usable = max(n for n in range(1, images.shape[0] + 1) if vae.encodable_frames(n))
@@ -115,7 +121,7 @@ class MAGI1EncodePrefix(io.ComfyNode):
         return io.NodeOutput({"samples": latent[None].to(mm.intermediate_device())})
 
 
-class MAGI1Decode(io.ComfyNode):
+class MAGI1Decode(CheckedNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(

@@ -85,6 +85,15 @@ def _fake_comfy():
         def GET_SCHEMA(cls):
             return cls.define_schema()
 
+        @classmethod
+        def INPUT_TYPES(cls):  # ComfyUI's V1 view of a V3 schema, which its validation reads
+            types_ = {"required": {}}
+            for inp in cls.define_schema().inputs:
+                info = {key: value for key, value in inp.options.items() if key != "optional"}
+                types_.setdefault("optional" if inp.options.get("optional") else "required", {})[inp.id] = (
+                    inp.io_type, info)
+            return types_
+
     io.ComfyNode = ComfyNode
     latest = types.ModuleType("comfy_api.latest")
     latest.io = io
@@ -92,8 +101,10 @@ def _fake_comfy():
 
     folder_paths = types.ModuleType("folder_paths")
     folder_paths.folders = {}  # folder name -> [directories]; tests fill it
-    folder_paths.get_filename_list = lambda folder: ["magi/model.safetensors.index.json", "magi/model-00001.safetensors",
-                                                    "other.ckpt"]
+    # As ComfyUI lists a model folder: files with model extensions only (a sharded checkpoint's index is not
+    # one). Tests may replace it.
+    folder_paths.get_filename_list = lambda folder: ["magi/model-00001-of-00002.safetensors",
+                                                    "magi/model-00002-of-00002.safetensors", "other.ckpt"]
     folder_paths.get_folder_paths = lambda folder: list(folder_paths.folders.get(folder, []))
     folder_paths.output_directory = folder_paths.temp_directory = "/nonexistent/comfy-output"  # tests may set them
     folder_paths.get_output_directory = lambda: folder_paths.output_directory
@@ -105,7 +116,14 @@ def _fake_comfy():
                 return os.path.join(directory, name)
         raise FileNotFoundError(f"Model in folder '{folder}' with filename '{name}' not found.")
 
+    def get_full_path(folder, name):
+        try:
+            return get_full_path_or_raise(folder, name)
+        except FileNotFoundError:
+            return None
+
     folder_paths.get_full_path_or_raise = get_full_path_or_raise
+    folder_paths.get_full_path = get_full_path
 
     comfy = types.ModuleType("comfy")
     modules = {"comfy_api": types.ModuleType("comfy_api"), "comfy_api.latest": latest, "comfy_api.latest.io": io,
@@ -168,5 +186,7 @@ def pack_namespace():
     (``pack.modules["sampler"]``)."""
     with pack_nodes() as nodes:
         classes = {node.GET_SCHEMA().node_id: node for node in nodes}
-        modules = {node.__module__.rsplit(".", 1)[1]: sys.modules[node.__module__] for node in nodes}
+        package = nodes[0].__module__.rsplit(".", 1)[0]
+        modules = {name.rsplit(".", 1)[1]: module for name, module in list(sys.modules.items())
+                   if name.startswith(package + ".")}
         yield types.SimpleNamespace(modules=modules, **classes)

@@ -49,11 +49,12 @@ def test_inputs_and_outputs_are_documented_and_defaults_valid(nodes):
         assert optional == sorted(optional), schema.node_id
 
 
-def test_loaders_list_only_safetensors(nodes):
+def test_loaders_list_a_sharded_checkpoint_once(nodes):
+    # The stand-in folder lists two shards of one checkpoint without an index (and a pickle): one entry.
     loader = next(node for node in nodes if node.__name__ == "MAGI1DiTLoader").GET_SCHEMA()
     checkpoint = next(inp for inp in loader.inputs if inp.id == "checkpoint")
     assert checkpoint.options["options"] == ["MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)",
-                                             "magi/model-00001.safetensors", "magi/model.safetensors.index.json"]
+                                             "magi/model-00001-of-00002.safetensors"]
 
 
 def test_sampler_defaults_are_a_valid_request(nodes):
@@ -65,18 +66,15 @@ def test_sampler_defaults_are_a_valid_request(nodes):
     assert layout.chunk_num == 4  # 96 frames at 720x720: four chunks of 24 frames
     optional = {inp.id for inp in sampler.inputs if inp.options.get("optional")}
     assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload", "preview_vae"}  # 0.2.0: no vae
-    # validate_inputs reads the removed inputs (to name where they went) and the size and steps (what
-    # execution would refuse); ComfyUI then skips its own range check of those, so the node does it
+    # Every input is checked at queue time (nodes/queue_checks.py): ComfyUI's ranges, then the node's own rules.
     node = next(node for node in nodes if node.__name__ == "MAGI1Sampler")
-    code = node.validate_inputs.__func__.__code__
-    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video", "width", "height",
-                                                         "steps"]
-    assert node.validate_inputs(width=720, height=720, steps=16) is True
-    assert "nearest valid value is 8" in node.validate_inputs(width=720, height=720, steps=6)
+    values = dict(width=720, height=720, frames=96, steps=16, seed=0, guidance=7.5)
+    assert node.validate_inputs(**values) is True
+    assert "nearest valid value is 8" in node.validate_inputs(**{**values, "steps": 6})
     assert "width must be a multiple of 16; the nearest valid value is 80" in node.validate_inputs(
-        width=72, height=720, steps=16)
-    assert "between 16 and 4096, got 5000" in node.validate_inputs(width=720, height=5000, steps=16)
-    assert "between 4 and 1000, got 0" in node.validate_inputs(width=720, height=720, steps=0)
+        **{**values, "width": 72})
+    assert "between 16 and 4096, got 5000" in node.validate_inputs(**{**values, "height": 5000})
+    assert "between 4 and 1000, got 0" in node.validate_inputs(**{**values, "steps": 0})
     assert node.validate_inputs(width=None, height=None, steps=None) is True  # linked: checked at execution
 
 
@@ -91,9 +89,8 @@ def test_encode_prefix_takes_the_vae_and_one_of_two_image_inputs(nodes):
     sampler = {inp.id: inp for inp in next(n for n in nodes if n.__name__ == "MAGI1Sampler").GET_SCHEMA().inputs}
     for size in ("width", "height"):  # the same widget as the sampler's, which it must equal
         assert inputs[size].options == sampler[size].options | {"tooltip": inputs[size].options["tooltip"]}
-    # validate_inputs reads only the sockets: ComfyUI skips its own range checks for the inputs it takes
-    code = encode.validate_inputs.__func__.__code__
-    assert list(code.co_varnames[1:code.co_argcount]) == ["vae", "start_image", "prefix_video"]
+    assert encode.validate_inputs(vae=None, width=64, height=64, start_image=None) is True
+    assert "multiple of 16" in encode.validate_inputs(vae=None, width=60, height=64, start_image=None)
 
 
 def test_vae_nodes_share_a_file(nodes):

@@ -1,5 +1,7 @@
 """Per-chunk prompts: the schedule's grammar, and each chunk's caption rows being those of its own prompt."""
 
+import re
+
 import pytest
 import torch
 
@@ -11,10 +13,26 @@ def test_a_plain_prompt_is_one_prompt_for_every_chunk():
     assert parse_prompt_schedule("a red ball\nover a wall") == [(0, "a red ball\nover a wall")]
 
 
-@pytest.mark.parametrize("text", ["0:00, a countdown clock", "12:30 pm, a clock tower",
-                                  "Scene:\n1: a cat walks", "a cat\n0: walks"])
+@pytest.mark.parametrize("text", ["0:00, a countdown clock", "12:30 pm, a clock tower", "a cat\nwalks: slowly",
+                                  "a cat at 12:30\nunder a clock"])
 def test_text_that_is_not_a_schedule_stays_one_prompt(text):
     assert parse_prompt_schedule(text) == [(0, text)]
+
+
+@pytest.mark.parametrize("text, message", [
+    # a schedule line after a first line that is none: not silently one prompt
+    ("Scene:\n1: a cat walks", "the line '1: a cat walks' starts a scheduled prompt, but the first line 'Scene:'"),
+    ("a cat\n0: walks", "begin with '0: <prompt>'"),
+    # a schedule line without its space, inside a schedule: not silently merged into the prompt above
+    ("0: a red ball\n1:a blue square", "has no space after the colon: write '1: a blue square'"),
+    ("0: a red ball\n1-2:a blue square", "write '1-2: a blue square'"),
+    # a chunk number Python would refuse to read (over 4300 digits), and any beyond a video
+    ("0: a\n" + "9" * 5000 + ": b", "names a chunk beyond any video"),
+    ("0: a\n1-" + "9" * 7 + ": b", "names a chunk beyond any video"),
+])
+def test_lines_that_look_like_schedule_lines_are_refused(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_prompt_schedule(text)
 
 
 def test_schedule_lines():

@@ -246,7 +246,7 @@ def test_the_multi_gpu_node_sets_its_option_on_a_clone(pack, model):
 def test_the_multi_gpu_node_refuses_what_cannot_run_naming_the_fix(pack, model, monkeypatch):
     node = pack.MAGI1MultiGPU
     assert node.validate_inputs(gpus=2, cfg_parallel=1, devices="") is True
-    assert node.validate_inputs() is True  # linked inputs: checked at execution
+    assert node.validate_inputs(gpus=None, cfg_parallel=None) is True  # linked inputs: checked at execution
     assert "set gpus to 3 or cfg_parallel to 1" in node.validate_inputs(gpus=4, cfg_parallel=3, devices="")
     assert "devices lists 3 GPUs (0,1,2) but gpus is 2" in node.validate_inputs(gpus=2, cfg_parallel=1,
                                                                                devices="0,1,2")

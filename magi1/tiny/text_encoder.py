@@ -20,6 +20,9 @@ from torch import nn
 CONFIG_METADATA_KEY = "magi1_tiny_text_config"
 SPECIALS = ("<pad>", "<unk>", "<end>")  # the first entries of every vocabulary
 _WORD = re.compile(r"[a-z]+")
+# What separates words without being read: spaces and everyday punctuation. Anything else (digits, accented
+# letters, CJK, emoji) is dropped too, but named as unknown, since the prompt then says less than was meant.
+_UNREAD = re.compile(r"[^a-z\s,.;:!?'\"()\-]+")
 
 
 def words(text):
@@ -66,8 +69,10 @@ class TinyTextEncoder(nn.Module):
         return self.norm(x) * mask[..., None]
 
     def unknown_words(self, prompt):
-        """The prompt's words this encoder does not know (it reads each as ``<unk>``, which changes the video)."""
-        return sorted({word for word in words(prompt) if word not in self.index})
+        """What of the prompt this encoder cannot read: the words it does not know (each read as ``<unk>``,
+        which changes the video), then the runs of other characters it skips (digits, accents, CJK, emoji)."""
+        return (sorted({word for word in words(prompt) if word not in self.index})
+                + sorted(set(_UNREAD.findall(prompt.lower()))))
 
     @torch.no_grad()
     def encode(self, prompt):
