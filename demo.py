@@ -17,6 +17,7 @@ from pathlib import Path
 from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
+from magi1.layout import FRAMES_RULE, frames_to_generate
 from magi1.__main__ import int_argument  # the option types of python -m magi1
 from magi1.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.schedule import check_steps
@@ -33,6 +34,7 @@ def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, pres
     policy is the ``preset`` in ``mode`` (``tau`` overriding its τ), or ``policy`` when given."""
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     states, mask = encoder.encode(model.example_prompt if prompt is None else prompt)
+    frames = frames_to_generate(frames)  # FRAMES_RULE, as MAGI-1 Sampler and python -m magi1
     chunks = VideoLayout.plan(frames, model.size, model.size).chunk_num
     caption, caption_mask = chunk_captions(states, mask, chunks, model.special_tokens(),
                                            length=dit.config.caption_max_length)
@@ -79,8 +81,8 @@ def build_parser():
     parser.add_argument("--out", help="the .mp4 to write, in an existing writable folder (default: "
                         "magi1_<model>_demo.mp4 in the current folder); checked before generating")
     parser.add_argument("--frames", type=int_argument("frames", 4, MAX_FRAMES), default=48,
-                        help=f"video length in frames, 4 to {MAX_FRAMES} (default 48 = 2 s at 24 fps); generated "
-                        "in chunks of 24, and the video has frames rounded down to a multiple of 4")
+                        help=f"video length in frames, 4 to {MAX_FRAMES} (default 48 = 2 s at 24 fps). "
+                        + FRAMES_RULE.split(" A start image")[0])
     parser.add_argument("--steps", type=int_argument("steps", 4, 1000, " and a multiple of 4"),
                         help="denoising steps per chunk, a multiple of 4 (default: the model's, 16); fewer is "
                         "faster and rougher")
@@ -157,7 +159,8 @@ def main(argv=None):
     except ImportError:
         fail("writing the mp4 needs PyAV: pip install av (or pip install -r requirements.txt)")
     print(result.stats.summary())
-    print(f"wrote {out}: {video.shape[1]} frames, {model.size}x{model.size}, in {time.perf_counter() - began:.1f} s")
+    print(f"wrote {out}: {video.shape[1]} frames ({args.frames} asked), {model.size}x{model.size}, in "
+          f"{time.perf_counter() - began:.1f} s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """GPU memory of a MAGI-1 generation, predicted before anything is allocated.
 
 ``memory_plan(config, frames, height, width, ...)`` counts, analytically from the ``ModelConfig`` and the
-request, what a ``magi1.generate`` run followed by a tiled VAE decode puts on the GPU: the DiT weights
+request, what a ``magi1.generate`` run followed by a tiled VAE decode puts on the GPU (on the CPU: in
+memory, the same numbers; ``device`` words ``MemoryPlan.lines`` by where the run is): the DiT weights
 (by dtype, with fp8 and block-swap streaming), the KV caches each guidance stream keeps
 (``magi1.guidance``), the cache policy's per-chunk state (``cache_core``), the activation peak of one
 DiT window call and the peak of the tiled decode. ``MemoryPlan.savings(available)`` says which changes
@@ -336,6 +337,7 @@ class MemoryPlan:
     tokens_per_chunk: int
     chunk_num: int
     request: dict = field(default=None, repr=False, compare=False)
+    layout: Optional[VideoLayout] = field(default=None, repr=False, compare=False)
 
     @property
     def dit_phase(self):
@@ -348,32 +350,50 @@ class MemoryPlan:
     def savings(self, available_bytes):
         return savings(self, available_bytes)
 
+    @property
+    def device(self):
+        """Where the run computes (``memory_plan``'s ``device``), or None when not given."""
+        return (self.request or {}).get("device")
+
+    @property
+    def frames_made(self):
+        """The video frames the run returns: whole chunks, less a prefix video (a start image is the video's
+        first frame), 4 per latent frame; the ``frames`` asked of ``generate`` are rounded up to them."""
+        return (self.layout.latent_frames - self.layout.output_start) * TEMPORAL_DOWNSAMPLE
+
     def lines(self):
-        """A short table, GB with two decimals."""
-        r = self.request
-        head = (f"MAGI-1 memory plan: {r['frames']} frames {r['height']}x{r['width']}, {self.chunk_num} chunks of "
+        """A short table, GB with two decimals, worded by the device: on the GPU "weights on GPU", on the CPU
+        "weights in memory" (the numbers are the same)."""
+        r, cpu = self.request, self.device is not None and self.device.type == "cpu"
+        on, where = ("in", "memory") if cpu else ("on", "GPU")
+        prefix = r["prefix_frames"]
+        head = (f"MAGI-1 memory plan: {self.frames_made} frames {r['height']}x{r['width']}, {self.chunk_num} chunks of "
                 f"{self.tokens_per_chunk} tokens, weights {r['weight_dtype']}, {r['passes']} pass(es), "
                 f"cache {r['cache']}" + (", KV offloaded" if r["kv_offload"] else "")
-                + (f", {r['resident_layers']} resident layers" if r["resident_layers"] is not None else ""))
+                + (f", {r['resident_layers']} resident layers" if r["resident_layers"] is not None else "")
+                + ("" if not prefix else ", from a start image" if prefix == 1 else
+                   f", after a prefix video of {prefix} latent frames")
+                + (", on the CPU" if cpu else ""))
         by_dtype = ", ".join(f"{k} {v / GB:.2f}" for k, v in sorted(self.weights.items()))
-        rows = [("weights on GPU", self.weights_on_gpu, f"all {sum(self.weights.values()) / GB:.2f}: {by_dtype}")]
+        rows = [(f"weights {on} {where}", self.weights_on_gpu,
+                 f"all {sum(self.weights.values()) / GB:.2f}: {by_dtype}")]
         if self.weights_host:
             rows.append(("weights in host memory", self.weights_host, ""))
-        rows += [(f"KV cache {name}", nbytes, "host" if r["kv_offload"] else "GPU")
+        rows += [(f"KV cache {name}", nbytes, "host" if r["kv_offload"] else "CPU memory" if cpu else "GPU")
                  for name, nbytes in self.kv_caches.items()]
-        rows += [("KV on GPU", self.kv_on_gpu, "one layer's rows per call" if r["kv_offload"] else ""),
+        rows += [(f"KV {on} {where}", self.kv_on_gpu, "one layer's rows per call" if r["kv_offload"] else ""),
                  ("policy state", self.policy_state, f"+ {self.policy_transient / GB:.2f} while deciding"),
                  ("activations (peak call)", self.activations, ""),
                  ("DiT phase", self.dit_phase, ""),
                  ("VAE decode", self.vae_decode, "after the DiT phase" if r["decode"] else "not counted"),
-                 ("total GPU (peak)", self.total_gpu, "")]
+                 (f"total {where} (peak)", self.total_gpu, "")]
         return [head] + [f"  {name:<26}{nbytes / GB:8.2f} GB  {note}".rstrip() for name, nbytes, note in rows]
 
 
 def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, passes=1,
                 prefix_frames=0, window_size=4, chunk_width=6, kv_offload=False, cache="off", resident_layers=None,
                 vae_tiling=SEAMLESS, decode=True, unload_dit=True, extrapolation=True,
-                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16):
+                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16, device=None):
     """Predict the GPU memory of generating ``frames`` video frames at ``height`` x ``width`` pixels.
 
     ``config``: a ``ModelConfig`` (or its dict); ``weight_dtype``: one of ``WEIGHT_DTYPES`` (the fp8
@@ -382,13 +402,15 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     such as flowcache/teacache, "token" for motion/motion_detail/hybrid), with ``extrapolation`` (the
     presets' velocity extrapolation); ``resident_layers``: block swap (None = all layers resident);
     ``vae_tiling``: the decode's tiles (None: one piece); ``decode``: count the VAE decode.
-    The KV caches are in ``compute_dtype``.
+    The KV caches are in ``compute_dtype``. ``frames`` is ``generate``'s argument: the run makes whole
+    chunks (``MemoryPlan.frames_made``). ``device`` (a ``torch.device`` or its name; None: a GPU) is where
+    the run computes: it words ``MemoryPlan.lines`` (on the CPU the same bytes are host memory).
     """
     request = dict(config=config, frames=frames, height=height, width=width, weight_dtype=weight_dtype,
                    compute_dtype=compute_dtype, passes=passes, prefix_frames=prefix_frames, window_size=window_size,
                    chunk_width=chunk_width, kv_offload=bool(kv_offload), cache=cache, resident_layers=resident_layers,
                    vae_tiling=vae_tiling, decode=decode, unload_dit=unload_dit, extrapolation=extrapolation,
-                   vae_config=vae_config, vae_dtype=vae_dtype)
+                   vae_config=vae_config, vae_dtype=vae_dtype, device=None if device is None else torch.device(device))
     config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
     check_choice("passes", passes, (1, 3))
@@ -417,7 +439,7 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     dit_phase = on_gpu + kv_on_gpu + held + max(activations, transient)
     return MemoryPlan(weights, on_gpu, sum(weights.values()) - on_gpu, caches, kv_on_gpu,
                       kv_total if kv_offload else 0, held, transient, activations, vae, max(dit_phase, vae),
-                      layout.tokens_per_chunk, layout.chunk_num, request)
+                      layout.tokens_per_chunk, layout.chunk_num, request, layout)
 
 
 def fits(plan, available_bytes):

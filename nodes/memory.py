@@ -5,6 +5,7 @@ import logging
 import comfy.model_management as mm
 
 from ..magi1 import memory_plan
+from ..magi1.loader import model_description
 from ..magi1.memory_plan import GB, dtype_name, replan
 
 
@@ -19,11 +20,12 @@ def weight_kind(dit):
     return dit.weights or dtype_name(dit.dtype)
 
 
-def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload):
-    """The memory plan of this run, before anything is allocated."""
+def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device=None):
+    """The memory plan of this run, before anything is allocated; ``device``: where it runs (the plan's
+    lines say "GPU" there, "memory" on the CPU; None: a GPU)."""
     return memory_plan(dit.config, frames, height, width, weight_dtype=weight_kind(dit), compute_dtype=dit.dtype,
                        passes=1 if dit.distill else 3, prefix_frames=prefix_frames, kv_offload=kv_offload,
-                       cache=cache_kind(policy), decode=False)
+                       cache=cache_kind(policy), decode=False, device=device)
 
 
 def available_bytes(device):
@@ -53,8 +55,8 @@ def check_plan(plan, available):
 
 def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_offload):
     """The plan, its note, and the memory ComfyUI should keep free for the run beside the weights."""
-    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload)
     device = patcher.load_device
+    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device)
     note = None
     if device.type == "cpu":
         check_host_memory(plan, mm.get_free_memory(device))
@@ -77,7 +79,7 @@ def check_host_memory(plan, available):
 
 def weights_line(dit, device):
     """Which model this is and why, and how its weights are held and computed on ``device``, for the reports."""
-    return f"MAGI-1 model: {dit.variant} ({dit.variant_reason}); weights: {_weights(dit, device)}"
+    return f"MAGI-1 model: {model_description(dit)}; weights: {_weights(dit, device)}"
 
 
 def _weights(dit, device):
@@ -86,13 +88,16 @@ def _weights(dit, device):
         return kind
     from ..magi1.ops import FP8, fp8_arithmetic
 
+    cast = f"each layer's float8 weights cast to {dtype_name(dit.dtype)} as it runs"
     if kind == "fp8_official" and fp8_arithmetic(device):
         how = "float8 matrix products (this GPU has float8 arithmetic)"
+    elif device.type == "cpu":
+        how = f"{cast} (the CPU has no float8 arithmetic)"
     else:
         fp8_weights = sum(p.numel() for p in dit.parameters() if p.dtype == FP8)
         cast_ms = 3 * fp8_weights / 1e12 * 1e3  # read 1 byte, write 2 per weight per call, at 1 TB/s
-        how = (f"each layer's float8 weights cast to {dtype_name(dit.dtype)} as it runs, about "
-               f"{cast_ms:.0f} ms of memory traffic per DiT call at 1 TB/s (an estimate)"
+        traffic = "under 1 ms" if cast_ms < 1 else f"about {cast_ms:.0f} ms"
+        how = (f"{cast}, {traffic} of memory traffic per DiT call at 1 TB/s (an estimate)"
                + ("" if device.type != "cuda" or fp8_arithmetic(device) else
                   "; this GPU has no float8 arithmetic (before Ada/Hopper), so every fp8 kind is cast up "
                   "this way: half the weight memory of bfloat16, the same result up to rounding"))

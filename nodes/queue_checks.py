@@ -32,9 +32,16 @@ class CheckedNode(io.ComfyNode):
     common checks: the others are absent from ``values`` or None when linked) and ``still_accepted(input,
     value)`` for values a dropdown no longer lists but saved workflows hold."""
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # ComfyUI calls validate_inputs on a locked copy of the class (whose schema cannot be cached): the checks
+        # use the node's own class. The copies carry this attribute over from its __dict__.
+        if "node_class" not in cls.__dict__:
+            cls.node_class = cls
+
     @classmethod
     def validate_inputs(cls, **values):
-        problems = input_problems(cls, values)
+        problems = input_problems(cls.node_class, values)
         if not problems:
             return True
         return "\n".join(f"{name}: {message}" for name, message in problems.items())

@@ -1,5 +1,6 @@
 """MAGI1Sampler: the autoregressive MAGI-1 sampler as a node (its prefix comes encoded, from nodes/vae.py)."""
 
+import logging
 import math
 
 import torch
@@ -10,6 +11,7 @@ import comfy.utils
 
 from ..magi1 import Guidance, VideoLayout, generate, scheduled_captions
 from ..magi1.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
+from ..magi1.run_time import estimate_run
 from ..magi1.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
@@ -82,10 +84,13 @@ def check_entries(conditioning, name):
                 "the prompt over the video, use a prompt schedule in MAGI-1 Text Encode")
 
 
-def check_encoder(conditioning, name, builtin):
-    """The prompt must come from the text encoder of this model: T5-XXL for a checkpoint, the built-in model's
-    own encoder for a built-in one (``builtin``: its name, None for a checkpoint). Entries of other nodes,
-    which name no encoder, are checked by their width alone (``conditioning_states``)."""
+def check_encoder(conditioning, name, builtin, caption_channels):
+    """The prompt must come from the text encoder of this model: the built-in model's own encoder for a
+    built-in one (``builtin``: its name, else None), T5-XXL for a checkpoint that reads T5's 4096-wide
+    states. Otherwise (entries of other nodes, which name no encoder; a checkpoint of another width) the
+    states are checked by their width alone (``conditioning_states``)."""
+    if builtin is None and caption_channels != T5_WIDTH:
+        return
     wanted = builtin or T5_KEY
     for entry in conditioning:
         encoder = entry[1].get(ENCODER_KEY)
@@ -157,6 +162,28 @@ def visible(frames):
     ``MASK_PREVIEW_WIDTH`` pixels wide."""
     factor = max(1, MASK_PREVIEW_WIDTH // frames.shape[-1])
     return frames.repeat_interleave(factor, dim=1).repeat_interleave(factor, dim=2)
+
+
+WARN_SECONDS = 600  # a run estimated longer is named in the log and the report, with the estimate
+CPU_REFUSED_SECONDS = 3600  # on the CPU, a run estimated longer is refused (a GPU's long runs are the user's call)
+
+
+def checked_time(dit, device, frames, height, width, steps, prefix_frames):
+    """The run's estimated time on ``device`` (``magi1.run_time``): None when short, a note when long, a
+    ValueError naming the estimate and the fix when it would take over an hour on the CPU."""
+    estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,
+                            passes=1 if dit.distill else 3, prefix_frames=prefix_frames, device=device,
+                            dtype=dit.dtype)
+    if estimate.seconds > CPU_REFUSED_SECONDS and device.type == "cpu":
+        raise ValueError(
+            f"MAGI-1 Sampler: this run would take {estimate.describe()} (an estimate from its "
+            f"{estimate.flops / 1e12:.0f} TFLOP; a cache policy saves part of it): make the video smaller "
+            f"(width x height: {width}x{height}), shorter (frames) or use fewer steps, or run on a GPU")
+    if estimate.seconds > WARN_SECONDS:
+        note = f"this run is estimated to take {estimate.describe()} (the DiT alone, without the cache's savings)"
+        logging.warning("MAGI-1 Sampler: %s", note)
+        return note
+    return None
 
 
 def made_note(prefix_frames):
@@ -257,15 +284,16 @@ class MAGI1Sampler(CheckedNode):
         for name, conditioning in (("positive", positive), ("negative", negative)):
             if conditioning is not None:  # before anything loads: a prompt this run cannot use is refused now
                 check_entries(conditioning, name)
-                check_encoder(conditioning, name, builtin)
+                check_encoder(conditioning, name, builtin, config.caption_channels)
         prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
         prefix_frames = 0 if prefix is None else prefix.shape[1]
         asked, frames = frames, frames_to_generate(frames, prefix_frames)  # FRAMES_RULE
         layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, patch_size=config.patch_size)
-        plan = plan_note = None
+        plan = plan_note = time_note = None
         if workers is None:
             plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width, prefix_frames,
                                                       kv_offload)
+            time_note = checked_time(dit, model.load_device, frames, height, width, steps, prefix_frames)
             # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
             mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
             dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
@@ -287,7 +315,7 @@ class MAGI1Sampler(CheckedNode):
             masks = visible(mask_frames)[..., None].expand(-1, -1, -1, 3).contiguous()
         else:
             masks = torch.zeros(1, 8, 8, 3)
-        notes = [plan_note, *notes, policy.unreached_token_phase(steps) if policy is not None else None,
+        notes = [plan_note, time_note, *notes, policy.unreached_token_phase(steps) if policy is not None else None,
                  *conditioning_notes(positive, chunks)]
         lines = [summary, f"MAGI-1 frames: {asked} asked, {frames_made(latent.shape[1])} made ({chunks} chunk"
                           f"{'s' * (chunks > 1)} of 24{made_note(prefix_frames)})",

@@ -131,6 +131,6 @@ def test_tiny_demo_end_to_end(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "demo.py"), "--frames", "24", "--out", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert f"wrote {out}: 24 frames, 64x64" in done.stdout
+    assert f"wrote {out}: 24 frames (24 asked), 64x64" in done.stdout
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 24

@@ -136,6 +136,27 @@ def test_sharded_checkpoint_from_index_any_shard_or_folder(tmp_path, pick):
     assert loaded.distill and loaded.variant == "custom_distill"  # the official distill folder name
 
 
+def test_a_checkpoint_is_described_by_its_variant_and_why(tmp_path):
+    """The reports' model name (``model_description``): a checkpoint keeps its variant and reason, in
+    parentheses; only the built-in models (tests/test_tiny.py) are named otherwise."""
+    from magi1.loader import model_description
+
+    model = tiny_model()
+    save_single(model, tmp_path / "tiny.safetensors")
+    folder = save_sharded(model, tmp_path / "inference_weight.distill")
+    base = magi1.load_dit(tmp_path / "tiny.safetensors")
+    assert base.builtin is None
+    assert model_description(base) == (f"custom_base (neither the checkpoint's name '{tmp_path.name}/tiny.safetensors' "
+                                       "nor its metadata says distill)")
+    chosen = magi1.load_dit(tmp_path / "tiny.safetensors", distill=True)
+    assert model_description(chosen) == "custom_distill (as chosen)"
+    assert model_description(magi1.load_dit(tmp_path / "tiny.safetensors", weights="fp8_e4m3fn")).startswith(
+        "custom_base_fp8 (neither the checkpoint's name")
+    assert model_description(magi1.load_dit(folder)) == ("custom_distill (the checkpoint's name "
+                                                         "'inference_weight.distill/model-00001-of-00003.safetensors' "
+                                                         "says distill)")
+
+
 def test_missing_shard_is_named(tmp_path):
     folder = save_sharded(tiny_model(), tmp_path / "ckpt")
     (folder / "model-00002-of-00003.safetensors").unlink()
@@ -275,9 +296,9 @@ def test_index_shards_must_sit_beside_the_index(tmp_path, shard):
 
 
 @pytest.mark.parametrize("layout, expected", [
-    ("4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),
-    ("distill_runs/4.5B_base/inference_weight/model-00001-of-00002.safetensors", False),  # a parent says distill
-    ("4.5B_distill/inference_weight.distill/model-00001-of-00002.safetensors", True),
+    ("4.5B_base/inference_weight/model-00001-of-00001.safetensors", False),
+    ("distill_runs/4.5B_base/inference_weight/model-00001-of-00001.safetensors", False),  # a parent says distill
+    ("4.5B_distill/inference_weight.distill/model-00001-of-00001.safetensors", True),
     ("distill_things/my_base.safetensors", True),  # its own folder says so (the report says why; variant overrides)
     ("models/my_distill.safetensors", True),
     ("diffusion_models/model_4.5B_distill.safetensors", True),  # the file's own name

@@ -4,6 +4,7 @@ sizes, the activation model against a measured peak, and the savings advice."""
 import dataclasses
 import json
 import os
+import re
 import weakref
 
 import pytest
@@ -298,3 +299,68 @@ def test_the_text_to_video_workflow_note_quotes_the_plan():
     assert re.search(r"float8: saves (\d+\.\d) GB", text).group(1) == f"{(plan.total_gpu - fp8.total_gpu) / 1e9:.1f}"
     assert re.search(r"saves (\d+\.\d) GB, a little slower", text).group(1) == \
         f"{(plan.total_gpu - offload.total_gpu) / 1e9:.1f}"
+
+
+# ----------------------------------------------------------------------------------------------- lines
+def numbers(lines):
+    return [re.findall(r"\d+\.\d\d", line) for line in lines]
+
+
+def test_lines_word_the_memory_by_the_device_and_keep_the_numbers():
+    """On the CPU the plan's lines speak of memory, never of a GPU; on a GPU (or none named, as before)
+    of the GPU; the bytes are the same, and a replanned request keeps its device."""
+    gpu = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4)
+    cuda = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4, device=torch.device("cuda", 0))
+    cpu = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4, device="cpu")
+    assert gpu == cuda == cpu and gpu.device is None and cpu.device == torch.device("cpu")
+    assert numbers(gpu.lines()) == numbers(cuda.lines()) == numbers(cpu.lines())
+    for plan in (gpu, cuda):
+        text = "\n".join(plan.lines())
+        assert "weights on GPU" in text and "KV on GPU" in text and "total GPU (peak)" in text
+        assert "CPU" not in text and "in memory" not in text
+    text = "\n".join(cpu.lines())
+    assert "GPU" not in text, text
+    assert cpu.lines()[0].endswith(", on the CPU")
+    assert "weights in memory" in text and "KV in memory" in text and "total memory (peak)" in text
+    assert re.search(r"KV cache main +\d+\.\d\d GB  CPU memory", text)
+    assert "weights in host memory" in text  # the streamed layers, as on a GPU
+    again = replan(cpu, kv_offload=True)
+    assert again.device == torch.device("cpu") and "GPU" not in "\n".join(again.lines())
+    assert replan(gpu, kv_offload=True).lines()[-1].lstrip().startswith("total GPU (peak)")
+
+
+@pytest.mark.parametrize("frames, prefix_frames, made, chunks", [
+    (28, 0, 48, 2),  # 7 latent frames: two whole chunks are made
+    (48, 0, 48, 2),
+    (4, 0, 24, 1),
+    (44, 1, 48, 2),  # a start image: the video's first frame, then 11 latent frames
+    (48, 1, 72, 3),  # 1 + 12 latent frames: three chunks
+    (48, 4, 56, 3),  # after a 4-latent-frame prefix video: what follows it, to the end of the third chunk
+    (24, 6, 24, 2),  # a whole chunk of prefix, one chunk made
+])
+def test_lines_state_the_frames_the_run_makes(frames, prefix_frames, made, chunks):
+    """The plan names the frames the run returns (whole chunks, after a prefix video), not the ``frames``
+    argument it was given; ``test_frames_made_are_the_frames_generate_returns`` holds it to generate."""
+    plan = memory_plan(tiny_configs()["distill24"], frames, 64, 64, chunk_width=6, prefix_frames=prefix_frames)
+    assert plan.frames_made == made and plan.chunk_num == chunks
+    head = plan.lines()[0]
+    assert head.startswith(f"MAGI-1 memory plan: {made} frames 64x64, {chunks} chunks of "), head
+    assert ("from a start image" in head) == (prefix_frames == 1)
+    assert (f"after a prefix video of {prefix_frames} latent frames" in head) == (prefix_frames > 1)
+    assert replan(plan, frames=frames + 24).frames_made == made + 24
+
+
+@pytest.mark.parametrize("frames, prefix_frames", [(28, 0), (44, 1), (48, 1), (48, 4), (24, 6)])
+def test_frames_made_are_the_frames_generate_returns(frames, prefix_frames):
+    from magi1 import tiny
+
+    dit = tiny.load_tiny_dit()
+    layout = VideoLayout.plan(frames, 64, 64, prefix_frames=prefix_frames)
+    chunks = layout.chunk_num - layout.chunk_offset
+    caption = torch.randn(chunks, dit.config.caption_max_length, dit.config.caption_channels)
+    mask = torch.ones(chunks, dit.config.caption_max_length, dtype=torch.bool)
+    prefix = torch.randn(dit.config.latent_channels, prefix_frames, 8, 8) if prefix_frames else None
+    result = generate(dit, caption, mask, frames=frames, height=64, width=64, steps=4, seed=0, prefix=prefix)
+    plan = memory_plan(dit.config, frames, 64, 64, compute_dtype=torch.float32, weight_dtype="float32",
+                       prefix_frames=prefix_frames)
+    assert result.latent.shape[1] * 4 == plan.frames_made

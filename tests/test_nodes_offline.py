@@ -107,9 +107,10 @@ def test_sampler_refuses_a_prefix_of_another_size_naming_both(pack, model):
 
 def test_sampler_refuses_the_inputs_it_no_longer_takes_at_queue_time(pack):
     assert pack.MAGI1Sampler.validate_inputs() is True
-    message = pack.MAGI1Sampler.validate_inputs(vae=None, start_image=None)
-    assert message.startswith("MAGI-1 Sampler no longer takes vae or start_image (pack 0.2.0): connect them to "
-                              "MAGI-1 Encode Prefix")
+    problems = pack.modules["queue_checks"].input_problems(pack.MAGI1Sampler, dict(vae=None, start_image=None))
+    assert sorted(problems) == ["start_image", "vae"]
+    assert problems["vae"].startswith("MAGI-1 Sampler no longer takes vae (pack 0.2.0): connect it "
+                                      "to MAGI-1 Encode Prefix")
 
 
 @pytest.fixture
@@ -135,10 +136,11 @@ def test_sampler_reads_the_special_tokens_and_prefix_from_the_model_and_latent(p
     clone.model = types.SimpleNamespace(diffusion_model=model.model.diffusion_model, special_tokens=own)
     latent, report, _ = sample(pack, clone, prefix_latent=prefix).result
     call = captured[-1]
-    # 48 frames after a one-frame prefix: 1 + 12 latent frames, 3 chunks of 6 to generate, each captioned
-    # [DURATION (chunks after it), HQ, T5 ...] from the MODEL's table
-    assert call["caption"].shape[0] == 3 and torch.equal(call["caption"][:, 1], own.hq.expand(3, -1))
-    assert [torch.equal(call["caption"][c, 0], own.duration(2 - c)) for c in range(3)] == [True] * 3
+    # 48 frames from a start image (FRAMES_RULE: the image is the first of them): 1 + 11 latent frames, 2 chunks
+    # of 6 to generate, each captioned [DURATION (chunks after it), HQ, T5 ...] from the MODEL's table
+    assert call["frames"] == 44 and "48 asked, 48 made (2 chunks of 24, the start image the first frame)" in report
+    assert call["caption"].shape[0] == 2 and torch.equal(call["caption"][:, 1], own.hq.expand(2, -1))
+    assert [torch.equal(call["caption"][c, 0], own.duration(1 - c)) for c in range(2)] == [True] * 2
     assert torch.equal(call["prefix"], prefix["samples"][0])
     # the release's guidance table at the widget's scale (the pack's own copy of magi1: compared by value)
     assert repr(call["guidance"]) == repr(Guidance().with_text_scale(5.0))
@@ -315,7 +317,7 @@ def test_tiny_encoder_names_the_words_it_does_not_know(pack, model, captured):
     conditioning, unknown = pack.MAGI1TinyTextEncode.execute(prompt="a red zebra ball moving right qux").result
     assert unknown == "qux, zebra"
     _, report, _ = sample(pack, model, positive=conditioning).result
-    assert "the tiny text encoder does not know ['qux', 'zebra']: read as <unk>" in report
+    assert "the tiny text encoder does not know ['qux', 'zebra']: unknown words are read as <unk>" in report
     known, none = pack.MAGI1TinyTextEncode.execute(prompt="a red ball moving right over a checkerboard").result
     assert none == "" and "does not know" not in sample(pack, model, positive=known).result[1]
 
@@ -354,7 +356,8 @@ def test_prompt_schedule_reaches_the_sampler_chunk_by_chunk(pack, model, capture
     assert torch.equal(caption[1:], captured[-1]["caption"][1:])
     _, report, _ = sample(pack, model, positive=scheduled, frames=24).result
     assert "the prompts scheduled from chunks [1] are not used: this run makes 1 chunks" in report
-    assert pack.MAGI1TinyTextEncode.validate_inputs(prompt="1: a red ball").startswith("prompt schedule:")
+    assert pack.MAGI1TinyTextEncode.validate_inputs(prompt="1: a red ball").startswith(
+        "prompt: MAGI-1 Tiny Text Encode (demo): prompt schedule: line '1: a red ball' starts at chunk 1")
 
 
 def test_cache_mask_previews_are_large_enough_to_see(pack):
@@ -364,3 +367,61 @@ def test_cache_mask_previews_are_large_enough_to_see(pack):
     assert big.shape == (5, 8 * 16, 24 * 16)  # 16 = 384 // 24: whole blocks, each token a sharp square
     assert torch.equal(big[:, ::16, ::16], frames)
     assert visible(torch.zeros(1, 4, 500)).shape == (1, 4, 500)  # already wide: unchanged
+
+
+# ------------------------------------------------------------------------ reports: model, device, frames
+def memory_module(pack):
+    return sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
+
+
+def test_built_in_models_report_their_own_names(pack, model, captured):
+    """Not "custom_distill (as chosen)": the loader's log and the sampler's report name the built-in model as
+    the loader lists it."""
+    loaders, memory = pack.modules["loaders"], memory_module(pack)
+    assert [m.title for m in loaders.BUILTIN.values()] == [TINY, loaders.BENCH_CHOICE] == list(loaders.BUILTIN)
+    bench = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCH_CHOICE, variant="auto", weight_dtype="auto",
+                                        attention="auto").result[0].model.diffusion_model
+    assert memory.weights_line(bench, torch.device("cpu")) == (
+        "MAGI-1 model: MAGI-1 benchmark model (built-in, 128x128), distilled; weights: float32")
+    _, report, _ = sample(pack, model).result
+    assert "MAGI-1 model: MAGI-1 tiny demo (built-in), distilled; weights: float32" in report.splitlines()
+    assert "custom" not in report and "as chosen" not in report
+
+
+def test_the_plan_on_the_cpu_speaks_of_memory_and_the_frames_made(pack, model, captured):
+    """The sampler's plan on the CPU: no "GPU" anywhere in the report, and the frames the run makes (25
+    asked: two whole chunks, 48 frames), not the 28 handed to generate."""
+    _, report, _ = sample(pack, model, frames=25).result
+    assert "MAGI-1 memory plan: 48 frames 64x64, 2 chunks of" in report and "28 frames" not in report
+    assert "on the CPU" in report and "total memory (peak)" in report and "GPU" not in report, report
+    memory, dit = memory_module(pack), model.model.diffusion_model
+    plan, _, _ = memory.checked_plan(model, dit, None, 28, 64, 64, 0, False)
+    assert plan.device == torch.device("cpu") and plan.frames_made == 48
+    gpu = memory.plan_run(dit, None, 28, 64, 64, 0, False)  # no device: worded for a GPU, as before
+    assert gpu == plan and gpu.lines()[-1].lstrip().startswith("total GPU (peak)")
+    assert memory.plan_run(dit, None, 28, 64, 64, 0, False, torch.device("cpu")).lines() == plan.lines()
+    with pytest.raises(ValueError) as refused:
+        memory.check_host_memory(plan, 0)
+    plan_text = str(refused.value).split("\n", 1)[1]  # after "... or use a GPU."
+    assert plan_text.startswith("MAGI-1 memory plan: 48 frames") and "GPU" not in plan_text
+
+
+def test_fp8_weights_line_has_no_gpu_estimate_on_the_cpu_and_never_0_ms(pack, monkeypatch):
+    memory = memory_module(pack)
+    ops = sys.modules[memory.__name__.rsplit(".", 2)[0] + ".magi1.ops"]
+    dit = pack.MAGI1DiTLoader.execute(checkpoint=TINY, variant="auto", weight_dtype="fp8_e4m3fn",
+                                      attention="auto").result[0].model.diffusion_model
+    assert memory.weights_line(dit, torch.device("cpu")) == (
+        "MAGI-1 model: MAGI-1 tiny demo (built-in), distilled; weights: fp8_e4m3fn, each layer's float8 weights "
+        "cast to float32 as it runs (the CPU has no float8 arithmetic)")
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "fp8_arithmetic", lambda device: True)  # an Ada/Hopper GPU, without one here
+    small = memory.weights_line(dit, cuda)  # the tiny model: about 0.01 ms
+    assert "cast to float32 as it runs, under 1 ms of memory traffic per DiT call at 1 TB/s" in small
+    assert " 0 ms" not in small
+    large = types.SimpleNamespace(weights="fp8_e4m3fn", dtype=torch.bfloat16, parameters=lambda: [
+        torch.empty(10 ** 9, dtype=torch.float8_e4m3fn, device="meta")])
+    assert memory._weights(large, cuda) == ("fp8_e4m3fn, each layer's float8 weights cast to bfloat16 as it runs, "
+                                            "about 3 ms of memory traffic per DiT call at 1 TB/s (an estimate)")
+    monkeypatch.setattr(ops, "fp8_arithmetic", lambda device: False)
+    assert "this GPU has no float8 arithmetic" in memory._weights(large, cuda)

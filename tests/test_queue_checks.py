@@ -224,6 +224,12 @@ def test_the_sampler_refuses_a_prompt_for_another_model_naming_both(pack, tiny_m
     t5 = [[torch.zeros(1, 4, 64), {"attention_mask": torch.ones(1, 4, dtype=torch.bool), "magi1_text_encoder": "t5xxl"}]]
     with pytest.raises(ValueError, match="encoded by T5-XXL, but the DiT is the built-in tiny model"):
         sample(pack, tiny_model, t5)
+    check_encoder = pack.modules["sampler"].check_encoder
+    with pytest.raises(ValueError, match="tiny model's text encoder, but the DiT is this checkpoint, which reads "
+                                         "T5-XXL prompts: encode it with MAGI-1 Text Encode and T5-XXL"):
+        check_encoder(tiny_prompt(pack), "positive", None, 4096)
+    check_encoder(t5, "positive", None, 4096)
+    check_encoder(tiny_prompt(pack), "positive", None, 64)  # a checkpoint of another width: by width alone
 
 
 def test_the_sampler_refuses_what_it_would_drop_and_names_what_it_ignores(pack, tiny_model):

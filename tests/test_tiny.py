@@ -37,6 +37,37 @@ def test_loads_with_the_official_loaders():
     assert tokens.hq.shape == (dit.config.caption_channels,)
 
 
+@pytest.mark.parametrize("model", [tiny.TINY, tiny.BENCH], ids=lambda m: m.name)
+def test_built_in_models_are_named_as_the_loaders_list_them(model, tmp_path):
+    """Loaded by their own method, by file through magi1.load_dit (as MAGI-1 DiT Loader does, distill chosen
+    or not) or through a link, a built-in model reports its title, not "custom_distill (as chosen)"."""
+    from magi1.loader import model_description
+
+    link = tmp_path / "linked.safetensors"
+    link.symlink_to(model.dit_file)
+    for dit in (model.load_dit(), magi1.load_dit(model.dit_file, distill=True), magi1.load_dit(model.dit_file),
+                magi1.load_dit(link), magi1.load_dit(model.dit_file, weights="fp8_e4m3fn")):
+        assert (dit.variant, dit.variant_reason, dit.builtin) == (model.title, "distilled", model.name)
+        assert model_description(dit) == f"{model.title}, distilled"
+    as_base = magi1.load_dit(model.dit_file, distill=False)
+    assert not as_base.distill and model_description(as_base) == f"{model.title}, run as a base model (as chosen)"
+    assert tiny.builtin_at(model.dit_file) is model and tiny.builtin_at(link) is model
+    assert tiny.builtin_at(model.text_encoder_file) is None and tiny.builtin_at(tmp_path / "absent") is None
+
+
+def test_a_copy_of_a_built_in_file_is_a_checkpoint_like_any_other(tmp_path):
+    """Recognised by the file, not by its contents: a copy elsewhere is reported as the checkpoint it is."""
+    from magi1.loader import model_description
+
+    copy = tmp_path / "my_model.safetensors"
+    copy.write_bytes(Path(tiny.DIT_FILE).read_bytes())
+    dit = magi1.load_dit(copy)
+    assert dit.builtin is None and dit.variant == "custom_distill"
+    assert model_description(dit) == "custom_distill (its metadata says magi1_distill)"
+    assert model_description(magi1.load_dit(copy, distill=True)) == "custom_distill (as chosen)"
+    assert tiny.builtin_at(copy) is None
+
+
 def test_text_encoder_reads_the_caption_grammar():
     encoder = tiny.load_tiny_text_encoder()
     ids, mask = encoder.tokenize("A red ball, moving LEFT over a checkerboard!")

@@ -28,12 +28,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 class BuiltinModel:
     """One built-in model: where its four files are and what it was trained for."""
 
-    name: str
+    name: str  # as ``python -m magi1 --model`` and MAGI-1 Tiny Text Encode know it
     folder: str  # dit.safetensors, text_encoder.safetensors, special_tokens.npz (and vae.safetensors)
     vae_file: str
     size: int  # trained on size x size videos
     steps: int  # the distilled step count the demo, the workflows and the cache presets use
     example_prompt: str
+    title: str = ""  # how the reports name it (``load_dit`` gives it as the DiT's ``variant``), as the loaders list it
 
     @property
     def dit_file(self):
@@ -64,10 +65,22 @@ WEIGHTS = os.path.join(HERE, "weights")
 VAE_FILE = os.path.join(WEIGHTS, "vae.safetensors")
 # Trained on 64x64 videos with 8 to 16 distilled steps; the demo, the workflow and the presets use 16.
 TINY = BuiltinModel("tiny", WEIGHTS, VAE_FILE, size=64, steps=16,
-                    example_prompt="a red ball moving right over a checkerboard")
+                    example_prompt="a red ball moving right over a checkerboard", title="MAGI-1 tiny demo (built-in)")
 BENCH = BuiltinModel("bench", os.path.join(HERE, "bench_weights"), VAE_FILE, size=128, steps=16,
-                     example_prompt="a red ball moving right slowly and a blue square standing still over a brick wall")
+                     example_prompt="a red ball moving right slowly and a blue square standing still over a brick wall",
+                     title="MAGI-1 benchmark model (built-in, 128x128)")
 MODELS = {model.name: model for model in (TINY, BENCH)}
+
+
+def builtin_at(path):
+    """The built-in model whose DiT file ``path`` is (the same file, also through a link), else None."""
+    for model in MODELS.values():
+        try:
+            if os.path.samefile(path, model.dit_file):
+                return model
+        except OSError:  # ``path`` (or a built-in file) does not exist
+            continue
+    return None
 
 # The tiny model's names, as the tests, nodes and earlier code know them.
 DIT_FILE, TEXT_ENCODER_FILE, SPECIAL_TOKENS_FILE = TINY.dit_file, TINY.text_encoder_file, TINY.special_tokens_file
@@ -76,5 +89,5 @@ load_tiny_dit, load_tiny_vae = TINY.load_dit, TINY.load_vae
 load_tiny_text_encoder, tiny_special_tokens = TINY.load_text_encoder, TINY.special_tokens
 
 __all__ = ["BENCH", "DIT_FILE", "MODELS", "SIZE", "SPECIAL_TOKENS_FILE", "STEPS", "TEXT_ENCODER_FILE", "TINY",
-           "VAE_FILE", "WEIGHTS", "BuiltinModel", "load_tiny_dit", "load_tiny_text_encoder", "load_tiny_vae",
-           "tiny_special_tokens"]
+           "VAE_FILE", "WEIGHTS", "BuiltinModel", "builtin_at", "load_tiny_dit", "load_tiny_text_encoder",
+           "load_tiny_vae", "tiny_special_tokens"]
