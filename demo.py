@@ -18,7 +18,8 @@ from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
 from magi1.layout import FRAMES_RULE, frames_to_generate
-from magi1.__main__ import int_argument  # the option types of python -m magi1
+from magi1.run_time import estimate_run
+from magi1.__main__ import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
 from magi1.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.schedule import check_steps
 from magi1.tiny import MODELS, TINY
@@ -29,9 +30,10 @@ DEFAULT_PROMPT = DEFAULT_MODEL.example_prompt
 
 
 def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, preset="slow", tau=None,
-           model=DEFAULT_MODEL, policy=None):
+           model=DEFAULT_MODEL, policy=None, progress=False):
     """The demo's generation on a built-in ``model``: ``(SampleResult, the VAE to decode it with)``. The cache
-    policy is the ``preset`` in ``mode`` (``tau`` overriding its τ), or ``policy`` when given."""
+    policy is the ``preset`` in ``mode`` (``tau`` overriding its τ), or ``policy`` when given. ``progress``:
+    print the time estimate and per-chunk progress on stderr, as ``python -m magi1`` does."""
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     states, mask = encoder.encode(model.example_prompt if prompt is None else prompt)
     frames = frames_to_generate(frames)  # FRAMES_RULE, as MAGI-1 Sampler and python -m magi1
@@ -41,8 +43,15 @@ def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, pres
     if policy is None:
         overrides = {"mode": mode} if tau is None else {"mode": mode, "tau": tau}
         policy = CachePolicy.preset(preset, **overrides)
+    steps = model.steps if steps is None else steps
+    on_step = None
+    if progress:
+        estimate = estimate_run(dit.config, frames=frames, height=model.size, width=model.size, steps=steps,
+                                passes=1, dtype=dit.dtype)
+        print(estimate_line(estimate, policy.enabled), file=sys.stderr)
+        on_step = Progress(estimate)
     result = generate(dit, caption, caption_mask, frames=frames, height=model.size, width=model.size,
-                      steps=model.steps if steps is None else steps, seed=seed, policy=policy)
+                      steps=steps, seed=seed, policy=policy, on_step=on_step)
     return result, vae
 
 
@@ -148,7 +157,7 @@ def main(argv=None):
     began = time.perf_counter()
     try:
         result, vae = sample(args.prompt, frames=args.frames, steps=steps, seed=args.seed, model=model,
-                             policy=policy)
+                             policy=policy, progress=True)
         video = vae.decode(result.latent)
     except ValueError as error:  # the library's refusals name their fix
         fail(error)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +29,13 @@ from safetensors.torch import save_file
 
 from cache_core import CachePolicy
 
-from . import Guidance, VideoLayout, generate, load_dit, load_vae, parse_prompt_schedule
+from . import Guidance, VideoLayout, fp8, generate, load_dit, load_vae, parse_prompt_schedule
 from .caption_states import CaptionStates, load_caption_states
+from .layout import FRAMES_RULE, frames_to_generate
+from .loader import _distill, checkpoint_files, infer_config, model_description
 from .mp4 import FPS, write_mp4
-from .safetensors_io import refuse_pickle
+from .run_time import estimate_run, eta, format_clock
+from .safetensors_io import read_header, refuse_pickle
 from .schedule import check_steps
 from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens
 from .tiny import MODELS, TINY
@@ -64,7 +68,7 @@ class Run:
     prompt: Optional[str]
     caption_states: Optional[CaptionStates]
     caption_states_path: Optional[str]
-    frames: int  # what generate makes: the frames asked, rounded up to whole latent frames
+    frames: int  # generate's frames argument: the frames asked, by magi1.layout.frames_to_generate
     frames_asked: int
     width: int
     height: int
@@ -133,7 +137,7 @@ def build_parser():
     add("--caption-states", help="a caption-states .safetensors (ComfyUI: MAGI-1 Text Encode -> MAGI-1 Save Caption "
         "States),\ninstead of --prompt; any model")
     add("--frames", type=int_argument("frames", 4, MAX_FRAMES), default=48, help=f"video length, 4 to {MAX_FRAMES} "
-        "frames (default 48 = 2 s at 24 fps); rounded up to\nwhole latent frames (4 each), made in chunks of 24")
+        "frames (default 48 = 2 s at 24 fps).\n" + "\n".join(textwrap.wrap(FRAMES_RULE, 90)))
     add("--width", type=int_argument("width", 16, 4096), help="video width in pixels, a multiple of 16 (default: a "
         f"built-in's size, else {CHECKPOINT_SIZE})")
     add("--height", type=int_argument("height", 16, 4096), help="video height in pixels, a multiple of 16 (default: as for "
@@ -308,7 +312,7 @@ def checked_options(args, environ=os.environ):
         raise UsageError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, got {args.cache!r}")
     return Run(builtin=builtin, checkpoint=checkpoint, vae=vae, special_tokens=tokens, prompt=prompt,
                caption_states=caption_states, caption_states_path=args.caption_states,
-               frames=-(-args.frames // 4) * 4, frames_asked=args.frames,  # rounded up as MAGI-1 Sampler does
+               frames=frames_to_generate(args.frames), frames_asked=args.frames,  # text to video: no prefix
                width=width, height=height, steps=steps, seed=args.seed, policy=CachePolicy.preset(args.cache),
                text_scale=args.guidance, cfg=args.cfg_parallel, replicate=args.replicate_weights, world=world, out=out,
                latent_out=args.latent_out, dtype=DTYPES[args.dtype], device=check_device(args, environ, world))
@@ -324,25 +328,41 @@ def start_parallel(run):
     return Parallel.from_environment(cfg=run.cfg, device=run.device, shard_weights=not run.replicate)
 
 
+def dit_header(run):
+    """``(ModelConfig, distilled, why)`` of the run's DiT from its files' headers, as ``load_dit`` reads them
+    (no tensor is read): for the checks and the time estimate before loading."""
+    if run.builtin is not None:
+        shapes, dtypes, metadata = read_header(run.builtin.dit_file)
+        return infer_config(shapes, metadata, dtypes)[0], True, "a built-in model"
+    files = checkpoint_files(run.checkpoint)
+    shapes, dtypes, metadata = {}, {}, {}
+    for file in files:
+        for whole, part in zip((shapes, dtypes, metadata), read_header(file)):
+            whole.update(part)
+    shapes = fp8.model_shapes(shapes)
+    distill, why = _distill(None, files, fp8.stored_kind(shapes, dtypes), metadata)
+    return infer_config(shapes, metadata, dtypes)[0], distill, why
+
+
 def load_models(run, par):
-    """``(DiT, VAE or None, special tokens)``; the VAE is read on rank 0 alone (it decodes), into host memory
-    until the latent is made."""
+    """``(DiT, VAE or None)``; the VAE is read on rank 0 alone (it decodes), into host memory until the latent
+    is made."""
     extra = {} if par is None else {"parallel": par}  # each rank reads only its share of the weights
     main = par is None or par.is_main
     wants_vae = main and run.out is not None
     if run.builtin is not None:
         dit = run.builtin.load_dit(device=run.device, dtype=run.dtype, **extra)
-        vae = run.builtin.load_vae(device="cpu", dtype=_vae_dtype(run)) if wants_vae else None
-        return dit, vae, run.builtin.special_tokens()
+        vae = run.builtin.load_vae(device="cpu", dtype=_compute_dtype(run)) if wants_vae else None
+        return dit, vae
     dit = load_dit(run.checkpoint, device=run.device, dtype=run.dtype, **extra)
-    vae = load_vae(run.vae, device="cpu", dtype=_vae_dtype(run)) if wants_vae else None
-    return dit, vae, SpecialTokens.load(run.special_tokens)
+    vae = load_vae(run.vae, device="cpu", dtype=_compute_dtype(run)) if wants_vae else None
+    return dit, vae
 
 
-def _vae_dtype(run):
+def _compute_dtype(run):
     if run.dtype is not None:
         return run.dtype
-    return torch.bfloat16 if run.device.type == "cuda" else torch.float32  # load_vae's rule on the run's device
+    return torch.bfloat16 if run.device.type == "cuda" else torch.float32  # load_dit's and load_vae's rule
 
 
 def prompt_states(run):
@@ -358,10 +378,10 @@ def prompt_states(run):
     return CaptionStates(positive), unknown
 
 
-def captions(run, dit, tokens):
-    """The sampler's captions (as MAGI-1 Sampler builds them) and the report's notes about the prompt."""
+def captions(run, config, distill, tokens):
+    """The sampler's captions (as MAGI-1 Sampler builds them) and the report's notes about the prompt, for the
+    DiT of ``config``."""
     states, unknown = prompt_states(run)
-    config = dit.config
     if states.width != config.caption_channels:
         source = f"the caption states in {run.caption_states_path}" if run.caption_states else "the prompt's states"
         raise ValueError(f"{source} are {states.width} wide but this model reads {config.caption_channels}-wide ones: "
@@ -373,29 +393,90 @@ def captions(run, dit, tokens):
     unused = states.unused_prompts(chunks)
     notes = [unknown and f"the text encoder does not know {unknown}: read as <unk>",
              unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks",
-             states.negative and dit.distill and "the negative prompt is not used: distilled models make one pass",
-             run.text_scale is not None and dit.distill and "--guidance is not used: distilled models make one pass"]
+             states.negative and distill and "the negative prompt is not used: distilled models make one pass",
+             run.text_scale is not None and distill and "--guidance is not used: distilled models make one pass"]
     return (caption, mask, negative, negative_mask), chunks, [note for note in notes if note]
 
 
 def sample(run, par):
-    """Load and generate: ``(latent, VAE or None, report lines)`` (the VAE on rank 0 alone)."""
-    dit, vae, tokens = load_models(run, par)
-    if run.cfg > 1 and dit.distill:
-        raise ValueError(f"--cfg-parallel {run.cfg} needs a base model, and {dit.variant} is distilled (one guidance "
-                         "pass): drop --cfg-parallel")
-    (caption, mask, negative, negative_mask), chunks, notes = captions(run, dit, tokens)
+    """Check the prompt against the DiT's header, estimate the time (rank 0, on stderr), load and generate with
+    progress lines: ``(latent, VAE or None, report lines)`` (the VAE on rank 0 alone)."""
+    config, distill, why = dit_header(run)
+    if run.cfg > 1 and distill:
+        raise ValueError(f"--cfg-parallel {run.cfg} needs a base model, and this one is distilled ({why}; one "
+                         "guidance pass): drop --cfg-parallel")
+    tokens = run.builtin.special_tokens() if run.builtin is not None else SpecialTokens.load(run.special_tokens)
+    (caption, mask, negative, negative_mask), chunks, notes = captions(run, config, distill, tokens)
+    estimate = None
+    if par is None or par.is_main:
+        estimate = estimate_run(config, frames=run.frames, height=run.height, width=run.width, steps=run.steps,
+                                passes=1 if distill else 3, device=run.device, dtype=_compute_dtype(run),
+                                processes=run.world)
+        print(estimate_line(estimate, run.policy.mode != "off"), file=sys.stderr, flush=True)
+    dit, vae = load_models(run, par)
     guidance = Guidance() if run.text_scale is None else Guidance().with_text_scale(run.text_scale)
     extra = {} if par is None else {"parallel": par}
-    result = generate(dit, caption, mask, frames=run.frames, height=run.height, width=run.width, steps=run.steps,
-                      seed=run.seed, negative_caption=negative, negative_mask=negative_mask, guidance=guidance,
-                      policy=run.policy, **extra)
-    variant = run.builtin.name if run.builtin is not None else f"{dit.variant} ({dit.variant_reason})"
+    progress = Progress(estimate) if estimate is not None else None  # its clock starts here
+    try:
+        result = generate(dit, caption, mask, frames=run.frames, height=run.height, width=run.width,
+                          steps=run.steps, seed=run.seed, negative_caption=negative, negative_mask=negative_mask,
+                          guidance=guidance, policy=run.policy, on_step=progress, **extra)
+    finally:
+        if progress is not None:
+            progress.close()
+    variant = model_description(dit)  # as MAGI-1 Sampler's report names it
     made = (f"{run.frames_asked} frames asked, {result.latent.shape[1] * 4} made "
             f"({chunks} chunk{'s' * (chunks > 1)} of 24)")
     lines = [result.stats.summary(),
              f"MAGI-1 model: {variant}; {made}, {run.width}x{run.height}, {run.steps} steps, seed {run.seed}"]
     return result.latent, vae, lines + [f"MAGI-1 note: {note}" for note in notes]
+
+
+# ------------------------------------------------------------------------------------ time and progress
+def estimate_line(estimate, cached):
+    """The line printed before loading: the estimate of the DiT's time, and what it leaves out."""
+    chunks = f"{estimate.chunks} chunk{'s' * (estimate.chunks > 1)}"
+    saving = ": the cache skips some of it" if cached else ""
+    return (f"estimated time: {estimate} for the DiT ({chunks} in {estimate.forward_steps} steps, every token "
+            f"counted{saving}; decoding adds some)")
+
+
+class Progress:
+    """``generate``'s ``on_step`` (rank 0): a line on ``stream`` each time a chunk is finished, with the time
+    elapsed and an ETA from the measured pace (spread over the steps by the estimate's FLOPs); on a terminal
+    also one live line, rewritten after every step, saying which chunks are being denoised."""
+
+    def __init__(self, estimate, stream=None, clock=time.perf_counter):
+        self.estimate, self.stream, self.clock = estimate, stream if stream is not None else sys.stderr, clock
+        self.live = self.stream.isatty()
+        self.began, self.done, self.shown = clock(), 0, 0  # shown: the live line's length, 0 when none
+
+    def __call__(self, progress):
+        elapsed = self.clock() - self.began
+        step = min(progress.step, self.estimate.forward_steps - 1)
+        times, left = f"{format_clock(elapsed)} elapsed", eta(self.estimate, step, elapsed)
+        if progress.step + 1 < progress.total and left is not None:
+            times += f", ETA {format_clock(left)}"
+        total = self.estimate.chunks
+        while self.done < self.estimate.chunks_done[step]:
+            self.done += 1
+            self._write(f"chunk {self.done}/{total} done, {times}", "\n")
+        if self.live and progress.step + 1 < progress.total:
+            first, end = (c - self.estimate.chunk_offset + 1 for c in progress.chunks)
+            which = f"chunk {first}" if end == first + 1 else f"chunks {first}-{end - 1}"
+            self._write(f"step {progress.step + 1}/{progress.total}, denoising {which} of {total}, {times}", "")
+
+    def close(self):
+        """End a live line left open (an error or an interrupt comes next)."""
+        if self.shown:
+            self._write("", "\n")
+
+    def _write(self, text, end):
+        if self.live:
+            text = "\r" + text.ljust(self.shown)
+            self.shown = 0 if end else len(text) - 1
+        self.stream.write(text + end)
+        self.stream.flush()
 
 
 def save_latent(latent, path, run):

@@ -11,7 +11,7 @@ import torch
 from . import fp8, layer_sharding
 from .config import ModelConfig
 from .dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
-from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
+from .safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
 from .streaming import stream_layers
 
 # The official example configs' model_config (example/{4.5B,24B}/*_config.json): a checkpoint whose
@@ -223,7 +223,7 @@ def checkpoint_entries(names, folder_of):
         for index in _index_files(folder):
             entry = f"{prefix}/{index}" if prefix else index
             try:
-                shards = {os.path.basename(shard) for shard in _shards_of_index(os.path.join(folder, index))}
+                shards = _listed_shards(os.path.join(folder, index))
             except (OSError, ValueError):
                 continue  # a damaged index is not offered; its shards stay listed as files
             members = [name for name in files if name.rpartition("/")[2] in shards]
@@ -243,6 +243,20 @@ def checkpoint_entries(names, folder_of):
                 grouped.update(members)
         entries += [name for name in files if name not in grouped]
     return sorted(entries), set_of
+
+
+_LISTED_SHARDS = {}  # index path -> ((mtime, size), shard names): dropdowns are rebuilt at every queued prompt
+
+
+def _listed_shards(index_path):
+    """The file names of the shards an index lists (read again only when the index changes)."""
+    stat = os.stat(index_path)
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _LISTED_SHARDS.get(index_path)
+    if cached is None or cached[0] != stamp:
+        cached = (stamp, frozenset(os.path.basename(shard) for shard in _shards_of_index(index_path)))
+        _LISTED_SHARDS[index_path] = cached
+    return cached[1]
 
 
 def _index_files(folder):
@@ -314,6 +328,9 @@ def infer_config(shapes, metadata=None, dtypes=None):
     absent = [k for k in required if k not in shapes]
     if absent:
         sample = sorted(shapes)[:5]
+        kind = file_kind(shapes)
+        if kind is not None and not kind.startswith("a MAGI-1 DiT"):
+            raise ValueError(f"not a MAGI-1 DiT checkpoint: this file is {kind}")
         raise ValueError(f"not a MAGI-1 DiT checkpoint: {len(absent)} of its defining tensors are missing "
                          f"(first: {absent[:5]}); the file's {len(shapes)} tensors start with {sample}")
     hidden, in_channels, t_patch, patch, _ = shapes["x_embedder.weight"]

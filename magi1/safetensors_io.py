@@ -61,3 +61,20 @@ def check_state_dict(model, shapes, what="MAGI-1 DiT"):
             lines.append("  wrong shapes: " + ", ".join(f"{k} {tuple(shapes[k])} (expected {expected[k]})"
                                                          for k in wrong[:5]))
         raise ValueError("\n".join(lines))
+
+
+# What a safetensors file holds, told by its tensor names, so that a file given to the wrong loader is named.
+KNOWN_KINDS = (
+    ("videodit_blocks.", "a MAGI-1 DiT: load it as the DiT (MAGI-1 DiT Loader, models/diffusion_models)"),
+    ("decoder.last_layer.", "a MAGI-1 VAE: load it as the VAE (MAGI-1 VAE Loader, models/vae)"),
+    ("encoder.block.", "a T5 text encoder: load it as the text encoder (CLIPLoader, type mochi, models/text_encoders)"),
+    ("model.diffusion_model.", "a ComfyUI checkpoint of another model, not MAGI-1"),
+)
+
+
+def file_kind(names):
+    """What a file with these tensor names is (a phrase naming where it belongs), or None if unknown."""
+    for prefix, kind in KNOWN_KINDS:
+        if any(name.startswith(prefix) for name in names):
+            return kind
+    return None

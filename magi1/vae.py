@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, attend, resolve_backend
-from .safetensors_io import check_state_dict, read_header, read_tensors, refuse_pickle
+from .safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
 
 LATENT_SCALE = 0.18215  # the pipeline multiplies encoded latents by this and divides before decoding
 SINGLE_FRAME_REPEAT = 4  # the release encodes a one-frame video as 4 copies of it and keeps latent 0
@@ -554,6 +554,9 @@ def infer_vae_config(shapes):
                 "encoder.blocks.0.mlp.fc1.weight", "decoder.proj_in.weight", "decoder.last_layer.weight")
     absent = [k for k in required if k not in shapes]
     if absent:
+        kind = file_kind(shapes)
+        if kind is not None and not kind.startswith("a MAGI-1 VAE"):
+            raise ValueError(f"not a MAGI-1 VAE checkpoint: this file is {kind}")
         raise ValueError(f"not a MAGI-1 VAE checkpoint: missing {absent} (expected the official "
                          "ckpt/vae/diffusion_pytorch_model.safetensors, key names unchanged)")
     embed_dim, in_chans, patch_length, patch_size, _ = shapes["encoder.patch_embed.proj.weight"]

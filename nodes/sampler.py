@@ -171,9 +171,13 @@ CPU_REFUSED_SECONDS = 3600  # on the CPU, a run estimated longer is refused (a G
 def checked_time(dit, device, frames, height, width, steps, prefix_frames):
     """The run's estimated time on ``device`` (``magi1.run_time``): None when short, a note when long, a
     ValueError naming the estimate and the fix when it would take over an hour on the CPU."""
-    estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,
-                            passes=1 if dit.distill else 3, prefix_frames=prefix_frames, device=device,
-                            dtype=dit.dtype)
+    try:
+        estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,
+                                passes=1 if dit.distill else 3, prefix_frames=prefix_frames, device=device,
+                                dtype=dit.dtype)
+    except torch.cuda.OutOfMemoryError:  # its matrix-product measurement found no room: no estimate, no check
+        logging.info("MAGI-1 Sampler: no time estimate (the GPU is full before the run)")
+        return None
     if estimate.seconds > CPU_REFUSED_SECONDS and device.type == "cpu":
         raise ValueError(
             f"MAGI-1 Sampler: this run would take {estimate.describe()} (an estimate from its "

@@ -1,6 +1,12 @@
 """The whole generations that pin the sampler's behaviour across refactors (see
 ``tests/fixtures/make_regression.py``): the demo, and cached 3-pass and 1-pass runs on the official
-pipeline fixtures, with prefixes, a negative prompt and masks."""
+pipeline fixtures, with prefixes, a negative prompt and masks.
+
+The recorded latents depend on the CPU's intra-op thread count (a reduction split over more or fewer
+threads sums in another order), so every case runs, and was recorded, with RECORDED_THREADS threads,
+whatever OMP_NUM_THREADS or the machine's core count says."""
+
+from contextlib import contextmanager
 
 import torch
 
@@ -55,8 +61,22 @@ CASES = {
 }
 
 
+RECORDED_THREADS = 2  # torch.set_num_threads works above OMP_NUM_THREADS and the core count too
+
+
+@contextmanager
+def recorded_threads():
+    """Run with the thread count the fixtures were recorded with; the caller's is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_case(name):
-    with torch.no_grad():
+    with recorded_threads(), torch.no_grad():
         return CASES[name]()
 
 

@@ -5,7 +5,9 @@ anything is loaded; ``--help`` documents every option. Single process (torchrun 
 multi-process tests)."""
 
 import argparse
+import io
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,9 +19,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cache_core import CachePolicy
-from magi1 import Guidance, generate, load_dit, parse_prompt_schedule, scheduled_captions, tiny
+from magi1 import Guidance, StepProgress, generate, load_dit, parse_prompt_schedule, scheduled_captions, tiny
 from magi1 import __main__ as cli
 from magi1.caption_states import save_caption_states
+from magi1.layout import FRAMES_RULE
+from magi1.run_time import estimate_run
+from magi1.schedule import window_step
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--frames", "24", "--steps", "8"]
@@ -50,11 +55,17 @@ def encoded(text, model=tiny.TINY):
 
 
 @pytest.fixture(scope="module")
-def scheduled_run(tmp_path_factory):
-    """Two chunks of the tiny model from a two-prompt schedule, video and latent written."""
+def scheduled_process(tmp_path_factory):
+    """Two chunks of the tiny model from a two-prompt schedule, video and latent written: ``(folder, process)``."""
     folder = tmp_path_factory.mktemp("cli")
     done = run_cli("--prompt", SCHEDULE, "--frames", "48", "--steps", "8", "--seed", "7", "--out",
                    folder / "video.mp4", "--latent-out", folder / "latent.safetensors")
+    return folder, done
+
+
+@pytest.fixture(scope="module")
+def scheduled_run(scheduled_process):
+    folder, done = scheduled_process
     return folder, done.stdout
 
 
@@ -80,6 +91,77 @@ def test_latent_is_what_generate_makes_of_the_same_inputs(scheduled_run):
     with safe_open(folder / "latent.safetensors", framework="pt") as f:
         assert f.metadata()["magi1_seed"] == "7" and f.metadata()["magi1_frames"] == "48"
     assert f"wrote {folder / 'latent.safetensors'}: latent [1, 16, 12, 8, 8]" in stdout
+
+
+def test_the_estimate_and_a_line_per_chunk_on_stderr(scheduled_process):
+    """Not a terminal (captured): the estimate before loading, then one line per finished chunk, no live line."""
+    _, done = scheduled_process
+    lines = done.stderr.splitlines()
+    assert "\r" not in done.stderr and len(lines) == 3, done.stderr
+    assert re.fullmatch(r"estimated time: about \d+ (s|min) on (the CPU|cuda:0) for the DiT \(2 chunks in 10 steps, "
+                        r"every token counted: the cache skips some of it; decoding adds some\)", lines[0]), lines[0]
+    assert re.fullmatch(r"chunk 1/2 done, \d+:\d\d elapsed, ETA \d+:\d\d", lines[1]), lines[1]
+    assert re.fullmatch(r"chunk 2/2 done, \d+:\d\d elapsed", lines[2]), lines[2]
+
+
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def progress_output(stream, chunks=3, steps=8):
+    """What ``Progress`` writes on ``stream`` over a run of ``chunks`` chunks of the tiny model, one second a
+    step: ``(output, the windows of its steps)``."""
+    estimate = estimate_run(tiny.TINY.load_dit().config, frames=24 * chunks, height=64, width=64, steps=steps,
+                            passes=1, throughput=1e9)
+    seconds = iter(range(100))
+    progress = cli.Progress(estimate, stream, clock=lambda: float(next(seconds)))
+    windows = []
+    for step in range(estimate.forward_steps):
+        windows.append(window_step(step, chunk_num=chunks, num_steps=steps, window_size=4))
+        progress(StepProgress(step, estimate.forward_steps, (windows[-1].start, windows[-1].end), None))
+    progress.close()
+    return stream.getvalue(), windows
+
+
+def test_on_a_terminal_a_live_line_and_a_line_per_chunk():
+    text, windows = progress_output(Terminal())
+    finished = [line for line in text.split("\n") if line]
+    assert len(finished) == 3 and text.endswith("\n")  # each chunk's line ends one stretch of live lines
+    updates = [part.rstrip() for line in finished for part in line.split("\r") if part]
+    live = [u for u in updates if u.startswith("step ")]
+    assert len(live) == len(windows) - 1  # after every step but the last
+    assert live[0] == "step 1/12, denoising chunk 1 of 3, 0:01 elapsed, ETA " + live[0].split("ETA ")[1]
+    assert live[5].startswith("step 6/12, denoising chunks 1-3 of 3, 0:06 elapsed, ETA ")
+    done = [u for u in updates if u.startswith("chunk ")]
+    assert [d.split(",")[0] for d in done] == ["chunk 1/3 done", "chunk 2/3 done", "chunk 3/3 done"]
+    assert done[0].startswith("chunk 1/3 done, 0:08 elapsed, ETA ") and done[2] == "chunk 3/3 done, 0:12 elapsed"
+    # a chunk's line follows the last step whose window holds it
+    assert [i + 1 for i, w in enumerate(windows[1:]) if w.start > windows[i].start] == [8, 10]
+    # the ETA comes from the pace measured so far: 8 of 12 steps in 8 s leave about 4 s, a little more as the
+    # steps left hold a clean chunk to re-encode and more keys than the first ones
+    assert 3 <= int(done[0].split("ETA 0:")[1]) <= 6
+
+
+def test_off_a_terminal_only_the_chunk_lines():
+    text, _ = progress_output(io.StringIO())
+    assert text.splitlines() == ["chunk 1/3 done, 0:08 elapsed, ETA " + text.splitlines()[0].split("ETA ")[1],
+                                 "chunk 2/3 done, 0:10 elapsed, ETA " + text.splitlines()[1].split("ETA ")[1],
+                                 "chunk 3/3 done, 0:12 elapsed"]
+
+
+def test_the_estimate_comes_before_loading(monkeypatch, capsys, tmp_path):
+    def load(run, par):
+        raise Loaded
+
+    monkeypatch.setattr(cli, "load_models", load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in MULTI_PROCESS_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(Loaded):
+        cli.main(["--frames", "25", "--width", "256", "--height", "128", "--out", str(tmp_path / "x.mp4")])
+    err = capsys.readouterr().err
+    assert err.startswith("estimated time: about ") and "on the CPU for the DiT (2 chunks in 20 steps" in err
 
 
 def test_caption_states_file_gives_the_prompts_latent(scheduled_run, tmp_path):
@@ -155,6 +237,7 @@ def test_help_documents_every_option():
                    "--height", "--steps", "--seed", "--cache", "--guidance", "--cfg-parallel", "--replicate-weights",
                    "--out", "--latent-out", "--dtype", "--device"):
         assert option in options and option in text, option
+    assert FRAMES_RULE in " ".join(parser._option_string_actions["--frames"].help.split())
     for preset in cli.CACHE_PRESETS:  # the names --help offers are cache_core's
         assert preset in parser._option_string_actions["--cache"].help
         CachePolicy.preset(preset)

@@ -22,6 +22,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
+
+from magi1 import tiny
+from magi1.layout import frames_to_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -256,7 +260,7 @@ NODES_RUN = textwrap.dedent(
     start = encode(start_image=frames[:1])
     assert start["samples"].shape == (1, 16, 1, 4, 4), start["samples"].shape
     i2v = MAGI1Sampler.execute(model=model, prefix_latent=start, **request).result[0]
-    assert i2v["samples"].shape == (1, 16, 18, 4, 4), i2v["samples"].shape  # the image + 12 new, in whole chunks
+    assert i2v["samples"].shape == (1, 16, 12, 4, 4), i2v["samples"].shape  # 48 frames, the image the first
     # another size is resized to the video's (ComfyUI's own bicubic); 9 prefix frames keep their last 8
     resized = encode(start_image=torch.rand(1, 24, 40, 3))
     assert resized["samples"].shape == (1, 16, 1, 4, 4), resized["samples"].shape
@@ -385,14 +389,19 @@ def server():
         tmp = Path(tmp)
         (tmp / "custom_nodes").mkdir()
         (tmp / "custom_nodes" / "ComfyUI-MAGI1-MotionDetailCache").symlink_to(ROOT)
-        # Empty stand-ins for the official files under the names the workflows use, and the inputs they
-        # load, so that those workflows pass the server's validation (their loaders then fail, as they should).
+        # The official DiT layout (an index beside its shards) holding the built-in tiny model, with its special
+        # tokens where the official table goes; empty stand-ins for the official VAE and T5 the workflows name,
+        # so that those workflows pass the server's validation (their loaders then fail, as they should).
         models = tmp / "models"
-        for name in ("diffusion_models/4.5B_distill/inference_weight.distill/model.safetensors.index.json",
-                     "vae/magi1_vae.safetensors", "text_encoders/t5xxl_fp16.safetensors"):
+        write_sharded_tiny(models / "diffusion_models" / OFFICIAL_FOLDER)
+        (models / "text_encoders").mkdir(parents=True)
+        (models / "text_encoders" / "special_tokens.npz").write_bytes(Path(tiny.TINY.special_tokens_file).read_bytes())
+        for name in ("vae/magi1_vae.safetensors", "text_encoders/t5xxl_fp16.safetensors"):
             (models / name).parent.mkdir(parents=True, exist_ok=True)
             (models / name).write_text("{}")
         (tmp / "input").mkdir()
+        (tmp / "temp").mkdir()  # its own temp (main.py empties it at start and exit) and user folders:
+        (tmp / "user").mkdir()  # the borrowed ComfyUI's are left alone
         (tmp / "input" / "example.png").write_bytes((Path(COMFYUI_DIR) / "input" / "example.png").read_bytes())
         write_video(tmp / "input" / "magi1_prefix.mp4")
         (tmp / "extra_model_paths.yaml").write_text(
@@ -405,6 +414,7 @@ def server():
             [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
              "--disable-auto-launch", "--disable-api-nodes", "--database-url", "sqlite:///:memory:",
              "--output-directory", str(tmp / "output"), "--input-directory", str(tmp / "input"),
+             "--temp-directory", str(tmp / "temp"), "--user-directory", str(tmp / "user"),
              "--extra-model-paths-config", str(tmp / "extra_model_paths.yaml")],
             cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT,
         )
@@ -424,6 +434,23 @@ def server():
             process.terminate()
             process.wait(timeout=30)
             log.close()
+
+
+OFFICIAL_FOLDER = "4.5B_distill/inference_weight.distill"  # as in the official download
+OFFICIAL_ENTRY = OFFICIAL_FOLDER + "/model.safetensors.index.json"  # its one entry in MAGI-1 DiT Loader
+
+
+def write_sharded_tiny(folder, shards=2):
+    """The built-in tiny DiT saved as the official checkpoints are: shards named model-0000i-of-0000n and the
+    model.safetensors.index.json mapping every tensor to its shard."""
+    folder.mkdir(parents=True)
+    state = load_file(tiny.TINY.dit_file)
+    keys, weight_map = sorted(state), {}
+    for i in range(shards):
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({key: state[key] for key in keys[i::shards]}, str(folder / name))
+        weight_map.update({key: name for key in keys[i::shards]})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def write_video(path, frames=12):
@@ -505,14 +532,15 @@ def needs_no_external_weights(api):
 
 
 def sampler_latent_frames(api, node_id, prefix=0):
-    """Latent frames a sampler returns: its frames (rounded up to whole latent frames) after ``prefix``
-    latent frames in whole 6-frame chunks (a start image's frame kept, a prefix video's left out); a prefix
+    """Latent frames a sampler returns (magi1.layout.FRAMES_RULE): its frames as generated after ``prefix``
+    latent frames, in whole 6-frame chunks (a start image's frame kept, a prefix video's left out); a prefix
     linked from another sampler is that sampler's output."""
     sampler = api[node_id]["inputs"]
     source = sampler.get("prefix_latent")
     if isinstance(source, list) and api[source[0]]["class_type"] == "MAGI1Sampler":
         prefix = sampler_latent_frames(api, source[0])
-    return -(-(-(-sampler["frames"] // 4) + prefix) // 6) * 6 - (prefix if prefix > 1 else 0)
+    new = frames_to_generate(sampler["frames"], prefix) // 4
+    return -(-(new + prefix) // 6) * 6 - (prefix if prefix > 1 else 0)
 
 
 def expected_frames(api, prefix=0):
@@ -621,10 +649,57 @@ def test_prefix_inputs_are_checked_at_queue_time(server):
     del old["31"], old["6"]["inputs"]["prefix_latent"]
     old["6"]["inputs"].update(vae=["5", 0], start_image=["33", 0])  # the 0.1.0 sampler's inputs
     for api, node, message in ((neither, "31", "connect start_image (image-to-video) or prefix_video"),
-                               (both, "31", "not both"), (old, "6", "no longer takes vae or start_image")):
+                               (both, "31", "not both"), (old, "6", "no longer takes vae")):
         code, answer = post_refused(server.url, "/prompt", {"prompt": api, "client_id": "magi1-tests"})
         errors = answer["node_errors"][node]["errors"]
         assert code == 400 and any(message in error["details"] for error in errors), answer
+
+
+def test_the_official_layout_is_one_dropdown_entry_that_runs(server):
+    """A sharded checkpoint in the official layout is listed once, by its index (never its shards), the shipped
+    workflows name exactly that entry, and a graph using it runs (the tiny model saved as official shards)."""
+    options = get(server.url, "/object_info/MAGI1DiTLoader")["MAGI1DiTLoader"]["input"]["required"]["checkpoint"]
+    choices = options[0] if isinstance(options[0], list) else options[1]["options"]
+    assert OFFICIAL_ENTRY in choices and not any("model-0000" in choice for choice in choices), choices
+    for path in sorted((ROOT / "workflows" / "api").glob("*.json")):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] == "MAGI1DiTLoader":
+                assert node["inputs"]["checkpoint"] in choices, (path.name, node["inputs"]["checkpoint"])
+    api = json.loads((ROOT / "workflows" / "api" / "magi1_tiny_demo.json").read_text())
+    loader = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1DiTLoader")
+    sampler = next(node["inputs"] for node in api.values() if node["class_type"] == "MAGI1Sampler")
+    for checkpoint, seed in ((OFFICIAL_ENTRY, 21), (OFFICIAL_FOLDER + "/model-00002-of-00002.safetensors", 22)):
+        loader["checkpoint"] = checkpoint  # the entry, and a shard a workflow saved before 0.8 names
+        sampler["seed"] = seed  # not a cached result
+        assert saved_video(server, run_prompt(server, api)) == (expected_frames(api), 64, 64)
+
+
+def test_each_queue_time_problem_is_reported_on_its_own_input(server):
+    """One wrong value, one error, on that input, in words that name the fix; ComfyUI's own message for a value
+    that is not a number; dropdown values and NaN refused before anything runs."""
+    def refused(changes):
+        api = json.loads((ROOT / "workflows" / "api" / "magi1_tiny_demo.json").read_text())
+        for class_type, name, value in changes:
+            next(node for node in api.values() if node["class_type"] == class_type)["inputs"][name] = value
+        code, answer = post_refused(server.url, "/prompt", {"prompt": api, "client_id": "magi1-tests"})
+        assert code == 400, answer
+        return {(error["extra_info"].get("input_name"), error["type"]): error["details"]
+                for node in answer["node_errors"].values() for error in node["errors"]}
+
+    errors = refused([("MAGI1Sampler", "steps", 5)])
+    assert list(errors) == [("steps", "custom_validation_failed")] and "multiple of 4" in errors[("steps", "custom_validation_failed")]
+    errors = refused([("MAGI1Sampler", "steps", 5), ("MAGI1Sampler", "width", 100)])
+    assert sorted(name for name, _ in errors) == ["steps", "width"]
+    errors = refused([("MAGI1Sampler", "steps", "abc")])
+    assert list(errors) == [("steps", "invalid_input_type")], errors  # ComfyUI's conversion message
+    errors = refused([("MAGI1Sampler", "guidance", "nan")])
+    assert list(errors) == [("guidance", "custom_validation_failed")] and "finite" in str(errors)
+    errors = refused([("MAGI1DiTLoader", "weight_dtype", "int8")])
+    assert list(errors) == [("weight_dtype", "custom_validation_failed")] and "pick one of 'auto'" in str(errors)
+    errors = refused([("MAGI1TinyTextEncode", "model", "huge"), ("MAGI1MotionDetailCache", "preset", "bogus")])
+    assert sorted(name for name, _ in errors) == ["model", "preset"] and "'custom', 'slow', 'fast'" in str(errors)
+    errors = refused([("MAGI1TinyTextEncode", "prompt", "0: a red ball\n1:a blue square")])
+    assert list(errors) == [("prompt", "custom_validation_failed")] and "write '1: a blue square'" in str(errors)
 
 
 def test_sampler_refuses_a_prefix_of_another_size(server):

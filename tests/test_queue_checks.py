@@ -253,3 +253,12 @@ def test_the_sampler_refuses_what_it_would_drop_and_names_what_it_ignores(pack, 
 def test_nan_guidance_is_refused_at_execution_too(pack, tiny_model):
     with pytest.raises(ValueError, match="guidance must be a finite number, got nan"):
         sample(pack, tiny_model, tiny_prompt(pack), guidance=float("nan"))
+
+
+def test_a_file_given_to_the_wrong_loader_is_named():
+    import magi1
+
+    with pytest.raises(ValueError, match=r"not a MAGI-1 DiT checkpoint: this file is a MAGI-1 VAE: load it as the VAE"):
+        magi1.load_dit(tiny.TINY.vae_file)
+    with pytest.raises(ValueError, match=r"not a MAGI-1 VAE checkpoint: this file is a MAGI-1 DiT: load it as the DiT"):
+        magi1.load_vae(tiny.TINY.dit_file)

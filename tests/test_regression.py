@@ -1,6 +1,7 @@
 """The refactors' guard: whole generations recorded before the sampler was rebuilt
 (``tests/fixtures/make_regression.py``) come out the same today: ``torch.equal`` latents and mask
-frames, and the same FLOPs, DiT calls and per-chunk-step records."""
+frames, and the same FLOPs, DiT calls and per-chunk-step records. Each case runs on the CPU thread count
+it was recorded with (``regression_cases.RECORDED_THREADS``), whatever OMP_NUM_THREADS says."""
 
 import json
 import os

@@ -191,7 +191,7 @@ def test_position_grid_that_cannot_be_inferred_asks_for_config(official, tmp_pat
 def test_wrong_checkpoints_are_refused(official, tmp_path):
     _, _, vae = official
     save_file({"videodit_blocks.layers.0.mlp.linear_fc1.weight": torch.zeros(2, 2)}, tmp_path / "dit.safetensors")
-    with pytest.raises(ValueError, match="not a MAGI-1 VAE checkpoint: missing"):
+    with pytest.raises(ValueError, match="not a MAGI-1 VAE checkpoint: this file is a MAGI-1 DiT: load it as the DiT"):
         load_vae(tmp_path / "dit.safetensors")
     state = {k: v for k, v in vae.state_dict().items() if k != "decoder.blocks.1.mlp.fc2.bias"}
     folder = tmp_path / "partial"
