@@ -60,8 +60,9 @@ class VideoLayout:
 
 
 FRAMES_RULE = ("The video is made in whole chunks of 24 frames (1 s at 24 fps): frames is rounded up to whole "
-               "chunks (25 gives 48). A start image is the video's first frame and counts among them; after a "
-               "prefix video, frames counts the new frames, and the prefix with them fills whole chunks.")
+               "chunks (25 gives 48). A start image is the video's first frame and counts among them (as does a "
+               "prefix video of under 8 frames, encoded as one image); after a longer prefix video, frames "
+               "counts the new frames, and the prefix with them fills whole chunks.")
 
 
 def frames_to_generate(frames, prefix_frames=0, chunk_width=6):

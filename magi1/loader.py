@@ -207,32 +207,32 @@ SHARD_NAME = re.compile(r"^(?P<stem>.+)-(?P<number>\d+)-of-(?P<total>\d+)\.safet
 
 
 def checkpoint_entries(names, folder_of):
-    """One entry per checkpoint among ``names`` (the ``/``-separated ``.safetensors`` files of a model folder,
-    as ComfyUI lists them), for a dropdown: a sharded checkpoint once, by its ``.safetensors.index.json``
-    (found beside its shards; ``folder_of(name)`` gives the folder a listed file is in), or by its first shard
-    when it has no index; every other file as itself. Returns ``(entries, set_of)``: the sorted entries, and
-    each hidden shard's entry (so that a shard chosen before stays loadable)."""
+    """One entry per checkpoint among ``names`` (the ``.safetensors`` files of a model folder as ComfyUI lists
+    them, relative, with ``/`` or on Windows ``\\`` between folders), for a dropdown: a sharded checkpoint
+    once, by its ``.safetensors.index.json`` (found beside its shards; ``folder_of(name)`` gives the folder a
+    listed file is in), or by its first shard when it has no index; every other file as itself. Returns
+    ``(entries, set_of)``: the sorted entries, and each hidden shard's entry (so that a shard chosen before
+    stays loadable)."""
     by_folder = {}
     for name in names:
         if name.endswith(".safetensors"):
-            by_folder.setdefault(name.rpartition("/")[0], []).append(name)
+            by_folder.setdefault(same_path(_split(name)[0]), []).append(name)
     entries, set_of = [], {}
-    for prefix, files in by_folder.items():
+    for files in by_folder.values():
         grouped = set()
-        folder = folder_of(files[0])
+        prefix, folder = _split(files[0])[0], folder_of(files[0])
         for index in _index_files(folder):
-            entry = f"{prefix}/{index}" if prefix else index
             try:
                 shards = _listed_shards(os.path.join(folder, index))
             except (OSError, ValueError):
                 continue  # a damaged index is not offered; its shards stay listed as files
-            members = [name for name in files if name.rpartition("/")[2] in shards]
-            entries.append(entry)
-            set_of.update((name, entry) for name in members)
+            members = [name for name in files if _split(name)[1] in shards]
+            entries.append(prefix + index)
+            set_of.update((name, prefix + index) for name in members)
             grouped.update(members)
         unindexed = {}
         for name in files:
-            match = SHARD_NAME.match(name.rpartition("/")[2])
+            match = SHARD_NAME.match(_split(name)[1])
             if name not in grouped and match:
                 unindexed.setdefault((match["stem"], match["total"]), []).append(name)
         for members in unindexed.values():
@@ -243,6 +243,17 @@ def checkpoint_entries(names, folder_of):
                 grouped.update(members)
         entries += [name for name in files if name not in grouped]
     return sorted(entries), set_of
+
+
+def same_path(name):
+    """A listed name with ``/`` between folders, whatever the system wrote (to compare names)."""
+    return name.replace("\\", "/")
+
+
+def _split(name):
+    """``(folder part with its trailing separator, file name)`` of a listed name."""
+    cut = max(name.rfind("/"), name.rfind("\\")) + 1
+    return name[:cut], name[cut:]
 
 
 _LISTED_SHARDS = {}  # index path -> ((mtime, size), shard names): dropdowns are rebuilt at every queued prompt

@@ -53,7 +53,11 @@ class MAGI1SaveCaptionStates(CheckedNode):
             return {}
         output = os.path.abspath(folder_paths.get_output_directory())
         target = os.path.abspath(os.path.join(output, prefix))
-        if not prefix.strip() or os.path.commonpath([output, target]) != output or target == output:
+        try:
+            inside = os.path.commonpath([output, target]) == output and target != output
+        except ValueError:  # another Windows drive
+            inside = False
+        if not prefix.strip() or not inside:
             return {"filename_prefix": f"filename_prefix must name a file inside ComfyUI's output folder, got "
                                        f"{prefix!r}: e.g. magi1/caption_states"}
         return {}

@@ -13,7 +13,7 @@ import folder_paths
 
 from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
-from ..magi1.loader import checkpoint_entries
+from ..magi1.loader import checkpoint_entries, same_path
 from .memory import weights_line
 from .queue_checks import CheckedNode
 
@@ -52,6 +52,18 @@ def folder_checkpoints(folder):
         return os.path.dirname(folder_paths.get_full_path(folder, name) or "")
 
     return checkpoint_entries(folder_paths.get_filename_list(folder), folder_of)
+
+
+def missing_file_hint(value, entries, folder, what):
+    """Where a file a dropdown does not list comes from: a listed entry with the same ending (a folder
+    placed one level higher or lower), else what to download and where it goes."""
+    wanted = same_path(str(value)).lstrip("/")
+    for entry in entries:
+        listed = same_path(entry)
+        if listed.endswith("/" + wanted) or wanted.endswith("/" + listed):
+            return f"the folder lists it as {entry!r}: pick that"
+    return (f"It is not in ComfyUI/models/{folder}: {what}, then refresh the page (press R) so that the "
+            "list shows it")
 
 
 def special_tokens_table():
@@ -118,8 +130,20 @@ class MAGI1DiTLoader(CheckedNode):
     @classmethod
     def still_accepted(cls, name, value):
         # A shard of a sharded checkpoint, chosen before the dropdown listed each checkpoint once, still loads
-        # (the whole checkpoint: magi1.loader finds its siblings).
-        return name == "checkpoint" and value in folder_checkpoints("diffusion_models")[1]
+        # (the whole checkpoint: magi1.loader finds its siblings); so does a name saved with the other
+        # system's separators (workflows name 4.5B_distill/... ; ComfyUI on Windows lists 4.5B_distill\...).
+        if name != "checkpoint" or not isinstance(value, str):
+            return False
+        entries, set_of = folder_checkpoints("diffusion_models")
+        return same_path(value) in {same_path(known) for known in [*entries, *set_of]}
+
+    @classmethod
+    def choice_hint(cls, name, value):
+        if name != "checkpoint":
+            return None
+        return missing_file_hint(value, folder_checkpoints("diffusion_models")[0], "diffusion_models", (
+            "the MAGI-1 DiT: download its folder (e.g. ckpt/magi/4.5B_distill) from "
+            "https://huggingface.co/sand-ai/MAGI-1 into ComfyUI/models/diffusion_models/"))
 
     @classmethod
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
@@ -163,6 +187,14 @@ class MAGI1VAELoader(CheckedNode):
             ],
             outputs=[MAGI1_VAE.Output(tooltip="The MAGI-1 VAE, for MAGI-1 Decode and MAGI-1 Encode Prefix.")],
         )
+
+    @classmethod
+    def choice_hint(cls, name, value):
+        if name != "vae_name":
+            return None
+        return missing_file_hint(value, folder_checkpoints("vae")[0], "vae", (
+            "the MAGI-1 VAE: download ckpt/vae/diffusion_pytorch_model.safetensors from "
+            "https://huggingface.co/sand-ai/MAGI-1 into ComfyUI/models/vae/ (any name)"))
 
     @classmethod
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:

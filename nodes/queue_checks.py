@@ -29,8 +29,8 @@ MAX_LISTED_OPTIONS = 8  # a dropdown's options named in a message; longer lists 
 class CheckedNode(io.ComfyNode):
     """A node whose every input is checked at queue time (this module). Subclasses may add
     ``input_rules(values) -> {input: message}`` for rules of their own (read only inputs that passed the
-    common checks: the others are absent from ``values`` or None when linked) and ``still_accepted(input,
-    value)`` for values a dropdown no longer lists but saved workflows hold."""
+    common checks: the others are absent from ``values`` or None when linked), ``still_accepted(input,
+    value)`` for values a dropdown no longer lists but saved workflows hold, and ``choice_hint(input, value)``."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -54,6 +54,11 @@ class CheckedNode(io.ComfyNode):
     def still_accepted(cls, name, value):
         return False
 
+    @classmethod
+    def choice_hint(cls, name, value):
+        """More words for a dropdown value that is not a choice (e.g. where a missing file goes), or None."""
+        return None
+
 
 def declared_inputs(node_class):
     """``{input: (type, options)}`` of a node, as ComfyUI validates them (its V1 view of the schema)."""
@@ -72,11 +77,14 @@ def input_problems(node_class, values):
             checked[name] = value  # an input the schema no longer declares: the node's own rules name it
             continue
         kind, options = declared[name]
-        message = None if node_class.still_accepted(name, value) else value_problem(kind, options, value)
+        message = value_problem(kind, options, value)
         if message is NOT_CHECKABLE:
             continue  # ComfyUI reports it itself (a value it could not convert)
+        if message and node_class.still_accepted(name, value):
+            message = None
         if message:
-            problems[name] = f"{display}: {name} {message}"
+            hint = node_class.choice_hint(name, value)
+            problems[name] = f"{display}: {name} {message}" + (f". {hint}" if hint else "")
         else:
             checked[name] = value
     for name, message in node_class.input_rules(checked).items():

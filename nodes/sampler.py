@@ -38,6 +38,11 @@ def conditioning_states(conditioning, name, width):
     if mask is None:
         raise ValueError(f"{name} has no attention mask: encode the prompt with MAGI-1 Text Encode (T5-XXL loaded "
                          "with CLIPLoader, type 'mochi')")
+    if states.shape[-2] != mask.shape[-1]:
+        raise ValueError(
+            f"{name} holds {states.shape[-2]} text states but an attention mask of {mask.shape[-1]} (e.g. from "
+            "ConditioningConcat, which joins the states but not the masks): connect MAGI-1 Text Encode directly; "
+            "for prompts that change over the video, write a prompt schedule in it")
     if states.shape[-1] != width:
         raise ValueError(
             f"{name} holds {states.shape[-1]}-wide text states but this model reads {width}-wide ones: encode the "
@@ -165,12 +170,14 @@ def visible(frames):
 
 
 WARN_SECONDS = 600  # a run estimated longer is named in the log and the report, with the estimate
-CPU_REFUSED_SECONDS = 3600  # on the CPU, a run estimated longer is refused (a GPU's long runs are the user's call)
+# On the CPU, a run estimated longer is refused: hours, even if the cache (not counted) halved it. A GPU's long
+# runs are the user's call (24B base at 720p takes hours on one card).
+CPU_REFUSED_SECONDS = 4 * 3600
 
 
 def checked_time(dit, device, frames, height, width, steps, prefix_frames):
     """The run's estimated time on ``device`` (``magi1.run_time``): None when short, a note when long, a
-    ValueError naming the estimate and the fix when it would take over an hour on the CPU."""
+    ValueError naming the estimate and the fix when it would take over 4 hours on the CPU."""
     try:
         estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,
                                 passes=1 if dit.distill else 3, prefix_frames=prefix_frames, device=device,

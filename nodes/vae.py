@@ -82,7 +82,8 @@ class MAGI1EncodePrefix(CheckedNode):
                     "Connect this or prefix_video.")),
                 io.Image.Input("prefix_video", optional=True, tooltip=(
                     "Video continuation: the frames to continue from (e.g. GetVideoComponents' images). The "
-                    "VAE encodes 1, 4, 8, 12, 13, 16, ... frames: longer clips keep their last such count. "
+                    "VAE encodes 1, 4, 8, 12, 13, 16, ... frames: longer clips keep their last such count; "
+                    "under 8 frames make one latent frame, continued like a start image. "
                     "Connect this or start_image.")),
             ],
             outputs=[io.Latent.Output(display_name="prefix_latent", tooltip=(

@@ -262,3 +262,47 @@ def test_a_file_given_to_the_wrong_loader_is_named():
         magi1.load_dit(tiny.TINY.vae_file)
     with pytest.raises(ValueError, match=r"not a MAGI-1 VAE checkpoint: this file is a MAGI-1 DiT: load it as the DiT"):
         magi1.load_vae(tiny.TINY.dit_file)
+
+
+def test_every_node_reads_all_its_inputs_so_comfyui_defers_to_these_checks(pack):
+    """ComfyUI skips its own range and dropdown checks for the inputs a node's validate_inputs reads, and for
+    all of them when it takes **kwargs (execution.py: validate_has_kwargs). So a ComfyUI that checks dropdown
+    values itself still takes what these checks accept (a shard saved before 0.8 in the DiT loader)."""
+    import inspect
+
+    for node in every_node(pack):
+        spec = inspect.getfullargspec(node.validate_inputs)
+        assert spec.varkw is not None and spec.args == ["cls"], node.__name__
+
+
+def test_windows_names_and_missing_files(pack, tmp_path, monkeypatch):
+    """ComfyUI on Windows lists names with backslashes: the same one entry per checkpoint, the workflows' '/'
+    names still accepted; a file the folder does not hold is refused saying where it comes from and goes."""
+    folder = tmp_path / "4.5B_distill" / "inference_weight.distill"
+    save_shards(folder, ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"])
+    names = [name.replace("/", "\\") for name in listed(tmp_path)]
+    entries, set_of = checkpoint_entries(names, lambda name: str(folder))
+    assert entries == ["4.5B_distill\\inference_weight.distill\\model.safetensors.index.json"]
+    assert set(set_of) == set(names)  # both shards hidden behind the index
+    folder_paths = pack.modules["loaders"].folder_paths
+    monkeypatch.setattr(folder_paths, "get_filename_list", lambda kind: names if kind == "diffusion_models" else [])
+    monkeypatch.setitem(folder_paths.folders, "diffusion_models", [str(tmp_path)])
+    monkeypatch.setattr(folder_paths, "get_full_path", lambda kind, name: str(tmp_path / name.replace("\\", "/")))
+    loader, values = pack.MAGI1DiTLoader, valid_values(pack.MAGI1DiTLoader)
+    official = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"  # as the workflows name it
+    assert loader.validate_inputs(**{**values, "checkpoint": official}) is True
+    missing = problems_of(pack, loader, {**values, "checkpoint": "24B_base/inference_weight/model.safetensors.index.json"})
+    assert "It is not in ComfyUI/models/diffusion_models: the MAGI-1 DiT: download its folder" in missing["checkpoint"]
+    nested = problems_of(pack, loader, {**values, "checkpoint": "MAGI-1/ckpt/magi/" + official})  # a folder higher
+    assert "the folder lists it as '4.5B_distill\\\\inference_weight.distill\\\\model.safetensors.index.json'" in \
+        nested["checkpoint"]
+    vae = problems_of(pack, pack.MAGI1VAELoader, {"vae_name": "magi1_vae.safetensors", "weight_dtype": "auto"})
+    assert "download ckpt/vae/diffusion_pytorch_model.safetensors" in vae["vae_name"]
+    assert "download" not in problems_of(pack, loader, {**values, "weight_dtype": "int8"})["weight_dtype"]
+
+
+def test_concatenated_states_are_refused_before_loading(pack, tiny_model):
+    first = tiny_prompt(pack)
+    joined = [[torch.cat([first[0][0], first[0][0]], dim=1), dict(first[0][1])]]  # what ConditioningConcat makes
+    with pytest.raises(ValueError, match="positive holds 64 text states but an attention mask of 32 .*ConditioningConcat"):
+        sample(pack, tiny_model, joined)
