@@ -29,13 +29,13 @@ from safetensors.torch import save_file
 
 from cache_core import CachePolicy
 
-from . import Guidance, VideoLayout, fp8, generate, load_dit, load_vae, parse_prompt_schedule
+from . import Guidance, VideoLayout, generate, load_dit, load_vae, parse_prompt_schedule
 from .caption_states import CaptionStates, load_caption_states
 from .layout import FRAMES_RULE, frames_to_generate
-from .loader import _distill, checkpoint_files, infer_config, model_description
+from .loader import checkpoint_summary, model_description
 from .mp4 import FPS, write_mp4
 from .run_time import estimate_run, eta, format_clock
-from .safetensors_io import read_header, refuse_pickle
+from .safetensors_io import refuse_pickle
 from .schedule import check_steps
 from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens
 from .tiny import MODELS, TINY
@@ -332,16 +332,8 @@ def dit_header(run):
     """``(ModelConfig, distilled, why)`` of the run's DiT from its files' headers, as ``load_dit`` reads them
     (no tensor is read): for the checks and the time estimate before loading."""
     if run.builtin is not None:
-        shapes, dtypes, metadata = read_header(run.builtin.dit_file)
-        return infer_config(shapes, metadata, dtypes)[0], True, "a built-in model"
-    files = checkpoint_files(run.checkpoint)
-    shapes, dtypes, metadata = {}, {}, {}
-    for file in files:
-        for whole, part in zip((shapes, dtypes, metadata), read_header(file)):
-            whole.update(part)
-    shapes = fp8.model_shapes(shapes)
-    distill, why = _distill(None, files, fp8.stored_kind(shapes, dtypes), metadata)
-    return infer_config(shapes, metadata, dtypes)[0], distill, why
+        return checkpoint_summary(run.builtin.dit_file, distill=True)[0], True, "a built-in model"
+    return checkpoint_summary(run.checkpoint)
 
 
 def load_models(run, par):

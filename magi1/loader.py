@@ -74,13 +74,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
     (default: bfloat16 on CUDA, float32 elsewhere).
     """
-    files = checkpoint_files(path)
-    shapes, dtypes, metadata = {}, {}, {}
-    for file in files:
-        file_shapes, file_dtypes, file_metadata = read_header(file)
-        shapes.update(file_shapes)
-        dtypes.update(file_dtypes)
-        metadata.update(file_metadata)
+    files, shapes, dtypes, metadata = checkpoint_header(path)
     ignored = fp8.ignored_keys(shapes)
     shapes = fp8.model_shapes(shapes)
     stored = fp8.stored_kind(shapes, dtypes)
@@ -173,6 +167,26 @@ def _distill(asked, files, stored, metadata):
     if metadata.get(DISTILL_METADATA_KEY) == "true":
         return True, f"its metadata says {DISTILL_METADATA_KEY}"
     return False, f"neither the checkpoint's name {own!r} nor its metadata says distill"
+
+
+def checkpoint_header(path):
+    """``(files, shapes, dtypes, metadata)`` of the checkpoint at ``path``, read from its files' headers (no
+    tensor is read), every shard's merged."""
+    files = checkpoint_files(path)
+    shapes, dtypes, metadata = {}, {}, {}
+    for file in files:
+        for whole, part in zip((shapes, dtypes, metadata), read_header(file)):
+            whole.update(part)
+    return files, shapes, dtypes, metadata
+
+
+def checkpoint_summary(path, distill=None):
+    """``(ModelConfig, distilled, why)`` of the checkpoint at ``path`` as ``load_dit`` would take it, from its
+    headers alone (for checks and estimates before loading)."""
+    files, shapes, dtypes, metadata = checkpoint_header(path)
+    shapes = fp8.model_shapes(shapes)
+    distilled, why = _distill(distill, files, fp8.stored_kind(shapes, dtypes), metadata)
+    return infer_config(shapes, metadata, dtypes)[0], distilled, why
 
 
 def checkpoint_files(path):
