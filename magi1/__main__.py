@@ -39,6 +39,7 @@ from .safetensors_io import refuse_pickle
 from .schedule import check_steps
 from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens
 from .tiny import MODELS, TINY
+from .tiny.text_encoder import unknown_note
 from .vae import SEAMLESS
 
 PROG = "python -m magi1"
@@ -383,7 +384,7 @@ def captions(run, config, distill, tokens):
     caption, mask = states.captions(chunks, tokens, length=config.caption_max_length)
     negative, negative_mask = states.negative_captions(chunks, length=config.caption_max_length)
     unused = states.unused_prompts(chunks)
-    notes = [unknown and f"the text encoder does not know {unknown}: read as <unk>",
+    notes = [unknown and unknown_note(unknown),
              unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks",
              states.negative and distill and "the negative prompt is not used: distilled models make one pass",
              run.text_scale is not None and distill and "--guidance is not used: distilled models make one pass"]

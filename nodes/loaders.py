@@ -54,6 +54,17 @@ def folder_checkpoints(folder):
     return checkpoint_entries(folder_paths.get_filename_list(folder), folder_of)
 
 
+def file_hint(input_name, folder, what):
+    """A ``CheckedNode.choice_hint`` for a file dropdown: for ``input_name``, where a file the model
+    ``folder`` does not list comes from (``missing_file_hint``)."""
+    def choice_hint(cls, name, value):
+        if name != input_name:
+            return None
+        return missing_file_hint(value, folder_checkpoints(folder)[0], folder, what)
+
+    return classmethod(choice_hint)
+
+
 def missing_file_hint(value, entries, folder, what):
     """Where a file a dropdown does not list comes from: a listed entry with the same ending (a folder
     placed one level higher or lower), else what to download and where it goes."""
@@ -137,13 +148,9 @@ class MAGI1DiTLoader(CheckedNode):
         entries, set_of = folder_checkpoints("diffusion_models")
         return same_path(value) in {same_path(known) for known in [*entries, *set_of]}
 
-    @classmethod
-    def choice_hint(cls, name, value):
-        if name != "checkpoint":
-            return None
-        return missing_file_hint(value, folder_checkpoints("diffusion_models")[0], "diffusion_models", (
-            "the MAGI-1 DiT: download its folder (e.g. ckpt/magi/4.5B_distill) from "
-            "https://huggingface.co/sand-ai/MAGI-1 into ComfyUI/models/diffusion_models/"))
+    choice_hint = file_hint("checkpoint", "diffusion_models", (
+        "the MAGI-1 DiT: download its folder (e.g. ckpt/magi/4.5B_distill) from https://huggingface.co/sand-ai/MAGI-1 "
+        "into ComfyUI/models/diffusion_models/"))
 
     @classmethod
     def execute(cls, checkpoint, variant, weight_dtype, attention) -> io.NodeOutput:
@@ -188,13 +195,9 @@ class MAGI1VAELoader(CheckedNode):
             outputs=[MAGI1_VAE.Output(tooltip="The MAGI-1 VAE, for MAGI-1 Decode and MAGI-1 Encode Prefix.")],
         )
 
-    @classmethod
-    def choice_hint(cls, name, value):
-        if name != "vae_name":
-            return None
-        return missing_file_hint(value, folder_checkpoints("vae")[0], "vae", (
-            "the MAGI-1 VAE: download ckpt/vae/diffusion_pytorch_model.safetensors from "
-            "https://huggingface.co/sand-ai/MAGI-1 into ComfyUI/models/vae/ (any name)"))
+    choice_hint = file_hint("vae_name", "vae", (
+        "the MAGI-1 VAE: download ckpt/vae/diffusion_pytorch_model.safetensors from https://huggingface.co/sand-ai/MAGI-1 "
+        "into ComfyUI/models/vae/ (any name)"))
 
     @classmethod
     def execute(cls, vae_name, weight_dtype) -> io.NodeOutput:

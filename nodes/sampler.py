@@ -19,12 +19,15 @@ from .memory import checked_plan, weights_line
 from .multi_gpu import MULTI_GPU_KEY, sample_on_workers
 from .preview import LivePreview
 from .queue_checks import CheckedNode
+from .vae import size_problems
 from .t5 import T5_KEY
 from .text_encode import ENCODER_KEY, FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY, unknown_note
 
 T5_WIDTH = 4096  # what the official checkpoints read
 REMOVED_INPUTS = ("vae", "start_image", "prefix_video")  # the sampler's image inputs before 0.2.0
 WINDOW_SIZE = 4  # generate's default: steps must be a multiple of it
+SIZE_CHECKS = {"width": check_pixel_size, "height": check_pixel_size,  # what execution would refuse
+               "steps": lambda name, steps: check_steps(steps, WINDOW_SIZE)}
 LIMITS = {"width": (16, 4096), "height": (16, 4096), "steps": (4, 1000)}  # the widgets' ranges
 
 
@@ -144,21 +147,6 @@ def prefix_latents(prefix_latent, width, height, channels):
     return samples[0].float()
 
 
-def size_problems(values, owner):
-    """``{input: message}`` for a width, height or steps that execution would refuse (linked inputs, None,
-    are checked at execution)."""
-    checks = {"width": check_pixel_size, "height": check_pixel_size,
-              "steps": lambda name, steps: check_steps(steps, WINDOW_SIZE)}
-    problems = {}
-    for name, check in checks.items():
-        if values.get(name) is not None:
-            try:
-                check(name, values[name])
-            except ValueError as error:
-                problems[name] = f"{owner}: {error}"
-    return problems
-
-
 MASK_PREVIEW_WIDTH = 384  # pixels: one cell per token is a few pixels wide, too small to see in a node
 
 
@@ -276,7 +264,7 @@ class MAGI1Sampler(CheckedNode):
         problems = {name: (f"MAGI-1 Sampler no longer takes {name} (pack 0.2.0): connect it to MAGI-1 Encode "
                            "Prefix, and its prefix_latent to the sampler's prefix_latent")
                     for name in REMOVED_INPUTS if name in values}
-        return {**problems, **size_problems(values, "MAGI-1 Sampler")}
+        return {**problems, **size_problems(values, SIZE_CHECKS)}
 
     @classmethod
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,

@@ -6,6 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from ..magi1 import parse_prompt_schedule, tiny
+from ..magi1.tiny.text_encoder import unknown_note
 from .queue_checks import CheckedNode
 from .t5 import T5_KEY, t5_states
 
@@ -41,11 +42,6 @@ def schedule_problems(values):
     except ValueError as error:
         return {"prompt": str(error)}
     return {}
-
-
-def unknown_note(unknown):
-    return (f"the tiny text encoder does not know {unknown}: unknown words are read as <unk>, other characters "
-            "(digits, accents, CJK, emoji) are skipped")
 
 
 class MAGI1TextEncode(CheckedNode):

@@ -43,6 +43,20 @@ def one_of(has_start_image, has_prefix_video):
     return {}
 
 
+def size_problems(values, checks=None):
+    """``{input: message}`` for a width or height MAGI-1 does not take (multiples of 16), or what else
+    ``checks`` (``{input: check(name, value)}``, raising ValueError) refuses; linked inputs (None) are left
+    to execution."""
+    problems = {}
+    for name, check in (checks or {"width": check_pixel_size, "height": check_pixel_size}).items():
+        if values.get(name) is not None:
+            try:
+                check(name, values[name])
+            except ValueError as error:
+                problems[name] = str(error)
+    return problems
+
+
 def fit_frames(images, width, height):
     """IMAGE frames resized to ``width`` x ``height`` (bicubic, stretched like the release's ffmpeg scale)."""
     if tuple(images.shape[1:3]) == (height, width):
@@ -93,14 +107,7 @@ class MAGI1EncodePrefix(CheckedNode):
     @classmethod
     def input_rules(cls, values):
         # ComfyUI passes a connected input (None: not made yet) and leaves an unconnected optional one out.
-        problems = one_of("start_image" in values, "prefix_video" in values)
-        for name in ("width", "height"):
-            if values.get(name) is not None:
-                try:
-                    check_pixel_size(name, values[name])
-                except ValueError as error:
-                    problems[name] = str(error)
-        return problems
+        return {**one_of("start_image" in values, "prefix_video" in values), **size_problems(values)}
 
     @classmethod
     def execute(cls, vae, width, height, start_image=None, prefix_video=None) -> io.NodeOutput:

@@ -25,6 +25,12 @@ _WORD = re.compile(r"[a-z]+")
 _UNREAD = re.compile(r"[^a-z\s,.;:!?'\"()\-]+")
 
 
+def unknown_note(unknown):
+    """The report's words for what ``TinyTextEncoder.unknown_words`` found."""
+    return (f"the tiny text encoder does not know {unknown}: unknown words are read as <unk>, other characters "
+            "(digits, accents, CJK, emoji) are skipped")
+
+
 def words(text):
     """The words of a text as the tokenizer reads them: runs of letters, lowercased (the rest separates)."""
     return _WORD.findall(text.lower())
