@@ -567,9 +567,8 @@ class _Call:
         written = int(cache_write_chunks)
         if not 0 <= written <= chunks or (written and cache is None):
             raise ValueError(f"cache_write_chunks must be in [0, {chunks}] and needs a cache, got {written}")
-        if cache is not None and (n != 1 or self.start + written * ct > cache.capacity):
-            raise ValueError(f"a cached call takes one sequence and writes within the cache's {cache.capacity} "
-                             f"tokens; got N={n} writing up to token {self.start + written * ct}")
+        if cache is not None and n != 1:
+            raise ValueError(f"a cached call takes one sequence, got N={n}")
         self.written = written
         self.query_lengths = [ct] * (n * chunks)  # per (sequence, chunk): its computed queries
         self.selected = None
@@ -591,6 +590,8 @@ class _Call:
             self.query_lengths = counts
         self.first = min([a for a, _ in self.ranges] + [self.start])
         self.boundary = self.start + written * ct
+        if cache is not None:  # the rows this call reads and writes (the cache slides past older ones)
+            cache.reserve(self.first, self.boundary)
         self.written_tokens = sum(self.query_lengths[:written])
         if self.selected is not None and written:
             self.written_rows = self.selected[: self.written_tokens]  # relative to the window start

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .caption_rows import CaptionRows
 from .kv_cache import KVCache
 from .parallel import collective_buffers
-from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T
+from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T, prefix_pieces
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,15 @@ class Guidance:
 
 def write_prefix(call, kv_cache, prefix, chunks, chunk_width, chunk_tokens, *, unconditional):
     """Write the clean prefix chunks' keys/values into ``kv_cache`` (null caption, t = clean_t, each chunk
-    sees itself), as ``extract_prefix_video_feature``; the output is not used."""
+    sees itself), as ``extract_prefix_video_feature``; the output is not used. A prefix longer than the
+    cache's span goes in several calls of whole chunks (the release makes one)."""
     ct = chunk_tokens
-    t = torch.full((1, chunks), CLEAN_T).tolist()
-    ranges = [(max(0, j + 1 - CLEAN_CHUNK_KVRANGE) * ct, (j + 1) * ct) for j in range(chunks)]
-    call(prefix[None, :, : chunks * chunk_width], t, [CaptionRows.NULL] * chunks, ranges, slice_point=0, unconditional=unconditional,
-         kv_cache=kv_cache, kv_write=chunks, stage=0, counts=[ct] * chunks)
+    for first, end in prefix_pieces(chunks, kv_cache.capacity // ct):
+        n = end - first
+        t = torch.full((1, n), CLEAN_T).tolist()
+        ranges = [(max(0, j + 1 - CLEAN_CHUNK_KVRANGE) * ct, (j + 1) * ct) for j in range(first, end)]
+        call(prefix[None, :, first * chunk_width: end * chunk_width].to(call.device), t, [CaptionRows.NULL] * n, ranges,
+             slice_point=first, unconditional=unconditional, kv_cache=kv_cache, kv_write=n, stage=0, counts=[ct] * n)
 
 
 class SinglePass:
@@ -87,13 +90,13 @@ class SinglePass:
 
     ``call`` is the run's ``DiTCall``; ``reusing``: chunks or tokens may be reused, so the copy's
     keys/values are kept as well (one more block after the window), and it may be computed sparsely like
-    its chunk.
+    its chunk. ``kv_chunks``: the KV cache's span in chunks (``magi1.schedule.kv_span``).
     """
 
-    def __init__(self, guidance, model, layout, captions, call, *, reusing, kv_offload):
+    def __init__(self, guidance, model, layout, captions, call, *, reusing, kv_offload, kv_chunks):
         self.guidance, self.captions, self.call, self.reusing = guidance, captions, call, reusing
         self.cw, self.ct = layout.chunk_width, layout.tokens_per_chunk
-        self.kv_main = KVCache.for_model(model, (layout.chunk_num + int(reusing)) * self.ct, offload=kv_offload)
+        self.kv_main = KVCache.for_model(model, kv_chunks * self.ct, offload=kv_offload)
         self.copy_rows_owner = None  # (chunk, block) whose nearly-clean copy's keys/values are in the KV cache
 
     @property
@@ -224,16 +227,16 @@ class ThreePass:
 
     ``reusing``: chunks or tokens may be reused, so ``cond`` keeps its own KV cache (``cond_pre`` has the
     official one); ``token_level``: single tokens may be, so each window slot's ``uncond`` pass keeps one
-    too.
+    too. ``kv_chunks``: the span of the first two in chunks (``magi1.schedule.kv_span``).
     """
 
     def __init__(self, guidance, model, layout, captions, call, *, reusing, token_level, kv_offload, window_size,
-                 parallel=None):
+                 kv_chunks, parallel=None):
         self.guidance, self.captions, self.call = guidance, captions, call
         self.cw, self.ct, self.window_size = layout.chunk_width, layout.tokens_per_chunk, window_size
         self.groups = StreamGroups(parallel, model, self.ct)
         runs = self.groups.runs
-        capacity = layout.chunk_num * self.ct
+        capacity = kv_chunks * self.ct
         self.kv_cond_pre = KVCache.for_model(model, capacity, offload=kv_offload) if runs("cond_pre") else None
         # cond keeps its own cache when it may be reused, or when cond_pre runs in another process group
         # (its clean rows then arrive from there: ``_clean_rows``).
@@ -337,19 +340,17 @@ class ThreePass:
             if self.kv_cond is not None:
                 self._copy_rows(chunk, chunk + 1)
             return
-        rows = slice(chunk * self.ct, (chunk + 1) * self.ct)
+        start, end = chunk * self.ct, (chunk + 1) * self.ct
         source = self.kv_cond_pre if self.kv_cond_pre is not None else self.kv_cond
+        if self.kv_cond is not None:
+            self.kv_cond.reserve(start, end)
         for layer in range(len(source.keys) if source is not None else self.groups.num_layers):
-            for kind in ("keys", "values"):
-                held = getattr(source, kind)[layer][rows] if source is not None else None
-                rows_in = self.groups.share_rows(held, self.kv_cond_pre is not None)
-                if self.kv_cond is not None:
-                    getattr(self.kv_cond, kind)[layer][rows].copy_(rows_in)
+            held = source.stored(layer, start, end) if source is not None else (None, None)
+            target = self.kv_cond.stored(layer, start, end) if self.kv_cond is not None else (None, None)
+            for kind in (0, 1):  # keys, values
+                rows_in = self.groups.share_rows(held[kind], self.kv_cond_pre is not None)
+                if target[kind] is not None:
+                    target[kind].copy_(rows_in)
 
     def _copy_rows(self, first_chunk, end_chunk):
-        rows = slice(first_chunk * self.ct, end_chunk * self.ct)
-        if self.kv_cond_pre.offload and torch.cuda.is_available():
-            torch.cuda.synchronize()  # offloaded rows are written by asynchronous device-to-host copies
-        for layer in range(len(self.kv_cond_pre.keys)):
-            self.kv_cond.keys[layer][rows].copy_(self.kv_cond_pre.keys[layer][rows])
-            self.kv_cond.values[layer][rows].copy_(self.kv_cond_pre.values[layer][rows])
+        self.kv_cond.copy_rows(self.kv_cond_pre, first_chunk * self.ct, end_chunk * self.ct)

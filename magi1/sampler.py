@@ -21,13 +21,14 @@ import torch
 from .caption_rows import CaptionRows
 from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
+from .latent_store import LatentStore
 from .layout import VideoLayout
 from .parallel import collective_buffers
 from .recording import Recorder
 from .reuse import start_reuse
 from .reuse_contract import ReusePolicy
 from .sample_stats import SampleStats
-from .schedule import check_steps, time_grid, total_forward_steps, window_step
+from .schedule import check_steps, kv_span, time_grid, total_forward_steps, window_step
 
 
 class SamplingInterrupted(RuntimeError):
@@ -54,7 +55,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
              negative_caption=None, negative_mask=None, prefix=None, guidance=None, policy=None,
              window_size=4, chunk_width=6, kv_offload=False, on_step: Optional[Callable] = None,
              should_stop: Optional[Callable] = None, record_masks=False, stop: Optional[Callable] = None,
-             parallel=None):
+             parallel=None, on_frames: Optional[Callable] = None):
     """Generate one latent video with the MAGI-1 DiT ``model`` (a ``MagiDiT``).
 
     Args:
@@ -78,17 +79,22 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
         parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.parallel``): every process calls
-            with the same arguments and gets the same latent; ``on_step`` runs on rank 0 only, and ``stop``
-            / ``should_stop`` must agree on every process (else end the processes).
+            with the same arguments and gets the same latent; ``on_step`` and ``on_frames`` run on rank 0
+            only, and ``stop`` / ``should_stop`` must agree on every process (else end the processes).
+        on_frames: called with the returned latent's frames ``[16, n, H/8, W/8]`` (float32, host memory,
+            read-only) as soon as their chunk is finished, in order: what a streamed decode reads
+            (``magi1.vae.StreamingDecode``). Their concatenation is ``SampleResult.latent``.
 
     Returns:
-        ``SampleResult(latent, stats)``. All KV caches and per-run state are released on return, on
-        error and on interrupt.
+        ``SampleResult(latent, stats)``, the latent in host memory (the device holds only the window's
+        chunks during the run). All KV caches and per-run state are released on return, on error and on
+        interrupt.
     """
     _check_policy(policy)
     guidance = guidance or Guidance()
     parallel = _checked_parallel(parallel, model)
-    on_step = on_step if parallel is None or parallel.is_main else None  # progress and previews from rank 0
+    if parallel is not None and not parallel.is_main:  # progress, previews and frames from rank 0
+        on_step = on_frames = None
     check_steps(steps, window_size)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
@@ -98,9 +104,10 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     reuse = start_reuse(policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
     recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
     call = DiTCall(model, captions, recorder, steps, stop)
-    streams = _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size, parallel)
+    streams = _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, steps, window_size, parallel)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
-    loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step)
+    loop = _Loop(layout, steps, window_size, LatentStore(x, layout.chunk_width, model.device), prefix, streams,
+                 reuse, recorder, on_step, on_frames)
     del x, prefix  # the loop holds them now, and drops them when it closes
     try:
         with torch.no_grad():
@@ -115,11 +122,12 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
 class _Loop:
     """The denoising loop of one generation over its latent ``x`` (changed in place)."""
 
-    def __init__(self, layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step):
+    def __init__(self, layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step, on_frames):
         self.layout, self.steps, self.window_size = layout, steps, window_size
         self.cw = layout.chunk_width
-        self.x, self.prefix = x, prefix
+        self.x, self.prefix = x, prefix  # a LatentStore; the prefix latents in host memory
         self.streams, self.reuse, self.recorder, self.on_step = streams, reuse, recorder, on_step
+        self.on_frames = on_frames
         self.grid32 = time_grid(steps)
         self.grid = self.grid32.tolist()  # the same float32 values as host numbers
         self.total_steps = total_forward_steps(layout.chunk_num, steps, window_size, layout.chunk_offset)
@@ -133,11 +141,13 @@ class _Loop:
             if stop is not None:
                 stop()
             self.step(step)
-        return self.x[:, self.layout.output_start:].clone()
+        return self.x.host[:, self.layout.output_start:].contiguous()
 
     def close(self):
         self.streams.close()
         self.reuse.close()
+        if self.x is not None:
+            self.x.close()
         self.x = self.prefix = self.streams = self.reuse = None
 
     def step(self, step):
@@ -145,7 +155,8 @@ class _Loop:
         plan = window_step(step, chunk_num=layout.chunk_num, num_steps=self.steps, window_size=self.window_size,
                            chunk_offset=layout.chunk_offset)
         noisy = list(range(plan.start, plan.end))
-        x_call = self.x[:, plan.slice_point * cw: plan.end * cw].clone()
+        self.x.drop_before(plan.slice_point)
+        x_call = self.x.chunks(plan.slice_point, plan.end)
         self._pad_prefix(x_call, plan.slice_point * cw)
         x_noisy = x_call[:, int(plan.refresh_clean) * cw:]
         t_noisy = [self.grid[s] for s in plan.steps]
@@ -165,7 +176,7 @@ class _Loop:
             frames = slice(j * cw, (j + 1) * cw)
             x_new[:, frames] = x_noisy[:, frames] + v * dt
         self.reuse.share(x_new)  # over several processes with a policy: rank 0's latents everywhere
-        self.x[:, plan.start * cw: plan.end * cw] = x_new
+        self.x.write(plan.start, x_new)
 
         t_after = [self.grid[s + 1] for s in plan.steps]
         self.reuse.observe(noisy, plan.steps, x_new, velocities, t_after, self._frame_before(plan.start))
@@ -174,32 +185,48 @@ class _Loop:
             preview = torch.cat([x_new[:, j * cw:(j + 1) * cw] + (1 - t) * v
                                  for j, (t, v) in enumerate(zip(t_after, velocities))], dim=1)
             self.on_step(StepProgress(step, self.total_steps, (plan.start, plan.end), preview))
+        for chunk, chunk_step in zip(noisy, plan.steps):
+            if chunk_step + 1 == self.steps:
+                self._finished(chunk)
+
+    def _finished(self, chunk):
+        """The chunk took its last step: its frames are final (in host memory), and go to ``on_frames``."""
+        frames = self.x.finish(chunk)
+        first = max(self.layout.output_start - chunk * self.cw, 0)
+        if self.on_frames is not None and first < self.cw:
+            self.on_frames(frames[:, first:])
 
     def _pad_prefix(self, x_call, first_frame):
         """Image-to-video / continuation: the prefix latents overwrite their frames before every forward."""
         if self.prefix is None or self.layout.prefix_frames <= first_frame:
             return
         n = min(self.layout.prefix_frames - first_frame, x_call.shape[1])
-        x_call[:, :n] = self.prefix[:, first_frame:first_frame + n]
+        x_call[:, :n] = self.prefix[:, first_frame:first_frame + n].to(x_call.device)
 
     def _frame_before(self, chunk):
         """The clean latent frame before ``chunk`` (None for the first chunk): for the reuse weights."""
         if chunk == 0:
             return None
         frame = chunk * self.cw - 1
-        return self.prefix[:, frame] if frame < self.layout.prefix_frames else self.x[:, frame]
+        if frame < self.layout.prefix_frames:
+            return self.prefix[:, frame].to(self.x.device)
+        return self.x.frame(frame)
 
 
-def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, window_size, parallel):
+def _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, steps, window_size, parallel):
     """1 pass for distilled models, 3 for base ones (unless ``guidance.passes`` says otherwise), with the
-    KV caches that ``reuse`` needs."""
-    if guidance.passes == 1 or (guidance.passes is None and model.distill):
+    KV caches that ``reuse`` needs, each as wide as the schedule's widest call (``kv_span``)."""
+    single = guidance.passes == 1 or (guidance.passes is None and model.distill)
+    copy_blocks = int(single and reuse.reusing)  # the nearly-clean copy's keys/values after the window
+    kv_chunks = kv_span(layout.chunk_num, steps, window_size, layout.chunk_offset, extra_blocks=copy_blocks)
+    if single:
         if parallel is not None and parallel.cfg > 1:
             raise ValueError(f"guidance parallel ({parallel.cfg} groups) needs the 3 guidance passes of a base model; "
                              "distilled models make 1: run them with cfg parallel 1")
-        return SinglePass(guidance, model, layout, captions, call, reusing=reuse.reusing, kv_offload=kv_offload)
+        return SinglePass(guidance, model, layout, captions, call, reusing=reuse.reusing, kv_offload=kv_offload,
+                          kv_chunks=kv_chunks)
     return ThreePass(guidance, model, layout, captions, call, reusing=reuse.reusing, token_level=reuse.token_level,
-                     kv_offload=kv_offload, window_size=window_size, parallel=parallel)
+                     kv_offload=kv_offload, window_size=window_size, kv_chunks=kv_chunks, parallel=parallel)
 
 
 def _all_streams_counted(stats, parallel):
@@ -229,7 +256,8 @@ def _check_policy(policy):
 
 
 def _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width):
-    """The checked prefix latents and the initial latent, on the model's device."""
+    """The checked prefix latents and the initial latent, in host memory (``LatentStore`` moves the chunks
+    being denoised to the model's device)."""
     latent_shape = (model.config.latent_channels, layout.latent_frames, layout.latent_height, layout.latent_width)
     prefix = _checked_prefix(prefix, latent_shape, layout, model.device, frames, height, width)
     return prefix, _initial_latent(noise, seed, latent_shape, model.device)
@@ -244,13 +272,13 @@ def _checked_prefix(prefix, latent_shape, layout, device, frames, height, width)
                          f"{height}x{width} video, got {list(prefix.shape)}")
     if layout.prefix_frames >= total_frames:
         raise ValueError(f"the prefix has {layout.prefix_frames} latent frames; frames={frames} adds none after it")
-    return prefix.to(device, torch.float32)
+    return prefix.to("cpu", torch.float32)
 
 
 def _initial_latent(noise, seed, latent_shape, device):
     """``noise`` (checked), or noise drawn on the CPU from ``seed``: the same video on any device."""
     if noise is None:
-        noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
-    elif tuple(noise.shape) != latent_shape:
+        return torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))
+    if tuple(noise.shape) != latent_shape:
         raise ValueError(f"noise must be {list(latent_shape)}, got {list(noise.shape)}")
-    return noise.to(device, torch.float32, copy=True)
+    return noise.to("cpu", torch.float32, copy=True)

@@ -150,3 +150,35 @@ def window_step(step, *, chunk_num, num_steps, window_size, chunk_offset=0,
     ranges = tuple(chunk_kv_range(first_chunk + j, s, num_steps, noise2clean_kvrange, clean_chunk_kvrange)
                    for j, s in enumerate(kv_steps))
     return WindowStep(start, end, steps, refresh, index, ranges)
+
+
+def call_rows(plan, extra_blocks=0):
+    """The chunks ``[first, end)`` of key/value rows one call of ``plan`` (a ``WindowStep``) reads and writes:
+    from the earliest chunk a key range reaches to the end of its window, plus ``extra_blocks`` chunk-sized
+    blocks after it (the nearly-clean copy of a 1-pass run that keeps its keys/values)."""
+    first = min([a for a, _ in plan.kv_ranges] + [plan.slice_point])
+    return first, plan.slice_point + len(plan.kv_ranges) + extra_blocks
+
+
+def kv_span(chunk_num, num_steps, window_size, chunk_offset=0, extra_blocks=0, noise2clean_kvrange=NOISE2CLEAN_KVRANGE):
+    """The most chunks of key/value rows a run keeps at once: the widest ``call_rows`` of any forward step
+    of the schedule, and of the encoding of a prefix of ``chunk_offset`` chunks (each sees itself: at most
+    this many at a time, ``prefix_pieces``). Derived by walking the schedule, so it follows the key ranges
+    and the window. A call never reads a row before an earlier call's first (checked): rows before the
+    current call's first are never needed again, which is what lets a cache slide (``KVCache.reserve``)."""
+    span, floor = 1, 0
+    for step in range(total_forward_steps(chunk_num, num_steps, window_size, chunk_offset)):
+        plan = window_step(step, chunk_num=chunk_num, num_steps=num_steps, window_size=window_size,
+                           chunk_offset=chunk_offset, noise2clean_kvrange=noise2clean_kvrange)
+        first, end = call_rows(plan, extra_blocks)
+        if first < floor:
+            raise ValueError(f"the key ranges read chunk {first} after a call that began at chunk {floor}: "
+                             "a sliding KV cache cannot serve them")
+        floor, span = first, max(span, end - first)
+    return span
+
+
+def prefix_pieces(chunks, span):
+    """The prefix's ``chunks`` clean chunks in calls of at most ``span`` chunks: ``[(first, end), ...]``
+    (one call for a prefix that fits, as the release encodes it)."""
+    return [(first, min(first + span, chunks)) for first in range(0, chunks, span)]

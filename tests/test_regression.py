@@ -35,4 +35,7 @@ def test_generation_is_unchanged(recorded, name):
         torch.testing.assert_close(result.latent, latents[name], rtol=0, atol=1e-5)
     if name + ".masks" in latents:
         assert torch.equal(result.stats.masks.frames(), latents[name + ".masks"])
-    assert describe(result.stats) == stats[name]
+    described, expected = describe(result.stats), dict(stats[name])
+    # the KV caches hold the span the schedule reads since 0.9 (magi1.schedule.kv_span), never more than then
+    assert described.pop("kv_cache_bytes") <= expected.pop("kv_cache_bytes")
+    assert described == expected
