@@ -1,5 +1,10 @@
-"""The captions of one generation as a table of distinct rows on the device: the null caption first,
-then the prompt's rows and the negative prompt's, and for every generated chunk its row per stream."""
+"""The captions of one generation as a table of distinct rows: the null caption first, then the prompt's
+rows and the negative prompt's, and for every generated chunk its row per stream.
+
+The table stays in host memory; a call's rows are copied to the device when it reads them and leave it
+when a call no longer does, so that a prompt schedule's rows for a long video never crowd the device.
+Chunks in a row that read the same caption (a prompt's chunks more than 7 ahead of the end all read the
+same DURATION token) share one row."""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from .text import null_caption
 
 
 class CaptionRows:
-    """``table`` ``(rows, L, D)`` and ``masks`` ``(rows, L)`` on the device, each row's valid-token count
-    on the host (``lengths``, one sync here), and the row a chunk reads in the "positive" stream (the
-    prompt) or the "negative" one (the negative prompt, else the null caption)."""
+    """``table`` ``(rows, L, D)`` and ``masks`` ``(rows, L)`` in host memory, each row's valid-token count
+    (``lengths``), and the row a chunk reads in the "positive" stream (the prompt) or the "negative" one
+    (the negative prompt, else the null caption)."""
 
     NULL = 0  # clean and prefix chunks, and unconditional passes without a negative prompt
 
@@ -19,7 +24,7 @@ class CaptionRows:
         config, device = model.config, model.device
         self.chunk_offset = layout.chunk_offset
         self._generated = layout.chunk_num - layout.chunk_offset
-        null, null_mask = null_caption(model.y_embedder.null_caption_embedding.to(device))
+        null, null_mask = null_caption(model.y_embedder.null_caption_embedding.to("cpu"))
         self._shape = (null.shape[0], config.caption_channels)
         self._device = device
         embeddings, masks = [null[None]], [null_mask[None]]
@@ -36,6 +41,7 @@ class CaptionRows:
         self.table = torch.cat(embeddings)
         self.masks = torch.cat(masks)
         self.lengths = self.masks.sum(dim=1).tolist()
+        self._on_device = {}  # row -> (caption, mask) on the device, for the rows the last call read
 
     def row(self, chunk, stream):
         """Row of a noisy chunk in a stream ("positive" or "negative")."""
@@ -50,12 +56,18 @@ class CaptionRows:
         """The captions and masks ``(sequences, chunks, L, D)``, ``(sequences, chunks, L)`` of ``rows``
         (per sequence, per chunk)."""
         chunks = len(rows) // sequences
-        caption = self.table[rows].view(sequences, chunks, *self.table.shape[1:])
-        return caption, self.masks[rows].view(sequences, chunks, -1)
+        for row in [r for r in self._on_device if r not in rows]:
+            del self._on_device[row]
+        for row in rows:
+            if row not in self._on_device:
+                self._on_device[row] = (self.table[row].to(self._device), self.masks[row].to(self._device))
+        caption = torch.stack([self._on_device[r][0] for r in rows]).view(sequences, chunks, *self.table.shape[1:])
+        return caption, torch.stack([self._on_device[r][1] for r in rows]).view(sequences, chunks, -1)
 
     def close(self):
-        """Drop the device tensors (the run is over)."""
+        """Drop the tables (the run is over)."""
         self.table = self.masks = None
+        self._on_device = {}
 
     def _checked(self, name, emb, mask):
         length, width = self._shape
@@ -70,11 +82,16 @@ class CaptionRows:
                              f"(give one per generated chunk, or one for all)")
         if tuple(mask.shape) != tuple(emb.shape[:2]):
             raise ValueError(f"{name} mask must be {list(emb.shape[:2])}, got {list(mask.shape)}")
-        return emb.to(self._device, torch.float32), mask.to(self._device).bool()
+        return emb.to("cpu", torch.float32), mask.to("cpu").bool()
 
     def _append(self, embeddings, masks, emb, mask):
-        """Append captions to the table's parts; their rows for the generated chunks (one may serve all)."""
-        first = sum(e.shape[0] for e in embeddings)
-        embeddings.append(emb)
-        masks.append(mask)
-        return [first + (i if emb.shape[0] > 1 else 0) for i in range(self._generated)]
+        """Append captions to the table's parts, a chunk equal to the one before it sharing its row; their
+        rows for the generated chunks (one may serve all)."""
+        row_of, kept = [], []
+        for i in range(emb.shape[0]):
+            if not (i and torch.equal(emb[i], emb[i - 1]) and torch.equal(mask[i], mask[i - 1])):
+                kept.append(i)
+            row_of.append(sum(e.shape[0] for e in embeddings) + len(kept) - 1)
+        embeddings.append(emb[kept] if len(kept) < emb.shape[0] else emb)
+        masks.append(mask[kept] if len(kept) < emb.shape[0] else mask)
+        return [row_of[i if emb.shape[0] > 1 else 0] for i in range(self._generated)]

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, attend, attend_segments, resolve_backend
+from .checks import check_int
 from .config import ModelConfig
 from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled_fp8_linear
 
@@ -257,24 +258,59 @@ class Attention(nn.Module):
         self.k_layernorm_xattn = ZeroCenteredLayerNorm(hd, eps, one_plus, make.dtype)
 
     def forward(self, h, call, layer_index):
-        n, s, _ = h.shape
         a = self.linear_qkv.layer_norm(h)
-        q = self._normed_rotated(self.linear_qkv.q(a), self.heads, self.q_layernorm, call)
-        k = self._normed_rotated(self.linear_qkv.k(a), self.kv_heads, self.k_layernorm, call)
-        v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim).to(call.dtype)
+        q, k, v = self._qkv(a, call, slice(None))
         if call.cp is not None:  # Ulysses: the whole sequence for this rank's heads, and back after
             q, k, v = call.cp.to_heads(q, "q"), call.cp.to_heads(k, "kv"), call.cp.to_heads(v, "kv")
         self_out = call.self_attention(q, k, v, layer_index)
         if call.cp is not None:
             self_out = call.cp.to_tokens(self_out)
+        kx, vx = self.caption_keys(call)
+        return self._projected(a, self_out, kx, vx, call.local_lengths, call)
 
+    def self_attention_in_blocks(self, h, call, layer_index):
+        """Token-block mode (``MagiDiT.set_token_block``): the layer norm, q/k/v, their norms and RoPE
+        computed ``call.token_block`` tokens at a time into whole q, k, v (attention needs every key),
+        then the self-attention: its output ``(N, tokens, heads, head_dim)``."""
+        n, s, _ = h.shape
+        q = h.new_empty(n, s, self.heads, self.head_dim, dtype=call.dtype)
+        k = h.new_empty(n, s, self.kv_heads, self.head_dim, dtype=call.dtype)
+        v = torch.empty_like(k)
+        for rows in call.token_blocks(s):
+            q[:, rows], k[:, rows], v[:, rows] = self._qkv(self.linear_qkv.layer_norm(h[:, rows]), call, rows)
+        if call.cp is not None:
+            q, k, v = call.cp.to_heads(q, "q"), call.cp.to_heads(k, "kv"), call.cp.to_heads(v, "kv")
+        self_out = call.self_attention(q, k, v, layer_index)
+        del q, k, v
+        return self_out if call.cp is None else call.cp.to_tokens(self_out)
+
+    def output_block(self, h, self_out, kx, vx, call, rows):
+        """Token-block mode: the float32 attention output of tokens ``rows`` (the layer norm is computed
+        again: cheaper than keeping it for every token)."""
+        a = self.linear_qkv.layer_norm(h[:, rows])
+        return self._projected(a, self_out[:, rows], kx, vx, call.block_lengths(rows), call)
+
+    def caption_keys(self, call):
+        """The cross-attention keys and values of the call's packed caption tokens."""
+        kv = self.linear_kv_xattn(call.caption).view(-1, self.kv_heads, 2 * self.head_dim)
+        return self.k_layernorm_xattn(kv[..., :self.head_dim]), kv[..., self.head_dim:]
+
+    def _qkv(self, a, call, rows):
+        """Self-attention q, k, v (normed, rotated, in the compute dtype) of the tokens ``rows`` of ``a``."""
+        n, s, _ = a.shape
+        q = self._normed_rotated(self.linear_qkv.q(a), self.heads, self.q_layernorm, call, rows)
+        k = self._normed_rotated(self.linear_qkv.k(a), self.kv_heads, self.k_layernorm, call, rows)
+        v = self.linear_qkv.v(a).view(n, s, self.kv_heads, self.head_dim).to(call.dtype)
+        return q, k, v
+
+    def _projected(self, a, self_out, kx, vx, lengths, call):
+        """Cross-attention of ``a``'s tokens (``lengths``: their counts per sequence and chunk), then
+        linear_proj of [self | cross]: float32 ``(N, S, D)``."""
+        n, s, _ = a.shape
         qx = self.linear_qkv.qx(a).to(call.dtype).view(n, s, self.heads, self.head_dim)
         qx = self.q_layernorm_xattn(qx)
-        kv = self.linear_kv_xattn(call.caption).view(-1, self.kv_heads, 2 * self.head_dim)
-        kx = self.k_layernorm_xattn(kv[..., :self.head_dim])
-        vx = kv[..., self.head_dim:]
         cross_out = attend_segments(qx.reshape(n * s, self.heads, self.head_dim), kx, vx,
-                                    call.local_lengths, call.caption_lengths, call.backend)
+                                    lengths, call.caption_lengths, call.backend)
 
         # [self | cross] -> 8 interleaved shards [self_0, cross_0, self_1, cross_1, ...]
         shard = self.heads * self.head_dim // PROJ_SHARDS  # (explicit: a rank may hold no tokens, s = 0)
@@ -284,9 +320,9 @@ class Attention(nn.Module):
             return self.linear_proj(out).float()
         return self.linear_proj(out.float())  # in float32, as the official model does
 
-    def _normed_rotated(self, x, heads, norm, call):
+    def _normed_rotated(self, x, heads, norm, call, rows):
         x = norm(x.view(*x.shape[:2], heads, self.head_dim).float())
-        return apply_rotary(x, call.rope_cos, call.rope_sin).to(call.dtype)
+        return apply_rotary(x, call.rope_cos[rows], call.rope_sin[rows]).to(call.dtype)
 
 
 class MLP(nn.Module):
@@ -331,12 +367,35 @@ class TransformerLayer(nn.Module):
         self.mlp_post_norm = ZeroCenteredLayerNorm(config.hidden_size, eps, one_plus, torch.float32)
 
     def forward(self, h, call, layer_index):
+        if call.token_block is not None:
+            return self._forward_in_blocks(h, call, layer_index)
         gate_attn, gate_mlp = self.ada_modulate_layer(call.condition)
         attn = self.self_attention(h, call, layer_index)
         h = (self.self_attn_post_norm(call.gated(attn, gate_attn)) + h.float()).to(call.dtype)
         del attn  # float32 and as large as h twice over: not kept through the MLP
         mlp = self.mlp(h)
         return (self.mlp_post_norm(call.gated(mlp.float(), gate_mlp)) + h.float()).to(call.dtype)
+
+    def _forward_in_blocks(self, h, call, layer_index):
+        """``forward`` with the per-token work (everything but the two attentions' kernels over all
+        tokens) done ``call.token_block`` tokens at a time, each block's result written into one new
+        ``h``: the float32 temporaries and the MLP's wide ones exist for one block only."""
+        gate_attn, gate_mlp = self.ada_modulate_layer(call.condition)
+        attention = self.self_attention
+        self_out = attention.self_attention_in_blocks(h, call, layer_index)
+        kx, vx = attention.caption_keys(call)
+        out = torch.empty_like(h)
+        for rows in call.token_blocks(h.shape[1]):
+            attn = call.gate_in_place(attention.output_block(h, self_out, kx, vx, call, rows), gate_attn, rows)
+            out[:, rows] = (self.self_attn_post_norm(attn) + h[:, rows].float()).to(call.dtype)
+            del attn  # (not alive while the next block's is computed)
+        del self_out
+        for rows in call.token_blocks(h.shape[1]):
+            x = out[:, rows]  # the block is read whole before its result overwrites it
+            mlp = call.gate_in_place(self.mlp(x).float(), gate_mlp, rows)
+            out[:, rows] = (self.mlp_post_norm(mlp) + x.float()).to(call.dtype)
+            del mlp
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -383,6 +442,7 @@ class MagiDiT(nn.Module):
         self.execution_device = None  # where calls run when the weights are spread (ComfyUI partial loading)
         self.parallel = None  # a magi1.Parallel when several processes share this model (magi1.layer_sharding)
         self.context_parallel = None  # its magi1.parallel.ContextParallel: how they share each call
+        self.token_block = None  # low-memory mode: see ``set_token_block``
 
     @property
     def dtype(self):
@@ -401,6 +461,13 @@ class MagiDiT(nn.Module):
         if name not in BACKENDS:
             raise ValueError(f"attention backend must be one of {BACKENDS}, got {name!r}")
         self.attention_backend = name
+
+    def set_token_block(self, tokens):
+        """Low-memory mode: each layer does its per-token work (q/k/v and their norms and RoPE, the
+        cross-attention, linear_proj, the gated post-norms and residuals, the MLP) at most ``tokens`` tokens
+        at a time, so that its temporaries are a block's instead of the window's; the self-attention
+        still sees every key. The outputs differ only by float rounding. ``None`` (the default): all at once."""
+        self.token_block = None if tokens is None else check_int("token_block", tokens, low=1, hint=" or None")
 
     def patch_embedding(self, x):
         """The float32 patch embedding ``(N, D, T, H/2, W/2)`` of latents ``(N, 16, T, H, W)``: the first
@@ -436,7 +503,8 @@ class MagiDiT(nn.Module):
                 (empty: skip the chunk). Tokens not computed keep the keys/values stored in ``cache``
                 (so those chunks must be among the written ones) and get a zero velocity.
             stop: a callable that interrupts by raising (e.g. ComfyUI's interrupt check), polled before
-                every layer and between blocks of ``QUERY_BLOCK`` queries; outputs are unchanged by it.
+                every layer and between blocks of ``QUERY_BLOCK`` queries (and of tokens, see
+                ``set_token_block``); outputs are unchanged by it.
 
         Returns:
             ``(N, C, T, H, W)`` float32 velocities.
@@ -446,6 +514,7 @@ class MagiDiT(nn.Module):
         chunks = t.shape[1]
         call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
         call.stop = stop
+        call.token_block = self.token_block
 
         h = self.patch_embedding(x)  # (N, D, T, H/2, W/2)
         h = h.flatten(2).transpose(1, 2).to(call.dtype)  # (N, tokens, D)
@@ -527,6 +596,8 @@ class _KeySpace:
 
 class _Call:
     """Everything one forward call shares across layers: token layout, key ranges, cache access."""
+
+    token_block = None  # the model's token-block mode (see ``MagiDiT.set_token_block``), set by its forward
 
     def __init__(self, model, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active):
         config = model.config
@@ -625,6 +696,38 @@ class _Call:
         if len(parts) < 2:
             return parts[0] if parts else x
         return torch.cat(parts, dim=1)
+
+    def token_blocks(self, total):
+        """Token-block mode: slices of at most ``token_block`` of this process's ``total`` tokens, in order;
+        the stop check is polled between them (not under context parallel: every rank stops between layers)."""
+        for first in range(0, total, self.token_block):
+            if first and self.stop is not None and self.cp is None:
+                self.stop()
+            yield slice(first, min(first + self.token_block, total))
+
+    def gate_in_place(self, x, per_chunk, rows):
+        """``gated`` for the tokens ``rows`` of each sequence: ``x (N, rows, D)`` multiplied in place by
+        each token's chunk gate (the same products; a block may span chunks), and returned."""
+        for j, start, end in self._runs(rows):
+            x[:, start - rows.start:end - rows.start] *= per_chunk[:, j:j + 1]
+        return x
+
+    def block_lengths(self, rows):
+        """Per (sequence, chunk), as ``local_lengths``: how many of its tokens lie in ``rows``."""
+        counts = [0] * len(self.ranges)
+        for j, start, end in self._runs(rows):
+            counts[j] = end - start
+        return counts * (len(self.local_lengths) // len(self.ranges))
+
+    def _runs(self, rows):
+        """``(chunk, start, end)``: each window chunk's tokens within ``rows`` (a slice of each sequence's
+        tokens on this process; sparse and context-parallel calls hold ``local_lengths`` per chunk)."""
+        offset = 0
+        for j, count in enumerate(self.local_lengths[: len(self.ranges)]):
+            start, end = max(rows.start, offset), min(rows.stop, offset + count)
+            if start < end:
+                yield j, start, end
+            offset += count
 
     def self_attention(self, q, k, v, layer):
         """Block-causal attention: the computed queries of window chunk j attend to ``ranges[j]``."""

@@ -25,7 +25,7 @@ import torch
 from .checks import check_choice, check_int
 from .config import ModelConfig
 from .layout import TEMPORAL_DOWNSAMPLE, VideoLayout
-from .schedule import NOISE2CLEAN_KVRANGE, total_forward_steps, window_step
+from .schedule import NOISE2CLEAN_KVRANGE, kv_span, prefix_pieces, total_forward_steps, window_step
 from .vae import SEAMLESS, VAEConfig, VAETiling
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
@@ -156,17 +156,23 @@ def streamed_weight_bytes(config, weight_dtype="bfloat16", compute_dtype=torch.b
 
 # ------------------------------------------------------------------------------------------- KV caches
 def kv_cache_bytes(config, layout, *, passes, cache="off", window_size=4, compute_dtype=torch.bfloat16):
-    """``{stream: bytes}`` of the KV caches ``generate`` allocates (``magi1.guidance``): 1 pass keeps
-    ``main`` of ``(chunk_num + reusing) * tokens_per_chunk`` rows; 3 passes keep ``cond_pre`` (all
-    chunks), ``cond`` (the same, when reusing) and ``uncond`` (``window_size`` caches of one chunk,
-    when single tokens are reused). A row is keys and values of every layer."""
+    """``{stream: bytes}`` of the KV caches ``generate`` allocates (``magi1.guidance``), each as wide as the
+    widest call of the schedule (``magi1.schedule.kv_span``: 5 chunks once the video is longer than the
+    window, whatever its length): 1 pass keeps ``main`` (one chunk more when reusing, for the nearly-clean
+    copy); 3 passes keep ``cond_pre``, ``cond`` (the same, when reusing) and ``uncond`` (``window_size``
+    caches of one chunk, when single tokens are reused). A row is keys and values of every layer."""
     row = 2 * config.num_layers * config.num_query_groups * config.kv_channels * _size(compute_dtype)
     ct, reusing = layout.tokens_per_chunk, cache != "off"
+    steps = math.lcm(window_size, len(NOISE2CLEAN_KVRANGE))  # the chunk pattern does not depend on steps
+
+    def span(extra_blocks=0):
+        return kv_span(layout.chunk_num, steps, window_size, layout.chunk_offset, extra_blocks) * ct * row
+
     if passes == 1:
-        return {"main": (layout.chunk_num + int(reusing)) * ct * row}
-    caches = {"cond_pre": layout.chunk_num * ct * row}
+        return {"main": span(int(reusing))}
+    caches = {"cond_pre": span()}
     if reusing:
-        caches["cond"] = layout.chunk_num * ct * row
+        caches["cond"] = span()
     if cache == "token":
         caches["uncond"] = window_size * ct * row
     return caches
@@ -187,7 +193,9 @@ def window_calls(layout, *, passes, cache="off", window_size=4):
     counted with its nearly-clean copy (added while the oldest chunk's t > 0.3)."""
     steps = math.lcm(window_size, len(NOISE2CLEAN_KVRANGE))  # the chunk pattern does not depend on steps
     offset, reusing = layout.chunk_offset, cache != "off"
-    query, read = offset, offset  # the prefix chunks are encoded in one call
+    copy_blocks = int(passes == 1 and reusing)  # the prefix goes in calls as wide as the cache (guidance.write_prefix)
+    pieces = prefix_pieces(offset, kv_span(layout.chunk_num, steps, window_size, offset, copy_blocks))
+    query = read = max([end - first for first, end in pieces], default=0)
     gathers = passes == 3 and not reusing  # the cond pass reads the cache without writing its window
     for step in range(total_forward_steps(layout.chunk_num, steps, window_size, offset)):
         plan = window_step(step, chunk_num=layout.chunk_num, num_steps=steps, window_size=window_size,
@@ -203,7 +211,7 @@ def window_calls(layout, *, passes, cache="off", window_size=4):
 
 
 # ----------------------------------------------------------------------------------------- activations
-def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16, fp8=False):
+def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16, fp8=False, token_block=None):
     """Peak bytes of one DiT window call of ``calls.query`` chunks (``S`` query tokens), as ``magi1.dit``
     computes it. Per token (``b`` compute bytes; D hidden, Q = heads*head_dim, K = groups*head_dim,
     F = fc1 width) the layer holds its input ``h`` (bD) and the RoPE tables (float32), and at most one of:
@@ -220,6 +228,9 @@ def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16,
     * the gated residual after the MLP: three float32 copies and the sum (16D), h, the MLP output and
       the new h (3bD).
 
+    ``token_block``: the model's low-memory mode (``MagiDiT.set_token_block``), whose phases are those of
+    ``_token_block_phases``; None: the default above.
+
     fp8 weights add one dequantized copy of the largest matrix in the compute dtype. Outside the layers:
     the run's caption table and the call's caption tensors (float32), and the latents (float32: the whole
     video, the call's clone and three copies of its velocity output). Attention scores are never
@@ -233,16 +244,53 @@ def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16,
     tokens = calls.query * ct
     held = b * d + 2 * 3 * ((d // c.num_attention_heads) // 8) * 4
     gathered = 2 * max(NOISE2CLEAN_KVRANGE) * ct * k * b if calls.gathers else 0
-    phases = [(b * d + b * q + 12 * q, 0),
-              (b * d + 2 * b * q + 2 * b * k, ct * q * b + gathered),
-              (b * d + 4 * b * q + 2 * b * k + max(2 * b * q + 8 * q, 8 * q + 4 * d), 2 * q * d * 4),
-              (16 * d + b * d, 0),
-              (2 * b * d + 2 * b * f, 0),
-              (16 * d + 3 * b * d, 0)]
-    peak = max(tokens * (held + per_token) + fixed for per_token, fixed in phases)
-    if fp8:
-        peak += b * max(math.prod(shape) for _, shape, role in layer_tensors(c) if role == "linear")
-    return peak + _sampler_bytes(config, layout, calls)
+    if token_block is None:
+        phases = [(b * d + b * q + 12 * q, 0),
+                  (b * d + 2 * b * q + 2 * b * k, ct * q * b + gathered),
+                  (b * d + 4 * b * q + 2 * b * k + max(2 * b * q + 8 * q, 8 * q + 4 * d), 2 * q * d * 4),
+                  (16 * d + b * d, 0),
+                  (2 * b * d + 2 * b * f, 0),
+                  (16 * d + 3 * b * d, 0)]
+        peak = max(tokens * (held + per_token) + fixed for per_token, fixed in phases)
+    else:
+        block = min(check_int("token_block", token_block, low=1, hint=" or None"), tokens)
+        peak = max(tokens * (held + whole) + block * per_block + fixed
+                   for whole, per_block, fixed in _token_block_phases(c, b, ct * q * b + gathered))
+    return peak + _fp8_copy_bytes(c, b, fp8) + _sampler_bytes(config, layout, calls)
+
+
+def _token_block_phases(config, b, attention_fixed):
+    """``(whole, per_block, fixed)`` bytes of each phase of a layer in token-block mode: per token of the
+    call (besides ``h`` and the RoPE tables), per token of one block, and once. Held for every token:
+    q, k, v (bQ + 2bK) until the self-attention has run, its output (bQ) until the last linear_proj block
+    has read it, and the layer's new ``h`` (bD) from linear_proj on (each block's result is written into
+    it). Per block, as in the default phases and as conservative:
+
+    * q/k/v: the layer norm, q, the block's q, k, v and three float32 copies for a norm and RoPE
+      (bD + 2bQ + 2bK + 12Q);
+    * attention: nothing per block (``attention_fixed``: one chunk's kernel output, gathered keys/values);
+    * linear_proj: the layer norm (computed again), qx, the cross output, the self output's block (a copy
+      when N > 1), the stacked [self | cross], its float32 copy and the float32 output
+      (bD + 5bQ + 8Q + 4D), plus the float32 copy of the linear_proj weight (once);
+    * the gated residual after attention (gated in place): four float32 temporaries and the new h
+      (16D + bD);
+    * MLP: the layer norm, fc1's output and its activation (bD + 2bF);
+    * the gated residual after the MLP: its output, four float32 temporaries and the new h (16D + 2bD).
+    """
+    c = config
+    d, f, q, k = c.hidden_size, c.fc1_out, c.num_attention_heads * c.kv_channels, c.num_query_groups * c.kv_channels
+    qkv, attended = b * q + 2 * b * k, b * q  # q, k, v; the self-attention output
+    return [(qkv, b * d + 2 * b * q + 2 * b * k + 12 * q, 0),
+            (qkv + attended, 0, attention_fixed),
+            (attended + b * d, b * d + 5 * b * q + 8 * q + 4 * d, 2 * q * d * 4),
+            (attended + b * d, 16 * d + b * d, 0),
+            (b * d, b * d + 2 * b * f, 0),
+            (b * d, 16 * d + 2 * b * d, 0)]
+
+
+def _fp8_copy_bytes(config, b, fp8):
+    """fp8 weights: one dequantized copy of the largest layer matrix in the compute dtype."""
+    return b * max(math.prod(shape) for _, shape, role in layer_tensors(config) if role == "linear") if fp8 else 0
 
 
 def _sampler_bytes(config, layout, calls):

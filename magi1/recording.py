@@ -14,13 +14,13 @@ from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 class Recorder:
     """Fills one ``SampleStats``; the caption lengths decide each call's cross-attention FLOPs."""
 
-    def __init__(self, mode, config, captions, layout, record_masks):
+    def __init__(self, mode, config, captions, layout, record_masks, window_size=4):
         self.config, self.captions, self.tokens = config, captions, layout.tokens_per_chunk
         self.stats = SampleStats(mode=mode)
         if record_masks:
             self.stats.masks = MaskRecorder(layout.chunk_num, layout.chunk_width,
                                             layout.latent_height // config.patch_size,
-                                            layout.latent_width // config.patch_size)
+                                            layout.latent_width // config.patch_size, window_size)
         self._began = None
 
     def start(self, device):

@@ -90,32 +90,49 @@ class SampleStats:
 class MaskRecorder:
     """The active tokens of every forward step, as one greyscale frame per step.
 
-    A frame has one row of tiles per chunk (top = first chunk) and one tile per latent frame of the
-    chunk, each ``grid_h x grid_w`` tokens: white = computed, black = reused, grey = not denoised at
-    this step.
+    A frame has one row of tiles per chunk and one tile per latent frame of the chunk, each
+    ``grid_h x grid_w`` tokens: white = computed, black = reused, grey = not denoised at this step.
+    ``frames`` shows every chunk of the video (top = first chunk), ``window_frames`` only the chunks of
+    the window (top = the oldest one denoised at that step): the same size whatever the video's length.
+
+    Each step keeps only its window's tiles, one byte per token, so a long run's record stays small.
     """
 
-    def __init__(self, chunk_num, chunk_width, grid_h, grid_w):
+    def __init__(self, chunk_num, chunk_width, grid_h, grid_w, window_size=4):
         self.chunk_num, self.chunk_width, self.grid_h, self.grid_w = chunk_num, chunk_width, grid_h, grid_w
-        self._frames = []
+        self.window_size = window_size
+        self._steps = []  # per step: {chunk: uint8 tile (grid_h, chunk_width * grid_w) of 0 reused, 1 computed}
 
     def start_step(self):
-        self._frames.append(torch.full((self.chunk_num * self.grid_h, self.chunk_width * self.grid_w), IDLE))
+        self._steps.append({})
 
     def record(self, chunk, action, active=None):
         """``active``: the computed token indices of a sparse decision (ignored otherwise)."""
-        frame = self._frames[-1]
-        rows = slice(chunk * self.grid_h, (chunk + 1) * self.grid_h)
+        tile_shape = (self.grid_h, self.chunk_width * self.grid_w)
         if action == "sparse":
-            mask = torch.zeros(self.chunk_width * self.grid_h * self.grid_w)
-            mask[active.detach().cpu()] = COMPUTED
+            mask = torch.zeros(self.chunk_width * self.grid_h * self.grid_w, dtype=torch.uint8)
+            mask[active.detach().cpu()] = 1
             mask = mask.view(self.chunk_width, self.grid_h, self.grid_w)
-            frame[rows] = mask.permute(1, 0, 2).reshape(self.grid_h, self.chunk_width * self.grid_w)
+            tile = mask.permute(1, 0, 2).reshape(tile_shape)
         else:
-            frame[rows] = COMPUTED if action == "dense" else REUSED
+            tile = torch.full(tile_shape, int(action == "dense"), dtype=torch.uint8)
+        self._steps[-1][chunk] = tile
 
     def frames(self):
-        """``(steps, chunks * grid_h, chunk_width * grid_w)`` float32 in [0, 1]."""
-        if not self._frames:
-            return torch.zeros(0, self.chunk_num * self.grid_h, self.chunk_width * self.grid_w)
-        return torch.stack(self._frames)
+        """``(steps, chunks * grid_h, chunk_width * grid_w)`` float32 in [0, 1]: every chunk of the video
+        at every step (its size grows with the square of the video's length: for short runs)."""
+        return self._stack(lambda tiles: 0, self.chunk_num)
+
+    def window_frames(self):
+        """``(steps, window_size * grid_h, chunk_width * grid_w)`` float32 in [0, 1]: the chunks denoised at
+        each step, oldest on top (grey rows below when the window is not full)."""
+        return self._stack(lambda tiles: min(tiles, default=0), self.window_size)
+
+    def _stack(self, first_row_chunk, rows):
+        out = torch.full((len(self._steps), rows * self.grid_h, self.chunk_width * self.grid_w), IDLE)
+        for step, tiles in enumerate(self._steps):
+            top = first_row_chunk(tiles)
+            for chunk, tile in tiles.items():
+                row = (chunk - top) * self.grid_h
+                out[step, row:row + self.grid_h] = torch.where(tile.bool(), COMPUTED, REUSED)
+        return out

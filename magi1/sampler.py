@@ -66,29 +66,23 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
         steps: per chunk, a multiple of 4 and of ``window_size`` (12: the distilled shortcut schedule).
         seed, noise: the initial noise is ``noise`` if given ([16, T, H/8, W/8]), else drawn on the
             CPU from ``seed`` (the same video on any device).
-        negative_caption, negative_mask: replaces the null caption in the unconditional passes of base
-            models (same shapes as ``caption``).
-        prefix: clean latents ``[16, P, H/8, W/8]`` to continue from (image: P = 1; video), already
-            scaled by the VAE's scale factor.
-        guidance: ``Guidance()``; policy: a token-reuse policy such as ``cache_core.CachePolicy`` (see
-            ``magi1.reuse_contract``; None = no reuse).
+        negative_caption, negative_mask: replace the null caption in base models' unconditional passes.
+        prefix: clean latents ``[16, P, H/8, W/8]`` to continue from (image: P = 1; video), VAE-scaled.
+        guidance: ``Guidance()``; policy: a ``cache_core.CachePolicy`` (``magi1.reuse_contract``) or None.
         window_size, chunk_width: the official 4 and 6. kv_offload: keep the KV caches in host memory.
         on_step: called with a ``StepProgress`` after every step; may raise to interrupt. should_stop:
-            polled before every step; returning true raises ``SamplingInterrupted``.
-        record_masks: keep the active-token masks (``stats.masks``).
+            polled before every step; true raises ``SamplingInterrupted``. record_masks: ``stats.masks``.
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
         parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.parallel``): every process calls
             with the same arguments and gets the same latent; ``on_step`` and ``on_frames`` run on rank 0
             only, and ``stop`` / ``should_stop`` must agree on every process (else end the processes).
-        on_frames: called with the returned latent's frames ``[16, n, H/8, W/8]`` (float32, host memory,
-            read-only) as soon as their chunk is finished, in order: what a streamed decode reads
-            (``magi1.vae.StreamingDecode``). Their concatenation is ``SampleResult.latent``.
+        on_frames: called with each finished chunk's frames of the returned latent (``[16, n, H/8, W/8]``,
+            host memory, read-only), in order: what a streamed decode reads. They join into the latent.
 
     Returns:
         ``SampleResult(latent, stats)``, the latent in host memory (the device holds only the window's
-        chunks during the run). All KV caches and per-run state are released on return, on error and on
-        interrupt.
+        chunks). All KV caches and per-run state are released on return, on error and on interrupt.
     """
     _check_policy(policy)
     guidance = guidance or Guidance()
@@ -99,15 +93,15 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
     prefix, x = _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width)
+    x = LatentStore(x, layout.chunk_width, model.device)
     captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
 
     reuse = start_reuse(policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
-    recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks)
+    recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks, window_size)
     call = DiTCall(model, captions, recorder, steps, stop)
     streams = _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, steps, window_size, parallel)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
-    loop = _Loop(layout, steps, window_size, LatentStore(x, layout.chunk_width, model.device), prefix, streams,
-                 reuse, recorder, on_step, on_frames)
+    loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step, on_frames)
     del x, prefix  # the loop holds them now, and drops them when it closes
     try:
         with torch.no_grad():

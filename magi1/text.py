@@ -198,24 +198,33 @@ def chunk_captions(states, mask, chunks, special_tokens=None, *, length=CAPTION_
     uses the null caption, as the release does."""
     if chunks < 1:
         raise ValueError(f"chunks must be at least 1, got {chunks}")
-    caption, caption_mask = pad_caption(states, mask, length)
+    caption, caption_mask = _padded(states, mask, special_tokens, length)
     if special_tokens is None:
         return caption.expand(chunks, -1, -1).clone(), caption_mask.expand(chunks, -1).clone()
-    if special_tokens.hq.shape[0] != caption.shape[1]:
+    rows = [_chunk_row(caption, caption_mask, special_tokens, chunks - chunk - 1, length) for chunk in range(chunks)]
+    return torch.stack([r for r, _ in rows]), torch.stack([m for _, m in rows])
+
+
+def _padded(states, mask, special_tokens, length):
+    caption, caption_mask = pad_caption(states, mask, length)
+    if special_tokens is not None and special_tokens.hq.shape[0] != caption.shape[1]:
         raise ValueError(f"the special tokens are {special_tokens.hq.shape[0]} wide but the T5 states "
                          f"{caption.shape[1]}; MAGI-1 uses t5-v1_1-xxl (4096)")
+    return caption, caption_mask
+
+
+def _chunk_row(caption, caption_mask, special_tokens, chunks_after, length):
+    """One chunk's ``[DURATION, HQ, T5...]`` cut to ``length``, and its mask (all false for an empty prompt)."""
+    prefix = torch.stack([special_tokens.duration(chunks_after), special_tokens.hq])
     empty = not bool(caption_mask.any())
-    embeddings, masks = [], []
-    for chunk in range(chunks):
-        prefix = torch.stack([special_tokens.duration(chunks - chunk - 1), special_tokens.hq])
-        embeddings.append(torch.cat([prefix, caption])[:length])
-        masks.append(torch.cat([torch.ones(len(prefix), dtype=torch.bool), caption_mask])[:length] & (not empty))
-    return torch.stack(embeddings), torch.stack(masks)
+    row_mask = torch.cat([torch.ones(len(prefix), dtype=torch.bool), caption_mask])[:length] & (not empty)
+    return torch.cat([prefix, caption])[:length], row_mask
 
 
 SCHEDULE_LINE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?:(?:\s+(.*))?$")  # "2: ...", not "12:30 ..."
 LOOSE_SCHEDULE_LINE = re.compile(r"^\s*\d+\s*(?:-\s*\d+\s*)?:\S")  # "2:a ..." inside a schedule: a typo
 MAX_CHUNK_DIGITS = 6  # chunk numbers longer than this are refused (Python refuses ints of over 4300 digits)
+LAST_CHUNK = 170  # MAGI-1 Sampler makes at most 4096 frames: 171 chunks of 24 (a later start is never read)
 
 
 def parse_prompt_schedule(text):
@@ -244,7 +253,7 @@ def parse_prompt_schedule(text):
                                  "join it to the line above if it continues that prompt)")
             schedule[-1] = (schedule[-1][0], schedule[-1][1] + " " + line.strip())
             continue
-        if any(len(number) > MAX_CHUNK_DIGITS for number in match.groups()[:2] if number):
+        if any(len(number) > MAX_CHUNK_DIGITS or int(number) > LAST_CHUNK for number in match.groups()[:2] if number):
             raise ValueError(f"prompt schedule: the line {line.strip()[:60]!r} names a chunk beyond any video "
                              f"(a chunk is 24 frames; MAGI-1 Sampler makes at most 4096 frames, 171 chunks)")
         first, last, prompt = int(match.group(1)), match.group(2), (match.group(3) or "").strip()
@@ -264,16 +273,23 @@ def scheduled_captions(prompts, chunks, special_tokens=None, *, length=CAPTION_L
     """The captions of the chunks to generate from a schedule ``[(first_chunk, states, mask), ...]`` (sorted,
     the first at chunk 0): chunk ``k`` reads the last prompt starting at or before ``k``, with its own
     per-chunk special tokens, exactly as ``chunk_captions`` builds that prompt's row ``k``. One prompt gives
-    ``chunk_captions`` itself."""
+    ``chunk_captions`` itself. Only the rows the chunks read are built (prompts past the video's end are
+    not even padded)."""
     if not prompts or prompts[0][0] != 0:
         raise ValueError("a prompt schedule needs a prompt for chunk 0")
-    built = [chunk_captions(states, mask, chunks, special_tokens, length=length) for _, states, mask in prompts]
-    if len(built) == 1:
-        return built[0]
-    starts = [first for first, _, _ in prompts]
-    pick = [max(i for i, first in enumerate(starts) if first <= k) for k in range(chunks)]
-    return (torch.stack([built[i][0][k] for k, i in enumerate(pick)]),
-            torch.stack([built[i][1][k] for k, i in enumerate(pick)]))
+    if chunks < 1:
+        raise ValueError(f"chunks must be at least 1, got {chunks}")
+    used = [p for p in prompts if p[0] < chunks]
+    if len(used) == 1:
+        return chunk_captions(used[0][1], used[0][2], chunks, special_tokens, length=length)
+    rows = []
+    for i, (first, states, mask) in enumerate(used):
+        end = used[i + 1][0] if i + 1 < len(used) else chunks
+        caption, caption_mask = _padded(states, mask, special_tokens, length)
+        for k in range(first, end):
+            rows.append((caption, caption_mask) if special_tokens is None else
+                        _chunk_row(caption, caption_mask, special_tokens, chunks - k - 1, length))
+    return torch.stack([r for r, _ in rows]), torch.stack([m for _, m in rows])
 
 
 def null_caption(null_caption_embedding):

@@ -92,7 +92,7 @@ def run(job_dir, job, inputs, parallel, device):
     if main:
         tensors = {"latent": result.latent}
         if options.get("record_masks") and result.stats.masks is not None:
-            tensors["masks"] = result.stats.masks.frames()
+            tensors["masks"] = result.stats.masks.window_frames()
         save_result(job_dir, tensors, result.stats.summary())
 
 

@@ -252,8 +252,8 @@ class MAGI1Sampler(CheckedNode):
                 io.Latent.Output(display_name="latent", tooltip="The generated MAGI-1 latents, for MAGI-1 Decode."),
                 io.String.Output(display_name="cache_report", tooltip="Share of work computed, FLOP saving, time."),
                 io.Image.Output(display_name="cache_masks", tooltip=(
-                    "With record_masks: per step, chunks as rows of latent frames; white computed, black "
-                    "reused, grey idle.")),
+                    "With record_masks: per step, the window's chunks as rows of latent frames (oldest on top); "
+                    "white computed, black reused, grey idle.")),
             ],
         )
 
@@ -351,7 +351,7 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
                       prefix=inputs["prefix"], guidance=Guidance().with_text_scale(guidance), policy=policy,
                       kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
                       stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
-    return result.latent, result.stats.summary(), result.stats.masks.frames() if record_masks else None
+    return result.latent, result.stats.summary(), result.stats.masks.window_frames() if record_masks else None
 
 
 def run_on_workers(model, workers, inputs, request, policy, preview_vae):

@@ -144,3 +144,21 @@ def test_the_span_follows_the_key_ranges_and_the_window(chunk_num, steps, window
     expected = _span_by_brute_force(chunk_num, steps, window, ranges, extra)
     assert kv_span(chunk_num, steps, window, extra_blocks=extra, noise2clean_kvrange=ranges) == expected
     assert expected < chunk_num or chunk_num < 5
+
+
+def test_window_mask_frames_are_the_window_rows_of_the_whole_frames():
+    model, args = _long_request("distill45", chunks=9)
+    with torch.no_grad():
+        result = generate(model, **args, policy=_policy("motion_detail"), record_masks=True)
+    masks, window = result.stats.masks, args["window_size"]
+    whole, windowed = masks.frames(), masks.window_frames()
+    grid_h = whole.shape[1] // 9
+    assert windowed.shape == (whole.shape[0], window * grid_h, whole.shape[2])
+    starts = {}
+    for r in result.stats.records:
+        starts[r.step] = min(starts.get(r.step, r.chunk), r.chunk)
+    for step, top in starts.items():
+        rows = whole[step, top * grid_h:(top + window) * grid_h]
+        assert torch.equal(windowed[step, :rows.shape[0]], rows)
+        assert torch.all(windowed[step, rows.shape[0]:] == 0.25)  # past the video's end: idle
+    assert windowed.eq(0).any() and windowed.eq(1).any()  # reused and computed tokens both shown

@@ -29,6 +29,8 @@ def test_text_that_is_not_a_schedule_stays_one_prompt(text):
     # a chunk number Python would refuse to read (over 4300 digits), and any beyond a video
     ("0: a\n" + "9" * 5000 + ": b", "names a chunk beyond any video"),
     ("0: a\n1-" + "9" * 7 + ": b", "names a chunk beyond any video"),
+    ("0: a\n171: b", "names a chunk beyond any video"),  # 171 chunks (4096 frames) are 0..170
+    ("0: a\n5-171: b", "names a chunk beyond any video"),
 ])
 def test_lines_that_look_like_schedule_lines_are_refused(text, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -84,3 +86,24 @@ def test_each_chunk_reads_its_own_prompt(starts):
 def test_a_schedule_needs_chunk_zero():
     with pytest.raises(ValueError, match="chunk 0"):
         scheduled_captions([(1, *random_prompt(0))], 3, tiny.TINY.special_tokens(), length=64)
+
+
+@pytest.mark.parametrize("starts, chunks", [([0, 2, 5], 9), ([0, 1], 1), ([0, 3, 40, 90], 12), ([0], 4)])
+def test_scheduled_captions_build_only_what_the_chunks_read(starts, chunks):
+    """Against the slow reference: every prompt's captions for every chunk, then each chunk's pick."""
+    from magi1.text import SpecialTokens
+    g = torch.Generator().manual_seed(len(starts) * 100 + chunks)
+    width = 8
+    special = SpecialTokens(hq=torch.randn(width, generator=g), durations=torch.randn(8, width, generator=g))
+    prompts = []
+    for i, first in enumerate(starts):
+        length = 3 + 2 * i
+        mask = torch.arange(10) < (0 if i == 1 else length)  # the second prompt is empty: its masks are all false
+        prompts.append((first, torch.randn(10, width, generator=g), mask))
+    for tokens in (special, None):
+        built = [chunk_captions(s, m, chunks, tokens, length=12) for _, s, m in prompts]
+        pick = [max(i for i, (first, _, _) in enumerate(prompts) if first <= k) for k in range(chunks)]
+        expected = (torch.stack([built[i][0][k] for k, i in enumerate(pick)]),
+                    torch.stack([built[i][1][k] for k, i in enumerate(pick)]))
+        got = scheduled_captions(prompts, chunks, tokens, length=12)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
