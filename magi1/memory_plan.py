@@ -294,13 +294,12 @@ def _fp8_copy_bytes(config, b, fp8):
 
 
 def _sampler_bytes(config, layout, calls):
-    """Captions and latents the sampler keeps on the GPU during a call (float32)."""
-    generated = layout.chunk_num - layout.chunk_offset
+    """Captions and latents the sampler keeps on the GPU during a call (float32): the caption rows the
+    call reads and their stacked copy; the window's chunks (``magi1.latent_store``), the call's input and
+    three copies of its velocity output. None of it grows with the video: the rest is in host memory."""
     caption_row = config.caption_max_length * (config.caption_channels * 4 + 1)
-    captions = (1 + 2 * generated + calls.query) * caption_row
-    frame = config.latent_channels * layout.latent_height * layout.latent_width * 4
-    call_latent = calls.query * layout.chunk_width * frame
-    return captions + layout.latent_frames * frame + 4 * call_latent
+    call_latent = calls.query * layout.chunk_width * config.latent_channels * layout.latent_height * layout.latent_width * 4
+    return 2 * calls.query * caption_row + 5 * call_latent
 
 
 # ---------------------------------------------------------------------------------------- policy state
@@ -332,8 +331,8 @@ def policy_state_bytes(config, layout, *, cache="off", window_size=4, compute_dt
 # ------------------------------------------------------------------------------------------ VAE decode
 def vae_decode_bytes(latent_frames, latent_height, latent_width, tiling=SEAMLESS, *,
                      config: VAEConfig = VAEConfig(), dtype=torch.bfloat16):
-    """Peak bytes of ``MagiVAE.decode`` with the finished frames going to the host (as the ComfyUI node
-    does): the whole VAE, the latent and its float32 copy, two temporal rows of decoded float32 tiles
+    """Peak bytes of ``MagiVAE.decode`` of a latent in host memory with the finished frames going to the host
+    (as the ComfyUI node and the CLI do): the whole VAE, a temporal tile's latents twice, two temporal rows of decoded float32 tiles
     (the row being blended and the one before), a row's blended clones and concatenated slab (twice the
     slab), and one tile's decoder activations (per token: x, qkv and its three float32 standardization
     copies, i.e. 4bE + 36E; the unfolded pixels and the output convolution)."""
@@ -356,7 +355,7 @@ def vae_decode_bytes(latent_frames, latent_height, latent_width, tiling=SEAMLESS
     tokens = math.prod(tile) + 1
     tile_pixels = tile[1] * tile[2] * sf * sf * frames
     tile_work = tokens * e * (4 * b + 36) + 2 * tokens * e * b + tile_pixels * 3 * (b + 4)
-    latent = config.z_chans * latent_frames * latent_height * latent_width * 4 * 2
+    latent = config.z_chans * tile[0] * latent_height * latent_width * 4 * 2  # the latent stays in host memory
     return vae_weight_bytes(config, dtype) + latent + 2 * row_of_tiles + 2 * slab + tile_work
 
 
@@ -419,6 +418,7 @@ class MemoryPlan:
                 f"{self.tokens_per_chunk} tokens, weights {r['weight_dtype']}, {r['passes']} pass(es), "
                 f"cache {r['cache']}" + (", KV offloaded" if r["kv_offload"] else "")
                 + (f", {r['resident_layers']} resident layers" if r["resident_layers"] is not None else "")
+                + (f", token blocks of {r['token_block']}" if r.get("token_block") else "")
                 + ("" if not prefix else ", from a start image" if prefix == 1 else
                    f", after a prefix video of {prefix} latent frames")
                 + (", on the CPU" if cpu else ""))
@@ -441,7 +441,7 @@ class MemoryPlan:
 def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, passes=1,
                 prefix_frames=0, window_size=4, chunk_width=6, kv_offload=False, cache="off", resident_layers=None,
                 vae_tiling=SEAMLESS, decode=True, unload_dit=True, extrapolation=True,
-                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16, device=None):
+                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16, device=None, token_block=None):
     """Predict the GPU memory of generating ``frames`` video frames at ``height`` x ``width`` pixels.
 
     ``config``: a ``ModelConfig`` (or its dict); ``weight_dtype``: one of ``WEIGHT_DTYPES`` (the fp8
@@ -449,7 +449,8 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     frames given (image: 1); ``cache``: what the cache policy keeps ("off", "chunk" for chunk-level modes
     such as flowcache/teacache, "token" for motion/motion_detail/hybrid), with ``extrapolation`` (the
     presets' velocity extrapolation); ``resident_layers``: block swap (None = all layers resident);
-    ``vae_tiling``: the decode's tiles (None: one piece); ``decode``: count the VAE decode.
+    ``vae_tiling``: the decode's tiles (None: one piece); ``decode``: count the VAE decode; ``token_block``:
+    the DiT's low-memory mode (``MagiDiT.set_token_block``, None: off).
     The KV caches are in ``compute_dtype``. ``frames`` is ``generate``'s argument: the run makes whole
     chunks (``MemoryPlan.frames_made``). ``device`` (a ``torch.device`` or its name; None: a GPU) is where
     the run computes: it words ``MemoryPlan.lines`` (on the CPU the same bytes are host memory).
@@ -458,7 +459,8 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
                    compute_dtype=compute_dtype, passes=passes, prefix_frames=prefix_frames, window_size=window_size,
                    chunk_width=chunk_width, kv_offload=bool(kv_offload), cache=cache, resident_layers=resident_layers,
                    vae_tiling=vae_tiling, decode=decode, unload_dit=unload_dit, extrapolation=extrapolation,
-                   vae_config=vae_config, vae_dtype=vae_dtype, device=None if device is None else torch.device(device))
+                   vae_config=vae_config, vae_dtype=vae_dtype, device=None if device is None else torch.device(device),
+                   token_block=token_block)
     config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
     check_choice("passes", passes, (1, 3))
@@ -479,7 +481,7 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     held, transient = policy_state_bytes(config, layout, cache=cache, window_size=window_size,
                                          compute_dtype=compute_dtype, extrapolation=extrapolation)
     activations = dit_activation_bytes(config, layout, calls, compute_dtype=compute_dtype,
-                                       fp8=weight_dtype.startswith("fp8"))
+                                       fp8=weight_dtype.startswith("fp8"), token_block=token_block)
     vae = 0
     if decode:
         vae = vae_decode_bytes(layout.latent_frames, layout.latent_height, layout.latent_width, vae_tiling,
@@ -506,11 +508,12 @@ def savings(plan, available_bytes):
     """``[(description, bytes saved), ...]``: changes that make ``plan`` fit ``available_bytes``, the ones
     that change the video least first, each applied on top of the ones before it (so each saving is
     the difference of two consecutive plans) until the plan fits; empty if it fits already. Order:
-    KV offload (same video, slower), fp8 weights (slightly different numbers), block swap with the most
+    KV offload (same video, slower), token blocks (the same video to float rounding, a little slower),
+    fp8 weights (slightly different numbers), block swap with the most
     resident layers that fit (same video, slower), the cache off, smaller VAE tiles, fewer frames. The
     last entry may still not fit when nothing does (then every change is listed)."""
     out, current = [], plan
-    for change in (_offload, _fp8, _resident, _cache_off, _vae_tiles, _fewer_frames):
+    for change in (_offload, _token_blocks, _fp8, _resident, _cache_off, _vae_tiles, _fewer_frames):
         if fits(current, available_bytes):
             break
         found = change(current, available_bytes)
@@ -526,6 +529,15 @@ def savings(plan, available_bytes):
 
 def _offload(plan, available):
     return None if plan.request["kv_offload"] else ("kv_offload", replan(plan, kv_offload=True))
+
+
+TOKEN_BLOCKS = (16384, 8192, 4096)  # the low-memory mode's block sizes the memory check suggests, largest first
+
+
+def _token_blocks(plan, available):
+    if plan.request.get("token_block"):
+        return None
+    return _first_fitting(plan, available, "token_block", TOKEN_BLOCKS, lambda n: f"token_block {n}")
 
 
 def _fp8(plan, available):

@@ -104,7 +104,9 @@ class VAETiling:
     memory; ``height``/``width`` must be multiples of the VAE's spatial factor and ``length`` of its
     temporal factor. In decoding, ``temporal_overlap`` is rounded to whole latent frames: temporal tiles of
     ``n = length / 4`` latents advance by ``int(n * (1 - temporal_overlap))`` and cross-fade linearly over
-    the frames two of them share."""
+    the frames two of them share. With temporal overlap ``T`` latent frames always decode to ``4 T`` frames
+    (1 for ``T = 1``), which is not the count the release's tiler would give for the same tiles
+    (``MagiVAE.decoded_frames`` has both rules); without, the counts are the release's."""
 
     height: int = 256
     width: int = 256
@@ -302,24 +304,15 @@ class MagiVAE(nn.Module):
         ``decoded_frames(T, tiling)`` frames. Finished frames go to ``output_device`` (default: the latent's
         device) as they are made. ``stop``, a callable that interrupts by raising (e.g. ComfyUI's interrupt
         check), is called before every tile; an interrupt or error leaves nothing allocated behind it.
+        This is a ``StreamingDecode`` fed the whole latent at once (it decodes a video as its chunks come).
         """
-        batched = latent.dim() == 5
-        z = (latent if batched else latent[None]).float() / LATENT_SCALE
-        if z.dim() != 5 or z.shape[1] != self.config.z_chans:
-            raise ValueError(f"the VAE decodes latents ({self.config.z_chans}, T, h, w), got {list(latent.shape)}")
-        output_device = torch.device(output_device) if output_device is not None else latent.device
+        _check_latent(self, latent)
+        stream = StreamingDecode(self, tiling, output_device, stop, total_latent_frames=latent.shape[-3])
         try:
-            if tiling is None:
-                _poll(stop)
-                video = self.decode_tile(z).float().to(output_device)
-            else:
-                video = _tiled_decode(self, z, tiling, output_device, stop)
+            return stream.feed(latent)
         except BaseException as error:
             _drop_locals(error)
             raise
-        finally:
-            del z
-        return video if batched else video[0]
 
     @torch.no_grad()
     def encode(self, video, tiling: Optional[VAETiling] = VAETiling(), stop=None):
@@ -364,13 +357,196 @@ class MagiVAE(nn.Module):
         return frames > 0 and all(n == 1 or n % tf == 0 for n in sizes)
 
     def decoded_frames(self, latent_frames, tiling: Optional[VAETiling] = VAETiling()):
-        """How many video frames ``decode`` makes from ``latent_frames`` latent frames: 4 per latent frame,
-        but a temporal tile of one latent frame gives one (the release's last tile of 1, 4, 7, ... latents)."""
+        """How many video frames ``decode`` makes from ``latent_frames`` latent frames ``T``: 4 per latent
+        frame, but a temporal tile of one latent frame gives one.
+
+        Without temporal overlap the tiles are the release's, ``range(0, T, n)`` for tiles of ``n > 1``
+        latents: ``4 T``, less 3 when ``T % n == 1`` (a last tile of one latent; 1, 4, 7, ... latents in the
+        release's 12-frame tiles). With overlap the tiles stop once one reaches the end, so none is one latent:
+        ``4 T`` (1 for ``T = 1``).
+
+        The release's ``TileProcessor.tiled_decode`` (whose pipeline never overlaps in time) counts otherwise
+        with overlap: it starts a tile at every multiple of the stride ``s`` below ``T`` and crops each to
+        ``c = 4 n - int(4 n * overlap)`` frames, making ``sum(min(frames made, c))`` over those tiles. Where
+        ``n * overlap`` is whole (``c = 4 s``, as ``SEAMLESS``) that is ``4 T - 3`` when ``(T - 1) % s == 0``
+        (its last tile is one latent, whose one frame becomes a copy of the tile before's last frame): 25
+        against our 28 for 7 latents in 8-frame tiles overlapping by half, and odd ``T`` with ``SEAMLESS``.
+        Elsewhere its crops do not match its stride and it makes other counts, more or fewer than ``4 T``
+        (6 T + 1 in 12-frame tiles overlapping by half). We keep ``4 T``, each latent frame's four once
+        (MAGI-1 Decode cuts its videos to the release's count without overlap)."""
         tf = self.temporal_factor
         if tiling is None:
             return 1 if latent_frames == 1 else latent_frames * tf
         tiles = _temporal_tiles(latent_frames, *_temporal_tile_stride(tiling, tf))
         return sum(keep for _, _, keep in tiles)
+
+
+class StreamingDecode:
+    """``MagiVAE.decode`` of a latent video that arrives in pieces (the sampler's chunks). ``feed`` it the latent
+    frames in order, any number at a time, and it returns the video frames that are final; ``finish`` returns
+    the rest. Everything returned, concatenated, equals ``decode`` of the whole latent exactly, however the
+    latent is split. It holds only what the tiles to come need, whatever the video's length: the latent frames
+    from the next temporal tile's start on and, with temporal overlap, the last tile's frames the next one
+    fades into.
+
+    A temporal tile is decoded as soon as all its latents have arrived. Where the video ends changes only its
+    end: the last tile may be shorter than the rest, and the frames the next tile would fade into are the
+    video's last frames when no tile follows. So those frames (``4 * (n - stride)`` for tiles of ``n``
+    latents: 8 with ``SEAMLESS``, none without overlap) are held back, and a shorter last tile is decoded,
+    when ``finish`` says the video ended, or when the last of ``total_latent_frames`` (if given) is fed: then
+    that ``feed`` returns the end and ``finish`` nothing. ``tiling=None`` decodes the video in one piece, so
+    nothing comes out before the end.
+
+    Pieces are DiT-scale latents ``([B,] 16, n, h, w)``, all batched or none, all of the first one's batch and
+    size. What comes back is float32 ``([B,] 3, k, H, W)`` on ``output_device`` (default: the first piece's
+    device); ``k`` may be 0. ``stop`` is called before every tile, as in ``decode``; an interrupt or error
+    releases all the stream holds and ends it.
+    """
+
+    def __init__(self, vae, tiling: Optional[VAETiling] = VAETiling(), output_device=None, stop=None,
+                 total_latent_frames=None):
+        if tiling is not None:
+            tiling.check(vae.spatial_factor, vae.temporal_factor)
+            self._tile, self._stride, _ = _temporal_tile_stride(tiling, vae.temporal_factor)
+            self._plan = _spatial_plan(vae, tiling)
+        if total_latent_frames is not None and total_latent_frames < 1:
+            raise ValueError(f"a streamed decode needs at least 1 latent frame, got total {total_latent_frames}")
+        self.vae, self.tiling, self.stop = vae, tiling, stop
+        self.output_device = torch.device(output_device) if output_device is not None else None
+        self.total_latent_frames = total_latent_frames
+        self.latent_frames = 0  # fed so far
+        self.frames = 0  # returned so far
+        self._latents = None  # scaled, from the next temporal tile's start on (untiled: all of them)
+        self._start = 0  # the next temporal tile's first latent frame
+        self._reached = 0  # the latent frame after the last decoded tile
+        self._tail = None  # the last tile's frames past the next one's start, un-blended: the next fades from them
+        self._ending = None  # the same frames as the video's end, if no tile follows (the fade may reach them)
+        self._shape = None  # (batched, B, h, w) of the first piece
+        self._state = "open"  # "ended" once the end was returned, "failed" after an error
+
+    @property
+    def total_frames(self):
+        """The video frames it makes in all, when ``total_latent_frames`` was given (``decoded_frames``)."""
+        if self.total_latent_frames is None:
+            return None
+        return self.vae.decoded_frames(self.total_latent_frames, self.tiling)
+
+    @torch.no_grad()
+    def feed(self, latent):
+        """The next latent frames ``([B,] 16, n, h, w)`` -> the video frames now final, ``([B,] 3, k, H, W)``."""
+        if self._state == "ended":
+            raise ValueError(f"the video already ended at {self.latent_frames} latent frames")
+        return self._guarded(self._feed, latent)
+
+    @torch.no_grad()
+    def finish(self):
+        """The video ends here: the frames held back and the last tile (``tiling=None``: the whole video)."""
+        if self._state == "ended":
+            return self._join([])
+        return self._guarded(lambda: self._join(self._end()))
+
+    def _guarded(self, step, *args):
+        if self._state == "failed":
+            raise RuntimeError("this streamed decode failed or was interrupted; start a new one")
+        try:
+            return step(*args)
+        except BaseException as error:
+            self._release()
+            self._state = "failed"
+            _drop_locals(error)
+            raise
+
+    def _feed(self, latent):
+        self._accept(latent)
+        parts = []
+        if self.tiling is not None:
+            while self._start + self._tile <= self.latent_frames:
+                last = self._start + self._tile == self.total_latent_frames  # known to end the video: kept whole
+                parts.append(self._decode_next(self._tile, last))
+        if self.latent_frames == self.total_latent_frames:
+            parts += self._end()
+        return self._join(parts)
+
+    def _accept(self, latent):
+        """Check a piece against the first, scale it and append it to the latents kept."""
+        _check_latent(self.vae, latent)
+        batched = latent.dim() == 5
+        shape = (batched, latent.shape[0] if batched else None, *latent.shape[-2:])
+        if self._shape is None:
+            self._shape = shape
+            if self.output_device is None:
+                self.output_device = latent.device
+        elif shape != self._shape:
+            raise ValueError(f"every piece of a streamed decode has the first one's batch and size "
+                             f"{list(self._describe())}, got {list(latent.shape)}")
+        n = latent.shape[-3]
+        if self.total_latent_frames is not None and self.latent_frames + n > self.total_latent_frames:
+            raise ValueError(f"{self.latent_frames + n} latent frames fed, more than the "
+                             f"{self.total_latent_frames} announced")
+        z = (latent if batched else latent[None]).float() / LATENT_SCALE
+        self._latents = z if self._latents is None else torch.cat([self._latents, z], dim=2)
+        self.latent_frames += n
+
+    def _describe(self):
+        batched, b, h, w = self._shape
+        return [b, self.vae.config.z_chans, "n", h, w] if batched else [self.vae.config.z_chans, "n", h, w]
+
+    def _decode_next(self, size, last):
+        """Decode the temporal tile of ``size`` latents at ``_start``; returns its frames before the next tile's
+        start (the last tile: all), its first ones faded from the tile before."""
+        tf = self.vae.temporal_factor
+        slab = _decode_slab(self.vae, self._latents[:, :, :size], self._plan, self.stop)
+        cut = slab.shape[2] if last else min(slab.shape[2], tf * self._stride)
+        tail = slab[:, :, cut:].clone() if cut < slab.shape[2] else None
+        faded = 0
+        if self._tail is not None:
+            faded = min(self._tail.shape[2], slab.shape[2])
+            _blend(self._tail, slab, self._tail.shape[2], 2)
+        # with more than half overlap the fade reaches past the cut: the end differs from the un-blended tail
+        ending = slab[:, :, cut:].clone() if tail is not None and faded > cut else tail
+        part = slab[:, :, :cut].to(self.output_device, copy=cut < slab.shape[2])  # not a view of the slab
+        slab = None
+        self._tail, self._ending = tail, ending
+        self._reached = self._start + size
+        self._start += self._stride
+        self._latents = self._latents[:, :, self._stride:]  # the next tile starts there
+        return part
+
+    def _end(self):
+        """The frames that depend on where the video ends; releases everything."""
+        if self.latent_frames == 0:
+            raise ValueError("a streamed decode ended before any latent frame was fed")
+        if self.tiling is None:
+            _poll(self.stop)
+            parts = [self.vae.decode_tile(self._latents).float().to(self.output_device)]
+        elif self._reached < self.latent_frames:  # a last tile, shorter than the others
+            parts = [self._decode_next(self.latent_frames - self._start, last=True)]
+        else:  # the last tile decoded reached the end: what it held back ends the video
+            parts = [] if self._ending is None else [self._ending.to(self.output_device)]
+        self._release()
+        self._state = "ended"
+        return parts
+
+    def _release(self):
+        self._latents = self._tail = self._ending = None
+
+    def _join(self, parts):
+        if parts:
+            video = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+        else:
+            video = torch.zeros(self._empty_shape(), device=self.output_device)
+        self.frames += video.shape[2]
+        return video if self._shape[0] else video[0]
+
+    def _empty_shape(self):
+        """``(B, 3, 0, H, W)``: what a decode of these latents' size gives in space."""
+        _, b, h, w = self._shape
+        sf = self.vae.spatial_factor
+        if self.tiling is None:
+            return (b or 1, 3, 0, h * sf, w * sf)
+        (th, tw), stride, _, keep = self._plan
+        return (b or 1, 3, 0, _stitched_size(h, th, stride[0], keep[0], sf),
+                _stitched_size(w, tw, stride[1], keep[1], sf))
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -455,23 +631,15 @@ def _spatial_plan(vae, tiling):
     return tile, stride, blend, keep
 
 
-def _tiled_decode(vae, z, tiling, output_device, stop):
-    """Decode in temporal tiles, each a slab stitched from spatial tiles as released (``_decode_slab``). With
-    temporal overlap each slab's first frames are cross-faded (weights ``i / extent``, as the spatial blend)
-    from the frames the slab before made for the same latents, un-blended; without, slabs are concatenated."""
-    tiling.check(vae.spatial_factor, vae.temporal_factor)
-    tiles = _temporal_tiles(z.shape[2], *_temporal_tile_stride(tiling, vae.temporal_factor))
-    plan = _spatial_plan(vae, tiling)
-    parts, tail = [], None
-    for start, size, keep in tiles:
-        slab = _decode_slab(vae, z[:, :, start:start + size], plan, stop)
-        cut = keep if start + size < z.shape[2] else slab.shape[2]  # frames the next tile starts over
-        following = slab[:, :, cut:].clone() if cut < slab.shape[2] else None
-        if tail is not None:
-            _blend(tail, slab, tail.shape[2], 2)
-        parts.append(slab[:, :, :keep].to(output_device, copy=keep < slab.shape[2]))  # not a view of the slab
-        slab, tail = None, following
-    return torch.cat(parts, dim=2)
+def _check_latent(vae, latent):
+    if latent.dim() not in (4, 5) or latent.shape[-4] != vae.config.z_chans:
+        raise ValueError(f"the VAE decodes latents ({vae.config.z_chans}, T, h, w), got {list(latent.shape)}")
+
+
+def _stitched_size(latents, tile, stride, keep, sf):
+    """Pixels ``_decode_slab`` makes along one side: each tile's decode cropped to ``keep`` (which is more than
+    the stride when the overlap is not a whole number of latents, as released)."""
+    return sum(min(sf * min(tile, latents - start), keep) for start in _starts(latents, stride))
 
 
 def _decode_slab(vae, z, plan, stop):

@@ -253,11 +253,13 @@ def test_savings_name_offload_and_fp8_with_their_bytes():
     budget = 48e9
     assert not fits(plan, budget) and not plan.fits(budget)
     advice = plan.savings(budget)
-    assert [d.split(" saves")[0] for d, _ in advice] == ["kv_offload", "weight_dtype fp8_e4m3fn_scaled"]
+    assert [d.split(" saves")[0] for d, _ in advice] == ["kv_offload", "token_block 4096", "weight_dtype fp8_e4m3fn_scaled"]
     offloaded = replan(plan, kv_offload=True)
     assert advice[0][1] == plan.total_gpu - offloaded.total_gpu > 15e9
-    both = replan(offloaded, weight_dtype="fp8_e4m3fn_scaled")
-    assert advice[1][1] == offloaded.total_gpu - both.total_gpu > 20e9
+    blocked = replan(offloaded, token_block=4096)  # no block size fits alone: the smallest is kept
+    assert advice[1][1] == offloaded.total_gpu - blocked.total_gpu > 10e9 and not fits(blocked, budget)
+    both = replan(blocked, weight_dtype="fp8_e4m3fn_scaled")
+    assert advice[2][1] == blocked.total_gpu - both.total_gpu > 20e9
     assert fits(both, budget) and both.savings(budget) == []
 
 
@@ -265,12 +267,14 @@ def test_savings_reach_block_swap_and_fewer_frames():
     plan = memory_plan(CONFIG_24B, 96, 720, 1280)
     advice = plan.savings(24e9)
     names = [d.split(" saves")[0] for d, _ in advice]
-    assert names[:2] == ["kv_offload", "weight_dtype fp8_e4m3fn_scaled"] and names[2].startswith("resident_layers")
-    k = int(names[2].split()[1])
-    fitted = replan(plan, kv_offload=True, weight_dtype="fp8_e4m3fn_scaled", resident_layers=k)
+    assert names[:3] == ["kv_offload", "token_block 4096", "weight_dtype fp8_e4m3fn_scaled"]
+    assert names[3].startswith("resident_layers")
+    k = int(names[3].split()[1])
+    fitted = replan(plan, kv_offload=True, token_block=4096, weight_dtype="fp8_e4m3fn_scaled", resident_layers=k)
     assert fits(fitted, 24e9) and not fits(replan(fitted, resident_layers=k + 1), 24e9)
     assert sum(s for _, s in advice) == plan.total_gpu - fitted.total_gpu
-    small = memory_plan(CONFIG_4_5B, 480, 720, 720, weight_dtype="fp8_e4m3fn", kv_offload=True, resident_layers=0)
+    small = memory_plan(CONFIG_4_5B, 480, 720, 720, weight_dtype="fp8_e4m3fn", kv_offload=True, resident_layers=0,
+                        token_block=4096)
     tight = small.savings(small.total_gpu - 1)
     assert tight and "fewer frames" in tight[-1][0]
 
@@ -364,3 +368,18 @@ def test_frames_made_are_the_frames_generate_returns(frames, prefix_frames):
     plan = memory_plan(dit.config, frames, 64, 64, compute_dtype=torch.float32, weight_dtype="float32",
                        prefix_frames=prefix_frames)
     assert result.latent.shape[1] * 4 == plan.frames_made
+
+
+@pytest.mark.parametrize("config, passes, size, options", [
+    (CONFIG_4_5B, 1, (720, 720), dict(cache="token")),
+    (CONFIG_4_5B, 3, (720, 720), dict(cache="token")),
+    (CONFIG_24B, 1, (720, 1280), dict(weight_dtype="fp8_e4m3fn_scaled", kv_offload=True, resident_layers=2)),
+    (CONFIG_24B, 3, (720, 1280), dict(cache="chunk", kv_offload=True)),
+])
+def test_the_plan_is_flat_in_the_videos_length(config, passes, size, options):
+    """Since 0.9 nothing on the GPU grows with the video: 100 s plan within 5% of 20 s, and no KV cache wider
+    than the window's span (5 chunks, and the nearly-clean copy's block)."""
+    plans = {frames: memory_plan(config, frames, *size, passes=passes, **options) for frames in (96, 480, 2400)}
+    assert abs(plans[2400].total_gpu - plans[480].total_gpu) <= 0.05 * plans[480].total_gpu
+    assert plans[2400].kv_caches == plans[480].kv_caches
+    assert plans[2400].total_gpu <= 1.2 * plans[96].total_gpu
