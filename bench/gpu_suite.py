@@ -23,6 +23,8 @@ Sections (each skipped, saying so, when the time budget would not hold it):
   m. memory: a 4.5B-distill 720x720 2-chunk generation's peak against magi1.memory_plan; the window
      forward with fp8 weights (cast per layer, and the official fp8 layers' float8 products) against
      bf16; layer streaming (block swap) with 8 and 0 resident layers against resident;
+  l. length: 4.5B-distill 720x720 generations of 2, 6 and 12 chunks (cache slow, 8 steps): peak memory
+     against the plan (flat in length since 0.9, and within 10% of the plan);
   p. the multi-process code path on one process (magi1.parallel, NCCL world of 1): the window forward's
      time against the plain model's (the all-to-alls, token split and gather with nothing to exchange).
 Random weights: the cache's decisions on them are arbitrary, so the forced fractions of e are what
@@ -46,8 +48,8 @@ from magi1.loader import OFFICIAL_MODEL_CONFIGS
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT, median_ms
 
-ORDER = "abmpcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
-ESTIMATES = dict(a=40, b=15, m=60, p=25, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
+ORDER = "abmlpcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
+ESTIMATES = dict(a=40, b=15, m=60, l=120, p=25, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
 # Dense bf16 matrix peaks from the vendors' datasheets (TFLOP/s, no sparsity).
 DATASHEET_BF16 = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A6000": 154.8}
 GOALS = "dense forward >= 60% of bf16 peak; sparse speed-up >= 0.9 of the FLOP saving at 50% active; " \
@@ -333,6 +335,44 @@ def section_m(setup, timer, found):
     return lines
 
 
+def section_l(setup, timer, found):
+    """Length for free: the peak memory of 2-, 6- and 12-chunk generations against the plan (flat in length)."""
+    name = "4.5B"
+    height, width = setup.size_45
+    model = setup.dit(name)
+    model.distill = True
+    config = model.config
+    g = torch.Generator().manual_seed(0)
+    caption = torch.randn(config.caption_max_length, config.caption_channels, generator=g)
+    mask = torch.arange(config.caption_max_length) < min(120, config.caption_max_length)
+    cuda = setup.device.type == "cuda"
+    lines = ["| chunks (frames) | peak allocated GiB | plan GiB | peak / plan | seconds |", "|---|---|---|---|---|"]
+    peaks = {}
+    for chunks in (2, 6, 12):
+        frames = 24 * chunks
+        plan = magi1.memory_plan(config, frames, height, width, weight_dtype=str(setup.dtype).replace("torch.", ""),
+                                 compute_dtype=setup.dtype, passes=1, cache="token", decode=False)
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(setup.device)
+        began = time.perf_counter()
+        magi1.generate(model, caption, mask, frames=frames, height=height, width=width, steps=8, seed=0,
+                       policy=CachePolicy.preset("slow"))
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - began
+        peak = torch.cuda.max_memory_allocated(setup.device) if cuda else None
+        peaks[chunks] = peak
+        lines.append(f"| {chunks} ({frames}) | " + (f"{peak / 2**30:.2f}" if cuda else "- (CPU)")
+                     + f" | {plan.dit_phase / 2**30:.2f} | " + (f"{peak / plan.dit_phase:.2f}" if cuda else "-")
+                     + f" | {seconds:.1f} |")
+    if cuda:
+        found.update(length_ratio=peaks[12] / peaks[2], length_plan_ratio=peaks[12] / plan.dit_phase)
+        lines += ["", f"12 chunks / 2 chunks: {peaks[12] / peaks[2]:.2f}x (goal: flat); 12 chunks against the plan: "
+                      f"{peaks[12] / plan.dit_phase:.2f} (goal within 10%)"]
+    return lines
+
+
 def section_p(setup, timer, found):
     from magi1.layer_sharding import distribute
     from magi1.parallel import Parallel
@@ -378,7 +418,7 @@ def spread_weights(model, call, setup, timer, rows):
             f"{'identical to' if same else 'DIFFERENT from'} the resident model's.", ""]
 
 
-SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), p=("Multi-process path on one GPU", section_p), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
+SECTIONS = dict(m=("Memory: plan, fp8, streaming", section_m), l=("Length: peak memory at 2, 6, 12 chunks", section_l), p=("Multi-process path on one GPU", section_p), a=("4.5B dense window forward", section_a), b=("4.5B sparse window forward", section_b),
                 c=("Attention kernels", section_c), d=("torch.compile of the layer stack", section_d),
                 e=("Whole 4.5B-distill generations", section_e), f=("24B, a few layers timed and extrapolated", section_f),
                 g=("VAE decode", section_g))
@@ -435,7 +475,11 @@ def goals(found):
             row("cache bookkeeping < 2% of a step (slow preset)", found.get("bookkeeping"), lambda v: v < 0.02,
                 lambda v: f"{v:+.1%}"),
             row("slow preset's wall speed-up within 10% of its FLOP ratio", found.get("slow_efficiency"),
-                lambda v: v >= 0.9, lambda v: f"{v:.2f} of it")]
+                lambda v: v >= 0.9, lambda v: f"{v:.2f} of it"),
+            row("peak memory flat in length: 12 chunks within 5% of 2 chunks", found.get("length_ratio"),
+                lambda v: v <= 1.05, lambda v: f"{v:.2f}x"),
+            row("12-chunk peak within 10% of the plan", found.get("length_plan_ratio"),
+                lambda v: abs(v - 1) <= 0.1, lambda v: f"{v:.2f}")]
 
 
 def main(argv=None):

@@ -9,11 +9,13 @@ allocator's fragmentation, or a text encoder left loaded.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from magi1 import memory_plan
 from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.memory_plan import GB
+from magi1.memory_plan import GB, replan
 
 # (label, size, passes, height, width, frames, options, budget GB)
 ROWS = [
@@ -51,5 +53,56 @@ def table():
     return "\n".join(lines)
 
 
+# "How long a video can I make on my card?": since 0.9 the plan does not grow with the video, so a setup that
+# fits makes any length (the sampler node takes up to 4096 frames, 171 s; the CLI and magi1.generate more).
+CARDS = (12, 16, 24, 48)  # GB
+MODELS = [("4.5B distill", "4.5B", 1, 720, 720), ("4.5B base", "4.5B", 3, 720, 720),
+          ("24B distill", "24B", 1, 720, 1280), ("24B base", "24B", 3, 720, 1280)]
+CONTEXT = 0.75  # GB a card loses to the CUDA context and the allocator's slack, kept free here
+FRAMES = (480, 2400)  # 20 s and 100 s: the plan is the same
+
+
+def card_table():
+    """Per model and card: the options that make a 100 s video fit (the memory check's ladder, cache slow), and
+    the plan at 4 s and 100 s side by side."""
+    lines = ["| model (cache slow) | card | fits with | planned at 20 s / 100 s | longest video |",
+             "|---|---|---|---|---|"]
+    for label, size, passes, height, width in MODELS:
+        for card in CARDS:
+            budget = (card - CONTEXT) * GB
+            plans = {frames: memory_plan(OFFICIAL_MODEL_CONFIGS[size], frames, height, width, passes=passes,
+                                         cache="token") for frames in FRAMES}
+            changes = plans[FRAMES[-1]].savings(budget)
+            names = [text.split(" saves")[0] for text, _ in changes]
+            fitted = {frames: _applied(plan, names) for frames, plan in plans.items()}
+            fits = fitted[FRAMES[-1]].fits(budget) and not any(n.startswith("fewer frames") for n in names)
+            options = ", ".join(names) or "as is"
+            lines.append(f"| {label} {width}x{height} | {card} GB | {options if fits else 'does not fit'} | "
+                         f"{fitted[FRAMES[0]].total_gpu / GB:.1f} / {fitted[FRAMES[-1]].total_gpu / GB:.1f} GB | "
+                         f"{'any length' if fits else '-'} |")
+    return "\n".join(lines)
+
+
+def _applied(plan, names):
+    """``plan`` with the memory check's changes (``savings`` descriptions) applied."""
+    changes = {}
+    for name in names:
+        key, _, value = name.partition(" ")
+        if key == "kv_offload":
+            changes["kv_offload"] = True
+        elif key in ("token_block", "resident_layers"):
+            changes[key] = int(value)
+        elif key == "weight_dtype":
+            changes["weight_dtype"] = value
+        elif name == "cache off":
+            changes["cache"] = "off"
+        elif name.startswith("VAE tiles"):
+            side = int(name.split()[-1].split("x")[0])
+            changes["vae_tiling"] = dataclasses.replace(plan.request["vae_tiling"], height=side, width=side)
+    return replan(plan, **changes)
+
+
 if __name__ == "__main__":
     print(table())
+    print()
+    print(card_table())

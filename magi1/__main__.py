@@ -33,14 +33,14 @@ from . import Guidance, VideoLayout, generate, load_dit, load_vae, parse_prompt_
 from .caption_states import CaptionStates, load_caption_states
 from .layout import FRAMES_RULE, frames_to_generate
 from .loader import checkpoint_summary, model_description
-from .mp4 import FPS, write_mp4
+from .mp4 import FPS
 from .run_time import estimate_run, eta, format_clock
 from .safetensors_io import refuse_pickle
 from .schedule import check_steps
 from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens
 from .tiny import MODELS, TINY
 from .tiny.text_encoder import unknown_note
-from .vae import SEAMLESS
+from .video_out import StreamedVideo, write_video
 
 PROG = "python -m magi1"
 WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
@@ -84,6 +84,9 @@ class Run:
     latent_out: Optional[str]
     dtype: Optional[torch.dtype]
     device: torch.device
+    decode: str = "during"  # --decode: each chunk decoded and written as it is finished, or after the run
+    kv_offload: bool = False
+    token_block: Optional[int] = None  # --token-block: the DiT's low-memory mode
 
 
 # -------------------------------------------------------------------------------------------- options
@@ -160,6 +163,14 @@ def build_parser():
         "is given)")
     add("--latent-out", help="also (or only) save the latent, a .safetensors in ComfyUI's latent layout "
         f"('{LATENT_KEY}':\nrenamed to .latent in ComfyUI/input, Load Latent reads it)")
+    add("--decode", choices=("during", "after"), default="during", help="during (default): each chunk is "
+        "decoded and written to the mp4\nas soon as it is finished (memory flat however long the video; the VAE "
+        "shares the device\nwith the DiT); after: the whole run first, then the decode (the VAE alone on the device)")
+    add("--kv-offload", action="store_true", help="keep the KV caches in host memory (slower; for GPUs short of "
+        "memory)")
+    add("--token-block", type=int_argument("--token-block", 128, 10 ** 6), help="the DiT's low-memory mode: "
+        "its per-token work in blocks of this\nmany tokens (e.g. 8192; the same video to float rounding, a little "
+        "slower)")
     add("--dtype", choices=tuple(DTYPES), default="auto", help="weights' dtype: auto (default: bfloat16 on CUDA, "
         "float32 on the CPU), bfloat16, float32")
     add("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK when CUDA is available, else cpu)")
@@ -316,7 +327,8 @@ def checked_options(args, environ=os.environ):
                frames=frames_to_generate(args.frames), frames_asked=args.frames,  # text to video: no prefix
                width=width, height=height, steps=steps, seed=args.seed, policy=CachePolicy.preset(args.cache),
                text_scale=args.guidance, cfg=args.cfg_parallel, replicate=args.replicate_weights, world=world, out=out,
-               latent_out=args.latent_out, dtype=DTYPES[args.dtype], device=check_device(args, environ, world))
+               latent_out=args.latent_out, dtype=DTYPES[args.dtype], device=check_device(args, environ, world),
+               decode=args.decode, kv_offload=args.kv_offload, token_block=args.token_block)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -407,13 +419,20 @@ def sample(run, par):
                                 processes=run.world)
         print(estimate_line(estimate, run.policy.mode != "off"), file=sys.stderr, flush=True)
     dit, vae = load_models(run, par)
+    dit.set_token_block(run.token_block)
     guidance = Guidance() if run.text_scale is None else Guidance().with_text_scale(run.text_scale)
     extra = {} if par is None else {"parallel": par}
+    video = start_video(run, vae) if vae is not None and run.decode == "during" else None
     progress = Progress(estimate) if estimate is not None else None  # its clock starts here
     try:
         result = generate(dit, caption, mask, frames=run.frames, height=run.height, width=run.width,
                           steps=run.steps, seed=run.seed, negative_caption=negative, negative_mask=negative_mask,
-                          guidance=guidance, policy=run.policy, on_step=progress, **extra)
+                          guidance=guidance, policy=run.policy, on_step=progress, kv_offload=run.kv_offload,
+                          on_frames=video, **extra)
+    except BaseException:
+        if video is not None:
+            video.abort()
+        raise
     finally:
         if progress is not None:
             progress.close()
@@ -422,7 +441,14 @@ def sample(run, par):
             f"({chunks} chunk{'s' * (chunks > 1)} of 24)")
     lines = [result.stats.summary(),
              f"MAGI-1 model: {variant}; {made}, {run.width}x{run.height}, {run.steps} steps, seed {run.seed}"]
-    return result.latent, vae, lines + [f"MAGI-1 note: {note}" for note in notes]
+    return result.latent, video or vae, lines + [f"MAGI-1 note: {note}" for note in notes]
+
+
+def start_video(run, vae):
+    """The mp4 written during the run (rank 0): each finished chunk decoded with the seamless tiling."""
+    latent_frames = VideoLayout.plan(run.frames, run.height, run.width).latent_frames
+    return StreamedVideo(vae.to(run.device), run.out, total_latent_frames=latent_frames,
+                         keep_frames=vae.decoded_frames(latent_frames))
 
 
 # ------------------------------------------------------------------------------------ time and progress
@@ -488,16 +514,23 @@ def fail(message, status=1, rank=None):
     sys.exit(status)
 
 
-def write_outputs(run, latent, vae, began):
-    """Rank 0's files: the latent, then the decoded video; a line for each."""
+def write_outputs(run, latent, video, began):
+    """Rank 0's files: the latent, then the decoded video (``video``: the ``StreamedVideo`` written during the
+    run, or the VAE to decode with now); a line for each."""
     lines = []
     if run.latent_out is not None:
         save_latent(latent, run.latent_out, run)
         lines.append(f"wrote {run.latent_out}: latent {[1, *latent.shape]}")
     if run.out is not None:
-        video = vae.to(run.device).decode(latent.to(run.device), SEAMLESS, output_device="cpu")
-        write_mp4(video, run.out)
-        lines.append(f"wrote {run.out}: {video.shape[1]} frames, {video.shape[3]}x{video.shape[2]}, "
+        if isinstance(video, StreamedVideo):
+            try:
+                frames = video.finish()
+            except BaseException:
+                video.abort()
+                raise
+        else:  # the latent stays in host memory: a tile's latents go to the VAE at a time
+            frames = write_video(video.to(run.device), latent, run.out, keep_frames=video.decoded_frames(latent.shape[1]))
+        lines.append(f"wrote {run.out}: {frames} frames, {run.width}x{run.height}, "
                      f"in {time.perf_counter() - began:.1f} s")
     return lines
 

@@ -77,6 +77,7 @@ def run(job_dir, job, inputs, parallel, device):
     main = parallel is None or parallel.is_main
     model = load_model(job["model"], device, parallel)
     policy = CachePolicy(**job["policy"]) if job.get("policy") is not None else None
+    model.set_token_block(options.get("token_block"))  # the node's low-memory mode (None: off)
 
     def on_step(step):  # for the node's progress bar
         if main:

@@ -5,11 +5,12 @@ from .caption_states import MAGI1SaveCaptionStates
 from .loaders import MAGI1DiTLoader, MAGI1VAELoader
 from .multi_gpu import MAGI1MultiGPU
 from .sampler import MAGI1Sampler
+from .save_video import MAGI1SaveVideo
 from .text_encode import MAGI1TextEncode, MAGI1TinyTextEncode
 from .vae import MAGI1Decode, MAGI1EncodePrefix
 
 NODES = [MAGI1DiTLoader, MAGI1VAELoader, MAGI1TextEncode, MAGI1TinyTextEncode, MAGI1MotionDetailCache,
-         MAGI1EncodePrefix, MAGI1Sampler, MAGI1Decode, MAGI1SaveCaptionStates, MAGI1MultiGPU]
+         MAGI1EncodePrefix, MAGI1Sampler, MAGI1Decode, MAGI1SaveVideo, MAGI1SaveCaptionStates, MAGI1MultiGPU]
 
 
 def report_problems_per_input():

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..magi1.caption_states import save_caption_states
 from .queue_checks import CheckedNode
+from .save_video import output_prefix_problems
 from .sampler import conditioning_schedule
 
 SUFFIX = ".safetensors"
@@ -48,19 +49,7 @@ class MAGI1SaveCaptionStates(CheckedNode):
 
     @classmethod
     def input_rules(cls, values):
-        prefix = values.get("filename_prefix")
-        if prefix is None:
-            return {}
-        output = os.path.abspath(folder_paths.get_output_directory())
-        target = os.path.abspath(os.path.join(output, prefix))
-        try:
-            inside = os.path.commonpath([output, target]) == output and target != output
-        except ValueError:  # another Windows drive
-            inside = False
-        if not prefix.strip() or not inside:
-            return {"filename_prefix": f"filename_prefix must name a file inside ComfyUI's output folder, got "
-                                       f"{prefix!r}: e.g. magi1/caption_states"}
-        return {}
+        return output_prefix_problems(values, example="magi1/caption_states")
 
     @classmethod
     def execute(cls, positive, filename_prefix, negative=None) -> io.NodeOutput:

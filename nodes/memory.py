@@ -20,12 +20,12 @@ def weight_kind(dit):
     return dit.weights or dtype_name(dit.dtype)
 
 
-def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device=None):
+def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device=None, token_block=None):
     """The memory plan of this run, before anything is allocated; ``device``: where it runs (the plan's
     lines say "GPU" there, "memory" on the CPU; None: a GPU)."""
     return memory_plan(dit.config, frames, height, width, weight_dtype=weight_kind(dit), compute_dtype=dit.dtype,
                        passes=1 if dit.distill else 3, prefix_frames=prefix_frames, kv_offload=kv_offload,
-                       cache=cache_kind(policy), decode=False, device=device)
+                       cache=cache_kind(policy), decode=False, device=device, token_block=token_block)
 
 
 def available_bytes(device):
@@ -53,10 +53,10 @@ def check_plan(plan, available):
         + ("; ".join(changes) or "none found: use a larger GPU") + ".\n" + "\n".join(plan.lines()))
 
 
-def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_offload):
+def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_offload, token_block=None):
     """The plan, its note, and the memory ComfyUI should keep free for the run beside the weights."""
     device = patcher.load_device
-    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device)
+    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device, token_block)
     note = None
     if device.type == "cpu":
         check_host_memory(plan, mm.get_free_memory(device))

@@ -247,6 +247,11 @@ class MAGI1Sampler(CheckedNode):
                     "Optional: the MAGI-1 VAE, for live previews of the chunk being denoised (a latent-to-RGB "
                     "projection fitted once from this VAE). Shown when ComfyUI's preview method is not 'none' "
                     "(e.g. --preview-method auto). Unconnected: no previews.")),
+                io.Int.Input("token_block", default=0, min=0, max=1 << 20, step=1024, optional=True, tooltip=(
+                    "Low-memory mode: 0 (default) off; e.g. 8192 runs the DiT's per-token work (MLP, "
+                    "projections, norms) in blocks of this many tokens: far less activation memory (24B at "
+                    "720x1280: 19 GB -> 7 GB planned), the same video up to float rounding, a little slower. "
+                    "The memory check suggests it when a run does not fit.")),
             ],
             outputs=[
                 io.Latent.Output(display_name="latent", tooltip="The generated MAGI-1 latents, for MAGI-1 Decode."),
@@ -268,7 +273,8 @@ class MAGI1Sampler(CheckedNode):
 
     @classmethod
     def execute(cls, model, positive, width, height, frames, steps, seed, guidance, negative=None,
-                prefix_latent=None, record_masks=False, kv_offload=False, preview_vae=None) -> io.NodeOutput:
+                prefix_latent=None, record_masks=False, kv_offload=False, preview_vae=None,
+                token_block=0) -> io.NodeOutput:
         policy = model.model_options.get("transformer_options", {}).get(POLICY_KEY)
         workers = model.model_options.get("transformer_options", {}).get(MULTI_GPU_KEY)  # MAGI-1 Multi-GPU
         dit = getattr(model.model, "diffusion_model", None)
@@ -291,7 +297,7 @@ class MAGI1Sampler(CheckedNode):
         plan = plan_note = time_note = None
         if workers is None:
             plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width, prefix_frames,
-                                                      kv_offload)
+                                                      kv_offload, token_block or None)
             time_note = checked_time(dit, model.load_device, frames, height, width, steps, prefix_frames)
             # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
             mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
@@ -303,12 +309,13 @@ class MAGI1Sampler(CheckedNode):
         request = dict(frames=frames, height=height, width=width, steps=steps, seed=seed)
         if workers is None:
             latent, summary, mask_frames = run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks,
-                                                    preview_vae)
+                                                    preview_vae, token_block or None)
             run_lines, notes = [], []
         else:
             latent, summary, mask_frames, run_lines, notes = run_on_workers(
                 model, workers, inputs, dict(request, guidance=guidance, kv_offload=kv_offload,
-                                             record_masks=record_masks), policy, preview_vae)
+                                             record_masks=record_masks, token_block=token_block or None), policy,
+                preview_vae)
         samples = {"samples": latent[None].to(mm.intermediate_device())}
         if record_masks and mask_frames is not None:
             masks = visible(mask_frames)[..., None].expand(-1, -1, -1, 3).contiguous()
@@ -337,8 +344,9 @@ def run_captions(positive, negative, chunks, tokens, config):
                 negative_mask=negative_mask)
 
 
-def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, preview_vae):
-    """The run in this process, on the model's device: ``(latent, summary, mask frames or None)``."""
+def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, preview_vae, token_block=None):
+    """The run in this process, on the model's device: ``(latent, summary, mask frames or None)``; the model's
+    low-memory mode ``token_block`` for this run only."""
     progress = comfy.utils.ProgressBar(1)
     live_preview = LivePreview(preview_vae)  # gives None each step without a VAE or with previews off
 
@@ -346,11 +354,16 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
         mm.throw_exception_if_processing_interrupted()
         progress.update_absolute(step.step + 1, step.total, live_preview(step))
 
-    result = generate(dit, inputs["caption"], inputs["caption_mask"], **request,
-                      negative_caption=inputs["negative_caption"], negative_mask=inputs["negative_mask"],
-                      prefix=inputs["prefix"], guidance=Guidance().with_text_scale(guidance), policy=policy,
-                      kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
-                      stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
+    before = dit.token_block
+    dit.set_token_block(token_block)
+    try:
+        result = generate(dit, inputs["caption"], inputs["caption_mask"], **request,
+                          negative_caption=inputs["negative_caption"], negative_mask=inputs["negative_mask"],
+                          prefix=inputs["prefix"], guidance=Guidance().with_text_scale(guidance), policy=policy,
+                          kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
+                          stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
+    finally:
+        dit.set_token_block(before)
     return result.latent, result.stats.summary(), result.stats.masks.window_frames() if record_masks else None
 
 

@@ -78,7 +78,8 @@ def _fake_comfy():
         setattr(io, name, _socket(name))
     io.Custom = _socket
     io.Schema = lambda **kw: types.SimpleNamespace(**kw)
-    io.NodeOutput = lambda *values: types.SimpleNamespace(result=values)
+    io.NodeOutput = lambda *values, ui=None: types.SimpleNamespace(result=values, ui=ui)
+    io.FolderType = enum.Enum("FolderType", {"input": "input", "output": "output", "temp": "temp"})
 
     class ComfyNode:
         @classmethod
@@ -97,6 +98,9 @@ def _fake_comfy():
     io.ComfyNode = ComfyNode
     latest = types.ModuleType("comfy_api.latest")
     latest.io = io
+    latest.ui = types.SimpleNamespace(  # comfy_api.latest.ui: what an output node shows
+        SavedResult=lambda filename, subfolder, type: dict(filename=filename, subfolder=subfolder, type=type.value),
+        PreviewVideo=lambda values: types.SimpleNamespace(as_dict=lambda: {"images": values, "animated": (True,)}))
     latest.ComfyExtension = type("ComfyExtension", (), {})
 
     folder_paths = types.ModuleType("folder_paths")
@@ -122,6 +126,13 @@ def _fake_comfy():
         except FileNotFoundError:
             return None
 
+    def get_save_image_path(prefix, output_dir, width=0, height=0):  # ComfyUI's numbering, without its %vars%
+        subfolder, name = os.path.dirname(os.path.normpath(prefix)), os.path.basename(os.path.normpath(prefix))
+        folder = os.path.join(output_dir, subfolder)
+        taken = [f for f in os.listdir(folder) if f.startswith(name + "_")] if os.path.isdir(folder) else []
+        return folder, name, len(taken) + 1, subfolder, prefix
+
+    folder_paths.get_save_image_path = get_save_image_path
     folder_paths.get_full_path_or_raise = get_full_path_or_raise
     folder_paths.get_full_path = get_full_path
 

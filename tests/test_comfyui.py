@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import types
 import urllib.error
@@ -347,7 +348,7 @@ PARTIAL_LOAD = textwrap.dedent(
     """
 )
 NODE_IDS = ["MAGI1Decode", "MAGI1DiTLoader", "MAGI1EncodePrefix", "MAGI1MotionDetailCache", "MAGI1MultiGPU",
-            "MAGI1Sampler", "MAGI1SaveCaptionStates", "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
+            "MAGI1Sampler", "MAGI1SaveCaptionStates", "MAGI1SaveVideo", "MAGI1TextEncode", "MAGI1TinyTextEncode", "MAGI1VAELoader"]
 
 
 def run_in_comfyui(script, timeout=600):
@@ -429,7 +430,7 @@ def server():
                     time.sleep(1)
             else:
                 raise AssertionError(f"server did not answer; log:\n{log_path.read_text()[-3000:]}")
-            yield types.SimpleNamespace(url=url, port=port, output=tmp / "output", log=log_path)
+            yield types.SimpleNamespace(url=url, port=port, output=tmp / "output", log=log_path, pid=process.pid)
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -738,6 +739,54 @@ def run_prompt(server, api, timeout=600):
         time.sleep(1)
         history = get(server.url, f"/history/{prompt_id}")
     return history[prompt_id]
+
+
+def resident_mb(pid):
+    """The process's resident memory now, in MB (Linux: /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def peak_while_running(server, api):
+    """``(history entry, peak resident MB of the server)`` of one prompt, sampled every 0.1 s."""
+    peak, done = [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], resident_mb(server.pid))
+            time.sleep(0.1)
+    watcher = threading.Thread(target=sample, daemon=True)
+    watcher.start()
+    try:
+        return run_prompt(server, api), peak[0]
+    finally:
+        done.set()
+        watcher.join()
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the server's memory from /proc (Linux)")
+def test_a_long_video_runs_at_flat_server_memory(server):
+    """The minute-video workflow (one sampler, a prompt schedule, the streamed save): the server's peak memory
+    making 720 frames is that of making 240 (the models loaded before either), and the mp4 has every frame."""
+    api = json.loads((ROOT / "workflows" / "api" / "magi1_minute_video.json").read_text())
+    sampler = next(k for k, node in api.items() if node["class_type"] == "MAGI1Sampler")
+    peaks = {}
+    for frames, seed in ((96, 1), (240, 2), (720, 3)):  # the first loads the models
+        api[sampler]["inputs"].update(frames=frames, seed=seed)
+        entry, peaks[frames] = peak_while_running(server, api)
+        assert video_frames(server.output / saved_path(entry)) == (frames, 64, 64)
+    print(f"server peak resident memory: {peaks}")
+    assert peaks[720] <= peaks[240] * 1.1, peaks
+
+
+def saved_path(entry):
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000]
+    videos = [item for output in entry["outputs"].values() for item in output.get("images", [])
+              if str(item.get("filename", "")).endswith(".mp4")]
+    assert len(videos) == 1, entry["outputs"]
+    return Path(videos[0]["subfolder"]) / videos[0]["filename"]
 
 
 def test_comfy_cli_runs_the_demo(server):

@@ -16,7 +16,7 @@ def nodes():
 def test_ids_are_unique_prefixed_and_categorised(nodes):
     schemas = [node.GET_SCHEMA() for node in nodes]
     ids = [schema.node_id for schema in schemas]
-    assert len(ids) == len(set(ids)) == 10
+    assert len(ids) == len(set(ids)) == 11
     for schema in schemas:
         assert schema.node_id.startswith("MAGI1") and schema.category == "MAGI-1"
         assert schema.display_name.startswith("MAGI-1 ") and schema.description
@@ -65,7 +65,7 @@ def test_sampler_defaults_are_a_valid_request(nodes):
     layout = VideoLayout.plan(defaults["frames"], defaults["height"], defaults["width"])
     assert layout.chunk_num == 4  # 96 frames at 720x720: four chunks of 24 frames
     optional = {inp.id for inp in sampler.inputs if inp.options.get("optional")}
-    assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload", "preview_vae"}  # 0.2.0: no vae
+    assert optional == {"negative", "prefix_latent", "record_masks", "kv_offload", "preview_vae", "token_block"}  # 0.2.0: no vae
     # Every input is checked at queue time (nodes/queue_checks.py): ComfyUI's ranges, then the node's own rules.
     node = next(node for node in nodes if node.__name__ == "MAGI1Sampler")
     values = dict(width=720, height=720, frames=96, steps=16, seed=0, guidance=7.5)

@@ -27,6 +27,7 @@ STOCK_WIDGETS = {
     "LoadVideo": ["file"],
     "GetVideoComponents": [],
     "ImageBatch": [],
+    "LatentConcat": ["dim"],
     "CreateVideo": ["fps"],
     "SaveVideo": ["filename_prefix", "format", "codec"],
     "PreviewImage": [],
@@ -35,7 +36,7 @@ STOCK_WIDGETS = {
 STOCK_UI_EXTRAS = {("LoadImage", "image"), ("LoadVideo", "file")}
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 EXPECTED = {"magi1_tiny_demo", "magi1_bench_demo", "magi1_text_to_video", "magi1_image_to_video", "magi1_video_continuation",
-            "magi1_long_video"}
+            "magi1_long_video", "magi1_minute_video"}
 
 
 @pytest.fixture(scope="module")

@@ -64,6 +64,7 @@ STOCK_TYPES = {
     "PreviewImage": NodeType([("images", "IMAGE")], [], []),
     "PreviewAny": NodeType([("source", "*")], [], []),
     "ImageBatch": NodeType([("image1", "IMAGE"), ("image2", "IMAGE")], [], [("IMAGE", "IMAGE")]),
+    "LatentConcat": NodeType([("samples1", "LATENT"), ("samples2", "LATENT")], ["dim"], [("LATENT", "LATENT")]),
     "MarkdownNote": NodeType([], ["text"], []),  # frontend only: not in API files
 }
 NODE_TYPES = {**_our_node_types(), **STOCK_TYPES}
@@ -244,14 +245,15 @@ LONG_VIDEO_PROMPTS = ("a red ball moving right over a checkerboard", "a red ball
 
 def long_video():
     """A long video in segments on the tiny model: generate, continue from that latent with another prompt,
-    continue again; the three segments decoded and joined (ids 1-9 as in the tiny demo)."""
+    continue again; the segments' latents joined in time and decoded as one (ids 1-9 as in the tiny demo), so
+    that the decode's overlapping tiles cross the joins as they cross every other tile boundary."""
     nodes = [
         Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY), size=(380, 130)),
         Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 430)),
         Node(5, "MAGI1VAELoader", (40, 240), dict(vae_name=TINY), size=(380, 90)),
     ]
-    text_ids, sampler_ids, decode_ids = (4, 16, 18), (6, 17, 19), (7, 20, 21)
-    for k, (text, sampler, decode) in enumerate(zip(text_ids, sampler_ids, decode_ids)):
+    text_ids, sampler_ids = (4, 16, 18), (6, 17, 19)
+    for k, (text, sampler) in enumerate(zip(text_ids, sampler_ids)):
         links = {"model": (2, 0), "positive": (text, 0), "preview_vae": (5, 0)}
         if k:
             links["prefix_latent"] = (sampler_ids[k - 1], 0)  # continue from the segment before
@@ -261,25 +263,57 @@ def long_video():
             Node(sampler, "MAGI1Sampler", (40 + 420 * k, 740), _sampler(width=64, height=64, frames=48, steps=16,
                                                                        seed=k), links=links,
                  title=f"Segment {k + 1}", size=(380, 330)),
-            Node(decode, "MAGI1Decode", (40 + 420 * k, 1120), links={"vae": (5, 0), "samples": (sampler, 0)},
-                 size=(270, 80)),
         ]
     nodes += [
-        Node(22, "ImageBatch", (1300, 540), links={"image1": (7, 0), "image2": (20, 0)}, size=(220, 60)),
-        Node(23, "ImageBatch", (1300, 660), links={"image1": (22, 0), "image2": (21, 0)}, size=(220, 60)),
-        Node(8, "CreateVideo", (1300, 780), dict(fps=24), links={"images": (23, 0)}, size=(270, 80)),
-        Node(9, "SaveVideo", (1300, 900), dict(filename_prefix="video/magi1_long_video", format="auto", codec="auto"),
-             links={"video": (8, 0)}, size=(380, 300)),
+        # (ids 20-23, the segments' own decodes and their ImageBatch joins until 0.9, are not reused)
+        Node(24, "LatentConcat", (1300, 540), dict(dim="t"), links={"samples1": (6, 0), "samples2": (17, 0)},
+             size=(240, 80)),
+        Node(25, "LatentConcat", (1300, 660), dict(dim="t"), links={"samples1": (24, 0), "samples2": (19, 0)},
+             size=(240, 80)),
+        Node(7, "MAGI1Decode", (1300, 780), links={"vae": (5, 0), "samples": (25, 0)}, size=(270, 80)),
+        Node(8, "CreateVideo", (1300, 900), dict(fps=24), links={"images": (7, 0)}, size=(270, 80)),
+        Node(9, "SaveVideo", (1300, 1020), dict(filename_prefix="video/magi1_long_video", format="auto",
+                                                codec="auto"), links={"video": (8, 0)}, size=(380, 300)),
         Node(11, "PreviewAny", (1300, 60), links={"source": (19, 1)}, title="Last segment's report", size=(360, 160)),
         Node(12, "MarkdownNote", (860, 60), dict(text=(
             "### A long video in segments\n\nEach segment continues the one before it from its latent "
-            "(MAGI-1 Sampler's `prefix_latent`) with its own prompt, so the story can change as it goes; the "
-            "decoded segments are joined into one video. Runs on any CPU with the built-in tiny model; with "
-            "the official checkpoints, swap the loaders and text nodes as in the other workflows.\n\nWithin "
-            "one sampler, a prompt schedule does the same chunk by chunk: lines like `0: a red ball moving "
-            "right` and `2: a red ball bouncing` in the text node.")), size=(400, 300)),
+            "(MAGI-1 Sampler's `prefix_latent`) with its own prompt, so the story can change as it goes. The "
+            "segments' latents are joined in time (`LatentConcat`, dim t) and decoded as one video, so no seam "
+            "shows at the joins. Runs on any CPU with the built-in tiny model; with the official checkpoints, "
+            "swap the loaders and text nodes as in the other workflows.\n\nOne sampler with a prompt schedule "
+            "does the same chunk by chunk, in one run: see `magi1_minute_video`.")), size=(400, 300)),
     ]
     return nodes
+
+
+MINUTE_VIDEO_SCHEDULE = "\n".join(f"{first}: {prompt}" for first, prompt in (
+    (0, "a red ball moving right over a checkerboard"),
+    (8, "a red ball bouncing over a checkerboard"),
+    (16, "a blue square moving left over a checkerboard"),
+    (24, "a red ball shrinking over a checkerboard, the camera pans left")))
+
+
+def minute_video():
+    """30 s (720 frames, 30 chunks) in one sampler with a prompt schedule on the tiny model, decoded and written
+    to the mp4 chunk by chunk (MAGI-1 Decode and Save Video): memory stays flat however long the video."""
+    return [
+        Node(1, "MAGI1DiTLoader", (40, 60), dict(checkpoint=TINY), size=(380, 130)),
+        Node(2, "MAGI1MotionDetailCache", (460, 60), _cache(), links={"model": (1, 0)}, size=(340, 430)),
+        Node(4, "MAGI1TinyTextEncode", (40, 540), dict(prompt=MINUTE_VIDEO_SCHEDULE), title="Prompt schedule",
+             size=(460, 200)),
+        Node(5, "MAGI1VAELoader", (40, 240), dict(vae_name=TINY), size=(380, 90)),
+        Node(6, "MAGI1Sampler", (860, 60), _sampler(width=64, height=64, frames=720, steps=16),
+             links={"model": (2, 0), "positive": (4, 0)}, size=(380, 330)),
+        Node(26, "MAGI1SaveVideo", (1300, 60), dict(filename_prefix="video/magi1_minute_video"),
+             links={"vae": (5, 0), "samples": (6, 0)}, size=(380, 300)),
+        Node(11, "PreviewAny", (860, 460), links={"source": (6, 1)}, title="Cache report", size=(380, 160)),
+        Node(12, "MarkdownNote", (1300, 420), dict(text=(
+            "### A long video in one run\n\n30 seconds (720 frames) from one sampler, its prompt changing on a "
+            "schedule (`N: prompt` lines: from chunk N on, a chunk being 24 frames). MAGI-1 keeps only the "
+            "window's keys and values and chunks on the GPU, and **MAGI-1 Decode and Save Video** decodes and "
+            "writes the mp4 chunk by chunk, so memory does not grow with the length: set `frames` as high as "
+            "4096 (171 s). Runs on any CPU with the built-in tiny model.")), size=(400, 260)),
+    ]
 
 
 WORKFLOWS = {
@@ -289,6 +323,7 @@ WORKFLOWS = {
     "magi1_image_to_video": image_to_video,
     "magi1_video_continuation": video_continuation,
     "magi1_long_video": long_video,
+    "magi1_minute_video": minute_video,
 }
 
 
