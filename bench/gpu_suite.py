@@ -293,15 +293,22 @@ def section_g(setup, timer, found):
             f"| {frames} frames {height}x{width}, tiles {tiling.height}x{tiling.width} | {ms:.0f} | {peak} |"]
 
 
-def section_m(setup, timer, found):
-    name = "4.5B"
-    height, width = setup.size_45
-    model = setup.dit(name)
+def distilled_45(setup):
+    """The 4.5B DiT as a distilled model, and a random caption of 120 tokens (``(model, caption, mask)``)."""
+    model = setup.dit("4.5B")
     model.distill = True
     config = model.config
     g = torch.Generator().manual_seed(0)
     caption = torch.randn(config.caption_max_length, config.caption_channels, generator=g)
     mask = torch.arange(config.caption_max_length) < min(120, config.caption_max_length)
+    return model, caption, mask
+
+
+def section_m(setup, timer, found):
+    name = "4.5B"
+    height, width = setup.size_45
+    model, caption, mask = distilled_45(setup)
+    config = model.config
     plan = magi1.memory_plan(config, 48, height, width, weight_dtype=str(setup.dtype).replace("torch.", ""),
                              compute_dtype=setup.dtype, passes=1, decode=False)
     cuda = setup.device.type == "cuda"
@@ -337,14 +344,9 @@ def section_m(setup, timer, found):
 
 def section_l(setup, timer, found):
     """Length for free: the peak memory of 2-, 6- and 12-chunk generations against the plan (flat in length)."""
-    name = "4.5B"
     height, width = setup.size_45
-    model = setup.dit(name)
-    model.distill = True
+    model, caption, mask = distilled_45(setup)
     config = model.config
-    g = torch.Generator().manual_seed(0)
-    caption = torch.randn(config.caption_max_length, config.caption_channels, generator=g)
-    mask = torch.arange(config.caption_max_length) < min(120, config.caption_max_length)
     cuda = setup.device.type == "cuda"
     lines = ["| chunks (frames) | peak allocated GiB | plan GiB | peak / plan | seconds |", "|---|---|---|---|---|"]
     peaks = {}

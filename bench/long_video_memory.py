@@ -34,14 +34,22 @@ def measure(root, frames, extra=()):
     return int(out.split()[-1]) / 1024, time.perf_counter() - began
 
 
+def version(root):
+    """The pack's version at ``root`` (its pyproject.toml)."""
+    for line in open(os.path.join(root, "pyproject.toml")):
+        if line.startswith("version"):
+            return "version " + line.split("=")[1].strip().strip('"')
+    return root
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--against", help="an older checkout to measure beside this one")
     args = parser.parse_args(argv)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    runs = [("this version", here, ()), ("this version, --decode after", here, ("--decode", "after"))]
+    runs = [(version(here), here, ()), (f"{version(here)}, --decode after", here, ("--decode", "after"))]
     if args.against:
-        runs.append((f"older checkout ({args.against})", args.against, ()))
+        runs.append((version(args.against), args.against, ()))
     print("| run | " + " | ".join(f"{f} frames" for f in FRAMES) + " |")
     print("|---|" + "---|" * len(FRAMES))
     for label, root, extra in runs:

@@ -162,3 +162,31 @@ def test_window_mask_frames_are_the_window_rows_of_the_whole_frames():
         assert torch.equal(windowed[step, :rows.shape[0]], rows)
         assert torch.all(windowed[step, rows.shape[0]:] == 0.25)  # past the video's end: idle
     assert windowed.eq(0).any() and windowed.eq(1).any()  # reused and computed tokens both shown
+
+
+def test_the_device_window_of_the_latent_gives_the_same_video(monkeypatch):
+    """On a GPU the latent's chunks are copied in and out of the device (``LatentStore``'s resident path):
+    forced here on the CPU, the video is the one the host-only path makes, and the device never holds more
+    than the window's chunks (and the refreshed clean one)."""
+    from magi1 import latent_store
+
+    model, args = _long_request("distill45", chunks=10)
+    with torch.no_grad():
+        host = generate(model, **args, policy=_policy("motion_detail"))
+    init, most = latent_store.LatentStore.__init__, [0]
+
+    def resident(self, *a, **k):
+        init(self, *a, **k)
+        self.on_host = False
+    chunks = latent_store.LatentStore.chunks
+
+    def counted(self, first, end):
+        out = chunks(self, first, end)
+        most[0] = max(most[0], len(self._resident))
+        return out
+    monkeypatch.setattr(latent_store.LatentStore, "__init__", resident)
+    monkeypatch.setattr(latent_store.LatentStore, "chunks", counted)
+    with torch.no_grad():
+        windowed = generate(model, **args, policy=_policy("motion_detail"))
+    assert torch.equal(windowed.latent, host.latent)
+    assert 0 < most[0] <= args["window_size"] + 1
