@@ -41,6 +41,14 @@ def _negative(args):
     return {**args, "negative_caption": args["caption"].flip(-1), "negative_mask": args["caption_mask"]}
 
 
+def _long_negative(args):
+    """10 chunks instead of 5: the KV caches (5 chunks wide) slide over the video several times."""
+    args = {k: v for k, v in _negative(args).items() if k != "noise"}
+    return {**args, "frames": 2 * args["frames"], "seed": 11, "caption": args["caption"][:1],
+            "caption_mask": args["caption_mask"][:1], "negative_caption": args["negative_caption"][:1],
+            "negative_mask": args["negative_mask"][:1]}
+
+
 # name -> (fixture config, change to the recorded request, cache policy or None)
 CASES = {
     "distill24": ("distill24", None, None),
@@ -50,6 +58,7 @@ CASES = {
     "distill45_cache": ("distill45", None, policy("motion_detail", 0.05)),
     "base_cache": ("base", _negative, policy("motion_detail", 0.3)),
     "base_i2v_chunk_cache": ("base_i2v", None, policy("flowcache", 0.05)),
+    "base_long_cache": ("base", _long_negative, policy("motion_detail", 0.3)),
 }
 
 

@@ -13,7 +13,7 @@ from pipeline_fixtures import relative_error
 
 TOLERANCE = 1e-5  # relative, float32
 NO_CACHE = ["distill24", "distill45_continuation", "base", "base_i2v"]
-CACHED = ["distill45_cache", "base_cache", "base_i2v_chunk_cache"]
+CACHED = ["distill45_cache", "base_cache", "base_i2v_chunk_cache", "base_long_cache"]  # the last slides its caches
 BASE = [name for name in NO_CACHE + CACHED if CASES[name][0].startswith("base")]
 # (processes, guidance groups): context parallel over 2 and 4 (4 > the fixtures' 2 KV heads: replicated KV
 # heads; distill24's 6 heads split 2/2/1/1), guidance parallel in 3 groups of 1 and 2 groups of 2.
