@@ -14,13 +14,13 @@ from .guidance import Guidance
 from .layout import VideoLayout
 from .reuse_contract import ReuseDecision, ReusePolicy, ReuseState
 from .sampler import SampleResult, SamplingInterrupted, StepProgress, generate
-from .text import (SpecialTokens, chunk_captions, find_special_tokens, null_caption, parse_prompt_schedule,
-                   prepare_prompt, scheduled_captions)
+from .text import (ChunkCaptions, SpecialTokens, chunk_captions, find_special_tokens, null_caption,
+                   parse_prompt_schedule, prepare_prompt, scheduled_caption_rows, scheduled_captions)
 from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
-    "LATENT_SCALE", "CastOps", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan", "Parallel",
+    "LATENT_SCALE", "CastOps", "ChunkCaptions", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan", "Parallel",
     "ModelConfig", "ReuseDecision", "ReusePolicy", "ReuseState", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
     "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
-    "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "parse_prompt_schedule", "prepare_prompt", "random_dit", "random_vae", "scheduled_captions", "stream_layers",
+    "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "parse_prompt_schedule", "prepare_prompt", "random_dit", "random_vae", "scheduled_caption_rows", "scheduled_captions", "stream_layers",
 ]

@@ -37,7 +37,7 @@ from .mp4 import FPS
 from .run_time import estimate_run, eta, format_clock
 from .safetensors_io import refuse_pickle
 from .schedule import check_steps
-from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens
+from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens, scheduled_caption_rows
 from .tiny import MODELS, TINY
 from .tiny.text_encoder import unknown_note
 from .video_out import StreamedVideo, write_video
@@ -393,14 +393,15 @@ def captions(run, config, distill, tokens):
                          + ("encode the prompt with T5-XXL (MAGI-1 Text Encode)" if config.caption_channels == 4096
                             else "encode it for this built-in model (--prompt)"))
     chunks = VideoLayout.plan(run.frames, run.height, run.width, patch_size=config.patch_size).chunk_num
-    caption, mask = states.captions(chunks, tokens, length=config.caption_max_length)
-    negative, negative_mask = states.negative_captions(chunks, length=config.caption_max_length)
+    caption = scheduled_caption_rows(list(states.positive), chunks, tokens, length=config.caption_max_length)
+    negative = None if states.negative is None else scheduled_caption_rows(list(states.negative), chunks,
+                                                                           length=config.caption_max_length)
     unused = states.unused_prompts(chunks)
     notes = [unknown and unknown_note(unknown),
              unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks",
              states.negative and distill and "the negative prompt is not used: distilled models make one pass",
              run.text_scale is not None and distill and "--guidance is not used: distilled models make one pass"]
-    return (caption, mask, negative, negative_mask), chunks, [note for note in notes if note]
+    return (caption, None, negative, None), chunks, [note for note in notes if note]
 
 
 def sample(run, par):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .text import null_caption
+from .text import ChunkCaptions, null_caption
 
 
 class CaptionRows:
@@ -29,15 +29,15 @@ class CaptionRows:
         self._device = device
         embeddings, masks = [null[None]], [null_mask[None]]
 
-        positive, positive_mask = self._checked("caption", caption, caption_mask)
+        positive = self._checked("caption", caption, caption_mask)
         # An empty prompt: the released pipeline then uses the null caption.
         self.positive = [self.NULL] * self._generated
-        if bool(positive_mask.any()):
-            self.positive = self._append(embeddings, masks, positive, positive_mask)
+        if bool(positive[1].any()):
+            self.positive = self._append(embeddings, masks, *positive)
         self.negative = [self.NULL] * self._generated
         if negative_caption is not None:
-            negative, negative_mask = self._checked("negative_caption", negative_caption, negative_mask)
-            self.negative = self._append(embeddings, masks, negative, negative_mask)
+            self.negative = self._append(embeddings, masks, *self._checked("negative_caption", negative_caption,
+                                                                          negative_mask))
         self.table = torch.cat(embeddings)
         self.masks = torch.cat(masks)
         self.lengths = self.masks.sum(dim=1).tolist()
@@ -70,6 +70,18 @@ class CaptionRows:
         self._on_device = {}
 
     def _checked(self, name, emb, mask):
+        """``(rows, masks, row of each chunk or None)``: a ``ChunkCaptions``' own, else the tensors' with one row
+        per chunk (or one for all)."""
+        if isinstance(emb, ChunkCaptions):
+            if mask is not None:
+                raise ValueError(f"{name} is a ChunkCaptions, which holds its masks: pass no {name}'s mask")
+            self._count(name, len(emb))
+            return (*self._tensors(name, emb.table, emb.masks), list(emb.rows))
+        emb, mask = self._tensors(name, emb, mask)
+        self._count(name, emb.shape[0])
+        return emb, mask, None
+
+    def _tensors(self, name, emb, mask):
         length, width = self._shape
         if mask is None:
             raise ValueError(f"{name} needs its mask (which caption tokens are valid)")
@@ -77,16 +89,23 @@ class CaptionRows:
             emb, mask = emb[None], mask[None]
         if emb.dim() != 3 or emb.shape[1:] != (length, width):
             raise ValueError(f"{name} must be (chunks, {length}, {width}) or ({length}, {width}), got {list(emb.shape)}")
-        if emb.shape[0] not in (1, self._generated):
-            raise ValueError(f"{name} has {emb.shape[0]} chunks; this video generates {self._generated} "
-                             f"(give one per generated chunk, or one for all)")
         if tuple(mask.shape) != tuple(emb.shape[:2]):
             raise ValueError(f"{name} mask must be {list(emb.shape[:2])}, got {list(mask.shape)}")
         return emb.to("cpu", torch.float32), mask.to("cpu").bool()
 
-    def _append(self, embeddings, masks, emb, mask):
-        """Append captions to the table's parts, a chunk equal to the one before it sharing its row; their
-        rows for the generated chunks (one may serve all)."""
+    def _count(self, name, chunks):
+        if chunks not in (1, self._generated):
+            raise ValueError(f"{name} has {chunks} chunks; this video generates {self._generated} "
+                             f"(give one per generated chunk, or one for all)")
+
+    def _append(self, embeddings, masks, emb, mask, rows=None):
+        """Append captions to the table's parts, a chunk equal to the one before it sharing its row (``rows``:
+        each chunk's row of ``emb``, already distinct); their rows for the generated chunks (one may serve all)."""
+        if rows is not None:
+            first = sum(e.shape[0] for e in embeddings)
+            embeddings.append(emb)
+            masks.append(mask)
+            return [first + rows[i if len(rows) > 1 else 0] for i in range(self._generated)]
         row_of, kept = [], []
         for i in range(emb.shape[0]):
             if not (i and torch.equal(emb[i], emb[i - 1]) and torch.equal(mask[i], mask[i - 1])):

@@ -59,9 +59,9 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     """Generate one latent video with the MAGI-1 DiT ``model`` (a ``MagiDiT``).
 
     Args:
-        caption, caption_mask: the prompt's caption tokens ``(G, L, caption_channels)`` and mask
-            ``(G, L)``, one per chunk to generate (G = chunks after the prefix; the text path builds
-            them), or a single ``(L, ...)`` for every chunk. An all-zero mask means no prompt.
+        caption, caption_mask: the prompt's caption tokens ``(G, L, caption_channels)`` and mask ``(G, L)``,
+            one per chunk to generate (G = chunks after the prefix) or one ``(L, ...)`` for all, or a
+            ``ChunkCaptions`` (distinct rows, no mask: the text path's). An all-zero mask means no prompt.
         frames, height, width: video frames and pixel size (``VideoLayout.plan``).
         steps: per chunk, a multiple of 4 and of ``window_size`` (12: the distilled shortcut schedule).
         seed, noise: the initial noise is ``noise`` if given ([16, T, H/8, W/8]), else drawn on the

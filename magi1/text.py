@@ -21,6 +21,7 @@ import urllib.parse
 import zipfile
 import zlib
 from dataclasses import dataclass
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -269,27 +270,57 @@ def parse_prompt_schedule(text):
     return schedule
 
 
-def scheduled_captions(prompts, chunks, special_tokens=None, *, length=CAPTION_LENGTH):
+@dataclass(frozen=True)
+class ChunkCaptions:
+    """Per-chunk captions as distinct rows: chunk ``k`` reads ``table[rows[k]]`` with mask ``masks[rows[k]]``.
+    A prompt's chunks differ only by their DURATION token, the same for every chunk 7 or more before the end,
+    so this holds at most 8 rows a prompt, whatever the video's length (``magi1.generate`` takes it as
+    ``caption``, with no ``caption_mask``)."""
+
+    table: torch.Tensor  # (rows, length, D) float32
+    masks: torch.Tensor  # (rows, length) bool
+    rows: Tuple[int, ...]  # per chunk to generate
+
+    def __len__(self):
+        return len(self.rows)
+
+    def dense(self):
+        """``(caption, caption_mask)``: one row per chunk, ``(chunks, length, D)`` and ``(chunks, length)``."""
+        index = list(self.rows)
+        return self.table[index], self.masks[index]
+
+
+def scheduled_caption_rows(prompts, chunks, special_tokens=None, *, length=CAPTION_LENGTH):
     """The captions of the chunks to generate from a schedule ``[(first_chunk, states, mask), ...]`` (sorted,
-    the first at chunk 0): chunk ``k`` reads the last prompt starting at or before ``k``, with its own
-    per-chunk special tokens, exactly as ``chunk_captions`` builds that prompt's row ``k``. One prompt gives
-    ``chunk_captions`` itself. Only the rows the chunks read are built (prompts past the video's end are
-    not even padded)."""
+    the first at chunk 0), as ``ChunkCaptions``: chunk ``k`` reads the last prompt starting at or before
+    ``k``, with its own per-chunk special tokens, exactly as ``chunk_captions`` builds that prompt's row
+    ``k``. Only the rows the chunks read are built (prompts past the video's end are not even padded)."""
     if not prompts or prompts[0][0] != 0:
         raise ValueError("a prompt schedule needs a prompt for chunk 0")
     if chunks < 1:
         raise ValueError(f"chunks must be at least 1, got {chunks}")
     used = [p for p in prompts if p[0] < chunks]
-    if len(used) == 1:
-        return chunk_captions(used[0][1], used[0][2], chunks, special_tokens, length=length)
-    rows = []
+    built, masks, rows = [], [], []
     for i, (first, states, mask) in enumerate(used):
         end = used[i + 1][0] if i + 1 < len(used) else chunks
         caption, caption_mask = _padded(states, mask, special_tokens, length)
+        made = {}  # DURATION row -> table row, for this prompt
         for k in range(first, end):
-            rows.append((caption, caption_mask) if special_tokens is None else
-                        _chunk_row(caption, caption_mask, special_tokens, chunks - k - 1, length))
-    return torch.stack([r for r, _ in rows]), torch.stack([m for _, m in rows])
+            duration = None if special_tokens is None else min(chunks - k - 1, len(special_tokens.durations) - 1)
+            if duration not in made:
+                made[duration] = len(built)
+                row = (caption, caption_mask) if special_tokens is None else \
+                    _chunk_row(caption, caption_mask, special_tokens, duration, length)
+                built.append(row[0])
+                masks.append(row[1])
+            rows.append(made[duration])
+    return ChunkCaptions(torch.stack(built), torch.stack(masks), tuple(rows))
+
+
+def scheduled_captions(prompts, chunks, special_tokens=None, *, length=CAPTION_LENGTH):
+    """``scheduled_caption_rows`` as dense tensors ``(chunks, length, D)`` and ``(chunks, length)``: one row per
+    chunk (one prompt gives ``chunk_captions`` itself)."""
+    return scheduled_caption_rows(prompts, chunks, special_tokens, length=length).dense()
 
 
 def null_caption(null_caption_embedding):

@@ -9,7 +9,8 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1 import Guidance, VideoLayout, generate, scheduled_captions
+from ..magi1 import Guidance, VideoLayout, generate
+from ..magi1.text import scheduled_caption_rows
 from ..magi1.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
 from ..magi1.run_time import estimate_run
 from ..magi1.schedule import check_steps
@@ -332,16 +333,24 @@ class MAGI1Sampler(CheckedNode):
 
 
 def run_captions(positive, negative, chunks, tokens, config):
-    """The captions ``magi1.generate`` takes: per chunk, from the prompt (and the negative prompt, if any)."""
-    caption, caption_mask = scheduled_captions(conditioning_schedule(positive, "positive", config.caption_channels),
-                                               chunks, tokens, length=config.caption_max_length)
-    negative_caption = negative_mask = None
+    """The captions ``magi1.generate`` takes: per chunk, from the prompt (and the negative prompt, if any), as
+    ``ChunkCaptions`` (a prompt's distinct rows, not one per chunk: a long video's are no larger)."""
+    caption = scheduled_caption_rows(conditioning_schedule(positive, "positive", config.caption_channels), chunks,
+                                     tokens, length=config.caption_max_length)
+    negative_caption = None
     if negative is not None:
-        negative_caption, negative_mask = scheduled_captions(
-            conditioning_schedule(negative, "negative", config.caption_channels), chunks,
-            length=config.caption_max_length)
-    return dict(caption=caption, caption_mask=caption_mask, negative_caption=negative_caption,
-                negative_mask=negative_mask)
+        negative_caption = scheduled_caption_rows(conditioning_schedule(negative, "negative", config.caption_channels),
+                                                  chunks, length=config.caption_max_length)
+    return dict(caption=caption, caption_mask=None, negative_caption=negative_caption, negative_mask=None)
+
+
+def dense_captions(inputs):
+    """``inputs`` with the captions as one row per chunk (the tensors a worker job file holds)."""
+    out = dict(inputs)
+    for name, mask in (("caption", "caption_mask"), ("negative_caption", "negative_mask")):
+        if out[name] is not None:
+            out[name], out[mask] = out[name].dense()
+    return out
 
 
 def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, preview_vae, token_block=None):
@@ -370,7 +379,8 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
 def run_on_workers(model, workers, inputs, request, policy, preview_vae):
     """The run on the worker processes of MAGI-1 Multi-GPU: ``(latent, summary, mask frames or None, report
     lines, notes)``."""
-    tensors, summary = sample_on_workers(model, workers, policy, inputs, request, comfy.utils.ProgressBar(1))
+    tensors, summary = sample_on_workers(model, workers, policy, dense_captions(inputs), request,
+                                         comfy.utils.ProgressBar(1))
     where = (f"CUDA devices {workers['devices']}" if workers["devices"] is not None else
              f"the first {workers['workers']} CUDA devices" if torch.cuda.is_available() else "the CPU (gloo)")
     lines = [f"MAGI-1 ran on {workers['workers']} worker processes ({where}; cfg parallel {workers['cfg_parallel']})"]

@@ -190,3 +190,27 @@ def test_the_device_window_of_the_latent_gives_the_same_video(monkeypatch):
         windowed = generate(model, **args, policy=_policy("motion_detail"))
     assert torch.equal(windowed.latent, host.latent)
     assert 0 < most[0] <= args["window_size"] + 1
+
+
+def test_chunk_captions_give_the_video_of_their_dense_rows():
+    """A prompt schedule as ``ChunkCaptions`` (distinct rows; what the nodes and the CLI pass) makes the video
+    its dense one-row-per-chunk tensors make, with a negative prompt too (3 passes)."""
+    from magi1 import scheduled_caption_rows
+    from magi1.text import SpecialTokens
+
+    model, args = _long_request("base", chunks=10)
+    config, g = model.config, torch.Generator().manual_seed(4)
+    width, length = config.caption_channels, config.caption_max_length
+    tokens = SpecialTokens(hq=torch.randn(width, generator=g), durations=torch.randn(8, width, generator=g))
+    schedule = [(first, torch.randn(6, width, generator=g), torch.arange(6) < 4 + first % 3) for first in (0, 2, 6)]
+    rows = scheduled_caption_rows(schedule, 10, tokens, length=length)
+    negative = scheduled_caption_rows(schedule[:1], 10, length=length)
+    assert rows.table.shape[0] == 9 and negative.table.shape[0] == 1  # chunks 0 and 1 share their DURATION row
+    caption, mask = rows.dense()
+    negative_caption, negative_mask = negative.dense()
+    args.pop("caption"), args.pop("caption_mask")
+    with torch.no_grad():
+        compact = generate(model, rows, None, negative_caption=negative, **args, policy=_policy("motion_detail"))
+        dense = generate(model, caption, mask, negative_caption=negative_caption, negative_mask=negative_mask,
+                         **args, policy=_policy("motion_detail"))
+    assert torch.equal(compact.latent, dense.latent) and compact.stats.flops == dense.stats.flops

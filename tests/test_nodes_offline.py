@@ -119,7 +119,9 @@ def captured(pack, monkeypatch):
     calls = []
 
     def generate(model, caption, caption_mask, **kwargs):
-        calls.append(dict(caption=caption, caption_mask=caption_mask, **kwargs))
+        rows = caption  # the node passes a ChunkCaptions (a prompt's distinct rows); the tests read it per chunk
+        caption, caption_mask = rows.dense()
+        calls.append(dict(caption=caption, caption_mask=caption_mask, rows=rows, **kwargs))
         stats = types.SimpleNamespace(summary=lambda: "computed 100%")
         return types.SimpleNamespace(latent=torch.zeros(16, 12, 8, 8), stats=stats)
 
@@ -425,3 +427,13 @@ def test_fp8_weights_line_has_no_gpu_estimate_on_the_cpu_and_never_0_ms(pack, mo
                                             "about 3 ms of memory traffic per DiT call at 1 TB/s (an estimate)")
     monkeypatch.setattr(ops, "fp8_arithmetic", lambda device: False)
     assert "this GPU has no float8 arithmetic" in memory._weights(large, cuda)
+
+
+def test_a_long_videos_captions_are_a_prompts_distinct_rows(pack, model, captured):
+    """171 chunks of one prompt read 8 distinct captions (the DURATION token saturates 7 chunks before the end):
+    what the sampler hands over does not grow with the video."""
+    plain, _ = pack.MAGI1TinyTextEncode.execute(prompt="a red ball moving right over a checkerboard").result
+    sample(pack, model, positive=plain, frames=4096)
+    rows = captured[-1]["rows"]
+    assert len(rows) == 171 and rows.table.shape[0] == 8
+    assert captured[-1]["caption"].shape[0] == 171  # the same captions, chunk by chunk

@@ -264,3 +264,32 @@ def test_long_video_continues_each_segment_from_the_one_before():
     assert chain == [None, "6", "17"]  # segment 2 continues segment 1's latent, segment 3 segment 2's
     prompts = [api[s["positive"][0]]["inputs"]["prompt"] for s in samplers.values()]
     assert len(set(prompts)) == 3  # a different prompt for each segment
+
+
+def test_long_video_decodes_the_joined_latents_once():
+    api = json.loads((API_DIR / "magi1_long_video.json").read_text())
+    decodes = [k for k, v in api.items() if v["class_type"] == "MAGI1Decode"]
+    assert len(decodes) == 1  # one decode over the three segments: its tiles cross the joins
+    joined, sources = api[decodes[0]]["inputs"]["samples"][0], []
+
+    def segments(node_id):
+        node = api[node_id]
+        if node["class_type"] == "MAGI1Sampler":
+            return [node_id]
+        assert node["class_type"] == "LatentConcat" and node["inputs"]["dim"] == "t"
+        return segments(node["inputs"]["samples1"][0]) + segments(node["inputs"]["samples2"][0])
+    sources = segments(joined)
+    assert sources == ["6", "17", "19"]  # in the order they were made
+
+
+def test_minute_video_is_one_scheduled_sampler_saved_chunk_by_chunk():
+    from magi1 import parse_prompt_schedule
+
+    api = json.loads((API_DIR / "magi1_minute_video.json").read_text())
+    samplers = [k for k, v in api.items() if v["class_type"] == "MAGI1Sampler"]
+    assert len(samplers) == 1 and api[samplers[0]]["inputs"]["frames"] >= 720  # 30 s at 24 fps
+    prompt = api[api[samplers[0]]["inputs"]["positive"][0]]["inputs"]["prompt"]
+    assert len(parse_prompt_schedule(prompt)) >= 2  # a prompt schedule
+    saves = [v for v in api.values() if v["class_type"] == "MAGI1SaveVideo"]
+    assert len(saves) == 1 and saves[0]["inputs"]["samples"] == [samplers[0], 0]
+    assert not any(v["class_type"] in ("MAGI1Decode", "CreateVideo") for v in api.values())
