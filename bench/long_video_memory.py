@@ -2,7 +2,7 @@
 (64x64, 8 steps, cache slow), the video decoded and written to the mp4 as its chunks finish, at 96, 480
 and 2400 frames (4 s, 20 s, 100 s). Each run is its own process; the peak is the kernel's (``ru_maxrss``
 of the child). ``--decode after`` is measured too, and, with ``--against`` a checkout of an older version,
-the same runs there.
+the same runs there. Each cell is the median of 3 runs.
 
     python -m bench.long_video_memory                      # prints the table (bench/long_video_memory.txt)
     python -m bench.long_video_memory --against /tmp/old   # and an older checkout's, side by side
@@ -20,7 +20,16 @@ import time
 FRAMES = (96, 480, 2400)
 
 
+REPEATS = 3  # runs per cell: the peak moves by a few percent from run to run (start-up transients)
+
+
 def measure(root, frames, extra=()):
+    """``(peak MB, seconds)``: the medians over ``REPEATS`` runs."""
+    runs = sorted(measure_once(root, frames, extra) for _ in range(REPEATS))
+    return runs[len(runs) // 2][0], sorted(s for _, s in runs)[len(runs) // 2]
+
+
+def measure_once(root, frames, extra=()):
     """Peak RSS in MB of one run: read from a wrapper that runs the CLI and reports its own children's peak."""
     code = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, "
             "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
@@ -55,8 +64,8 @@ def main(argv=None):
     for label, root, extra in runs:
         cells = [measure(root, frames, extra) for frames in FRAMES]
         print(f"| {label} | " + " | ".join(f"{mb:.0f} MB ({s:.0f} s)" for mb, s in cells) + " |", flush=True)
-    print(f"\npeak resident memory of python -m magi1 --model tiny --steps 8 --cache slow (64x64), "
-          f"{os.cpu_count()} cores, torch {__import__('torch').__version__}")
+    print(f"\npeak resident memory of python -m magi1 --model tiny --steps 8 --cache slow (64x64), median of "
+          f"{REPEATS} runs, {os.cpu_count()} cores, torch {__import__('torch').__version__}")
 
 
 if __name__ == "__main__":
