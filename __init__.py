@@ -4,6 +4,8 @@ Inside ComfyUI this registers the pack's nodes through the V3 API (``comfy_entry
 anywhere else (tests, scripts) it does nothing, so ``cache_core`` and ``magi1`` stay usable on their own.
 """
 
+WEB_DIRECTORY = "./web"  # served by ComfyUI: web/docs/<node id>.md is each node's help page
+
 try:
     from comfy_api.latest import ComfyExtension
 except ModuleNotFoundError as error:  # not running inside ComfyUI

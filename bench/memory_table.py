@@ -1,4 +1,5 @@
-"""The README's "Memory" table: ``magi1.memory_plan`` for the targets of issue 19 and a few neighbours.
+"""The "Memory" tables of docs/memory.md (the card table also in the README): ``magi1.memory_plan`` for the
+targets of issue 19 and a few neighbours, and the options that fit each card.
 
     python -m bench.memory_table            # prints the markdown table (bench/memory_table.md)
 
