@@ -100,7 +100,7 @@ def build_parser():
     parser.add_argument("--mode", default=PRESET_MODE, choices=MODES,
                         help=f"cache mode (default {PRESET_MODE}); off: no cache, every token computed")
     parser.add_argument("--preset", default="slow", choices=("slow", "fast"),
-                        help="cache preset (default slow; calibrated on the benchmark model: bench/calibration_bench.md)")
+                        help="cache preset (default slow; calibrated on the benchmark model: bench/results/calibration_bench.md)")
     parser.add_argument("--tau", type=_tau, help="reuse threshold (>= 0) instead of the preset's: higher, more "
                         "reuse and faster, lower, closer to no cache; needs a cache mode other than off")
     return parser

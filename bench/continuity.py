@@ -2,8 +2,8 @@
 frame, the jump of its position across each chunk boundary is compared with its motion inside chunks, and
 its overall displacement with the caption's direction.
 
-    python -m bench.continuity --model tiny      # 16 built-in prompts, seeds 0 and 1 (bench/continuity_tiny.txt)
-    python -m bench.continuity --model bench     # the held-out set, train/bench_heldout.json (continuity_bench.txt)
+    python -m bench.continuity --model tiny      # 16 built-in prompts, seeds 0 and 1 (bench/results/continuity_tiny.txt)
+    python -m bench.continuity --model bench     # the held-out set, train/bench_heldout.json (bench/results/continuity_bench.txt)
     python -m bench.continuity --model bench --prompts prompts.txt --seeds 0,1,2 --frames 96
 
 Positions are measured per latent frame (the mean over the four decoded frames each latent frame gives):

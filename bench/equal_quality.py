@@ -2,7 +2,7 @@
 the largest FLOP ratio and wall speed-up at which its PSNR against ``off`` stays at or above a bar,
 interpolated linearly along its τ sweep (``off`` itself, 1x at any bar, starts every sweep).
 
-    python -m bench.equal_quality bench/results_bench.md --bars 35,30
+    python -m bench.equal_quality bench/results/policies_bench_heldout.md --bars 35,30
 """
 
 from __future__ import annotations

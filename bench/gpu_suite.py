@@ -1,13 +1,13 @@
 """The pack at real size on one GPU: one prepared command, random weights at the official shapes, nothing
 downloaded.
 
-    python -m bench.gpu_suite                       # on a CUDA GPU: about 5 minutes, writes bench/gpu_results.md
+    python -m bench.gpu_suite                       # on a CUDA GPU: about 5 minutes, writes bench/results/gpu_results.md
     python -m bench.gpu_suite --only a,b            # chosen sections
     python -m bench.gpu_suite --smoke               # every section on tiny shapes on the CPU (CI runs this)
 
 On the lent device machine (its own torch; nothing to install), as one call:
     PYTHONUNBUFFERED=1 python3 -m bench.gpu_suite --out $OUT/gpu_results.md 2>&1 | tee $OUT/log
-then commit the returned file as bench/gpu_results.md. The results file is rewritten after every
+then commit the returned file as bench/results/gpu_results.md. The results file is rewritten after every
 section, so a run cut short keeps what it measured.
 
 Sections (each skipped, saying so, when the time budget would not hold it):
@@ -489,7 +489,7 @@ def main(argv=None):
     parser.add_argument("--only", default=ORDER, help="sections to run, e.g. a,b,e (default: all)")
     parser.add_argument("--budget", type=float, default=300.0, help="seconds; a section that would overrun is skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, every section (for CI)")
-    parser.add_argument("--out", default=None, help="results file (default: bench/gpu_results.md; none with --smoke)")
+    parser.add_argument("--out", default=None, help="results file (default: bench/results/gpu_results.md; none with --smoke)")
     args = parser.parse_args(argv)
     chosen = [s for s in ORDER if s in args.only.replace(",", "")]
     unknown = sorted(set(args.only.replace(",", "")) - set(ORDER))
@@ -499,7 +499,7 @@ def main(argv=None):
         parser.error("this suite measures a CUDA GPU; use --smoke for a CPU check of the code")
     setup = Setup.make(args.smoke)
     timer = Timer(setup.device, setup.repeats)
-    out = args.out or (None if args.smoke else "bench/gpu_results.md")
+    out = args.out or (None if args.smoke else "bench/results/gpu_results.md")
     began, found = time.perf_counter(), {}
     lines = ["# MAGI-1 at real size on one GPU" if not args.smoke else "# GPU suite, smoke run (tiny shapes, CPU)",
              "", *environment(setup), "", f"Goals: {GOALS}.", ""]

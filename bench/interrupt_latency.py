@@ -3,7 +3,7 @@ interrupt raised from another thread after a few seconds, the time until ``gener
 released its buffers. Before the stop check inside the DiT, an interrupt was only seen between steps
 (152 s at this size in issue 20's report).
 
-    python -m bench.interrupt_latency            # prints the latency (bench/interrupt_latency.txt)
+    python -m bench.interrupt_latency            # prints the latency (bench/results/interrupt_latency.txt)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The "Memory" tables of docs/memory.md (the card table also in the README): ``magi1.memory_plan`` for the
 targets of issue 19 and a few neighbours, and the options that fit each card.
 
-    python -m bench.memory_table            # prints the markdown table (bench/memory_table.md)
+    python -m bench.memory_table            # prints the markdown table (bench/results/memory_table.md)
 
 Planned, not measured: the plan counts the DiT's weights, KV caches, cache-policy state and the peak of
 one window call, then the VAE decode (after the DiT phase); not the CUDA context (about 0.5 GB), the

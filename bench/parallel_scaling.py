@@ -1,6 +1,6 @@
 """Several processes: per-rank memory and communication on paper for 24B, and time per step measured on CPU.
 
-    python -m bench.parallel_scaling              # writes bench/parallel_scaling.md
+    python -m bench.parallel_scaling              # writes bench/results/parallel_scaling.md
     python -m bench.parallel_scaling --paper      # the paper table only (no processes started)
 
 Paper (``magi1.memory_plan`` and ``magi1.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
@@ -43,7 +43,7 @@ from magi1.flops import flops
 from magi1.parallel import split_sizes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "parallel_scaling.md")
+OUT = os.path.join(HERE, "results", "parallel_scaling.md")
 SIZE = dict(frames=96, height=720, width=1280)
 BF16 = 2
 PER_GPU_FLOPS = 600e12  # an assumed sustained bf16 rate per GPU (H100-class), for the compute column

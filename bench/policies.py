@@ -2,8 +2,8 @@
 
     python -m bench.policies                 # the tiny model: about 20 minutes on 2 CPU cores
     python -m bench.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
-    python -m bench.policies --model bench --prompts bench/setup_calibration.json --calibrate   # the presets
-    python -m bench.policies --model bench --setup bench/setup_bench.json   # the benchmark model's held-out set
+    python -m bench.policies --model bench --prompts bench/setups/calibration.json --calibrate   # the presets
+    python -m bench.policies --model bench --setup bench/setups/bench_heldout.json   # the benchmark model's held-out set
     python -m bench.policies --model bench --prompts my.txt --seeds 0,1,2 --policies teacache,motion_detail/max/latent --taus 0.1,0.2
 
 Prompts, seeds, policies and τ values come from the command line or a JSON ``--setup`` file (keys
@@ -18,10 +18,10 @@ token-steps computed, the analytic FLOP ratio (dense / spent), the wall speed-up
 ``--repeats`` rounds, each round running every policy in turn, so that machine noise hits all alike),
 and PSNR / SSIM of the decoded videos against ``off``'s over all frames, with the seed-to-seed spread of
 the PSNR (the range of the per-seed means over the prompts). It prints the table, writes it to
-``bench/results.md`` (``results_bench.md`` for the benchmark model) with a comparison at equal FLOP savings,
-and plots quality and wall speed-up against the FLOP ratio in ``results.png`` (needs matplotlib).
-``--calibrate`` runs only the presets' policy (``PRESET_SPEC``) over a finer τ grid and writes
-``calibration.md`` (``calibration_bench.md``) with the presets that rule gives; the shipped presets come
+``bench/results/policies_tiny.md`` (``policies_bench_heldout.md`` for the benchmark model) with a comparison at
+equal FLOP savings, and plots quality and wall speed-up against the FLOP ratio beside it (``.png``, needs
+matplotlib). ``--calibrate`` runs only the presets' policy (``PRESET_SPEC``) over a finer τ grid and writes
+``calibration_tiny.md`` (``calibration_bench.md``) with the presets that rule gives; the shipped presets come
 from the benchmark model's calibration set (never the held-out prompts or seeds).
 """
 
@@ -64,7 +64,7 @@ RELEASED = dict(proxy="latent", warmup_steps=5, chunk_wise_steps=20, final_full_
                 rescale_reused_velocity=False)
 POLICIES = ("teacache", "flowcache") + tuple(f"motion/{p}" for p in PROXIES) + tuple(
     f"motion_detail/{c}/{p}" for p in PROXIES for c in COMBINE_MODES)
-RESULT_NAMES = {"tiny": ("results", "calibration"), "bench": ("results_bench", "calibration_bench")}
+RESULT_NAMES = {"tiny": ("policies_tiny", "calibration_tiny"), "bench": ("policies_bench_heldout", "calibration_bench")}
 
 
 @dataclass
@@ -392,7 +392,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="one prompt and seed, two thresholds, one repeat")
     parser.add_argument("--calibrate", action="store_true",
                         help="only the presets' policy over a fine τ grid, and the presets it suggests")
-    parser.add_argument("--out", default=HERE, help="folder for the results")
+    parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the results (default: bench/results)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = tiny.MODELS[args.model]
@@ -424,8 +424,8 @@ def main(argv=None):
         if any(r.family.startswith("motion_detail") for r in rows):
             report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
                        "come from a finer τ sweep of the presets' policy on the benchmark model's calibration "
-                       "set: `python -m bench.policies --model bench --prompts bench/setup_calibration.json "
-                       "--calibrate` (bench/calibration_bench.md).")
+                       "set: `python -m bench.policies --model bench --prompts bench/setups/calibration.json "
+                       "--calibrate` (bench/results/calibration_bench.md).")
         name, title = results_name + ".md", f"# Cache policies on the {model.name} model"
     print(report)
     os.makedirs(args.out, exist_ok=True)

@@ -12,7 +12,7 @@ from .decision import Decision
 
 # A reused velocity is extrapolated at most this many spans (t1 - t0 of its last two computes) beyond
 # its last compute: the schedule's steps grow about geometrically, so a fit over two early, tiny steps
-# would otherwise be stretched over a late, large one (measured in bench/ablation: uncapped
+# would otherwise be stretched over a late, large one (measured in bench/results/ablation1_every_variant: uncapped
 # extrapolation loses 1-4 dB where the cap gains).
 EXTRAPOLATION_SPANS = 1.0
 

@@ -18,7 +18,7 @@ PRESET_SCHEDULE = dict(warmup_steps=2, chunk_wise_steps=2, final_full_steps=1, m
 # The rest of the presets' policy: the mode the cache node selects by default, reused velocities
 # extrapolated from the last two computes, and the chunk threshold as a multiple of τ (hybrid: a chunk
 # whose change passes it computes only its tokens due, the high-weight ones first). Chosen by the
-# ablations on the benchmark model's calibration set (bench/ablation*, bench/calibration_bench.md).
+# ablations on the benchmark model's calibration set (bench/results/ablation1_every_variant*, bench/results/calibration_bench.md).
 PRESET_MODE = "hybrid"
 PRESET_OPTIONS = dict(velocity_extrapolation=1.0)
 PRESET_CHUNK_RATIO = 1.5
@@ -32,7 +32,7 @@ class CachePolicy:
     τ 0.0065, motion floor 0.6) with the MotionDetailCache defaults, plus the fixes to the released
     code: guaranteed final full steps and velocity reuse rescaled by the current step size. One default
     departs from the release: the weights are measured on the denoised estimate (``proxy``), which the
-    benchmark (``bench/results.md``) found as good or better than the noisy latent at every FLOP saving.
+    benchmark (``bench/results/policies_tiny.md``) found as good or better than the noisy latent at every FLOP saving.
 
     Phases of one chunk, from its own step counter k (0-based) out of ``num_steps``:
 
@@ -168,8 +168,8 @@ class CachePolicy:
         return (f"token phase never reached at {num_steps} steps: warm-up {self.warmup_steps} + chunk-level "
                 f"{self.chunk_wise_steps} + final {self.final_full_steps}; lower them or use more steps")
 
-    # Presets, calibrated by ``python -m bench.policies --model bench --prompts bench/setup_calibration.json
-    # --calibrate`` on the benchmark model's calibration set at 16 steps (bench/calibration_bench.md). τ depends on the model and the step count:
+    # Presets, calibrated by ``python -m bench.policies --model bench --prompts bench/setups/calibration.json
+    # --calibrate`` on the benchmark model's calibration set at 16 steps (bench/results/calibration_bench.md). τ depends on the model and the step count:
     # on another model, check the cache report and adjust.
     SLOW_TAU = 0.1
     FAST_TAU = 0.2

@@ -127,7 +127,7 @@ class VAETiling:
             raise ValueError(f"VAE tile length must be a positive multiple of {temporal} frames, got {self.length}")
 
 
-# The decode without seams (MAGI-1 Decode's default; bench/decode_seams.txt): 16-frame tiles, the VAE's trained
+# The decode without seams (MAGI-1 Decode's default; bench/results/decode_seams.txt): 16-frame tiles, the VAE's trained
 # length, overlapping by half (2 latent frames) and cross-faded over 8 frames. At 720p: 1.4x the release's
 # tiles of a third more tokens each, about twice its decoder FLOPs.
 SEAMLESS = VAETiling(length=16, temporal_overlap=0.5)

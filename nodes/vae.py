@@ -19,7 +19,7 @@ from .queue_checks import CheckedNode
 
 LATENT_CHANNELS = 16  # what every MAGI-1 DiT reads (the 24B duplicates them into its 32 input channels)
 # MAGI-1 Decode's temporal tilings (the names are saved in workflows: keep them). The default overlaps its
-# 16-frame tiles by half and cross-fades them (bench/decode_seams.txt); the release's tiles leave a seam.
+# 16-frame tiles by half and cross-fades them (bench/results/decode_seams.txt); the release's tiles leave a seam.
 SEAMLESS_CHOICE, RELEASED_CHOICE = "seamless", "as released (12 frames, no overlap)"
 TEMPORAL_TILINGS = {SEAMLESS_CHOICE: SEAMLESS, RELEASED_CHOICE: VAETiling()}
 

@@ -84,7 +84,7 @@ def test_the_benchmark_model_runs_the_policy_benchmark(tmp_path):
                           "flowcache,motion_detail/max/latent", "--out", str(tmp_path)])
     assert [r.family for r in rows] == ["off"] + ["flowcache"] * 2 + ["motion_detail max / latent"] * 2
     assert all(0.0 < r.computed <= 1.0 and r.flop_ratio >= 1.0 and list(r.psnr_by_seed) == [0] for r in rows)
-    written = (tmp_path / "results_bench.md").read_text()
+    written = (tmp_path / "policies_bench_heldout.md").read_text()
     assert written.startswith("# Cache policies on the bench model") and "128x128" in written
     assert "| off | 0 | 100% | 1.00x | 1.00x | 1.00 | 99.0 | 0.0 |" in written
     with pytest.raises(SystemExit, match="unknown policy"):
@@ -143,7 +143,7 @@ def test_the_benchmark_model_loads_with_the_ordinary_loaders():
 def test_the_calibration_set_never_touches_the_held_out_set():
     import os
 
-    with open(os.path.join(os.path.dirname(policies.__file__), "setup_calibration.json")) as f:
+    with open(os.path.join(os.path.dirname(policies.__file__), "setups", "calibration.json")) as f:
         calibration = json.load(f)
     with open(policies.HELDOUT_FILE) as f:
         heldout = json.load(f)
@@ -151,5 +151,5 @@ def test_the_calibration_set_never_touches_the_held_out_set():
     assert not set(calibration["prompts"]) & set(heldout["prompts"])
     assert not set(calibration["seeds"]) & set(heldout["seeds"])
     prompts, seeds, *_ = _setup({"model": "bench", "setup": os.path.join(os.path.dirname(policies.__file__),
-                                                                          "setup_calibration.json")})
+                                                                          "setups", "calibration.json")})
     assert (prompts, seeds) == (calibration["prompts"], calibration["seeds"])

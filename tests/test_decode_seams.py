@@ -61,7 +61,7 @@ def test_default_removes_the_seams_of_the_release_tiling(pack, vae, generated):
     released = decode(pack, vae, generated, temporal_tiling=RELEASED_CHOICE)
     assert default.shape == released.shape == (48, 64, 64, 3)
     ratios = spike_ratio(default), spike_ratio(released)
-    # measured (bench/decode_seams.txt, 96 frames): about 1.3 (as the untiled decode) against 2.4
+    # measured (bench/results/decode_seams.txt, 96 frames): about 1.3 (as the untiled decode) against 2.4
     assert ratios[0] < 1.6 < 2.0 < ratios[1], ratios
     assert torch.equal(decode(pack, vae, generated, temporal_tiling=SEAMLESS_CHOICE), default)  # saved workflows
 

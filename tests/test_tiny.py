@@ -192,10 +192,10 @@ def test_policy_benchmark_quick_run_writes_table_and_plot(tmp_path, capsys):
     for family in families - {"off"}:
         sweep = sorted((r.tau, r.computed) for r in rows if r.family == family)
         assert all(b[1] <= a[1] for a, b in zip(sweep, sweep[1:])), (family, sweep)
-    written = (tmp_path / "results.md").read_text()
+    written = (tmp_path / "policies_tiny.md").read_text()
     assert written.count("\n| ") >= len(rows) and "| motion_detail max / latent |" in written
     assert "Best MotionDetailCache variant at equal FLOPs: **motion_detail " in written and "--calibrate" in written
-    assert (tmp_path / "results.png").stat().st_size > 1000
+    assert (tmp_path / "policies_tiny.png").stat().st_size > 1000
     assert "| off | 0 | 100% | 1.00x | 1.00x |" in capsys.readouterr().out
 
 
@@ -223,17 +223,17 @@ def test_calibration_sweep_runs_the_default_policy_over_the_fine_grid(tmp_path):
     rows = policies.main(["--calibrate", "--quick", "--frames", "24", "--steps", "8", "--out", str(tmp_path)])
     assert [r.tau for r in rows[1:]] == list(policies.CALIBRATION_TAUS)
     assert all(r.policy == CachePolicy.preset_family(r.tau) for r in rows[1:])
-    written = (tmp_path / "calibration.md").read_text()
-    assert "- slow:" in written and "- fast:" in written and not (tmp_path / "results.md").exists()
+    written = (tmp_path / "calibration_tiny.md").read_text()
+    assert "- slow:" in written and "- fast:" in written and not (tmp_path / "policies_tiny.md").exists()
 
 
 def test_presets_are_the_committed_calibration():
-    """The presets are what bench/calibration_bench.md (the benchmark model's calibration set, python -m
-    bench.policies --model bench --prompts bench/setup_calibration.json --calibrate) suggests, for the
+    """The presets are what bench/results/calibration_bench.md (the benchmark model's calibration set, python -m
+    bench.policies --model bench --prompts bench/setups/calibration.json --calibrate) suggests, for the
     policy that run swept; the bench spec of that policy is the presets' policy at every τ."""
     from bench import policies
 
-    text = (ROOT / "bench" / "calibration_bench.md").read_text()
+    text = (ROOT / "bench" / "results" / "calibration_bench.md").read_text()
     suggested = {name: float(tau) for name, tau in re.findall(r"^- (slow|fast): τ ([0-9.]+) ", text, re.M)}
     assert suggested == {"slow": CachePolicy.slow().tau, "fast": CachePolicy.fast().tau}
     assert policies.COMMON == cache_core.PRESET_SCHEDULE

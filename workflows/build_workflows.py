@@ -126,7 +126,7 @@ def _real_model():
 
 def _cache():
     """The cache node as a fresh one is: the calibrated ``slow`` preset (``CachePolicy.slow()``,
-    bench/calibration_bench.md), its widgets showing the preset's values (the workflow test checks that
+    bench/results/calibration_bench.md), its widgets showing the preset's values (the workflow test checks that
     they agree), so switching to custom keeps them."""
     return {}
 
