@@ -30,7 +30,7 @@ import time
 import torch
 
 import magi1
-from magi1.vae import SEAMLESS, VAETiling
+from magi1.video.vae import SEAMLESS, VAETiling
 
 RELEASE_FRAMES = 12  # the release's temporal tile, in frames
 TILINGS = {
@@ -93,7 +93,7 @@ def smooth_latent(frames=24, size=8, seed=0):
 
 def cost_table(config=magi1.VAEConfig(), latent_shape=(24, 90, 160)):
     """Tiles, relative decoder FLOPs and largest-tile tokens of each tiling at 720p, computed."""
-    from magi1.vae import _spatial_plan, _starts, _temporal_tile_stride, _temporal_tiles
+    from magi1.video.vae import _spatial_plan, _starts, _temporal_tile_stride, _temporal_tiles
 
     vae = magi1.build_vae(config, device="meta")
     e, depth = config.embed_dim, config.depth

@@ -17,8 +17,8 @@ import argparse
 import torch
 
 import magi1
-from magi1.attention import flash_available
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.network.attention import flash_available
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
 from .timing import median_ms
 

@@ -1,7 +1,7 @@
 """A reuse policy that computes a fixed share of every chunk's tokens (a random set each step) after the
 chunk's first step, and reuses the rest's last velocity. Not a cache: a probe that measures wall time
 against FLOPs at a chosen active fraction, whatever a real policy would decide on random weights. It
-follows ``magi1.reuse_contract``, with ``cache_core``'s ``Decision``."""
+follows ``magi1.sampling.reuse_contract``, with ``cache_core``'s ``Decision``."""
 
 from __future__ import annotations
 

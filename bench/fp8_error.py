@@ -8,7 +8,7 @@
    against the recording (float32 compute; the harness's bfloat16 path in the quantised layers followed,
    as in tests/test_fp8.py, and not), our fp8 model computing in bfloat16 against it, and the recording
    against the same official model with the float8 layers dequantised (the quantisation error itself).
-3. The bytes of the real models' weights per kind (``magi1.memory_plan``).
+3. The bytes of the real models' weights per kind (``magi1.planning.memory_plan``).
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import sys
 import torch
 
 from magi1 import ModelConfig, build_dit, random_dit
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.memory_plan import GB, weight_bytes
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.planning.memory_plan import GB, weight_bytes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,12 +20,12 @@ Sections (each skipped, saying so, when the time budget would not hold it):
   g. VAE decode of one 720x720 chunk: time and peak memory;
   f. 24B at 720x1280: 2 and 4 layers timed, extrapolated to 48 (labelled as such);
   d. torch.compile of the layer stack, on against off;
-  m. memory: a 4.5B-distill 720x720 2-chunk generation's peak against magi1.memory_plan; the window
+  m. memory: a 4.5B-distill 720x720 2-chunk generation's peak against magi1.planning.memory_plan; the window
      forward with fp8 weights (cast per layer, and the official fp8 layers' float8 products) against
      bf16; layer streaming (block swap) with 8 and 0 resident layers against resident;
   l. length: 4.5B-distill 720x720 generations of 2, 6 and 12 chunks (cache slow, 8 steps): peak memory
      against the plan (flat in length since 0.9, and within 10% of the plan);
-  p. the multi-process code path on one process (magi1.parallel, NCCL world of 1): the window forward's
+  p. the multi-process code path on one process (magi1.distributed.parallel, NCCL world of 1): the window forward's
      time against the plain model's (the all-to-alls, token split and gather with nothing to exchange).
 Random weights: the cache's decisions on them are arbitrary, so the forced fractions of e are what
 measure wall time against FLOPs at real size.
@@ -42,8 +42,8 @@ import torch
 
 import magi1
 from cache_core import CachePolicy
-from magi1.attention import flash_available
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.network.attention import flash_available
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT, median_ms
@@ -227,7 +227,7 @@ def section_e(setup, timer, found):
     height, width = setup.size_45
     layout = magi1.VideoLayout.plan(setup.frames, height, width)
     steps = 16
-    forward_steps = magi1.schedule.total_forward_steps(layout.chunk_num, steps, 4)
+    forward_steps = magi1.sampling.schedule.total_forward_steps(layout.chunk_num, steps, 4)
     g = torch.Generator().manual_seed(0)
     config = model.config
     caption = torch.randn(config.caption_max_length, config.caption_channels, generator=g)
@@ -376,9 +376,9 @@ def section_l(setup, timer, found):
 
 
 def section_p(setup, timer, found):
-    from magi1.layer_sharding import distribute
-    from magi1.parallel import Parallel
-    from magi1.workers import free_port
+    from magi1.weights.layer_sharding import distribute
+    from magi1.distributed.parallel import Parallel
+    from magi1.distributed.workers import free_port
     model = setup.dit("4.5B")
     call = WindowCall(model, *setup.size_45)
     plain_ms = timer(call)
@@ -396,7 +396,7 @@ def section_p(setup, timer, found):
     found.update(parallel_overhead=parallel_ms / plain_ms - 1)
     return [f"Window forward (1 chunk of {call.tokens} tokens + 1 cached), {setup.dtype}, one process.", "",
             "| path | ms | against plain |", "|---|---|---|", f"| plain model | {plain_ms:.1f} | 1.00x |",
-            f"| through magi1.parallel (world of 1) | {parallel_ms:.1f} | {parallel_ms / plain_ms:.3f}x |", "",
+            f"| through magi1.distributed.parallel (world of 1) | {parallel_ms:.1f} | {parallel_ms / plain_ms:.3f}x |", "",
             f"Largest difference between the two outputs: {difference:.1e}."]
 
 

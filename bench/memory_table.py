@@ -1,4 +1,4 @@
-"""The "Memory" tables of docs/memory.md (the card table also in the README): ``magi1.memory_plan`` for the
+"""The "Memory" tables of docs/memory.md (the card table also in the README): ``magi1.planning.memory_plan`` for the
 targets of issue 19 and a few neighbours, and the options that fit each card.
 
     python -m bench.memory_table            # prints the markdown table (bench/results/memory_table.md)
@@ -15,8 +15,8 @@ import dataclasses
 import torch
 
 from magi1 import memory_plan
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.memory_plan import GB, replan
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.planning.memory_plan import GB, replan
 
 # (label, size, passes, height, width, frames, options, budget GB)
 ROWS = [

@@ -3,7 +3,7 @@
     python -m bench.parallel_scaling              # writes bench/results/parallel_scaling.md
     python -m bench.parallel_scaling --paper      # the paper table only (no processes started)
 
-Paper (``magi1.memory_plan`` and ``magi1.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
+Paper (``magi1.planning.memory_plan`` and ``magi1.distributed.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
 context parallel over N processes, bf16 compute, cache off). Per rank:
 
 * weights: the layers it owns (``ceil(L / N)``), the layers in flight (the running one and the next, which
@@ -16,7 +16,7 @@ context parallel over N processes, bf16 compute, cache off). Per rank:
 * communication per denoising step (one window call), bytes received by one rank: per layer, the
   all-to-alls of q, k, v and the attention output ((N - 1) / N of its share each) and the gathered output;
   and the weights of the layers it does not own (N - 1 of N), broadcast by their owners;
-* compute per step: ``magi1.flops`` of the window call (keys taken as the window's tokens, an estimate)
+* compute per step: ``magi1.network.flops`` of the window call (keys taken as the window's tokens, an estimate)
   over N, at an assumed 600 TFLOP/s per GPU.
 
 Measured: the built-in tiny model (64x64, 48 frames, 16 steps), gloo on this machine's CPU cores, one
@@ -35,12 +35,12 @@ import time
 import torch
 
 from magi1 import memory_plan
-from magi1.config import ModelConfig
-from magi1.layout import VideoLayout
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.memory_plan import GB, dit_activation_bytes, layer_weight_bytes, window_calls
-from magi1.flops import flops
-from magi1.parallel import split_sizes
+from magi1.network.config import ModelConfig
+from magi1.sampling.layout import VideoLayout
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.planning.memory_plan import GB, dit_activation_bytes, layer_weight_bytes, window_calls
+from magi1.network.flops import flops
+from magi1.distributed.parallel import split_sizes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "results", "parallel_scaling.md")
@@ -131,7 +131,7 @@ def _steps(stats):
 
 def _worker(rank, world, port, out_dir):
     from safetensors.torch import save_file
-    from magi1.parallel import Parallel
+    from magi1.distributed.parallel import Parallel
     torch.set_num_threads(1)
     par = Parallel.start(rank, world, f"tcp://127.0.0.1:{port}", backend="gloo")
     try:
@@ -149,7 +149,7 @@ def _processes(world):
     import torch.multiprocessing as mp
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from magi1.workers import free_port
+    from magi1.distributed.workers import free_port
     port = free_port()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_worker, args=(world, port, out_dir), nprocs=world, join=True)

@@ -7,7 +7,7 @@ sampling thread (timed too, for completeness).
 - tiny model, CPU: measured step time (median gap between on_step calls) against measured preview time;
 - 4.5B at 720p: preview time measured on the CPU for a window of 4 chunks of 90x90 latents (on a GPU the
   projection is smaller still; its 24 KB copy to the CPU is not included), step time ESTIMATED from
-  ``magi1.flops`` of the cheapest step (one 6-frame chunk attending to itself and one cached chunk) at an
+  ``magi1.network.flops`` of the cheapest step (one 6-frame chunk attending to itself and one cached chunk) at an
   assumed 400 TFLOP/s effective: a lower bound on the step, so an upper bound on the share;
 - the one-time fit of the projection, on the tiny VAE and (``--full-vae``) on a random full-size VAE.
 
@@ -25,8 +25,9 @@ import torch
 from PIL import Image, ImageOps
 
 import magi1
-from magi1 import preview, tiny
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1 import tiny
+from magi1.video import preview
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
 EFFECTIVE_TFLOPS = 400.0  # assumed, for the 720p estimate
 

@@ -25,7 +25,7 @@ import torch
 
 import magi1
 from cache_core import CachePolicy
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
 from .timing import InsideDiT
 
@@ -123,7 +123,7 @@ def main(argv=None):
             inside[name].append(timer.seconds)
             stats[name] = result.stats
 
-    forward_steps = magi1.schedule.total_forward_steps(layout.chunk_num, args.steps, 4)
+    forward_steps = magi1.sampling.schedule.total_forward_steps(layout.chunk_num, args.steps, 4)
     off_wall, off_inside = statistics.median(wall["off"]), statistics.median(inside["off"])
     dense_step = off_inside / forward_steps
     off_outside = (off_wall - off_inside) / forward_steps

@@ -94,7 +94,7 @@ def main(argv=None):
     model = tiny.MODELS[args.model]
     times, last = measure(model, args.fraction, args.rounds, args.frames)
     layout = magi1.VideoLayout.plan(args.frames, model.size, model.size)
-    forward_steps = magi1.schedule.total_forward_steps(layout.chunk_num, model.steps, 4)
+    forward_steps = magi1.sampling.schedule.total_forward_steps(layout.chunk_num, model.steps, 4)
     lines = [f"# python -m bench.sparse_efficiency --model {args.model} --fraction {args.fraction:g} "
              f"--rounds {args.rounds} ({args.frames} frames {model.size}x{model.size}, {model.steps} steps, CPU "
              f"{torch.get_num_threads()} threads)"] + summary(times, last, forward_steps)

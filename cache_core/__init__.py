@@ -1,7 +1,7 @@
 """cache_core: which tokens of each video chunk to recompute at every denoising step.
 
 Model-agnostic (torch only, no ComfyUI, no MAGI-1): the sampler asks a per-run ``CacheState`` what to
-compute, runs its model on those tokens, and hands the velocity back. ``magi1.reuse_contract`` states
+compute, runs its model on those tokens, and hands the velocity back. ``magi1.sampling.reuse_contract`` states
 what a sampler needs from a policy and its state; ``CachePolicy`` and ``CacheState`` provide it.
 """
 

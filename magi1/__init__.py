@@ -1,22 +1,22 @@
 """MAGI-1 in plain PyTorch: the DiT, VAE, text conditioning and autoregressive sampler (no ComfyUI here)."""
 
-from .config import ModelConfig
-from .dit import MagiDiT, distill_dt
-from .flops import FlopCount, flops
-from .kv_cache import KVCache
-from .loader import build_dit, load_dit, random_dit
-from .memory_plan import MemoryPlan, memory_plan
-from .ops import CastOps
-from .parallel import Parallel
-from .streaming import LayerStreamer, stream_layers
-from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
-from .guidance import Guidance
-from .layout import VideoLayout
-from .reuse_contract import ReuseDecision, ReusePolicy, ReuseState
-from .sampler import SampleResult, SamplingInterrupted, StepProgress, generate
-from .text import (ChunkCaptions, SpecialTokens, chunk_captions, find_special_tokens, null_caption,
+from .network.config import ModelConfig
+from .network.dit import MagiDiT, distill_dt
+from .network.flops import FlopCount, flops
+from .network.kv_cache import KVCache
+from .weights.loader import build_dit, load_dit, random_dit
+from .planning.memory_plan import MemoryPlan, memory_plan
+from .network.ops import CastOps
+from .distributed.parallel import Parallel
+from .weights.streaming import LayerStreamer, stream_layers
+from .sampling.sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
+from .sampling.guidance import Guidance
+from .sampling.layout import VideoLayout
+from .sampling.reuse_contract import ReuseDecision, ReusePolicy, ReuseState
+from .sampling.sampler import SampleResult, SamplingInterrupted, StepProgress, generate
+from .prompts.text import (ChunkCaptions, SpecialTokens, chunk_captions, find_special_tokens, null_caption,
                    parse_prompt_schedule, prepare_prompt, scheduled_caption_rows, scheduled_captions)
-from .vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
+from .video.vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, load_vae, random_vae
 
 __all__ = [
     "LATENT_SCALE", "CastOps", "ChunkCaptions", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan", "Parallel",

@@ -3,10 +3,10 @@
     python -m magi1 --prompt "a red ball moving right over a checkerboard" --out ball.mp4
     python -m magi1 --model ckpt/magi/4.5B_distill/inference_weight.distill --vae magi1_vae.safetensors \\
         --special-tokens special_tokens.npz --caption-states prompt.safetensors --width 720 --height 720 --out video.mp4
-    torchrun --nproc-per-node 2 -m magi1 ...   (several processes, one GPU each: magi1.parallel)
+    torchrun --nproc-per-node 2 -m magi1 ...   (several processes, one GPU each: magi1.distributed.parallel)
 
 The model is a built-in one (``tiny``, ``bench``: their own VAE and text encoder) or an official checkpoint,
-whose prompt comes encoded in a caption-states file (``magi1.caption_states``; ComfyUI's MAGI-1 Save Caption
+whose prompt comes encoded in a caption-states file (``magi1.prompts.caption_states``; ComfyUI's MAGI-1 Save Caption
 States node writes them). Rank 0 alone prints the report and writes files.
 
 This program composes ``magi1`` with ``cache_core`` as demo.py does, so it imports ``cache_core`` (absolutely: the
@@ -30,17 +30,17 @@ from safetensors.torch import save_file
 from cache_core import CachePolicy
 
 from . import Guidance, VideoLayout, generate, load_dit, load_vae, parse_prompt_schedule
-from .caption_states import CaptionStates, load_caption_states
-from .layout import FRAMES_RULE, frames_to_generate
-from .loader import checkpoint_summary, model_description
-from .mp4 import FPS
-from .run_time import estimate_run, eta, format_clock
-from .safetensors_io import refuse_pickle
-from .schedule import check_steps
-from .text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens, scheduled_caption_rows
+from .prompts.caption_states import CaptionStates, load_caption_states
+from .sampling.layout import FRAMES_RULE, frames_to_generate
+from .weights.loader import checkpoint_summary, model_description
+from .video.mp4 import FPS
+from .planning.run_time import estimate_run, eta, format_clock
+from .weights.safetensors_io import refuse_pickle
+from .sampling.schedule import check_steps
+from .prompts.text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens, scheduled_caption_rows
 from .tiny import MODELS, TINY
 from .tiny.text_encoder import unknown_note
-from .video_out import StreamedVideo, write_video
+from .video.video_out import StreamedVideo, write_video
 
 PROG = "python -m magi1"
 WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
@@ -69,7 +69,7 @@ class Run:
     prompt: Optional[str]
     caption_states: Optional[CaptionStates]
     caption_states_path: Optional[str]
-    frames: int  # generate's frames argument: the frames asked, by magi1.layout.frames_to_generate
+    frames: int  # generate's frames argument: the frames asked, by magi1.sampling.layout.frames_to_generate
     frames_asked: int
     width: int
     height: int
@@ -333,10 +333,10 @@ def checked_options(args, environ=os.environ):
 
 # ------------------------------------------------------------------------------------------ the run
 def start_parallel(run):
-    """This process's ``magi1.parallel.Parallel`` under torchrun, else None (a single process)."""
+    """This process's ``magi1.distributed.parallel.Parallel`` under torchrun, else None (a single process)."""
     if run.world == 1:
         return None
-    from .parallel import Parallel  # only multi-process runs need torch.distributed set up
+    from .distributed.parallel import Parallel  # only multi-process runs need torch.distributed set up
 
     return Parallel.from_environment(cfg=run.cfg, device=run.device, shard_weights=not run.replicate)
 

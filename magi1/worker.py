@@ -1,7 +1,7 @@
 """The worker program of a multi-process generation: ``python -m magi1.worker JOB_DIR``, run from the pack's
-folder by ``magi1.workers.run_workers`` with torchrun's environment (or by torchrun itself).
+folder by ``magi1.distributed.workers.run_workers`` with torchrun's environment (or by torchrun itself).
 
-It reads the job (``job.json`` and ``inputs.safetensors``, see ``magi1.workers``), joins the run
+It reads the job (``job.json`` and ``inputs.safetensors``, see ``magi1.distributed.workers``), joins the run
 (``Parallel.from_environment``; a single worker runs alone), loads the DiT itself with its share of the
 weights on its own device, rebuilds the cache policy, runs ``magi1.generate``, and rank 0 writes the result
 and its progress. A program, not a module of the library: neither ComfyUI nor ``magi1/__init__.py`` imports
@@ -20,9 +20,9 @@ import torch
 
 from cache_core import CachePolicy
 from . import Guidance, generate, load_dit
-from .parallel import Parallel, default_device
+from .distributed.parallel import Parallel, default_device
 from .tiny import MODELS
-from .workers import PARENT_ENV, read_job, save_result, write_progress
+from .distributed.workers import PARENT_ENV, read_job, save_result, write_progress
 
 PARENT_POLL_S = 1.0
 

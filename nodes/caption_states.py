@@ -1,4 +1,4 @@
-"""MAGI1SaveCaptionStates: a MAGI-1 CONDITIONING saved as a caption-states file (``magi1.caption_states``), so
+"""MAGI1SaveCaptionStates: a MAGI-1 CONDITIONING saved as a caption-states file (``magi1.prompts.caption_states``), so
 that ``python -m magi1 --caption-states FILE`` generates from it headless, without a text encoder."""
 
 import os
@@ -6,7 +6,7 @@ import os
 import folder_paths
 from comfy_api.latest import io
 
-from ..magi1.caption_states import save_caption_states
+from ..magi1.prompts.caption_states import save_caption_states
 from .queue_checks import CheckedNode
 from .save_video import output_prefix_problems
 from .sampler import conditioning_schedule

@@ -13,7 +13,7 @@ import folder_paths
 
 from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
 from ..magi1 import tiny
-from ..magi1.loader import checkpoint_entries, same_path
+from ..magi1.weights.loader import checkpoint_entries, same_path
 from .memory import weights_line
 from .queue_checks import CheckedNode
 
@@ -41,7 +41,7 @@ class MagiModel(torch.nn.Module):
 
 def checkpoint_choices(folder):
     """The built-in models, then the checkpoints of a model folder: single .safetensors files, and each
-    sharded checkpoint once, by its index file (``magi1.loader.checkpoint_entries``)."""
+    sharded checkpoint once, by its index file (``magi1.weights.loader.checkpoint_entries``)."""
     return list(BUILTIN) + folder_checkpoints(folder)[0]
 
 
@@ -141,7 +141,7 @@ class MAGI1DiTLoader(CheckedNode):
     @classmethod
     def still_accepted(cls, name, value):
         # A shard of a sharded checkpoint, chosen before the dropdown listed each checkpoint once, still loads
-        # (the whole checkpoint: magi1.loader finds its siblings); so does a name saved with the other
+        # (the whole checkpoint: magi1.weights.loader finds its siblings); so does a name saved with the other
         # system's separators (workflows name 4.5B_distill/... ; ComfyUI on Windows lists 4.5B_distill\...).
         if name != "checkpoint" or not isinstance(value, str):
             return False

@@ -5,8 +5,8 @@ import logging
 import comfy.model_management as mm
 
 from ..magi1 import memory_plan
-from ..magi1.loader import model_description
-from ..magi1.memory_plan import GB, dtype_name, replan
+from ..magi1.weights.loader import model_description
+from ..magi1.planning.memory_plan import GB, dtype_name, replan
 
 
 def cache_kind(policy):
@@ -86,7 +86,7 @@ def _weights(dit, device):
     kind = weight_kind(dit)
     if not kind.startswith("fp8"):
         return kind
-    from ..magi1.ops import FP8, fp8_arithmetic
+    from ..magi1.network.ops import FP8, fp8_arithmetic
 
     cast = f"each layer's float8 weights cast to {dtype_name(dit.dtype)} as it runs"
     if kind == "fp8_official" and fp8_arithmetic(device):

@@ -1,5 +1,5 @@
 """MAGI1MultiGPU: run MAGI-1 Sampler on several GPUs of this machine, in worker processes the pack starts
-and stops (``magi1.workers``); and the sampler's side of such a run (``sample_on_workers``)."""
+and stops (``magi1.distributed.workers``); and the sampler's side of such a run (``sample_on_workers``)."""
 
 import dataclasses
 import logging
@@ -13,7 +13,7 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import folder_paths
 
-from ..magi1.workers import read_progress, read_result, run_workers, write_job
+from ..magi1.distributed.workers import read_progress, read_result, run_workers, write_job
 from .queue_checks import CheckedNode
 
 # Where the option travels inside the patched MODEL; MAGI-1 Sampler reads it from here.

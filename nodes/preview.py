@@ -1,14 +1,14 @@
 """Live previews for MAGI-1 Sampler through ComfyUI's progress bar, as ComfyUI's own samplers send them
 (latent_preview.py): a ``("JPEG", PIL image, args.preview_size)`` tuple per step, none when ComfyUI runs
 with ``--preview-method none`` (its default). The image is the denoised estimate of the chunk closest to
-done, projected to RGB by the latent-to-RGB map fitted from the connected VAE (magi1/preview.py); MAGI-1
+done, projected to RGB by the latent-to-RGB map fitted from the connected VAE (magi1/video/preview.py); MAGI-1
 has no TAESD, so every other preview method gets this projection (as ComfyUI falls back to Latent2RGB)."""
 
 from PIL import Image
 
 from comfy.cli_args import LatentPreviewMethod, args
 
-from ..magi1.preview import preview_frame, project, projection_for
+from ..magi1.video.preview import preview_frame, project, projection_for
 from .vae import check_vae
 
 PREVIEW_FORMAT = "JPEG"

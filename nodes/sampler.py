@@ -10,10 +10,10 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..magi1 import Guidance, VideoLayout, generate
-from ..magi1.text import scheduled_caption_rows
-from ..magi1.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
-from ..magi1.run_time import estimate_run
-from ..magi1.schedule import check_steps
+from ..magi1.prompts.text import scheduled_caption_rows
+from ..magi1.sampling.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
+from ..magi1.planning.run_time import estimate_run
+from ..magi1.sampling.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
 from .memory import checked_plan, weights_line
@@ -165,7 +165,7 @@ CPU_REFUSED_SECONDS = 4 * 3600
 
 
 def checked_time(dit, device, frames, height, width, steps, prefix_frames):
-    """The run's estimated time on ``device`` (``magi1.run_time``): None when short, a note when long, a
+    """The run's estimated time on ``device`` (``magi1.planning.run_time``): None when short, a note when long, a
     ValueError naming the estimate and the fix when it would take over 4 hours on the CPU."""
     try:
         estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,

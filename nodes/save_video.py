@@ -11,7 +11,7 @@ from comfy_api.latest import io, ui
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1.video_out import write_video
+from ..magi1.video.video_out import write_video
 from .loaders import MAGI1_VAE
 from .queue_checks import CheckedNode
 from .vae import SEAMLESS_CHOICE, TEMPORAL_TILINGS, check_vae

@@ -12,7 +12,7 @@ import logging
 
 import torch
 
-from ..magi1.text import CAPTION_LENGTH, prepare_prompt
+from ..magi1.prompts.text import CAPTION_LENGTH, prepare_prompt
 
 T5_KEY = "t5xxl"  # the tokenizer/encoder name ComfyUI gives T5-XXL v1.1
 PAD_TOKEN = 0

@@ -12,8 +12,8 @@ import comfy.model_management as mm
 import comfy.utils
 
 from ..magi1 import VAETiling
-from ..magi1.layout import check_pixel_size
-from ..magi1.vae import SEAMLESS
+from ..magi1.sampling.layout import check_pixel_size
+from ..magi1.video.vae import SEAMLESS
 from .loaders import MAGI1_VAE
 from .queue_checks import CheckedNode
 

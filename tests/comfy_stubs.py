@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from magi1.ops import CastOps
+from magi1.network.ops import CastOps
 
 ROOT = Path(__file__).resolve().parents[1]
 WIDGET_KINDS = ("Combo", "Float", "Int", "String", "Boolean")  # the other declared kinds are sockets

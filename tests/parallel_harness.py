@@ -1,7 +1,7 @@
 """Multi-process generations on CPU (gloo) for tests/test_parallel.py and bench/parallel_scaling.py.
 
 ``run_world(world, cases, cfg)`` starts ``world`` processes; each runs every case with its model shared
-through ``magi1.layer_sharding.distribute`` and rank 0 saves the latents. ``single(case)`` is the same
+through ``magi1.weights.layer_sharding.distribute`` and rank 0 saves the latents. ``single(case)`` is the same
 generation in this process. With a cache policy, ``Recording`` keeps what a single-process run's policy
 state was given (change features before each step, latents after it), and ``Replayed`` feeds exactly
 those to a fresh state in the parallel run: its decisions are then the single-process run's by
@@ -21,9 +21,9 @@ from safetensors.torch import load_file, save_file
 
 from cache_core import CachePolicy
 from magi1 import generate
-from magi1.layer_sharding import distribute
-from magi1.parallel import Parallel
-from magi1.workers import free_port
+from magi1.weights.layer_sharding import distribute
+from magi1.distributed.parallel import Parallel
+from magi1.distributed.workers import free_port
 from pipeline_fixtures import load, request
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from magi1 import build_dit
-from magi1.sampler import VideoLayout
+from magi1.sampling.sampler import VideoLayout
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 CONFIGS = ["base", "base_i2v", "distill24", "distill45"]

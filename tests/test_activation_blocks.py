@@ -18,8 +18,8 @@ import torch.multiprocessing as mp
 
 import magi1
 from magi1 import generate, random_dit
-from magi1.layout import VideoLayout
-from magi1.memory_plan import WindowCalls, dit_activation_bytes, memory_plan, window_calls
+from magi1.sampling.layout import VideoLayout
+from magi1.planning.memory_plan import WindowCalls, dit_activation_bytes, memory_plan, window_calls
 from pipeline_fixtures import load, relative_error, request
 from test_dit_sparse import CHUNKS, CONFIG, CT, SLICE, cache_with_clean_prefix, window_inputs
 from test_memory_plan import CONFIG_24B, CONFIG_4_5B, LiveBytes
@@ -97,8 +97,8 @@ def test_the_stop_check_is_polled_between_blocks(models):
 
 # --------------------------------------------------------------------------------------- context parallel
 def _context_parallel_worker(rank, world, port, out_dir, block):
-    from magi1.layer_sharding import distribute
-    from magi1.parallel import Parallel
+    from magi1.weights.layer_sharding import distribute
+    from magi1.distributed.parallel import Parallel
     from parallel_harness import lonely_request, uneven_forward, uneven_request
     torch.set_num_threads(1)
     par = Parallel.start(rank, world, f"tcp://127.0.0.1:{port}", backend="gloo")
@@ -119,7 +119,7 @@ def _context_parallel_worker(rank, world, port, out_dir, block):
 def test_context_parallel_blocks_match_one_whole_process(world, block):
     """Each rank's share of an uneven sparse call (20 tokens: 7, 8, 5 per chunk) and of a one-token call (a
     rank without tokens) in blocks crossing chunk boundaries at other places on every rank."""
-    from magi1.workers import free_port
+    from magi1.distributed.workers import free_port
     from parallel_harness import lonely_request, uneven_forward, uneven_request
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_context_parallel_worker, args=(world, free_port(), out_dir, block), nprocs=world, join=True)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from magi1 import attention
+from magi1.network import attention
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,4 +1,4 @@
-"""Caption-states files (``magi1.caption_states``): what is saved loads back bit for bit, every malformed file
+"""Caption-states files (``magi1.prompts.caption_states``): what is saved loads back bit for bit, every malformed file
 is refused naming the file and the problem, nothing is unpickled; and MAGI-1 Save Caption States writes a
 file whose captions are the ones MAGI-1 Sampler builds from the same CONDITIONING."""
 
@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
 from magi1 import scheduled_captions, tiny
-from magi1.caption_states import CaptionStates, load_caption_states, save_caption_states
+from magi1.prompts.caption_states import CaptionStates, load_caption_states, save_caption_states
 
 
 def prompt(length, valid, width=16, dtype=torch.float32, seed=0):

@@ -26,7 +26,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from magi1 import tiny
-from magi1.layout import frames_to_generate
+from magi1.sampling.layout import frames_to_generate
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -125,7 +125,7 @@ T5_PATH = textwrap.dedent(
     from transformers import AutoTokenizer, T5Config, T5EncoderModel
 
     from magipack.nodes.t5 import t5_states
-    from magipack.magi1.text import prepare_prompt
+    from magipack.magi1.prompts.text import prepare_prompt
 
     TINY = {"d_ff": 64, "d_kv": 8, "d_model": 32, "dense_act_fn": "gelu_pytorch_tanh", "is_gated_act": True,
             "layer_norm_epsilon": 1e-6, "model_type": "t5", "num_heads": 4, "num_layers": 2, "pad_token_id": 0,
@@ -533,7 +533,7 @@ def needs_no_external_weights(api):
 
 
 def sampler_latent_frames(api, node_id, prefix=0):
-    """Latent frames a sampler returns (magi1.layout.FRAMES_RULE): its frames as generated after ``prefix``
+    """Latent frames a sampler returns (magi1.sampling.layout.FRAMES_RULE): its frames as generated after ``prefix``
     latent frames, in whole 6-frame chunks (a start image's frame kept, a prefix video's left out); a prefix
     linked from another sampler is that sampler's output."""
     sampler = api[node_id]["inputs"]

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import magi1
-from magi1 import attention
-from magi1.attention import attend, attend_segments, resolve_backend
+from magi1.network import attention
+from magi1.network.attention import attend, attend_segments, resolve_backend
 
 
 def reference_attention(q, k, v):

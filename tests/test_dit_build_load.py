@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import save_file
 
 import magi1
-from magi1.fp8 import stored_kind
-from magi1.loader import OFFICIAL_MODEL_CONFIGS, checkpoint_files, infer_config
-from magi1.safetensors_io import check_state_dict
+from magi1.weights.fp8 import stored_kind
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS, checkpoint_files, infer_config
+from magi1.weights.safetensors_io import check_state_dict
 
 RESEARCH = Path(__file__).resolve().parents[2] / "shared" / "research"
 needs_research = pytest.mark.skipif(not RESEARCH.is_dir(), reason="needs ../shared/research (official configs and keys)")
@@ -139,7 +139,7 @@ def test_sharded_checkpoint_from_index_any_shard_or_folder(tmp_path, pick):
 def test_a_checkpoint_is_described_by_its_variant_and_why(tmp_path):
     """The reports' model name (``model_description``): a checkpoint keeps its variant and reason, in
     parentheses; only the built-in models (tests/test_tiny.py) are named otherwise."""
-    from magi1.loader import model_description
+    from magi1.weights.loader import model_description
 
     model = tiny_model()
     save_single(model, tmp_path / "tiny.safetensors")

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 import magi1
-import magi1.dit as dit
+import magi1.network.dit as dit
 from magi1 import build_dit, load_dit, random_dit
-from magi1.fp8 import nbytes_by_dtype, stored_kind
-from magi1.ops import FP8, QuantizedFp8Linear
+from magi1.weights.fp8 import nbytes_by_dtype, stored_kind
+from magi1.network.ops import FP8, QuantizedFp8Linear
 from test_dit_fixtures import FIXTURES, call_arguments, load_fixture, relative_error
 
 QUANT = sorted(f[: -len(".json")] for f in os.listdir(FIXTURES) if f.startswith("quant_") and f.endswith(".json"))
@@ -206,7 +206,7 @@ def test_random_official_layout_is_close_to_its_float32_model():
 
 def test_input_quantised_in_blocks_as_a_whole(monkeypatch):
     """The official layers quantise their input and multiply in row blocks (bounded float32 copies)."""
-    import magi1.ops as ops
+    import magi1.network.ops as ops
 
     layer = random_dit(tiny_config("distill45_quant"), seed=3, weights="fp8_official").videodit_blocks.layers[1]
     fc2 = layer.mlp.linear_fc2

@@ -1,4 +1,4 @@
-"""One rule for frames everywhere (magi1.layout.FRAMES_RULE): whole chunks of 24 frames, a start image counted
+"""One rule for frames everywhere (magi1.sampling.layout.FRAMES_RULE): whole chunks of 24 frames, a start image counted
 among the frames asked, a prefix video's frames not. The front ends (demo.py, python -m magi1, MAGI-1 Sampler)
 all call frames_to_generate; here it is checked against the rule written out, and through a real run."""
 
@@ -8,7 +8,7 @@ import pytest
 
 import demo
 from magi1 import VideoLayout
-from magi1.layout import FRAMES_RULE, frames_made, frames_to_generate
+from magi1.sampling.layout import FRAMES_RULE, frames_made, frames_to_generate
 
 
 def made_by_the_rule(asked, prefix):

@@ -7,7 +7,7 @@ import torch
 
 import magi1
 from magi1 import chunk_captions, generate, tiny
-import magi1.dit as dit_module
+import magi1.network.dit as dit_module
 
 MODEL = tiny.TINY
 

@@ -5,10 +5,10 @@ enough to slide the caches many times (18 chunks)."""
 import pytest
 import torch
 
-import magi1.sampler
+import magi1.sampling.sampler
 from cache_core import CachePolicy
 from magi1 import KVCache, generate
-from magi1.schedule import kv_span
+from magi1.sampling.schedule import kv_span
 from pipeline_fixtures import load, request
 
 CHUNKS = 18
@@ -36,7 +36,7 @@ def _whole_video_caches(monkeypatch):
     """The caches as before 0.9: rows for the whole video (never sliding)."""
     def whole(chunk_num, num_steps, window_size, chunk_offset=0, extra_blocks=0):
         return chunk_num + extra_blocks
-    monkeypatch.setattr(magi1.sampler, "kv_span", whole)
+    monkeypatch.setattr(magi1.sampling.sampler, "kv_span", whole)
 
 
 def _capacities(monkeypatch):
@@ -126,7 +126,7 @@ def test_on_frames_after_a_prefix_video_starts_after_it():
 
 def _span_by_brute_force(chunk_num, steps, window_size, noise2clean_kvrange, extra_blocks=0):
     """Every chunk each call reads or writes; the widest stretch from the lowest chunk any later call touches."""
-    from magi1.schedule import total_forward_steps, window_step
+    from magi1.sampling.schedule import total_forward_steps, window_step
     calls = []
     for step in range(total_forward_steps(chunk_num, steps, window_size)):
         plan = window_step(step, chunk_num=chunk_num, num_steps=steps, window_size=window_size,
@@ -168,7 +168,7 @@ def test_the_device_window_of_the_latent_gives_the_same_video(monkeypatch):
     """On a GPU the latent's chunks are copied in and out of the device (``LatentStore``'s resident path):
     forced here on the CPU, the video is the one the host-only path makes, and the device never holds more
     than the window's chunks (and the refreshed clean one)."""
-    from magi1 import latent_store
+    from magi1.sampling import latent_store
 
     model, args = _long_request("distill45", chunks=10)
     with torch.no_grad():
@@ -196,7 +196,7 @@ def test_chunk_captions_give_the_video_of_their_dense_rows():
     """A prompt schedule as ``ChunkCaptions`` (distinct rows; what the nodes and the CLI pass) makes the video
     its dense one-row-per-chunk tensors make, with a negative prompt too (3 passes)."""
     from magi1 import scheduled_caption_rows
-    from magi1.text import SpecialTokens
+    from magi1.prompts.text import SpecialTokens
 
     model, args = _long_request("base", chunks=10)
     config, g = model.config, torch.Generator().manual_seed(4)

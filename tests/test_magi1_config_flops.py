@@ -1,4 +1,4 @@
-"""magi1.ModelConfig against the official configs and key shapes; magi1.flops against an independent count.
+"""magi1.ModelConfig against the official configs and key shapes; magi1.network.flops against an independent count.
 
 The official configs and key lists live in ../shared/research (beside the checkout, for developers and CI);
 these tests skip, saying so, where that folder is absent.

@@ -1,4 +1,4 @@
-"""magi1.memory_plan: weight bytes against real models, KV bytes against real generations, the released
+"""magi1.planning.memory_plan: weight bytes against real models, KV bytes against real generations, the released
 sizes, the activation model against a measured peak, and the savings advice."""
 
 import dataclasses
@@ -13,11 +13,11 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import magi1
-from magi1.fp8 import nbytes_by_dtype
+from magi1.weights.fp8 import nbytes_by_dtype
 from cache_core import CachePolicy
 from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, build_dit, generate
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan, replan,
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.planning.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan, replan,
                                vae_weight_bytes, weight_bytes, window_calls)
 from pipeline_fixtures import FIXTURES, load, request
 

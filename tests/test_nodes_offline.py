@@ -270,8 +270,8 @@ def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
     """The sampler's check: a run that fits passes, one that fits only with the weights partly in host
     memory passes with a note, one that does not fit is refused naming the cheapest changes and the plan."""
     memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
-    from magi1.loader import OFFICIAL_MODEL_CONFIGS
-    from magi1.memory_plan import memory_plan, replan
+    from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+    from magi1.planning.memory_plan import memory_plan, replan
 
     plan = memory_plan(OFFICIAL_MODEL_CONFIGS["4.5B"], 96, 720, 720, weight_dtype="bfloat16", cache="token")
     assert memory.check_plan(plan, plan.total_gpu) is None
@@ -410,7 +410,7 @@ def test_the_plan_on_the_cpu_speaks_of_memory_and_the_frames_made(pack, model, c
 
 def test_fp8_weights_line_has_no_gpu_estimate_on_the_cpu_and_never_0_ms(pack, monkeypatch):
     memory = memory_module(pack)
-    ops = sys.modules[memory.__name__.rsplit(".", 2)[0] + ".magi1.ops"]
+    ops = sys.modules[memory.__name__.rsplit(".", 2)[0] + ".magi1.network.ops"]
     dit = pack.MAGI1DiTLoader.execute(checkpoint=TINY, variant="auto", weight_dtype="fp8_e4m3fn",
                                       attention="auto").result[0].model.diffusion_model
     assert memory.weights_line(dit, torch.device("cpu")) == (

@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from magi1 import build_dit, random_dit
-from magi1.dit import NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
-from magi1.ops import CastOps, QuantizedFp8Linear
+from magi1.network.dit import NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
+from magi1.network.ops import CastOps, QuantizedFp8Linear
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SELF_MOVING = (ZeroCenteredLayerNorm, RotaryEmbedding, NullCaption, QuantizedFp8Linear)  # move their params in forward

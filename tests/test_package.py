@@ -83,7 +83,7 @@ def test_no_code_touches_sys_path():
 
 # The headless program `python -m magi1` is run from the repository root, never imported by ComfyUI or by
 # magi1/__init__.py; it composes magi1 with cache_core as demo.py does, so it imports cache_core (absolutely).
-# Likewise the worker program `python -m magi1.worker` (started by magi1/workers.py from the pack's folder, never
+# Likewise the worker program `python -m magi1.worker` (started by magi1/distributed/workers.py from the pack's folder, never
 # imported): it rebuilds the job's cache policy, so it imports cache_core, a top-level package where it runs.
 PROGRAM_IMPORTS = {ROOT / "magi1" / "__main__.py": {"cache_core"}, ROOT / "magi1" / "worker.py": {"cache_core"}}
 
@@ -218,3 +218,48 @@ def test_every_module_has_a_docstring(folder):
     for path in pack_sources(folder):
         tree = ast.parse(path.read_text())
         assert ast.get_docstring(tree), f"{path.relative_to(ROOT)} has no module docstring"
+
+
+WINGS = sorted(p.name for p in (ROOT / "magi1").iterdir() if (p / "__init__.py").exists() and p.name != "tiny")
+
+
+def _wing_imports(path):
+    """The magi1 modules a module imports, as dotted names below magi1 (relative imports resolved)."""
+    package = list(path.relative_to(ROOT).parent.parts)  # e.g. ["magi1", "network"]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                parts = base + (node.module.split(".") if node.module else [])
+                names = [parts] if node.module else [base + [alias.name] for alias in node.names]
+            elif node.module and node.module.split(".")[0] == "magi1":
+                names = [node.module.split(".")]
+            else:
+                continue
+            found |= {".".join(parts[1:]) for parts in names if parts and parts[0] == "magi1"}
+    return found
+
+
+@pytest.mark.parametrize("wing", WINGS)
+def test_each_wing_imports_only_what_its_docstring_allows(wing):
+    """magi1's subpackages import each other in one direction: each ``__init__`` docstring's "May import" line
+    names the other wings it may use (``magi1.checks`` and its own modules always)."""
+    doc = ast.get_docstring(ast.parse((ROOT / "magi1" / wing / "__init__.py").read_text()))
+    assert doc and "May import:" in doc, wing
+    allowed = set(re.findall(r"``magi1\.(\w+)``", doc.split("May import:")[1])) | {"checks", wing}
+    assert allowed - {"checks", wing} <= set(WINGS) | {"tiny"}, allowed  # tiny: the built-in models
+    bad = {}
+    for path in sorted((ROOT / "magi1" / wing).glob("*.py")):
+        used = {name.split(".")[0] for name in _wing_imports(path)} - {""}
+        if used - allowed:
+            bad[path.name] = sorted(used - allowed)
+    assert not bad, f"magi1.{wing} may import {sorted(allowed)}; these modules reach further: {bad}"
+
+
+def test_the_wings_hold_every_library_module():
+    """Besides its wings, magi1/ holds only its __init__, the shared checks, the built-in models and the two
+    programs (``python -m magi1`` and the worker)."""
+    loose = sorted(p.name for p in (ROOT / "magi1").glob("*.py"))
+    assert loose == ["__init__.py", "__main__.py", "checks.py", "worker.py"], loose
+    assert {"network", "weights", "video", "prompts", "sampling", "distributed", "planning"} <= set(WINGS)

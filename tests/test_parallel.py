@@ -6,7 +6,7 @@ sparse call, and the built-in model loaded with each rank reading only its layer
 import pytest
 import torch
 
-from magi1.parallel import kv_heads_of, split_sizes
+from magi1.distributed.parallel import kv_heads_of, split_sizes
 from parallel_harness import CASES, Replayed, lonely_request, parameter_bytes, run_world, single, tiny_request, \
     uneven_forward, uneven_request
 from pipeline_fixtures import relative_error

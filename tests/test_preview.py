@@ -1,4 +1,4 @@
-"""Live previews (magi1/preview.py, nodes/preview.py): the latent-to-RGB projection fitted from a VAE
+"""Live previews (magi1/video/preview.py, nodes/preview.py): the latent-to-RGB projection fitted from a VAE
 recovers a known linear map, reproduces the tiny VAE's solid colours, and a preview of a real tiny run
 looks like the VAE's decoding of the same latents; the ComfyUI side sends ComfyUI's preview tuple, honours
 ``--preview-method none`` and fits once per VAE."""
@@ -14,7 +14,8 @@ from PIL import Image
 
 import magi1
 from comfy_stubs import pack_nodes
-from magi1 import preview, tiny
+from magi1 import tiny
+from magi1.video import preview
 
 
 class LinearVAE:
@@ -144,7 +145,7 @@ def test_live_preview_sends_comfyuis_preview_tuple(live, vae, run_steps):
     kind, image, size = previewer(run_steps[-1])
     assert (kind, size) == ("JPEG", 512) and isinstance(image, Image.Image)
     assert image.size == (tiny.SIZE // 8, tiny.SIZE // 8) and image.mode == "RGB"
-    pack_preview = sys.modules[live.__name__.replace(".nodes.", ".magi1.")]  # the pack's own magi1.preview
+    pack_preview = sys.modules[live.__name__.replace(".nodes.preview", ".magi1.video.preview")]  # the pack's own magi1.video.preview
     assert previewer.projection is pack_preview.projection_for(vae)  # fitted once, shared
 
 

@@ -91,7 +91,7 @@ def test_a_schedule_needs_chunk_zero():
 @pytest.mark.parametrize("starts, chunks", [([0, 2, 5], 9), ([0, 1], 1), ([0, 3, 40, 90], 12), ([0], 4)])
 def test_scheduled_captions_build_only_what_the_chunks_read(starts, chunks):
     """Against the slow reference: every prompt's captions for every chunk, then each chunk's pick."""
-    from magi1.text import SpecialTokens
+    from magi1.prompts.text import SpecialTokens
     g = torch.Generator().manual_seed(len(starts) * 100 + chunks)
     width = 8
     special = SpecialTokens(hq=torch.randn(width, generator=g), durations=torch.randn(8, width, generator=g))

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
 from magi1 import tiny
-from magi1.loader import checkpoint_entries, checkpoint_files
+from magi1.weights.loader import checkpoint_entries, checkpoint_files
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
 

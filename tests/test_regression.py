@@ -36,6 +36,6 @@ def test_generation_is_unchanged(recorded, name):
     if name + ".masks" in latents:
         assert torch.equal(result.stats.masks.frames(), latents[name + ".masks"])
     described, expected = describe(result.stats), dict(stats[name])
-    # the KV caches hold the span the schedule reads since 0.9 (magi1.schedule.kv_span), never more than then
+    # the KV caches hold the span the schedule reads since 0.9 (magi1.sampling.schedule.kv_span), never more than then
     assert described.pop("kv_cache_bytes") <= expected.pop("kv_cache_bytes")
     assert described == expected

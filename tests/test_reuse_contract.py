@@ -1,5 +1,5 @@
-"""The written contract between the sampler and a cache policy (magi1.reuse_contract): cache_core
-fulfils it without importing magi1, and in magi1 only magi1.reuse talks to a policy's state."""
+"""The written contract between the sampler and a cache policy (magi1.sampling.reuse_contract): cache_core
+fulfils it without importing magi1, and in magi1 only magi1.sampling.reuse talks to a policy's state."""
 
 import ast
 import inspect
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from cache_core import CachePolicy, CacheState, Decision
-from magi1 import reuse_contract
-from magi1.reuse_contract import ReuseDecision, ReusePolicy, ReuseState
+from magi1.sampling import reuse_contract
+from magi1.sampling.reuse_contract import ReuseDecision, ReusePolicy, ReuseState
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,14 +72,14 @@ STATE_CALLS = {"decide", "velocity", "observe", "new_state"}
 
 
 def test_only_magi1_reuse_talks_to_a_policy_state():
-    """Calls of the contract's methods on a policy or a state appear in magi1/reuse.py alone."""
+    """Calls of the contract's methods on a policy or a state appear in magi1/sampling/reuse.py alone."""
     callers = set()
     for path in sorted((ROOT / "magi1").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in STATE_CALLS
                     and any(word in ast.unparse(node.func.value) for word in ("policy", "state"))):
                 callers.add(path.relative_to(ROOT).as_posix())
-    assert callers == {"magi1/reuse.py"}
+    assert callers == {"magi1/sampling/reuse.py"}
 
 
 # Programs run from the repository root (python -m magi1, the multi-GPU worker), never imported by the library:

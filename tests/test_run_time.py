@@ -1,13 +1,14 @@
-"""``magi1.run_time``: the FLOP count of a run is what the sampler's DiT calls compute (counted here call by
+"""``magi1.planning.run_time``: the FLOP count of a run is what the sampler's DiT calls compute (counted here call by
 call on the tiny model, from what each call is given), the estimate scales with the work and the device's
 rate, and the rate is measured once per device and dtype."""
 
 import pytest
 import torch
 
-from magi1 import Guidance, ModelConfig, flops, generate, run_time
-from magi1.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.run_time import estimate_run, format_clock, format_duration, matmul_throughput, run_flops
+from magi1 import Guidance, ModelConfig, flops, generate
+from magi1.planning import run_time
+from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
+from magi1.planning.run_time import estimate_run, format_clock, format_duration, matmul_throughput, run_flops
 from magi1.tiny import TINY
 
 PROMPT_TOKENS = 20

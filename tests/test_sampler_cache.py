@@ -13,9 +13,9 @@ import cache_core.state as cache_state
 from cache_core import CachePolicy
 from cache_core import Decision
 from magi1 import KVCache, distill_dt, flops
-from magi1.caption_rows import CaptionRows
-from magi1.sampler import Guidance, SamplingInterrupted, VideoLayout, generate
-from magi1.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
+from magi1.sampling.caption_rows import CaptionRows
+from magi1.sampling.sampler import Guidance, SamplingInterrupted, VideoLayout, generate
+from magi1.sampling.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
 from pipeline_fixtures import FIXTURES, load, relative_error, request
 
 MODES = ["teacache", "flowcache", "motion", "motion_detail"]

@@ -8,7 +8,7 @@ import torch
 
 from comfy_stubs import pack_namespace
 from magi1 import tiny
-from magi1.mp4 import write_mp4
+from magi1.video.mp4 import write_mp4
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from magi1.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, check_steps, chunk_kv_range,
+from magi1.sampling.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, check_steps, chunk_kv_range,
                             kv_range_chunks, shifted_time, step_intervals, time_grid, total_forward_steps, unshifted_position,
                             window_step)
 

@@ -1,4 +1,4 @@
-"""Layer streaming ("block swap", ``magi1.streaming``): streamed models give bit-identical outputs to
+"""Layer streaming ("block swap", ``magi1.weights.streaming``): streamed models give bit-identical outputs to
 resident ones, for single forwards (dense and sparse), whole generations and after interrupted calls;
 the bookkeeping (how many layers are on the device, host copies, remove) holds. The CPU runs the same
 logic with clones; the CUDA test (streams, memory) skips without a GPU."""
@@ -11,7 +11,7 @@ import torch
 import magi1
 from cache_core import CachePolicy
 from magi1 import KVCache
-from magi1.streaming import stream_layers, streamed_device_bytes
+from magi1.weights.streaming import stream_layers, streamed_device_bytes
 from pipeline_fixtures import load, request
 
 LAYERS = 4

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from magi1 import text
-from magi1.text import (SpecialTokens, chunk_captions, clean_caption, find_special_tokens, null_caption, pad_caption,
+from magi1.prompts import text
+from magi1.prompts.text import (SpecialTokens, chunk_captions, clean_caption, find_special_tokens, null_caption, pad_caption,
                         prepare_prompt)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text")

@@ -41,7 +41,7 @@ def test_loads_with_the_official_loaders():
 def test_built_in_models_are_named_as_the_loaders_list_them(model, tmp_path):
     """Loaded by their own method, by file through magi1.load_dit (as MAGI-1 DiT Loader does, distill chosen
     or not) or through a link, a built-in model reports its title, not "custom_distill (as chosen)"."""
-    from magi1.loader import model_description
+    from magi1.weights.loader import model_description
 
     link = tmp_path / "linked.safetensors"
     link.symlink_to(model.dit_file)
@@ -57,7 +57,7 @@ def test_built_in_models_are_named_as_the_loaders_list_them(model, tmp_path):
 
 def test_a_copy_of_a_built_in_file_is_a_checkpoint_like_any_other(tmp_path):
     """Recognised by the file, not by its contents: a copy elsewhere is reported as the checkpoint it is."""
-    from magi1.loader import model_description
+    from magi1.weights.loader import model_description
 
     copy = tmp_path / "my_model.safetensors"
     copy.write_bytes(Path(tiny.DIT_FILE).read_bytes())

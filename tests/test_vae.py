@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from magi1 import vae as vae_module
-from magi1.vae import (LATENT_SCALE, VAEConfig, VAETiling, build_vae, infer_vae_config, load_vae, random_vae)
+from magi1.video import vae as vae_module
+from magi1.video.vae import (LATENT_SCALE, VAEConfig, VAETiling, build_vae, infer_vae_config, load_vae, random_vae)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "vae")
 

@@ -8,8 +8,8 @@ import weakref
 import pytest
 import torch
 
-from magi1 import vae as vae_module
-from magi1.vae import LATENT_SCALE, SEAMLESS, StreamingDecode, VAEConfig, VAETiling, build_vae, random_vae
+from magi1.video import vae as vae_module
+from magi1.video.vae import LATENT_SCALE, SEAMLESS, StreamingDecode, VAEConfig, VAETiling, build_vae, random_vae
 
 TILINGS = {
     "release": VAETiling(),
@@ -262,7 +262,7 @@ def _read(path):
 
 def test_mp4_written_in_pieces_is_the_video(tmp_path):
     pytest.importorskip("av")
-    from magi1.mp4 import Mp4Writer, write_mp4
+    from magi1.video.mp4 import Mp4Writer, write_mp4
 
     video = _video()
     source = ((video.clamp(-1, 1) + 1) * 127.5).round().permute(1, 2, 3, 0)  # [F, H, W, 3], 0..255
@@ -287,7 +287,7 @@ def test_mp4_written_in_pieces_is_the_video(tmp_path):
 
 def test_mp4_writer_refuses_other_sizes_and_closed_writes(tmp_path):
     pytest.importorskip("av")
-    from magi1.mp4 import Mp4Writer
+    from magi1.video.mp4 import Mp4Writer
 
     writer = Mp4Writer(tmp_path / "a.mp4")
     writer.write(_video(2))

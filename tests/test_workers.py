@@ -1,4 +1,4 @@
-"""Worker processes (magi1.workers, magi1.worker) and the MAGI-1 Multi-GPU node, on the CPU with gloo: one
+"""Worker processes (magi1.distributed.workers, magi1.worker) and the MAGI-1 Multi-GPU node, on the CPU with gloo: one
 worker gives the in-process latent bit for bit, two give it within 1e-5; an interrupt or a failing worker
 leaves no worker process behind; the node puts its option on a clone, and the sampler with it gives the
 latent of the normal path."""
@@ -18,7 +18,7 @@ import torch
 from cache_core import CachePolicy
 from comfy_stubs import pack_namespace
 from magi1 import chunk_captions, generate, tiny
-from magi1.workers import read_progress, read_result, run_workers, worker_environment, write_job
+from magi1.distributed.workers import read_progress, read_result, run_workers, worker_environment, write_job
 from pipeline_fixtures import relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -171,7 +171,7 @@ def test_a_worker_that_dies_stops_the_others(tmp_path, captions, new_children):
 def test_workers_end_when_their_parent_is_killed(tmp_path, captions):
     """A ComfyUI killed outright cannot stop its workers: they notice and exit by themselves."""
     job_dir = tiny_job(tmp_path, captions, frames=240, height=128, width=128, steps=16)  # a long run
-    script = f"from magi1.workers import run_workers; run_workers({job_dir!r}, 1)"
+    script = f"from magi1.distributed.workers import run_workers; run_workers({job_dir!r}, 1)"
     parent = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT)
     workers = set()
     try:

@@ -23,7 +23,7 @@ import torch
 from magi1.tiny import BENCH as BENCH_MODEL
 from magi1.tiny import VAE_FILE
 from magi1.tiny.text_encoder import SPECIALS
-from magi1.vae import load_vae
+from magi1.video.vae import load_vae
 
 from . import bench_scenes
 from . import tiny as shared

@@ -9,7 +9,7 @@ so that ``LATENT_SCALE`` makes them unit-variance; then ``--scenes`` 3-chunk sce
 the DiT, the text encoder and the special tokens together, with flow matching on clips of 1-3 chunks
 (prefixes of those scenes) laid out as the sampler calls the model: clean chunks at ``CLEAN_T`` with the
 null caption seeing only themselves, then noisy chunks whose times are staggered by a quarter of the
-schedule, with the key ranges of their stage (the time warp and the key ranges come from ``magi1.schedule``).
+schedule, with the key ranges of their stage (the time warp and the key ranges come from ``magi1.sampling.schedule``).
 Weights are written in float16 with their configs in the safetensors metadata, so the ordinary loaders read
 them. About 53 minutes on 2 CPU cores; with ``--vae`` (a trained VAE, re-saved unchanged to ``--out``) only the
 encoding and the DiT run, about 40 minutes.
@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from magi1.config import ModelConfig
-from magi1.loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
-from magi1.schedule import CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, shifted_time, unshifted_position
-from magi1.text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
+from magi1.network.config import ModelConfig
+from magi1.weights.loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
+from magi1.sampling.schedule import CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, shifted_time, unshifted_position
+from magi1.prompts.text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
 from magi1.tiny import SIZE, WEIGHTS
 from magi1.tiny.text_encoder import CONFIG_METADATA_KEY as TEXT_CONFIG_METADATA_KEY
 from magi1.tiny.text_encoder import TextEncoderConfig, TinyTextEncoder
-from magi1.vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
-from magi1.vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
+from magi1.video.vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
+from magi1.video.vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
 
 from . import checkpoint as train_checkpoint
 from .scenes import grammar_vocabulary, scene_batch

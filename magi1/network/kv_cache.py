@@ -9,7 +9,7 @@ values of the tokens it does not recompute from here.
 
 The official pipeline allocates rows for the whole video. Here the buffers hold ``capacity`` rows: the
 positions ``[base, base + capacity)``. The sampler sizes them by the widest span of rows one call
-touches (``magi1.schedule.kv_span``: the schedule's key ranges reach a few chunks back, never the whole
+touches (``magi1.sampling.schedule.kv_span``: the schedule's key ranges reach a few chunks back, never the whole
 video), and when a call needs rows past the end, ``reserve`` slides the span forward: the rows still
 needed move to the front (an exact copy), the slots of chunks that no later call reads are reused. So
 memory does not grow with the video, and every value read is the one that was written.
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .checks import check_int
+from ..checks import check_int
 
 
 class KVCache:

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, attend, resolve_backend
-from .safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
+from ..network.attention import BACKENDS, attend, resolve_backend
+from ..weights.safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
 
 LATENT_SCALE = 0.18215  # the pipeline multiplies encoded latents by this and divides before decoding
 SINGLE_FRAME_REPEAT = 4  # the release encodes a one-frame video as 4 copies of it and keeps latent 0

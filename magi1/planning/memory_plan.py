@@ -4,7 +4,7 @@
 request, what a ``magi1.generate`` run followed by a tiled VAE decode puts on the GPU (on the CPU: in
 memory, the same numbers; ``device`` words ``MemoryPlan.lines`` by where the run is): the DiT weights
 (by dtype, with fp8 and block-swap streaming), the KV caches each guidance stream keeps
-(``magi1.guidance``), the cache policy's per-chunk state (``cache_core``), the activation peak of one
+(``magi1.sampling.guidance``), the cache policy's per-chunk state (``cache_core``), the activation peak of one
 DiT window call and the peak of the tiled decode. ``MemoryPlan.savings(available)`` says which changes
 would make a run fit.
 
@@ -22,11 +22,11 @@ from typing import Optional
 
 import torch
 
-from .checks import check_choice, check_int
-from .config import ModelConfig
-from .layout import TEMPORAL_DOWNSAMPLE, VideoLayout
-from .schedule import NOISE2CLEAN_KVRANGE, kv_span, prefix_pieces, total_forward_steps, window_step
-from .vae import SEAMLESS, VAEConfig, VAETiling
+from ..checks import check_choice, check_int
+from ..network.config import ModelConfig
+from ..sampling.layout import TEMPORAL_DOWNSAMPLE, VideoLayout
+from ..sampling.schedule import NOISE2CLEAN_KVRANGE, kv_span, prefix_pieces, total_forward_steps, window_step
+from ..video.vae import SEAMLESS, VAEConfig, VAETiling
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
 CACHE_MODES = ("off", "chunk", "token")
@@ -156,8 +156,8 @@ def streamed_weight_bytes(config, weight_dtype="bfloat16", compute_dtype=torch.b
 
 # ------------------------------------------------------------------------------------------- KV caches
 def kv_cache_bytes(config, layout, *, passes, cache="off", window_size=4, compute_dtype=torch.bfloat16):
-    """``{stream: bytes}`` of the KV caches ``generate`` allocates (``magi1.guidance``), each as wide as the
-    widest call of the schedule (``magi1.schedule.kv_span``: 5 chunks once the video is longer than the
+    """``{stream: bytes}`` of the KV caches ``generate`` allocates (``magi1.sampling.guidance``), each as wide as the
+    widest call of the schedule (``magi1.sampling.schedule.kv_span``: 5 chunks once the video is longer than the
     window, whatever its length): 1 pass keeps ``main`` (one chunk more when reusing, for the nearly-clean
     copy); 3 passes keep ``cond_pre``, ``cond`` (the same, when reusing) and ``uncond`` (``window_size``
     caches of one chunk, when single tokens are reused). A row is keys and values of every layer."""
@@ -189,7 +189,7 @@ class WindowCalls:
 
 
 def window_calls(layout, *, passes, cache="off", window_size=4):
-    """Walk the released schedule (``magi1.schedule``) and find the largest calls. A 1-pass call is
+    """Walk the released schedule (``magi1.sampling.schedule``) and find the largest calls. A 1-pass call is
     counted with its nearly-clean copy (added while the oldest chunk's t > 0.3)."""
     steps = math.lcm(window_size, len(NOISE2CLEAN_KVRANGE))  # the chunk pattern does not depend on steps
     offset, reusing = layout.chunk_offset, cache != "off"
@@ -212,7 +212,7 @@ def window_calls(layout, *, passes, cache="off", window_size=4):
 
 # ----------------------------------------------------------------------------------------- activations
 def dit_activation_bytes(config, layout, calls, *, compute_dtype=torch.bfloat16, fp8=False, token_block=None):
-    """Peak bytes of one DiT window call of ``calls.query`` chunks (``S`` query tokens), as ``magi1.dit``
+    """Peak bytes of one DiT window call of ``calls.query`` chunks (``S`` query tokens), as ``magi1.network.dit``
     computes it. Per token (``b`` compute bytes; D hidden, Q = heads*head_dim, K = groups*head_dim,
     F = fc1 width) the layer holds its input ``h`` (bD) and the RoPE tables (float32), and at most one of:
 
@@ -295,7 +295,7 @@ def _fp8_copy_bytes(config, b, fp8):
 
 def _sampler_bytes(config, layout, calls):
     """Captions and latents the sampler keeps on the GPU during a call (float32): the caption rows the
-    call reads and their stacked copy; the window's chunks (``magi1.latent_store``), the call's input and
+    call reads and their stacked copy; the window's chunks (``magi1.sampling.latent_store``), the call's input and
     three copies of its velocity output. None of it grows with the video: the rest is in host memory."""
     caption_row = config.caption_max_length * (config.caption_channels * 4 + 1)
     call_latent = calls.query * layout.chunk_width * config.latent_channels * layout.latent_height * layout.latent_width * 4

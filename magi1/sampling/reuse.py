@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .parallel import collective_buffers
+from ..distributed.parallel import collective_buffers
 
 FEATURE_BATCH_BYTES = 64 * 2**20  # change features of a window up to this size come from one convolution
 
@@ -108,7 +108,7 @@ class PolicyReuse(NoReuse):
 
 @dataclass(frozen=True)
 class SharedDecision:
-    """Rank 0's decision for one chunk, as the other processes receive it (``magi1.reuse_contract``)."""
+    """Rank 0's decision for one chunk, as the other processes receive it (``magi1.sampling.reuse_contract``)."""
 
     chunk_id: int
     step: int

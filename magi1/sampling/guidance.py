@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 
 from .caption_rows import CaptionRows
-from .kv_cache import KVCache
-from .parallel import collective_buffers
+from ..network.kv_cache import KVCache
+from ..distributed.parallel import collective_buffers
 from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T, prefix_pieces
 
 
@@ -90,7 +90,7 @@ class SinglePass:
 
     ``call`` is the run's ``DiTCall``; ``reusing``: chunks or tokens may be reused, so the copy's
     keys/values are kept as well (one more block after the window), and it may be computed sparsely like
-    its chunk. ``kv_chunks``: the KV cache's span in chunks (``magi1.schedule.kv_span``).
+    its chunk. ``kv_chunks``: the KV cache's span in chunks (``magi1.sampling.schedule.kv_span``).
     """
 
     def __init__(self, guidance, model, layout, captions, call, *, reusing, kv_offload, kv_chunks):
@@ -227,7 +227,7 @@ class ThreePass:
 
     ``reusing``: chunks or tokens may be reused, so ``cond`` keeps its own KV cache (``cond_pre`` has the
     official one); ``token_level``: single tokens may be, so each window slot's ``uncond`` pass keeps one
-    too. ``kv_chunks``: the span of the first two in chunks (``magi1.schedule.kv_span``).
+    too. ``kv_chunks``: the span of the first two in chunks (``magi1.sampling.schedule.kv_span``).
     """
 
     def __init__(self, guidance, model, layout, captions, call, *, reusing, token_level, kv_offload, window_size,

@@ -112,7 +112,7 @@ class LayerStreamer:
         if getattr(model, "_layer_streamer", None) is not None:
             raise RuntimeError("this model already streams its layers: call its streamer's remove() first")
         if getattr(model, "parallel", None) is not None:
-            raise ValueError("a model shared between processes (magi1.parallel) cannot also stream its layers")
+            raise ValueError("a model shared between processes (magi1.distributed.parallel) cannot also stream its layers")
         self.model, self.device = model, torch.device(device)
         self.resident_layers = min(int(resident_layers), len(layers))
         self.streamed = list(range(self.resident_layers, len(layers)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .checks import check_int
+from ..checks import check_int
 
 
 @dataclass(frozen=True)

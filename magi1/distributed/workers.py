@@ -2,7 +2,7 @@
 
 ``run_workers`` starts ``world_size`` plain subprocesses of the worker program (``python -m magi1.worker
 JOB_DIR``, run from the pack's folder) with torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
-``MASTER_ADDR``, ``MASTER_PORT``), so that ``magi1.parallel.Parallel.from_environment`` joins them into one
+``MASTER_ADDR``, ``MASTER_PORT``), so that ``magi1.distributed.parallel.Parallel.from_environment`` joins them into one
 run. Plain subprocesses, not ``torch.multiprocessing`` spawn: spawning a function re-imports the parent's
 main module in the child, which inside ComfyUI is ComfyUI itself.
 
@@ -23,7 +23,7 @@ import time
 import torch
 from safetensors.torch import load_file, save_file
 
-PACK_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the folder holding magi1/
+PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding magi1/
 JOB_FILE, INPUTS_FILE = "job.json", "inputs.safetensors"
 RESULT_FILE, PROGRESS_FILE = "result.safetensors", "progress.json"
 JOB_FORMAT = 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .checks import check_int
+from ..checks import check_int
 
 TEMPORAL_DOWNSAMPLE = 4  # video frames per latent frame
 

@@ -14,7 +14,7 @@ Precision follows the official ``_high_precision_promoter``: the embedders, RoPE
 norms, final norm and final linear hold float32 weights; ``linear_proj`` computes in float32; the rest
 runs in the model's dtype (bfloat16 on GPU).
 
-Every Linear, LayerNorm and Conv3d comes from an injected ``operations`` namespace (``magi1.ops``), and
+Every Linear, LayerNorm and Conv3d comes from an injected ``operations`` namespace (``magi1.network.ops``), and
 the transformer layers' large weights may be stored in float8 (``weights``, see ``LayerFactory``).
 """
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BACKENDS, attend, attend_segments, resolve_backend
-from .checks import check_int
+from ..checks import check_int
 from .config import ModelConfig
 from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled_fp8_linear
 
@@ -416,7 +416,7 @@ class FinalLinear(nn.Module):
 class MagiDiT(nn.Module):
     """The MAGI-1 DiT. Build it with ``magi1.build_dit`` or load it with ``magi1.load_dit``.
 
-    ``operations``: the namespace of Linear / LayerNorm / Conv3d classes (default ``magi1.ops.CastOps``;
+    ``operations``: the namespace of Linear / LayerNorm / Conv3d classes (default ``magi1.network.ops.CastOps``;
     ComfyUI's loader passes ``comfy.ops.manual_cast``); ``weights``: how the transformer layers' large
     weights are stored (see ``LayerFactory``).
     """
@@ -440,8 +440,8 @@ class MagiDiT(nn.Module):
         self.distill = False  # distilled checkpoints add the step-size embedding (see ``distill_dt``)
         self.variant_reason = "built, not loaded"  # load_dit says why it chose base or distill
         self.execution_device = None  # where calls run when the weights are spread (ComfyUI partial loading)
-        self.parallel = None  # a magi1.Parallel when several processes share this model (magi1.layer_sharding)
-        self.context_parallel = None  # its magi1.parallel.ContextParallel: how they share each call
+        self.parallel = None  # a magi1.Parallel when several processes share this model (magi1.weights.layer_sharding)
+        self.context_parallel = None  # its magi1.distributed.parallel.ContextParallel: how they share each call
         self.token_block = None  # low-memory mode: see ``set_token_block``
 
     @property
@@ -493,7 +493,7 @@ class MagiDiT(nn.Module):
                 then this window from ``slice_point * chunk_tokens``). Same for every sequence.
             slice_point: chunks of the video before the window (absolute positions start there).
             unconditional: adaLN reads the learned unconditional token instead of the conditional one.
-            distill_dt: for distilled checkpoints, the step-size value (``magi1.dit.distill_dt``).
+            distill_dt: for distilled checkpoints, the step-size value (``magi1.network.dit.distill_dt``).
             cache: a ``KVCache`` holding the keys/values before the window (required when a range
                 reaches before the window, or for a sparse call).
             cache_write_chunks: how many leading window chunks have their fresh keys/values stored

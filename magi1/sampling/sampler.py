@@ -1,7 +1,7 @@
 """The autoregressive MAGI-1 sampling loop, as released, with token reuse applied during denoising.
 
 The latent video is split into chunks of ``chunk_width`` latent frames, denoised in a staggered window
-(``magi1.schedule``): at every forward step the window's chunks, each at its own time, go through the
+(``magi1.sampling.schedule``): at every forward step the window's chunks, each at its own time, go through the
 DiT together and take one Euler step ``x += v * (t[s + 1] - t[s])``. Clean chunks leave the window and
 are re-encoded once at ``clean_t`` into the KV cache that later chunks attend to.
 
@@ -23,7 +23,7 @@ from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
 from .latent_store import LatentStore
 from .layout import VideoLayout
-from .parallel import collective_buffers
+from ..distributed.parallel import collective_buffers
 from .recording import Recorder
 from .reuse import start_reuse
 from .reuse_contract import ReusePolicy
@@ -68,13 +68,13 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
             CPU from ``seed`` (the same video on any device).
         negative_caption, negative_mask: replace the null caption in base models' unconditional passes.
         prefix: clean latents ``[16, P, H/8, W/8]`` to continue from (image: P = 1; video), VAE-scaled.
-        guidance: ``Guidance()``; policy: a ``cache_core.CachePolicy`` (``magi1.reuse_contract``) or None.
+        guidance: ``Guidance()``; policy: a ``cache_core.CachePolicy`` (``magi1.sampling.reuse_contract``) or None.
         window_size, chunk_width: the official 4 and 6. kv_offload: keep the KV caches in host memory.
         on_step: called with a ``StepProgress`` after every step; may raise to interrupt. should_stop:
             polled before every step; true raises ``SamplingInterrupted``. record_masks: ``stats.masks``.
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
-        parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.parallel``): every process calls
+        parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.distributed.parallel``): every process calls
             with the same arguments and gets the same latent; ``on_step`` and ``on_frames`` run on rank 0
             only, and ``stop`` / ``should_stop`` must agree on every process (else end the processes).
         on_frames: called with each finished chunk's frames of the returned latent (``[16, n, H/8, W/8]``,
@@ -239,13 +239,13 @@ def _checked_parallel(parallel, model):
     parallel = parallel if parallel is not None else getattr(model, "parallel", None)
     if parallel is not None and getattr(model, "parallel", None) is not parallel:
         raise ValueError("generate(parallel=...) needs a model shared with it: load it with load_dit(parallel=...) "
-                         "or pass it through magi1.layer_sharding.distribute(model, parallel)")
+                         "or pass it through magi1.weights.layer_sharding.distribute(model, parallel)")
     return parallel
 
 
 def _check_policy(policy):
     if policy is not None and not isinstance(policy, ReusePolicy):
-        raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.reuse_contract.ReusePolicy) or "
+        raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.sampling.reuse_contract.ReusePolicy) or "
                         f"None, got {type(policy).__name__}")
 
 

@@ -128,7 +128,7 @@ def _check_layout(path, layout, metadata, what):
     version = metadata.get(FORMAT_KEY)
     if version is None:
         fail(f"no '{FORMAT_KEY}' metadata (save one with MAGI-1 Save Caption States in ComfyUI, or "
-             "magi1.caption_states.save_caption_states)")
+             "magi1.prompts.caption_states.save_caption_states)")
     if version != FORMAT_VERSION:
         fail(f"format version {version!r}; this pack reads version {FORMAT_VERSION} (a newer pack may read it)")
     counts = []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .dit import distill_dt
+from ..network.dit import distill_dt
 from .schedule import step_intervals
 
 

@@ -32,7 +32,7 @@ class ChunkStepRecord:
 
 @dataclass
 class SampleStats:
-    """Filled in by ``magi1.sampler.generate``."""
+    """Filled in by ``magi1.sampling.sampler.generate``."""
 
     mode: str
     records: List[ChunkStepRecord] = field(default_factory=list)

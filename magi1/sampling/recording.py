@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from .flops import flops
+from ..network.flops import flops
 from .sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 
 

@@ -1,7 +1,7 @@
 """What the sampler needs from a token-reuse (cache) policy and its per-run state: the contract that
 ``cache_core.CachePolicy`` fulfils without either package importing the other.
 
-Per window step, ``magi1.reuse`` makes three calls on the state: ``decide`` (which tokens of each chunk
+Per window step, ``magi1.sampling.reuse`` makes three calls on the state: ``decide`` (which tokens of each chunk
 to compute), ``velocity`` (per chunk: the velocity to integrate with) and ``observe`` (the chunks after
 the step; chunks that took their last step are forgotten).
 """

@@ -1,6 +1,6 @@
 """Float8 DiT weights: which kind a checkpoint stores, and storing a high-precision checkpoint in float8.
 
-Three kinds (``magi1.dit.LayerFactory``):
+Three kinds (``magi1.network.dit.LayerFactory``):
 
 - ``fp8_e4m3fn``: the transformer layers' large weights in float8 e4m3, no scale (values beyond +-448
   saturate; MAGI-1's weights are far below);
@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from .ops import FP8, FP8_MAX
+from ..network.ops import FP8, FP8_MAX
 
 KINDS = ("fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
 SCALED_MARKER = "scaled_fp8"  # ComfyUI's scaled-fp8 files hold this empty tensor
@@ -93,7 +93,7 @@ def official_layout(model, values):
     for ``fp8_official``: each quantised layer's weight in float8 ``[1, out, in]`` with ``weight_scale =
     max|W| / 448`` and input and smoothing scales of 1. No calibration: for benchmarks and tests with
     random weights, not a way to make official-quality fp8 checkpoints."""
-    from .ops import QuantizedFp8Linear
+    from ..network.ops import QuantizedFp8Linear
 
     params = dict(model.named_parameters())
     out = {k: v.to(params[k].dtype) for k, v in values.items() if k in params and v.shape == params[k].shape}

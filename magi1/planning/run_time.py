@@ -1,13 +1,13 @@
 """How long a generation takes on a device, estimated before anything runs.
 
 ``estimate_run(config, frames=..., height=..., width=..., steps=..., passes=..., device=..., dtype=...)``
-counts the DiT FLOPs of the whole run (``magi1.flops`` over the sampler's schedule) and divides them by the
+counts the DiT FLOPs of the whole run (``magi1.network.flops`` over the sampler's schedule) and divides them by the
 device's measured matmul rate times ``EFFICIENCY``, the share of that rate the DiT reaches:
 
     seconds = flops / (processes * matmul FLOP/s * EFFICIENCY[device type])
 
-The count follows ``magi1.sampler`` call by call, as its ``Recorder`` counts the dense run: every forward
-step of the window (``magi1.schedule.window_step``) is one DiT call per guidance pass over the window's
+The count follows ``magi1.sampling.sampler`` call by call, as its ``Recorder`` counts the dense run: every forward
+step of the window (``magi1.sampling.schedule.window_step``) is one DiT call per guidance pass over the window's
 chunks, each with its key range; the clean chunk re-encoded at the start of a stage is in that call (at
 the null caption); distilled models (1 pass) add the nearly-clean copy of the oldest chunk (itself as its
 only keys) while its time is above ``Guidance.near_clean_threshold``; base models (3 passes) run cond and
@@ -30,12 +30,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from .checks import check_choice, check_int
-from .flops import flops
-from .guidance import Guidance
-from .layout import VideoLayout
-from .schedule import CLEAN_CHUNK_KVRANGE, check_steps, time_grid, total_forward_steps, window_step
-from .text import NULL_CAPTION_TOKENS
+from ..checks import check_choice, check_int
+from ..network.flops import flops
+from ..sampling.guidance import Guidance
+from ..sampling.layout import VideoLayout
+from ..sampling.schedule import CLEAN_CHUNK_KVRANGE, check_steps, time_grid, total_forward_steps, window_step
+from ..prompts.text import NULL_CAPTION_TOKENS
 
 # The DiT's rate as a share of a bare square matmul's in the same dtype on the same device. CPU: measured with
 # the built-in tiny model (float32, 2 cores, SDPA, no cache): 0.6 to 0.8 from 128x128 to 512x512, 0.4 at 64x64

@@ -8,7 +8,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_int, check_number
+from ..checks import check_int, check_number
 
 _DTYPES = {"torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16, "torch.float32": torch.float32}
 

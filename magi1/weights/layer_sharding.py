@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .parallel import collective_buffers
+from ..distributed.parallel import collective_buffers
 from .streaming import _get, _slots
 
 ALIGN = 16  # bytes: each tensor starts aligned in the flat buffer, so that typed views of it are allowed

@@ -9,8 +9,8 @@ import re
 import torch
 
 from . import fp8, layer_sharding
-from .config import ModelConfig
-from .dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
+from ..network.config import ModelConfig
+from ..network.dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
 from .safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
 from .streaming import stream_layers
 
@@ -38,8 +38,8 @@ def build_dit(model_config, *, device=None, dtype=None, operations=None, weights
 
     ``dtype`` is the compute dtype of the transformer layers (default: the config's ``params_dtype``,
     else float32); the modules the official code promotes to float32 stay float32. ``operations``: the
-    Linear / LayerNorm / Conv3d namespace (default ``magi1.ops.CastOps``); ``weights``: float8 storage of
-    the layers' large weights (``magi1.dit.LayerFactory``). On ``device="meta"`` nothing is allocated.
+    Linear / LayerNorm / Conv3d namespace (default ``magi1.network.ops.CastOps``); ``weights``: float8 storage of
+    the layers' large weights (``magi1.network.dit.LayerFactory``). On ``device="meta"`` nothing is allocated.
     Weights are uninitialised: load them.
     """
     config = model_config if isinstance(model_config, ModelConfig) else ModelConfig.from_dict(model_config)
@@ -63,12 +63,12 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
 
     ``weights``: how the transformer layers' large weights are kept: ``"auto"`` (as stored: high
     precision in ``dtype``, or the file's float8 kind), ``None`` (in ``dtype``), ``"fp8_e4m3fn"`` or
-    ``"fp8_e4m3fn_scaled"`` (stored in float8 at load; see ``magi1.fp8``). A float8 file (including the
+    ``"fp8_e4m3fn_scaled"`` (stored in float8 at load; see ``magi1.weights.fp8``). A float8 file (including the
     official ``*_distill_quant`` ones) always loads as the kind it stores. ``operations``: see
     ``build_dit``. ``resident_layers``: stream the layers through ``device`` (``magi1.stream_layers``):
     the weights load into host memory and only that many layers (plus two in flight) live on ``device``.
     ``parallel``: a ``magi1.Parallel``: this process reads only the transformer layers it owns and the
-    model is shared with the others (``magi1.layer_sharding.distribute``); ``device`` defaults to its device.
+    model is shared with the others (``magi1.weights.layer_sharding.distribute``); ``device`` defaults to its device.
 
     Tensors are read one at a time straight into the model built on the meta device (no second
     copy), in float32 for the modules the official code promotes and in ``dtype`` for the rest
@@ -108,7 +108,7 @@ def _name(model, files, size, kind, distill, why):
     """Set the loaded model's ``distill``, ``variant`` (e.g. "4.5B_distill"), ``variant_reason`` (why base or
     distill) and ``builtin`` (a ``magi1.tiny`` model's name, else None): a built-in model's file is named by
     its title, as the loaders list it, not as a "custom_distill" checkpoint."""
-    from .tiny import builtin_at  # here: magi1.tiny imports this module
+    from ..tiny import builtin_at  # here: magi1.tiny imports this module
 
     builtin = builtin_at(files[0]) if len(files) == 1 else None
     model.distill, model.builtin = distill, None if builtin is None else builtin.name
@@ -390,7 +390,7 @@ def random_dit(model_config, *, seed=0, device=None, dtype=None, draw_device="cp
     the same weights on every device; ``draw_device="cuda"`` draws billions of them in seconds instead
     (other values, for benchmarks). ``weights`` ``"fp8_e4m3fn"`` / ``"fp8_e4m3fn_scaled"``: the same
     values stored in float8 as ``load_dit`` would store them; ``"fp8_official"``: in the official fp8
-    layout (``magi1.fp8.official_layout``)."""
+    layout (``magi1.weights.fp8.official_layout``)."""
     model = build_dit(model_config, device="meta", dtype=dtype)
     values = _random_values(model, seed, device, draw_device)
     if weights is not None:

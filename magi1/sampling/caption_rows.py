@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .text import ChunkCaptions, null_caption
+from ..prompts.text import ChunkCaptions, null_caption
 
 
 class CaptionRows:

@@ -10,7 +10,7 @@ layers in host memory ("lowvram") and patch them.
 The layers the operations cannot express hold their parameters themselves and move them to the input's
 device in ``forward`` (a no-op when the parameters are there already), so that a partially loaded model
 works whatever was left on the offload device: the zero-centred norms, the RoPE bands and the null
-caption (``magi1/dit.py``), and the official fp8 layers (``QuantizedFp8Linear`` below).
+caption (``magi1/network/dit.py``), and the official fp8 layers (``QuantizedFp8Linear`` below).
 """
 
 from __future__ import annotations

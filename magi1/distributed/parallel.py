@@ -3,7 +3,7 @@
 A run of ``world = cfg * cp`` processes (one GPU each with NCCL, or CPU processes with gloo):
 
 * **Guidance groups** (``cfg`` of them, ranks ``[g * cp, (g + 1) * cp)``): base models' three guidance
-  streams are dealt out to the groups (``magi1.guidance.ThreePass``); with ``cfg = 1`` every rank runs
+  streams are dealt out to the groups (``magi1.sampling.guidance.ThreePass``); with ``cfg = 1`` every rank runs
   every stream.
 * **Context parallel** inside a group (``cp`` ranks): each DiT call's query tokens are split into ``cp``
   contiguous shards (uneven when the count does not divide: sizes differ by at most one). Every
@@ -14,12 +14,12 @@ A run of ``world = cfg * cp`` processes (one GPU each with NCCL, or CPU processe
   ``cp`` exceeds the KV head count, several ranks read the same KV head, and each keeps a copy of it
   (replicated, not sequence-sharded: a rank's cache is then ``1 / kv_heads`` of the whole instead of
   ``1 / cp``; see ``kv_heads_of``).
-* **Weights by layer** (``magi1.layer_sharding``): each transformer layer is owned by one rank of the
+* **Weights by layer** (``magi1.weights.layer_sharding``): each transformer layer is owned by one rank of the
   group, which alone reads it from the checkpoint and keeps it; the owner broadcasts it to the group just
   before the layer runs. ``shard_weights=False`` keeps every layer on every rank instead (no weight
   traffic: the faster choice when the weights fit each GPU, above all without NVLink).
 * **Cache decisions**: rank 0 alone runs the cache policy; its decisions and the latents it integrates
-  are broadcast (``magi1.reuse``), so every rank computes the same tokens.
+  are broadcast (``magi1.sampling.reuse``), so every rank computes the same tokens.
 
 Only ``torch.distributed`` collectives are used (``all_to_all_single``, ``all_gather_into_tensor``,
 ``broadcast``, ``all_reduce``), so the same code runs on NCCL and on gloo (CPU tests).

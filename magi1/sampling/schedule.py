@@ -15,7 +15,7 @@ from typing import Tuple
 
 import torch
 
-from .checks import check_int
+from ..checks import check_int
 
 NOISE2CLEAN_KVRANGE = (5, 4, 3, 2)  # key range, in chunks (itself included), per stage of a chunk
 CLEAN_CHUNK_KVRANGE = 1
