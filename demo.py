@@ -19,7 +19,7 @@ from cache_core.policy import PRESET_MODE
 from magi1 import VideoLayout, chunk_captions, generate
 from magi1.sampling.layout import FRAMES_RULE, frames_to_generate
 from magi1.planning.run_time import estimate_run
-from magi1.__main__ import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
+from programs.cli import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
 from magi1.video.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.sampling.schedule import check_steps
 from magi1.tiny import MODELS, TINY

@@ -145,7 +145,7 @@ class MAGI1MultiGPU(CheckedNode):
 
 
 def job_of(model, policy, request, cfg_parallel, split_weights=True):
-    """The worker's job (``magi1.worker``): the model's source, the generate options, the policy's fields."""
+    """The worker's job (``programs.worker``): the model's source, the generate options, the policy's fields."""
     source = getattr(model.model, "source", None)
     if source is None:
         raise ValueError("MAGI-1 Sampler on several GPUs needs a model from MAGI-1 DiT Loader (the workers load it "

@@ -51,7 +51,7 @@ def resolved_imports(path):
 
 
 def test_layout():
-    for name in ("__init__.py", "nodes", "cache_core", "workflows", "tests", "magi1", "pyproject.toml",
+    for name in ("__init__.py", "nodes", "cache_core", "workflows", "tests", "magi1", "programs", "pyproject.toml",
                  "README.md", "LICENSE", "requirements.txt", ".ci/run"):
         assert (ROOT / name).exists(), name
     assert "Apache License" in (ROOT / "LICENSE").read_text() and "Version 2.0" in (ROOT / "LICENSE").read_text()
@@ -81,11 +81,9 @@ def test_no_code_touches_sys_path():
         assert "sys.path" not in path.read_text(), f"{path.relative_to(ROOT)} mentions sys.path"
 
 
-# The headless program `python -m magi1` is run from the repository root, never imported by ComfyUI or by
-# magi1/__init__.py; it composes magi1 with cache_core as demo.py does, so it imports cache_core (absolutely).
-# Likewise the worker program `python -m magi1.worker` (started by magi1/distributed/workers.py from the pack's folder, never
-# imported): it rebuilds the job's cache policy, so it imports cache_core, a top-level package where it runs.
-PROGRAM_IMPORTS = {ROOT / "magi1" / "__main__.py": {"cache_core"}, ROOT / "magi1" / "worker.py": {"cache_core"}}
+# `python -m magi1` runs magi1/__main__.py, which hands over to the program outside the library
+# (programs/cli.py, run from the pack's folder, where `programs` is a top-level package): its one absolute import.
+PROGRAM_IMPORTS = {ROOT / "magi1" / "__main__.py": {"programs"}}
 
 
 def test_imports_inside_the_pack_are_relative():
@@ -258,8 +256,9 @@ def test_each_wing_imports_only_what_its_docstring_allows(wing):
 
 
 def test_the_wings_hold_every_library_module():
-    """Besides its wings, magi1/ holds only its __init__, the shared checks, the built-in models and the two
-    programs (``python -m magi1`` and the worker)."""
+    """Besides its wings, magi1/ holds only its __init__, the shared checks, the built-in models and the hand-over
+    to ``python -m magi1``'s program (``programs/cli.py``)."""
     loose = sorted(p.name for p in (ROOT / "magi1").glob("*.py"))
-    assert loose == ["__init__.py", "__main__.py", "checks.py", "worker.py"], loose
+    assert loose == ["__init__.py", "__main__.py", "checks.py"], loose
     assert {"network", "weights", "video", "prompts", "sampling", "distributed", "planning"} <= set(WINGS)
+

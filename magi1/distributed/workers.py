@@ -1,6 +1,6 @@
 """Worker processes for one generation on several devices: start them, watch them, stop them.
 
-``run_workers`` starts ``world_size`` plain subprocesses of the worker program (``python -m magi1.worker
+``run_workers`` starts ``world_size`` plain subprocesses of the worker program (``python -m programs.worker
 JOB_DIR``, run from the pack's folder) with torchrun's environment (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``,
 ``MASTER_ADDR``, ``MASTER_PORT``), so that ``magi1.distributed.parallel.Parallel.from_environment`` joins them into one
 run. Plain subprocesses, not ``torch.multiprocessing`` spawn: spawning a function re-imports the parent's
@@ -40,7 +40,7 @@ def log_path(job_dir, rank):
 def write_job(job_dir, job, inputs):
     """Write a job: ``job`` as ``job.json`` and the tensors of ``inputs`` (``INPUT_NAMES``; None ones are left
     out) as ``inputs.safetensors``. ``job``: ``{"model": {...}, "generate": {...}, "cfg_parallel": int,
-    "policy": dataclasses.asdict(policy) or None}`` (the fields are read by ``magi1.worker``)."""
+    "policy": dataclasses.asdict(policy) or None}`` (the fields are read by ``programs.worker``)."""
     unknown = set(inputs) - set(INPUT_NAMES)
     if unknown:
         raise ValueError(f"unknown job inputs {sorted(unknown)}; expected some of {INPUT_NAMES}")
@@ -156,7 +156,7 @@ def run_workers(job_dir, world_size, *, devices=None, stop=None, poll=0.1, pytho
         for rank in range(world_size):
             logs.append(open(log_path(job_dir, rank), "wb"))
             workers.append(subprocess.Popen(
-                [python, "-m", "magi1.worker", os.path.abspath(job_dir)], cwd=PACK_ROOT,
+                [python, "-m", "programs.worker", os.path.abspath(job_dir)], cwd=PACK_ROOT,
                 env=worker_environment(rank, world_size, port, devices), stdin=subprocess.DEVNULL,
                 stdout=logs[-1], stderr=subprocess.STDOUT))
         _wait(workers, job_dir, stop, poll)

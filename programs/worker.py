@@ -1,4 +1,4 @@
-"""The worker program of a multi-process generation: ``python -m magi1.worker JOB_DIR``, run from the pack's
+"""The worker program of a multi-process generation: ``python -m programs.worker JOB_DIR``, run from the pack's
 folder by ``magi1.distributed.workers.run_workers`` with torchrun's environment (or by torchrun itself).
 
 It reads the job (``job.json`` and ``inputs.safetensors``, see ``magi1.distributed.workers``), joins the run
@@ -19,10 +19,10 @@ import time
 import torch
 
 from cache_core import CachePolicy
-from . import Guidance, generate, load_dit
-from .distributed.parallel import Parallel, default_device
-from .tiny import MODELS
-from .distributed.workers import PARENT_ENV, read_job, save_result, write_progress
+from magi1 import Guidance, generate, load_dit
+from magi1.distributed.parallel import Parallel, default_device
+from magi1.distributed.workers import PARENT_ENV, read_job, save_result, write_progress
+from magi1.tiny import MODELS
 
 PARENT_POLL_S = 1.0
 
@@ -100,7 +100,7 @@ def run(job_dir, job, inputs, parallel, device):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        raise SystemExit("usage: python -m magi1.worker JOB_DIR (run from the pack's folder)")
+        raise SystemExit("usage: python -m programs.worker JOB_DIR (run from the pack's folder)")
     exit_with_parent()
     job_dir = argv[0]
     job, inputs = read_job(job_dir)  # before joining the run: cfg_parallel sets its groups
