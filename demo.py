@@ -22,7 +22,7 @@ from magi1.planning.run_time import estimate_run
 from programs.cli import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
 from magi1.video.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
 from magi1.sampling.schedule import check_steps
-from magi1.tiny import MODELS, TINY
+from magi1.builtin import MODELS, TINY
 
 WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
 DEFAULT_MODEL = TINY

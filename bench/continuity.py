@@ -27,7 +27,7 @@ import torch
 
 import magi1
 from bench.metrics import psnr
-from magi1 import tiny
+from magi1 import builtin as tiny
 from train import bench_scenes, scenes
 from train.bench import HELDOUT_FILE
 from train.scenes import COLORS

@@ -13,7 +13,8 @@ import threading
 import time
 
 import magi1
-from magi1 import chunk_captions, generate, tiny
+from magi1 import chunk_captions, generate
+from magi1 import builtin as tiny
 
 SIZE = 2048
 

@@ -97,7 +97,7 @@ def paper_table():
 
 def _request(frames=48, steps=16):
     from magi1 import chunk_captions
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     states, mask = TINY.load_text_encoder().encode(TINY.example_prompt)
     chunks = VideoLayout.plan(frames, TINY.size, TINY.size).chunk_num
     caption, caption_mask = chunk_captions(states, mask, chunks, TINY.special_tokens(), length=800)
@@ -112,7 +112,7 @@ def _policy():
 
 def _run(parallel, cached):
     from magi1 import generate
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     model = TINY.load_dit(parallel=parallel)
     if parallel is not None and parallel.world == 1:  # distribute skips the exchanges for one process: forced
         model.context_parallel = parallel.context(model.config)

@@ -40,8 +40,8 @@ import magi1
 from bench.metrics import psnr, ssim, temporal_psnr
 from cache_core import PRESET_SCHEDULE, CachePolicy
 from cache_core.policy import PROXIES
-from cache_core.weights import COMBINE_MODES
-from magi1 import tiny
+from cache_core.token_weights import COMBINE_MODES
+from magi1 import builtin as tiny
 from train.bench import HELDOUT_FILE
 
 HERE = os.path.dirname(os.path.abspath(__file__))

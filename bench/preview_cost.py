@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 import magi1
-from magi1 import tiny
+from magi1 import builtin as tiny
 from magi1.video import preview
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 

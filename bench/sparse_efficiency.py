@@ -21,7 +21,7 @@ import statistics
 import torch
 
 import magi1
-from magi1 import tiny
+from magi1 import builtin as tiny
 
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT

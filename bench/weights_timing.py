@@ -14,7 +14,7 @@ import time
 import torch
 
 from cache_core import combine_weights, detail_weights, motion_weights
-from cache_core.weights import _combine_unchecked, _detail_weights_unchecked, _motion_weights_unchecked
+from cache_core.token_weights import _combine_unchecked, _detail_weights_unchecked, _motion_weights_unchecked
 
 
 def median_ms(fn, repeats, device):

@@ -8,7 +8,7 @@ what a sampler needs from a policy and its state; ``CachePolicy`` and ``CacheSta
 from .policy import MODES, PRESET_SCHEDULE, PROXIES, CachePolicy
 from .decision import ACTIONS, ChunkObservation, ChunkStep, Decision
 from .state import CacheState
-from .weights import COMBINE_MODES, combine_weights, detail_weights, motion_weights
+from .token_weights import COMBINE_MODES, combine_weights, detail_weights, motion_weights
 
 __all__ = [
     "ACTIONS",

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .decision import ChunkStep, Decision
-from .memory import ChunkMemory
+from .velocity_reuse import ChunkMemory
 
 
 TOKEN_PHASES = ("token", "hybrid")  # phases whose decisions are per token (they read the token weights)

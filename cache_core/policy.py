@@ -9,7 +9,7 @@ from typing import Optional
 
 from .checks import check_choice, check_int, check_number
 from .state import CacheState
-from .weights import COMBINE_MODES, check_window
+from .token_weights import COMBINE_MODES, check_window
 
 MODES = ("off", "teacache", "flowcache", "motion", "motion_detail", "hybrid")
 PROXIES = ("latent", "denoised")

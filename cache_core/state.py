@@ -21,8 +21,8 @@ import torch
 from . import planning
 from .checks import check_int
 from .decision import ChunkObservation, ChunkStep
-from .memory import ChunkMemory, VelocityReuse
-from .weights import (
+from .velocity_reuse import ChunkMemory, VelocityReuse
+from .token_weights import (
     _combine_unchecked,
     _detail_weights_unchecked,
     _motion_weights_unchecked,

@@ -12,14 +12,14 @@ import comfy.ops
 import folder_paths
 
 from ..magi1 import SpecialTokens, find_special_tokens, load_dit, load_vae
-from ..magi1 import tiny
+from ..magi1 import builtin
 from ..magi1.weights.loader import checkpoint_entries, same_path
-from .memory import weights_line
+from .memory_check import weights_line
 from .queue_checks import CheckedNode
 
-TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/tiny/weights
-BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/tiny/bench_weights
-BUILTIN = {TINY_CHOICE: tiny.TINY, BENCH_CHOICE: tiny.BENCH}
+TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/builtin/weights
+BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/builtin/bench_weights
+BUILTIN = {TINY_CHOICE: builtin.TINY, BENCH_CHOICE: builtin.BENCH}
 MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP8_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_scaled")  # DiT weights stored in float8, computed in bfloat16
@@ -169,7 +169,7 @@ class MAGI1DiTLoader(CheckedNode):
         # ComfyUI's operations: its memory manager can keep layers in host memory (partial loading) and cast them.
         model = load_dit(path, device=offload_device, dtype=dtype, distill=distill, weights=weights,
                          operations=comfy.ops.manual_cast)
-        model.set_attention_backend(attention)
+        model.configure(attention_backend=attention)
         logging.info("%s", weights_line(model, load_device))
         source = dict(builtin=BUILTIN[checkpoint].name if checkpoint in BUILTIN else None, path=os.path.abspath(path),
                       dtype=str(dtype).removeprefix("torch."), weights=weights, distill=distill, attention=attention)

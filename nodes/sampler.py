@@ -16,7 +16,7 @@ from ..magi1.planning.run_time import estimate_run
 from ..magi1.sampling.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
-from .memory import checked_plan, weights_line
+from .memory_check import checked_plan, weights_line
 from .multi_gpu import MULTI_GPU_KEY, sample_on_workers
 from .preview import LivePreview
 from .queue_checks import CheckedNode
@@ -302,7 +302,7 @@ class MAGI1Sampler(CheckedNode):
             time_note = checked_time(dit, model.load_device, frames, height, width, steps, prefix_frames)
             # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
             mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
-            dit.execution_device = model.load_device  # where the run computes, whatever was left in host memory
+            dit.configure(execution_device=model.load_device)  # where it computes, whatever stays in host memory
         # With workers, each loads its share of the model on its own GPU: nothing is loaded here, and the memory
         # check of one device does not apply.
         chunks = layout.chunk_num - layout.chunk_offset
@@ -363,8 +363,7 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
         mm.throw_exception_if_processing_interrupted()
         progress.update_absolute(step.step + 1, step.total, live_preview(step))
 
-    before = dit.token_block
-    dit.set_token_block(token_block)
+    before = dit.configure(token_block=token_block)
     try:
         result = generate(dit, inputs["caption"], inputs["caption_mask"], **request,
                           negative_caption=inputs["negative_caption"], negative_mask=inputs["negative_mask"],
@@ -372,7 +371,7 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
                           kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
                           stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
     finally:
-        dit.set_token_block(before)
+        dit.configure(**before)
     return result.latent, result.stats.summary(), result.stats.masks.window_frames() if record_masks else None
 
 

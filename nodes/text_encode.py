@@ -5,8 +5,10 @@ import logging
 
 from comfy_api.latest import io
 
-from ..magi1 import parse_prompt_schedule, tiny
-from ..magi1.tiny.text_encoder import unknown_note
+from ..magi1 import parse_prompt_schedule
+
+from ..magi1 import builtin
+from ..magi1.builtin.text_encoder import unknown_note
 from .queue_checks import CheckedNode
 from .t5 import T5_KEY, t5_states
 
@@ -84,7 +86,7 @@ class MAGI1TinyTextEncode(CheckedNode):
                          "checkerboard' (tiny) or 'a red ball moving right slowly and a blue square standing still "
                          "over a brick wall, the camera pans left' (bench). Real checkpoints use MAGI-1 Text Encode."),
             inputs=[
-                io.String.Input("prompt", multiline=True, default=tiny.TINY.example_prompt, tooltip=(
+                io.String.Input("prompt", multiline=True, default=builtin.TINY.example_prompt, tooltip=(
                     "tiny: colours (red, green, blue, yellow, white, purple, orange, black), shapes (ball, square, "
                     "triangle), motions (moving left/right/up/down, bouncing, spinning, growing, shrinking, "
                     "standing still), backgrounds (checkerboard, striped wall, grassy field, gray wall, blue sky), "
@@ -95,7 +97,7 @@ class MAGI1TinyTextEncode(CheckedNode):
                     "', the camera pans left/right'. Other words are read as an unknown token, which changes the "
                     "video; digits and other characters than letters and punctuation are skipped: the node's text output "
                     "and the sampler's report name both. " + SCHEDULE_HELP)),
-                io.Combo.Input("model", options=list(tiny.MODELS), default=tiny.TINY.name, tooltip=(
+                io.Combo.Input("model", options=list(builtin.MODELS), default=builtin.TINY.name, tooltip=(
                     "The built-in model the DiT Loader loads: tiny (the demo) or bench (the benchmark model).")),
             ],
             outputs=[io.Conditioning.Output(tooltip="The built-in model's caption states and their mask."),
@@ -108,8 +110,8 @@ class MAGI1TinyTextEncode(CheckedNode):
         return schedule_problems(values)
 
     @classmethod
-    def execute(cls, prompt, model=tiny.TINY.name) -> io.NodeOutput:
-        encoder = tiny.MODELS[model].load_text_encoder()
+    def execute(cls, prompt, model=builtin.TINY.name) -> io.NodeOutput:
+        encoder = builtin.MODELS[model].load_text_encoder()
 
         def encode(text):
             unknown = encoder.unknown_words(text)

@@ -35,8 +35,8 @@ from magi1.prompts.caption_states import CaptionStates, load_caption_states
 from magi1.prompts.text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens, scheduled_caption_rows
 from magi1.sampling.layout import FRAMES_RULE, frames_to_generate
 from magi1.sampling.schedule import check_steps
-from magi1.tiny import MODELS, TINY
-from magi1.tiny.text_encoder import unknown_note
+from magi1.builtin import MODELS, TINY
+from magi1.builtin.text_encoder import unknown_note
 from magi1.video.mp4 import FPS
 from magi1.video.video_out import StreamedVideo, write_video
 from magi1.weights.loader import checkpoint_summary, model_description
@@ -62,7 +62,7 @@ class UsageError(Exception):
 class Run:
     """The checked options of one run."""
 
-    builtin: Optional[object]  # a magi1.tiny.BuiltinModel, or None for a checkpoint
+    builtin: Optional[object]  # a magi1.builtin.BuiltinModel, or None for a checkpoint
     checkpoint: Optional[str]
     vae: Optional[str]
     special_tokens: Optional[str]
@@ -420,7 +420,7 @@ def sample(run, par):
                                 processes=run.world)
         print(estimate_line(estimate, run.policy.mode != "off"), file=sys.stderr, flush=True)
     dit, vae = load_models(run, par)
-    dit.set_token_block(run.token_block)
+    dit.configure(token_block=run.token_block)
     guidance = Guidance() if run.text_scale is None else Guidance().with_text_scale(run.text_scale)
     extra = {} if par is None else {"parallel": par}
     video = start_video(run, vae) if vae is not None and run.decode == "during" else None

@@ -22,7 +22,7 @@ from cache_core import CachePolicy
 from magi1 import Guidance, generate, load_dit
 from magi1.distributed.parallel import Parallel, default_device
 from magi1.distributed.workers import PARENT_ENV, read_job, save_result, write_progress
-from magi1.tiny import MODELS
+from magi1.builtin import MODELS
 
 PARENT_POLL_S = 1.0
 
@@ -56,13 +56,13 @@ def exit_with_parent():
 
 def load_model(source, device, parallel):
     """The DiT the job's ``model`` describes, on ``device`` (this rank's share of it under ``parallel``):
-    ``builtin`` (a ``magi1.tiny`` model's name) or ``path`` (a checkpoint), in ``dtype`` with ``weights``
+    ``builtin`` (a ``magi1.builtin`` model's name) or ``path`` (a checkpoint), in ``dtype`` with ``weights``
     and ``distill`` as MAGI-1 DiT Loader passed them, with its ``attention`` backend."""
     path = MODELS[source["builtin"]].dit_file if source.get("builtin") else source["path"]
     dtype = getattr(torch, source["dtype"]) if source.get("dtype") else None
     model = load_dit(path, device=device, dtype=dtype, distill=source.get("distill"),
                      weights=source.get("weights", "auto"), parallel=parallel)
-    model.set_attention_backend(source.get("attention", "auto"))
+    model.configure(attention_backend=source.get("attention", "auto"))
     return model
 
 
@@ -77,7 +77,7 @@ def run(job_dir, job, inputs, parallel, device):
     main = parallel is None or parallel.is_main
     model = load_model(job["model"], device, parallel)
     policy = CachePolicy(**job["policy"]) if job.get("policy") is not None else None
-    model.set_token_block(options.get("token_block"))  # the node's low-memory mode (None: off)
+    model.configure(token_block=options.get("token_block"))  # the node's low-memory mode (None: off)
 
     def on_step(step):  # for the node's progress bar
         if main:

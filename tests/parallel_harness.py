@@ -154,7 +154,7 @@ def _clone(x):
 def tiny_request():
     """The built-in tiny model's demo generation (24 frames, no cache): ``generate`` arguments."""
     from magi1 import chunk_captions
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     states, mask = TINY.load_text_encoder().encode(TINY.example_prompt)
     caption, caption_mask = chunk_captions(states, mask, 1, TINY.special_tokens(), length=800)
     return dict(caption=caption, caption_mask=caption_mask, frames=24, height=TINY.size, width=TINY.size, steps=8,
@@ -168,7 +168,7 @@ def parameter_bytes(model):
 
 def _tiny_job(par):
     """The built-in tiny model loaded with ``parallel=``: its latent, and each rank's weight bytes."""
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     model = TINY.load_dit(parallel=par)
     held = torch.tensor([float(parameter_bytes(model))])
     every = [torch.zeros(1) for _ in range(par.world)]

@@ -31,7 +31,7 @@ def _fixture(config, policy, **changes):
 def _demo():
     from cache_core import PRESET_SCHEDULE, CachePolicy
     from demo import sample  # the repository root is on the path in tests and in the recorder
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
 
     # the slow preset as it was when the case was recorded (0.3.x): the case guards the code, not the preset
     return sample(model=TINY, policy=CachePolicy(mode="motion_detail", tau=0.04, **PRESET_SCHEDULE))[0]

@@ -169,3 +169,17 @@ def test_measured_peak_falls_and_stays_under_the_plan(name, dtype, block):
     model.set_token_block(None)
     assert planned < plan.dit_phase - plan.weights_on_gpu and peaks[1] < peaks[0]
     assert 0.6 * planned < peaks[1] <= planned, (peaks, planned)
+
+
+def test_configure_is_the_one_way_to_change_how_a_model_runs():
+    model = random_dit(dict(num_layers=1, hidden_size=64, ffn_hidden_size=128, num_attention_heads=2, num_query_groups=1,
+                            kv_channels=32, caption_channels=16, caption_max_length=8), seed=0)
+    before = model.configure(token_block=256, attention_backend="sdpa", execution_device="cpu")
+    assert before == dict(token_block=None, attention_backend="auto", execution_device=None)
+    assert (model.token_block, model.attention_backend, model.device) == (256, "sdpa", torch.device("cpu"))
+    model.configure(**before)
+    assert (model.token_block, model.attention_backend, model.execution_device) == (None, "auto", None)
+    with pytest.raises(ValueError, match="configure takes"):
+        model.configure(distill=True)  # what a model is comes from its loader, not a setting
+    with pytest.raises(ValueError, match="token_block must be a positive integer"):
+        model.configure(token_block=0)

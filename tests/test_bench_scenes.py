@@ -68,6 +68,6 @@ def test_the_benchmark_recipe_trains_a_few_steps(tmp_path):
                                      log=lambda line: None, recipe=recipe)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     tiny.save_dit(tmp_path, model, captions)
-    encoder = magi1.tiny.text_encoder.load_text_encoder(tmp_path / "text_encoder.safetensors")
+    encoder = magi1.builtin.text_encoder.load_text_encoder(tmp_path / "text_encoder.safetensors")
     states, mask = encoder.encode(json.load(open(HELDOUT))["prompts"][0])
     assert int(mask.sum()) > 10 and encoder.config.max_tokens == 40  # a long caption fits, word by word

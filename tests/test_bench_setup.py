@@ -116,7 +116,7 @@ def test_the_benchmark_model_loads_with_the_ordinary_loaders():
     import os
 
     import magi1
-    from magi1 import tiny
+    from magi1 import builtin as tiny
     from train import bench as trainer
     from train import bench_scenes
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
-from magi1 import scheduled_captions, tiny
+from magi1 import scheduled_captions
+from magi1 import builtin as tiny
 from magi1.prompts.caption_states import CaptionStates, load_caption_states, save_caption_states
 
 

@@ -19,7 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cache_core import CachePolicy
-from magi1 import Guidance, StepProgress, generate, load_dit, parse_prompt_schedule, scheduled_captions, tiny
+from magi1 import Guidance, StepProgress, generate, load_dit, parse_prompt_schedule, scheduled_captions
+from magi1 import builtin as tiny
 from programs import cli
 from magi1.prompts.caption_states import save_caption_states
 from magi1.sampling.layout import FRAMES_RULE
@@ -391,7 +392,7 @@ def test_caption_states_of_another_width_are_refused_naming_the_file(tmp_path, c
 
 def test_the_program_is_not_part_of_the_imported_package():
     """ComfyUI imports the pack's magi1; the program (which imports cache_core) must not come with it."""
-    script = ("import sys, magi1, magi1.tiny, magi1.prompts.caption_states, magi1.video.mp4\n"
+    script = ("import sys, magi1, magi1.builtin, magi1.prompts.caption_states, magi1.video.mp4\n"
               "assert not {'magi1.__main__', 'programs.cli', 'cache_core'} & set(sys.modules)")
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from magi1 import tiny
+from magi1 import builtin as tiny
 from magi1.sampling.layout import frames_to_generate
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from comfy_stubs import pack_nodes
-from magi1 import VAETiling, tiny
+from magi1 import VAETiling
+from magi1 import builtin as tiny
 from magi1.video.vae import SEAMLESS
 
 SEAMLESS_CHOICE, RELEASED_CHOICE = "seamless", "as released (12 frames, no overlap)"

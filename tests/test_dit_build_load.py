@@ -265,7 +265,7 @@ def test_damaged_index_and_special_tokens_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON .*download the index"):
         magi1.load_dit(index)
     truncated = tmp_path / "special_tokens.npz"
-    from magi1 import tiny
+    from magi1 import builtin as tiny
 
     source = tiny.TINY.special_tokens_file
     truncated.write_bytes(open(source, "rb").read()[:200])

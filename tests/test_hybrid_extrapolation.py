@@ -208,7 +208,7 @@ def test_the_budget_caps_the_tokens_computed_and_keeps_the_largest_accumulators(
 
 def test_the_budget_keeps_the_largest_accumulators_among_the_tokens_due():
     from cache_core import planning
-    from cache_core.memory import ChunkMemory
+    from cache_core.velocity_reuse import ChunkMemory
 
     mem = ChunkMemory(token_acc=torch.tensor([0.5, 0.1, 0.9, 0.3, 0.7, 0.0]),
                       token_reuses=torch.zeros(6, dtype=torch.int32), weights=torch.ones(6))

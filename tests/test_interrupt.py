@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import magi1
-from magi1 import chunk_captions, generate, tiny
+from magi1 import chunk_captions, generate
+from magi1 import builtin as tiny
 import magi1.network.dit as dit_module
 
 MODEL = tiny.TINY

@@ -356,7 +356,7 @@ def test_lines_state_the_frames_the_run_makes(frames, prefix_frames, made, chunk
 
 @pytest.mark.parametrize("frames, prefix_frames", [(28, 0), (44, 1), (48, 1), (48, 4), (24, 6)])
 def test_frames_made_are_the_frames_generate_returns(frames, prefix_frames):
-    from magi1 import tiny
+    from magi1 import builtin as tiny
 
     dit = tiny.load_tiny_dit()
     layout = VideoLayout.plan(frames, 64, 64, prefix_frames=prefix_frames)

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from comfy_stubs import pack_namespace
-from magi1 import Guidance, VAETiling, tiny
+from magi1 import Guidance, VAETiling
+from magi1 import builtin as tiny
 
 TINY = "MAGI-1 tiny demo (built-in)"
 
@@ -269,7 +270,7 @@ def test_a_cache_node_saved_before_the_extrapolation_inputs_keeps_its_behaviour(
 def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
     """The sampler's check: a run that fits passes, one that fits only with the weights partly in host
     memory passes with a note, one that does not fit is refused naming the cheapest changes and the plan."""
-    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
+    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory_check"]
     from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
     from magi1.planning.memory_plan import memory_plan, replan
 
@@ -286,8 +287,8 @@ def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
 
 
 def test_a_run_larger_than_host_memory_is_refused_with_the_numbers(pack):
-    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
-    dit = pack.modules["loaders"].tiny.TINY.load_dit()  # the pack's own copy of magi1
+    memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory_check"]
+    dit = pack.modules["loaders"].builtin.TINY.load_dit()  # the pack's own copy of magi1
     plan = memory.plan_run(dit, None, 96, 4096, 4096, 0, False)
     need = plan.dit_phase - plan.weights_on_gpu
     memory.check_host_memory(plan, need)  # fits exactly
@@ -373,7 +374,7 @@ def test_cache_mask_previews_are_large_enough_to_see(pack):
 
 # ------------------------------------------------------------------------ reports: model, device, frames
 def memory_module(pack):
-    return sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory"]
+    return sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory_check"]
 
 
 def test_built_in_models_report_their_own_names(pack, model, captured):

@@ -123,7 +123,7 @@ spec = importlib.util.spec_from_file_location("magipack", {str(ROOT / '__init__.
 pack = importlib.util.module_from_spec(spec)
 sys.modules["magipack"] = pack
 spec.loader.exec_module(pack)
-import magipack.cache_core, magipack.magi1, magipack.magi1.tiny, magipack.magi1.tiny.text_encoder
+import magipack.cache_core, magipack.magi1, magipack.magi1.builtin, magipack.magi1.builtin.text_encoder
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "train" or m.startswith("magipack.train"))
 assert not loaded, loaded
 """
@@ -218,7 +218,7 @@ def test_every_module_has_a_docstring(folder):
         assert ast.get_docstring(tree), f"{path.relative_to(ROOT)} has no module docstring"
 
 
-WINGS = sorted(p.name for p in (ROOT / "magi1").iterdir() if (p / "__init__.py").exists() and p.name != "tiny")
+WINGS = sorted(p.name for p in (ROOT / "magi1").iterdir() if (p / "__init__.py").exists() and p.name != "builtin")
 
 
 def _wing_imports(path):
@@ -246,7 +246,7 @@ def test_each_wing_imports_only_what_its_docstring_allows(wing):
     doc = ast.get_docstring(ast.parse((ROOT / "magi1" / wing / "__init__.py").read_text()))
     assert doc and "May import:" in doc, wing
     allowed = set(re.findall(r"``magi1\.(\w+)``", doc.split("May import:")[1])) | {"checks", wing}
-    assert allowed - {"checks", wing} <= set(WINGS) | {"tiny"}, allowed  # tiny: the built-in models
+    assert allowed - {"checks", wing} <= set(WINGS) | {"builtin"}, allowed  # builtin: the built-in models
     bad = {}
     for path in sorted((ROOT / "magi1" / wing).glob("*.py")):
         used = {name.split(".")[0] for name in _wing_imports(path)} - {""}

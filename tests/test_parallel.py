@@ -109,7 +109,7 @@ def test_irregular_head_grouping(runs, references):
 
 def test_builtin_model_loaded_by_layer_owners(runs):
     from magi1 import generate
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     whole = TINY.load_dit()
     with torch.no_grad():
         latent = generate(whole, **tiny_request()).latent
@@ -123,6 +123,6 @@ def test_builtin_model_loaded_by_layer_owners(runs):
 
 def test_replicated_weights_give_the_same_latent(runs):
     """shard_weights=False: every rank keeps the whole model and nothing is broadcast."""
-    from magi1.tiny import TINY
+    from magi1.builtin import TINY
     assert torch.equal(runs["replicated"]["tiny"], runs[2, 1]["tiny"])
     assert runs["replicated"]["tiny.bytes"].tolist() == [parameter_bytes(TINY.load_dit())] * 2

@@ -14,7 +14,7 @@ from PIL import Image
 
 import magi1
 from comfy_stubs import pack_nodes
-from magi1 import tiny
+from magi1 import builtin as tiny
 from magi1.video import preview
 
 

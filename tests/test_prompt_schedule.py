@@ -5,7 +5,9 @@ import re
 import pytest
 import torch
 
-from magi1 import chunk_captions, parse_prompt_schedule, scheduled_captions, tiny
+from magi1 import chunk_captions, parse_prompt_schedule, scheduled_captions
+
+from magi1 import builtin as tiny
 
 
 def test_a_plain_prompt_is_one_prompt_for_every_chunk():

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
-from magi1 import tiny
+from magi1 import builtin as tiny
 from magi1.weights.loader import checkpoint_entries, checkpoint_files
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")

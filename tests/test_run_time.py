@@ -9,7 +9,7 @@ from magi1 import Guidance, ModelConfig, flops, generate
 from magi1.planning import run_time
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 from magi1.planning.run_time import estimate_run, format_clock, format_duration, matmul_throughput, run_flops
-from magi1.tiny import TINY
+from magi1.builtin import TINY
 
 PROMPT_TOKENS = 20
 FOUR_B = ModelConfig(**OFFICIAL_MODEL_CONFIGS["4.5B"])

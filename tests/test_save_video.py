@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfy_stubs import pack_namespace
-from magi1 import tiny
+from magi1 import builtin as tiny
 from magi1.video.mp4 import write_mp4
 
 

@@ -3,7 +3,7 @@
 from types import SimpleNamespace
 
 from bench import sparse_efficiency
-from magi1 import tiny
+from magi1 import builtin as tiny
 
 
 def test_the_report_divides_each_rounds_speed_up_by_the_flop_ratio():

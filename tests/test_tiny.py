@@ -13,7 +13,7 @@ import torch
 import magi1
 import cache_core
 from cache_core import CachePolicy
-from magi1 import tiny
+from magi1 import builtin as tiny
 from train import scenes
 from train import tiny as trainer
 from train.scenes import grammar_vocabulary

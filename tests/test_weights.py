@@ -7,7 +7,7 @@ import torch
 
 from cache_core import combine_weights, detail_weights, motion_weights
 
-RTOL, NOISE = 1e-5, 1e-6  # the documented "constant frame" tolerances of cache_core.weights
+RTOL, NOISE = 1e-5, 1e-6  # the documented "constant frame" tolerances of cache_core.token_weights
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import torch
 
 from cache_core import CachePolicy
 from comfy_stubs import pack_namespace
-from magi1 import chunk_captions, generate, tiny
+from magi1 import chunk_captions, generate
+from magi1 import builtin as tiny
 from magi1.distributed.workers import read_progress, read_result, run_workers, worker_environment, write_job
 from pipeline_fixtures import relative_error
 

@@ -13,7 +13,7 @@ import pytest
 
 from cache_core import CachePolicy
 from comfy_stubs import WIDGET_KINDS, pack_nodes
-from magi1 import tiny
+from magi1 import builtin as tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))

@@ -1,10 +1,10 @@
 """Train the benchmark model: the tiny model's architecture on 128x128 scenes shaped like the videos
 people make (``train/bench_scenes.py``), where token-level reuse has room to work (64 tokens a frame).
 
-    python -m train.bench                      # from the repository root; writes magi1/tiny/bench_weights
+    python -m train.bench                      # from the repository root; writes magi1/builtin/bench_weights
 
 It shares the tiny model's loops (``train/tiny.py``) through its own ``Recipe`` and reuses the tiny
-model's VAE (``magi1/tiny/weights/vae.safetensors``, 21 dB on these scenes at 128x128; a VAE of its own
+model's VAE (``magi1/builtin/weights/vae.safetensors``, 21 dB on these scenes at 128x128; a VAE of its own
 would not fit the repository's size budget). The DiT stage writes a resume checkpoint every 15 minutes
 to ``train/checkpoints/bench`` (git-ignored): the same command continues from it. The held-out prompts
 (``train/bench_heldout.json``) are never drawn for training.
@@ -20,9 +20,9 @@ import time
 
 import torch
 
-from magi1.tiny import BENCH as BENCH_MODEL
-from magi1.tiny import VAE_FILE
-from magi1.tiny.text_encoder import SPECIALS
+from magi1.builtin import BENCH as BENCH_MODEL
+from magi1.builtin import VAE_FILE
+from magi1.builtin.text_encoder import SPECIALS
 from magi1.video.vae import load_vae
 
 from . import bench_scenes
@@ -51,7 +51,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=BENCH_MODEL.folder,
                         help="folder for dit.safetensors, text_encoder.safetensors and special_tokens.npz "
-                             "(default: magi1/tiny/bench_weights)")
+                             "(default: magi1/builtin/bench_weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")

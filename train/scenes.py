@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from magi1.tiny.text_encoder import SPECIALS, words
+from magi1.builtin.text_encoder import SPECIALS, words
 
 COLORS = {
     "red": (0.9, 0.1, 0.1), "green": (0.1, 0.75, 0.2), "blue": (0.15, 0.3, 0.95), "yellow": (0.95, 0.85, 0.1),

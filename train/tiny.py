@@ -1,7 +1,7 @@
 """Train the tiny MAGI-1 demo model from scratch on procedural videos (``train/scenes.py``).
 
-    python -m train.tiny --out <folder>      # from the repository root; --out defaults to magi1/tiny/weights
-    python -m train.tiny --vae magi1/tiny/weights/vae.safetensors --out <folder>   # only the DiT stage
+    python -m train.tiny --out <folder>      # from the repository root; --out defaults to magi1/builtin/weights
+    python -m train.tiny --vae magi1/builtin/weights/vae.safetensors --out <folder>   # only the DiT stage
 
 Reproducible from ``--seed`` (scenes, noise and initial weights all come from it; CPU, float32). Three
 stages: the VAE as an autoencoder of 12-frame clips (the release's temporal tile), its latents rescaled
@@ -37,9 +37,9 @@ from magi1.network.config import ModelConfig
 from magi1.weights.loader import CONFIG_METADATA_KEY, DISTILL_METADATA_KEY, random_dit
 from magi1.sampling.schedule import CLEAN_T, NOISE2CLEAN_KVRANGE, chunk_kv_range, shifted_time, unshifted_position
 from magi1.prompts.text import DURATION_TOKENS, HQ_TOKEN, NULL_CAPTION_TOKENS, SpecialTokens, chunk_captions
-from magi1.tiny import SIZE, WEIGHTS
-from magi1.tiny.text_encoder import CONFIG_METADATA_KEY as TEXT_CONFIG_METADATA_KEY
-from magi1.tiny.text_encoder import TextEncoderConfig, TinyTextEncoder
+from magi1.builtin import SIZE, WEIGHTS
+from magi1.builtin.text_encoder import CONFIG_METADATA_KEY as TEXT_CONFIG_METADATA_KEY
+from magi1.builtin.text_encoder import TextEncoderConfig, TinyTextEncoder
 from magi1.video.vae import CONFIG_METADATA_KEY as VAE_CONFIG_METADATA_KEY
 from magi1.video.vae import LATENT_SCALE, VAEConfig, load_vae, random_vae
 
@@ -335,7 +335,7 @@ def save_vae(out, vae):
 
 
 def save_text_encoder(encoder, path):
-    """The text encoder as ``magi1.tiny.text_encoder.load_text_encoder`` reads it (config and vocabulary in
+    """The text encoder as ``magi1.builtin.text_encoder.load_text_encoder`` reads it (config and vocabulary in
     the metadata)."""
     config = dict(dataclasses.asdict(encoder.config), vocabulary=list(encoder.config.vocabulary))
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in encoder.state_dict().items()}
@@ -356,13 +356,13 @@ def save_dit(out, model, captions):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m train.tiny", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=WEIGHTS, help="folder of the four weight files (default: magi1/tiny/weights)")
+    parser.add_argument("--out", default=WEIGHTS, help="folder of the four weight files (default: magi1/builtin/weights)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: PyTorch's default)")
-    parser.add_argument("--vae", help="reuse a trained vae.safetensors (e.g. magi1/tiny/weights/vae.safetensors) "
+    parser.add_argument("--vae", help="reuse a trained vae.safetensors (e.g. magi1/builtin/weights/vae.safetensors) "
                                       "instead of training one: only the DiT stage runs")
     parser.add_argument("--resume", default=RESUME_FOLDER, help="folder of the DiT stage's resume checkpoint "
                         "(written every 15 minutes; the same command continues from it). Default: %(default)s")

@@ -113,7 +113,7 @@ def frame_grid(video, label):
 def make(path):
     """Generate and write ``path``'s thumbnail (same name, ``.jpg``); returns the thumbnail's path."""
     from demo import sample
-    from magi1.tiny import MODELS
+    from magi1.builtin import MODELS
 
     job = plan(path)
     model = MODELS[job["model"]]

@@ -456,6 +456,19 @@ class MagiDiT(nn.Module):
             return torch.device(self.execution_device)
         return self.x_embedder.weight.device
 
+    def configure(self, **settings):
+        """The one way to change how a built model runs (not what it is): ``attention_backend``,
+        ``token_block`` (see their ``set_`` methods) and ``execution_device`` (where calls compute when the
+        weights are spread, e.g. by ComfyUI's partial loading; None: where the patch embedding is). Returns
+        the previous values of the settings given, so that a caller can restore them."""
+        unknown = set(settings) - set(RUN_SETTINGS)
+        if unknown:
+            raise ValueError(f"MagiDiT.configure takes {sorted(RUN_SETTINGS)}, got {sorted(unknown)}")
+        before = {name: getattr(self, name) for name in settings}
+        for name, value in settings.items():
+            RUN_SETTINGS[name](self, value)
+        return before
+
     def set_attention_backend(self, name):
         """``"auto"`` (flash-attn on CUDA when installed, else SDPA), ``"flash"`` or ``"sdpa"``."""
         if name not in BACKENDS:
@@ -468,6 +481,9 @@ class MagiDiT(nn.Module):
         at a time, so that its temporaries are a block's instead of the window's; the self-attention
         still sees every key. The outputs differ only by float rounding. ``None`` (the default): all at once."""
         self.token_block = None if tokens is None else check_int("token_block", tokens, low=1, hint=" or None")
+
+    def _set_execution_device(self, device):
+        self.execution_device = None if device is None else torch.device(device)
 
     def patch_embedding(self, x):
         """The float32 patch embedding ``(N, D, T, H/2, W/2)`` of latents ``(N, 16, T, H, W)``: the first
@@ -509,19 +525,30 @@ class MagiDiT(nn.Module):
         Returns:
             ``(N, C, T, H, W)`` float32 velocities.
         """
-        config = self.config
         n, _, frames, height, width = x.shape
         chunks = t.shape[1]
         call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
         call.stop = stop
         call.token_block = self.token_block
 
+        h = self._tokens(call, x, slice_point)
+        self._condition(call, t, distill_dt, unconditional, x)
+        self._caption_tokens(call, caption, caption_mask)
+        for index, layer in enumerate(self.videodit_blocks.layers):
+            if stop is not None:
+                stop()
+            h = layer(h, call, index)
+        return self._velocities(call, h, n, chunks, frames, height, width)
+
+    def _tokens(self, call, x, slice_point):
+        """The patch-embedded tokens this process computes ``(N, tokens, D)``, and their RoPE tables on ``call``."""
+        frames = x.shape[2]
         h = self.patch_embedding(x)  # (N, D, T, H/2, W/2)
         h = h.flatten(2).transpose(1, 2).to(call.dtype)  # (N, tokens, D)
         if call.selected is not None:
             h = h[:, call.selected]
 
-        pt = config.t_patch_size  # RoPE counts patched frames, from the first frame of the video
+        pt = self.config.t_patch_size  # RoPE counts patched frames, from the first frame of the video
         cos, sin = self.rope(slice_point * call.frames_per_chunk // pt, frames // pt, call.grid_h, call.grid_w, x.device)
         if call.selected is not None:
             cos, sin = cos[call.selected], sin[call.selected]
@@ -529,8 +556,11 @@ class MagiDiT(nn.Module):
             first, end = call.share_tokens(h.shape[1])
             h, cos, sin = h[:, first:end], cos[first:end], sin[first:end]
         call.rope_cos, call.rope_sin = cos, sin
+        return h
 
-        # Per-chunk condition: timestep (+ step size) embedding plus the learned adaLN caption token.
+    def _condition(self, call, t, distill_dt, unconditional, x):
+        """Per-chunk condition: timestep (+ step size) embedding plus the learned adaLN caption token."""
+        n, chunks = t.shape
         t_flat = t.reshape(-1).float()
         t_emb = self.t_embedder(t_flat, call.dtype)
         if distill_dt is not None:
@@ -539,17 +569,16 @@ class MagiDiT(nn.Module):
         y_adaln = self.y_embedder.y_proj_adaln(token)
         call.condition = (t_emb.view(n, chunks, -1) + y_adaln).to(call.dtype)
 
-        # Caption tokens for cross-attention: only the valid ones, packed chunk after chunk.
+    def _caption_tokens(self, call, caption, caption_mask):
+        """Caption tokens for cross-attention: only the valid ones, packed chunk after chunk."""
         valid = caption_mask.reshape(-1, caption_mask.shape[-1]).bool()
         call.caption_lengths = valid.sum(dim=1).tolist()
         y = caption.reshape(-1, caption.shape[-1])[valid.reshape(-1)].float()
         call.caption = self.y_embedder.y_proj_xattn(y).to(call.dtype)
 
-        for index, layer in enumerate(self.videodit_blocks.layers):
-            if stop is not None:
-                stop()
-            h = layer(h, call, index)
-
+    def _velocities(self, call, h, n, chunks, frames, height, width):
+        """The final norm and linear, gathered back to every token of the window: ``(N, C, T, H, W)`` float32."""
+        config = self.config
         h = self.videodit_blocks.final_layernorm(h.float())
         out = self.final_linear.linear(h)  # (N, tokens, pT*pH*pW*C), float32
         if call.cp is not None:
@@ -558,12 +587,16 @@ class MagiDiT(nn.Module):
             full = out.new_zeros(n, chunks * call.chunk_tokens, out.shape[-1])
             full[:, call.selected] = out
             out = full
-        p = config.patch_size
+        p, pt = config.patch_size, config.t_patch_size
         out = out.view(n, frames // pt, call.grid_h, call.grid_w, pt, p, p, config.out_channels)
         out = out.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(n, config.out_channels, frames, height, width)
         if config.half_channel_vae:
             out = out[:, : config.out_channels // 2]
         return out / config.x_rescale_factor
+
+
+RUN_SETTINGS = {"attention_backend": MagiDiT.set_attention_backend, "token_block": MagiDiT.set_token_block,
+                "execution_device": MagiDiT._set_execution_device}  # what MagiDiT.configure may change
 
 
 @dataclass

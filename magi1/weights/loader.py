@@ -59,7 +59,7 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
     ``distill`` defaults to whether the checkpoint's file or folder name says so (the official folders
     are ``*_distill`` / ``inference_weight.distill``) or the file is an official fp8 one. The model's
     ``variant`` and ``variant_reason`` say which it is and why (see ``model_description``); a built-in
-    model's file (``magi1.tiny``) is named by its title, e.g. "MAGI-1 tiny demo (built-in)".
+    model's file (``magi1.builtin``) is named by its title, e.g. "MAGI-1 tiny demo (built-in)".
 
     ``weights``: how the transformer layers' large weights are kept: ``"auto"`` (as stored: high
     precision in ``dtype``, or the file's float8 kind), ``None`` (in ``dtype``), ``"fp8_e4m3fn"`` or
@@ -106,9 +106,9 @@ def load_dit(path, *, device=None, dtype=None, distill=None, weights="auto", ope
 
 def _name(model, files, size, kind, distill, why):
     """Set the loaded model's ``distill``, ``variant`` (e.g. "4.5B_distill"), ``variant_reason`` (why base or
-    distill) and ``builtin`` (a ``magi1.tiny`` model's name, else None): a built-in model's file is named by
+    distill) and ``builtin`` (a ``magi1.builtin`` model's name, else None): a built-in model's file is named by
     its title, as the loaders list it, not as a "custom_distill" checkpoint."""
-    from ..tiny import builtin_at  # here: magi1.tiny imports this module
+    from ..builtin import builtin_at  # here: magi1.builtin imports this module
 
     builtin = builtin_at(files[0]) if len(files) == 1 else None
     model.distill, model.builtin = distill, None if builtin is None else builtin.name
