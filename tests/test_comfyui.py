@@ -307,10 +307,10 @@ PARTIAL_LOAD = textwrap.dedent(
     import torch
     import comfy.model_management as mm
     import comfy.ops
-    from magipack.magi1 import chunk_captions, generate, load_dit, tiny
+    from magipack.magi1 import builtin, chunk_captions, generate, load_dit
     from magipack.nodes.loaders import MAGI1DiTLoader, TINY_CHOICE
 
-    model = tiny.TINY
+    model = builtin.TINY
     states, mask = model.load_text_encoder().encode(model.example_prompt)
     caption, caption_mask = chunk_captions(states, mask, 2, model.special_tokens(), length=800)
 
