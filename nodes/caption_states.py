@@ -7,8 +7,7 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..magi1.prompts.caption_states import save_caption_states
-from .queue_checks import CheckedNode
-from .save_video import output_prefix_problems
+from .queue_checks import CheckedNode, output_prefix_problems
 from .sampler import conditioning_schedule
 
 SUFFIX = ".safetensors"

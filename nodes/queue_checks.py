@@ -19,7 +19,9 @@ import functools
 import inspect
 import logging
 import math
+import os
 
+import folder_paths
 from comfy_api.latest import io
 
 LINKED = None  # what ComfyUI passes validate_inputs for an input linked to another node's output
@@ -169,3 +171,19 @@ def narrowed_errors(node_class, inputs, errors):
     return kept + [{"type": "custom_validation_failed", "message": "Custom validation failed for node",
                     "details": f"{name} - {message}", "extra_info": {"input_name": name}}
                    for name, message in problems.items()]
+
+
+def output_prefix_problems(values, name="filename_prefix", example="video/MAGI1"):
+    """``{name: message}`` unless ``values[name]`` names a file inside ComfyUI's output folder."""
+    prefix = values.get(name)
+    if prefix is None:
+        return {}
+    output = os.path.abspath(folder_paths.get_output_directory())
+    target = os.path.abspath(os.path.join(output, prefix))
+    try:
+        inside = os.path.commonpath([output, target]) == output and target != output
+    except ValueError:  # another Windows drive
+        inside = False
+    if not prefix.strip() or not inside:
+        return {name: f"{name} must name a file inside ComfyUI's output folder, got {prefix!r}: e.g. {example}"}
+    return {}

@@ -13,26 +13,10 @@ import comfy.utils
 
 from ..magi1.video.video_out import write_video
 from .loaders import MAGI1_VAE
-from .queue_checks import CheckedNode
+from .queue_checks import CheckedNode, output_prefix_problems
 from .vae import SEAMLESS_CHOICE, TEMPORAL_TILINGS, check_vae
 
 SUFFIX = ".mp4"
-
-
-def output_prefix_problems(values, name="filename_prefix", example="video/MAGI1"):
-    """``{name: message}`` unless ``values[name]`` names a file inside ComfyUI's output folder."""
-    prefix = values.get(name)
-    if prefix is None:
-        return {}
-    output = os.path.abspath(folder_paths.get_output_directory())
-    target = os.path.abspath(os.path.join(output, prefix))
-    try:
-        inside = os.path.commonpath([output, target]) == output and target != output
-    except ValueError:  # another Windows drive
-        inside = False
-    if not prefix.strip() or not inside:
-        return {name: f"{name} must name a file inside ComfyUI's output folder, got {prefix!r}: e.g. {example}"}
-    return {}
 
 
 class MAGI1SaveVideo(CheckedNode):

@@ -17,8 +17,8 @@ from magi1.weights.fp8 import nbytes_by_dtype
 from cache_core import CachePolicy
 from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, build_dit, generate
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.planning.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan, replan,
-                               vae_weight_bytes, weight_bytes, window_calls)
+from magi1.planning.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan,
+                                        replan, vae_weight_bytes, weight_bytes, window_calls)
 from pipeline_fixtures import FIXTURES, load, request
 
 CONFIG_4_5B = ModelConfig(**OFFICIAL_MODEL_CONFIGS["4.5B"])

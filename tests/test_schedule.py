@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-from magi1.sampling.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, check_steps, chunk_kv_range,
-                            kv_range_chunks, shifted_time, step_intervals, time_grid, total_forward_steps, unshifted_position,
-                            window_step)
+from magi1.sampling.schedule import (CLEAN_CHUNK_KVRANGE, CLEAN_T, NOISE2CLEAN_KVRANGE, check_steps,
+                                     chunk_kv_range, kv_range_chunks, shifted_time, step_intervals, time_grid,
+                                     total_forward_steps, unshifted_position, window_step)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 

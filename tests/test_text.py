@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from magi1.prompts import text
-from magi1.prompts.text import (SpecialTokens, chunk_captions, clean_caption, find_special_tokens, null_caption, pad_caption,
-                        prepare_prompt)
+from magi1.prompts.text import (SpecialTokens, chunk_captions, clean_caption, find_special_tokens,
+                                null_caption, pad_caption, prepare_prompt)
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "text")
 SHARED_TOKENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "magi1_special_tokens.npz")

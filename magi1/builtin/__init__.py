@@ -16,9 +16,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from ..weights.loader import load_dit
 from ..prompts.text import SpecialTokens
 from ..video.vae import load_vae
+from ..weights.loader import load_dit
 from .text_encoder import load_text_encoder
 
 HERE = os.path.dirname(os.path.abspath(__file__))

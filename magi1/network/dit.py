@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import BACKENDS, attend, attend_segments, resolve_backend
 from ..checks import check_int
+from .attention import BACKENDS, attend, attend_segments, resolve_backend
 from .config import ModelConfig
 from .ops import FP8, CastOps, QuantizedFp8Linear, cast_to, on_device_of, scaled_fp8_linear
 

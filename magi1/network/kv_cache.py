@@ -102,11 +102,8 @@ class KVCache:
         return k, v
 
     def write(self, layer, start, k, v):
-        """Store rows ``[start, start + len(k))`` of one layer."""
-        end = start + k.shape[0]
-        if end > self.end:
-            raise ValueError(f"KVCache write of rows [{start}, {end}) exceeds its rows [{self.base}, {self.end})")
-        keys, values = self.stored(layer, start, end)
+        """Store rows ``[start, start + len(k))`` of one layer (they must be held)."""
+        keys, values = self.stored(layer, start, start + k.shape[0])
         keys.copy_(k, non_blocking=True)
         values.copy_(v, non_blocking=True)
 

@@ -25,7 +25,8 @@ import torch
 from ..checks import check_choice, check_int
 from ..network.config import ModelConfig
 from ..sampling.layout import TEMPORAL_DOWNSAMPLE, VideoLayout
-from ..sampling.schedule import NOISE2CLEAN_KVRANGE, kv_span, prefix_pieces, total_forward_steps, window_step
+from ..sampling.schedule import (NOISE2CLEAN_KVRANGE, call_rows, kv_span, prefix_pieces, total_forward_steps,
+                                 window_step)
 from ..video.vae import SEAMLESS, VAEConfig, VAETiling
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
@@ -200,11 +201,9 @@ def window_calls(layout, *, passes, cache="off", window_size=4):
     for step in range(total_forward_steps(layout.chunk_num, steps, window_size, offset)):
         plan = window_step(step, chunk_num=layout.chunk_num, num_steps=steps, window_size=window_size,
                            chunk_offset=offset)
-        n_call = len(plan.kv_ranges)
-        first = min([a for a, _ in plan.kv_ranges] + [plan.slice_point])
-        written = n_call + int(passes == 1 and reusing)
-        query = max(query, n_call + int(passes == 1))
-        read = max(read, plan.slice_point + written - first)
+        first, end = call_rows(plan, copy_blocks)  # the cache rows the call reads and writes
+        query = max(query, len(plan.kv_ranges) + int(passes == 1))
+        read = max(read, end - first)
     if passes == 3 and cache == "token":
         read = max(read, 1)
     return WindowCalls(query, read, gathers)

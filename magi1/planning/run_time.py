@@ -32,10 +32,10 @@ import torch
 
 from ..checks import check_choice, check_int
 from ..network.flops import flops
+from ..prompts.text import NULL_CAPTION_TOKENS
 from ..sampling.guidance import Guidance
 from ..sampling.layout import VideoLayout
 from ..sampling.schedule import CLEAN_CHUNK_KVRANGE, check_steps, time_grid, total_forward_steps, window_step
-from ..prompts.text import NULL_CAPTION_TOKENS
 
 # The DiT's rate as a share of a bare square matmul's in the same dtype on the same device. CPU: measured with
 # the built-in tiny model (float32, 2 cores, SDPA, no cache): 0.6 to 0.8 from 128x128 to 512x512, 0.4 at 64x64

@@ -99,18 +99,25 @@ class CaptionRows:
                              f"(give one per generated chunk, or one for all)")
 
     def _append(self, embeddings, masks, emb, mask, rows=None):
-        """Append captions to the table's parts, a chunk equal to the one before it sharing its row (``rows``:
-        each chunk's row of ``emb``, already distinct); their rows for the generated chunks (one may serve all)."""
-        if rows is not None:
-            first = sum(e.shape[0] for e in embeddings)
-            embeddings.append(emb)
-            masks.append(mask)
-            return [first + rows[i if len(rows) > 1 else 0] for i in range(self._generated)]
-        row_of, kept = [], []
-        for i in range(emb.shape[0]):
-            if not (i and torch.equal(emb[i], emb[i - 1]) and torch.equal(mask[i], mask[i - 1])):
-                kept.append(i)
-            row_of.append(sum(e.shape[0] for e in embeddings) + len(kept) - 1)
-        embeddings.append(emb[kept] if len(kept) < emb.shape[0] else emb)
-        masks.append(mask[kept] if len(kept) < emb.shape[0] else mask)
-        return [row_of[i if emb.shape[0] > 1 else 0] for i in range(self._generated)]
+        """Append captions to the table's parts; their rows for the generated chunks (one may serve all).
+        ``rows``: each chunk's row of ``emb`` (a ``ChunkCaptions``' own); None: one row per chunk, of which a
+        chunk equal to the one before it shares that one's row."""
+        if rows is None:
+            emb, mask, rows = _consecutive_distinct(emb, mask)
+        first = sum(e.shape[0] for e in embeddings)
+        embeddings.append(emb)
+        masks.append(mask)
+        return [first + rows[i if len(rows) > 1 else 0] for i in range(self._generated)]
+
+
+def _consecutive_distinct(emb, mask):
+    """``(rows, masks, row of each chunk)`` of per-chunk captions, a chunk equal to the one before it sharing
+    its row."""
+    kept, row_of = [], []
+    for i in range(emb.shape[0]):
+        if not (i and torch.equal(emb[i], emb[i - 1]) and torch.equal(mask[i], mask[i - 1])):
+            kept.append(i)
+        row_of.append(len(kept) - 1)
+    if len(kept) < emb.shape[0]:
+        emb, mask = emb[kept], mask[kept]
+    return emb, mask, row_of

@@ -25,9 +25,9 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .caption_rows import CaptionRows
-from ..network.kv_cache import KVCache
 from ..distributed.parallel import collective_buffers
+from ..network.kv_cache import KVCache
+from .caption_rows import CaptionRows
 from .schedule import CLEAN_CHUNK_KVRANGE, CLEAN_T, prefix_pieces
 
 

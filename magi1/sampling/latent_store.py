@@ -2,8 +2,9 @@
 the window is denoising, so that device memory does not grow with the video.
 
 Chunks enter the device when a step first reads them (from the noise in host memory), are copied back
-to the host once finished (``finish``) and leave the device when the window has passed them (``drop_before``): copies both ways, so the values are exactly those of a run that keeps
-the whole video on the device. On the CPU the host tensor is the device tensor and nothing is copied.
+to the host once finished (``finish``) and leave the device when the window has passed them
+(``drop_before``): copies both ways, so the values are exactly those of a run that keeps the whole video
+on the device. On the CPU the host tensor is the device tensor and nothing is copied.
 """
 
 from __future__ import annotations
@@ -61,5 +62,5 @@ class LatentStore:
     def _chunk(self, chunk):
         if chunk not in self._resident:
             frames = self.host[:, chunk * self.cw:(chunk + 1) * self.cw]
-            self._resident[chunk] = frames.to(self.device, non_blocking=False, copy=True)
+            self._resident[chunk] = frames.to(self.device)  # (host to device: always a copy)
         return self._resident[chunk]

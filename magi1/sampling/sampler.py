@@ -18,12 +18,12 @@ from typing import Callable, Optional
 
 import torch
 
+from ..distributed.parallel import collective_buffers
 from .caption_rows import CaptionRows
 from .dit_call import DiTCall
 from .guidance import Guidance, SinglePass, ThreePass
 from .latent_store import LatentStore
 from .layout import VideoLayout
-from ..distributed.parallel import collective_buffers
 from .recording import Recorder
 from .reuse import start_reuse
 from .reuse_contract import ReusePolicy
@@ -92,7 +92,7 @@ def generate(model, caption, caption_mask, *, frames, height, width, steps=64, s
     check_steps(steps, window_size)
     layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
                               chunk_width=chunk_width, patch_size=model.config.patch_size)
-    prefix, x = _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width)
+    prefix, x = _prefix_and_noise(model, layout, prefix, noise, seed, frames)
     x = LatentStore(x, layout.chunk_width, model.device)
     captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
 
@@ -149,7 +149,7 @@ class _Loop:
         plan = window_step(step, chunk_num=layout.chunk_num, num_steps=self.steps, window_size=self.window_size,
                            chunk_offset=layout.chunk_offset)
         noisy = list(range(plan.start, plan.end))
-        self.x.drop_before(plan.slice_point)
+        self.x.drop_before(plan.start - 1)  # the chunk before stays: its last frame feeds the reuse weights
         x_call = self.x.chunks(plan.slice_point, plan.end)
         self._pad_prefix(x_call, plan.slice_point * cw)
         x_noisy = x_call[:, int(plan.refresh_clean) * cw:]
@@ -249,27 +249,26 @@ def _check_policy(policy):
                         f"None, got {type(policy).__name__}")
 
 
-def _prefix_and_noise(model, layout, prefix, noise, seed, frames, height, width):
+def _prefix_and_noise(model, layout, prefix, noise, seed, frames):
     """The checked prefix latents and the initial latent, in host memory (``LatentStore`` moves the chunks
     being denoised to the model's device)."""
     latent_shape = (model.config.latent_channels, layout.latent_frames, layout.latent_height, layout.latent_width)
-    prefix = _checked_prefix(prefix, latent_shape, layout, model.device, frames, height, width)
-    return prefix, _initial_latent(noise, seed, latent_shape, model.device)
+    return _checked_prefix(prefix, latent_shape, layout, frames), _initial_latent(noise, seed, latent_shape)
 
 
-def _checked_prefix(prefix, latent_shape, layout, device, frames, height, width):
+def _checked_prefix(prefix, latent_shape, layout, frames):
     if prefix is None:
         return None
     channels, total_frames = latent_shape[:2]
     if prefix.dim() != 4 or prefix.shape[0] != channels or tuple(prefix.shape[2:]) != latent_shape[2:]:
         raise ValueError(f"prefix must be latents [{channels}, P, {latent_shape[2]}, {latent_shape[3]}] for a "
-                         f"{height}x{width} video, got {list(prefix.shape)}")
+                         f"{latent_shape[2] * 8}x{latent_shape[3] * 8} video, got {list(prefix.shape)}")
     if layout.prefix_frames >= total_frames:
         raise ValueError(f"the prefix has {layout.prefix_frames} latent frames; frames={frames} adds none after it")
     return prefix.to("cpu", torch.float32)
 
 
-def _initial_latent(noise, seed, latent_shape, device):
+def _initial_latent(noise, seed, latent_shape):
     """``noise`` (checked), or noise drawn on the CPU from ``seed``: the same video on any device."""
     if noise is None:
         return torch.randn(latent_shape, generator=torch.Generator().manual_seed(int(seed)))

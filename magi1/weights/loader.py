@@ -8,9 +8,9 @@ import re
 
 import torch
 
-from . import fp8, layer_sharding
 from ..network.config import ModelConfig
 from ..network.dit import MagiDiT, NullCaption, RotaryEmbedding, ZeroCenteredLayerNorm
+from . import fp8, layer_sharding
 from .safetensors_io import check_state_dict, file_kind, read_header, read_tensors, refuse_pickle
 from .streaming import stream_layers
 
