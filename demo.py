@@ -16,15 +16,15 @@ from pathlib import Path
 
 from cache_core import MODES, CachePolicy
 from cache_core.policy import PRESET_MODE
-from magi1 import VideoLayout, chunk_captions, generate
-from magi1.sampling.layout import FRAMES_RULE, frames_to_generate
-from magi1.planning.run_time import estimate_run
-from programs.cli import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
-from magi1.video.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
-from magi1.sampling.schedule import check_steps
+from magi1 import VideoRequest, chunk_captions, generate
 from magi1.builtin import MODELS, TINY
+from magi1.planning.run_time import estimate_run
+from magi1.sampling.layout import FRAMES_RULE
+from magi1.sampling.request import WINDOW_SIZE
+from magi1.sampling.schedule import check_steps
+from magi1.video.mp4 import FPS, write_mp4  # noqa: F401 (FPS: demo.FPS, as before)
+from programs.cli import Progress, estimate_line, int_argument  # as python -m magi1 shows and checks them
 
-WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
 DEFAULT_MODEL = TINY
 DEFAULT_PROMPT = DEFAULT_MODEL.example_prompt
 
@@ -36,22 +36,20 @@ def sample(prompt=None, *, frames=48, steps=None, seed=0, mode=PRESET_MODE, pres
     print the time estimate and per-chunk progress on stderr, as ``python -m magi1`` does."""
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     states, mask = encoder.encode(model.example_prompt if prompt is None else prompt)
-    frames = frames_to_generate(frames)  # FRAMES_RULE, as MAGI-1 Sampler and python -m magi1
-    chunks = VideoLayout.plan(frames, model.size, model.size).chunk_num
-    caption, caption_mask = chunk_captions(states, mask, chunks, model.special_tokens(),
-                                           length=dit.config.caption_max_length)
     if policy is None:
         overrides = {"mode": mode} if tau is None else {"mode": mode, "tau": tau}
         policy = CachePolicy.preset(preset, **overrides)
-    steps = model.steps if steps is None else steps
+    request = VideoRequest(frames=frames, width=model.size, height=model.size,  # FRAMES_RULE, as everywhere
+                           steps=model.steps if steps is None else steps, seed=seed, policy=policy)
+    caption, caption_mask = chunk_captions(states, mask, request.chunks, model.special_tokens(),
+                                           length=dit.config.caption_max_length)
+    request = request.with_changes(caption=caption, caption_mask=caption_mask)
     on_step = None
     if progress:
-        estimate = estimate_run(dit.config, frames=frames, height=model.size, width=model.size, steps=steps,
-                                passes=1, dtype=dit.dtype)
+        estimate = estimate_run(dit.config, request, passes=1, dtype=dit.dtype)
         print(estimate_line(estimate, policy.enabled), file=sys.stderr)
         on_step = Progress(estimate)
-    result = generate(dit, caption, caption_mask, frames=frames, height=model.size, width=model.size,
-                      steps=steps, seed=seed, policy=policy, on_step=on_step)
+    result = generate(dit, request, on_step=on_step)
     return result, vae
 
 

@@ -45,8 +45,8 @@ from cache_core import CachePolicy
 from magi1.network.attention import flash_available
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
-from .forced_reuse import ForcedFraction
-from .timing import InsideDiT, median_ms
+from .speed.forced_reuse import ForcedFraction
+from .speed.timing import InsideDiT, median_ms
 
 ORDER = "abmlpcegfd"  # the run order: the cheap, most wanted numbers first, compilation last
 ESTIMATES = dict(a=40, b=15, m=60, l=120, p=25, c=20, e=130, g=40, f=45, d=90)  # seconds each on an H100/H200, model builds included
@@ -120,7 +120,7 @@ class WindowCall:
             t=torch.tensor([[0.3]], device=device),
             caption=torch.randn(1, 1, length, config.caption_channels, generator=g).to(device, model.dtype),
             caption_mask=(torch.arange(length) < self.caption_tokens).view(1, 1, length).to(device),
-            kv_range=[(0, 2 * self.tokens)], slice_point=1, cache_write_chunks=1)
+            kv_range=[(0, 2 * self.tokens)], slice_point=1, kv_write_chunks=1)
         self.kv_cache = magi1.KVCache.for_model(model, 2 * self.tokens)
         self.generator = g
 
@@ -135,7 +135,7 @@ class WindowCall:
 
     def __call__(self, active=None):
         with torch.inference_mode():
-            return self.model(**self.inputs, cache=self.kv_cache, active=active)
+            return self.model(**self.inputs, kv_cache=self.kv_cache, active=active)
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -238,8 +238,9 @@ def section_e(setup, timer, found):
     measured = {}
     for name, policy in runs:
         inside.seconds = 0.0
-        result = magi1.generate(model, caption, mask, frames=setup.frames, height=height, width=width, steps=steps,
-                                seed=0, policy=policy)
+        request = magi1.VideoRequest(frames=setup.frames, height=height, width=width, steps=steps, policy=policy,
+                                     caption=caption, caption_mask=mask)
+        result = magi1.generate(model, request)
         measured[name] = (result.stats, inside.seconds)
     inside.remove()
     off_stats, off_inside = measured["off"]
@@ -309,13 +310,14 @@ def section_m(setup, timer, found):
     height, width = setup.size_45
     model, caption, mask = distilled_45(setup)
     config = model.config
-    plan = magi1.memory_plan(config, 48, height, width, weight_dtype=str(setup.dtype).replace("torch.", ""),
+    request = magi1.VideoRequest(frames=48, height=height, width=width, steps=8, caption=caption, caption_mask=mask)
+    plan = magi1.memory_plan(config, request, weight_dtype=str(setup.dtype).replace("torch.", ""),
                              compute_dtype=setup.dtype, passes=1, decode=False)
     cuda = setup.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(setup.device)
-    magi1.generate(model, caption, mask, frames=48, height=height, width=width, steps=8, seed=0)
+    magi1.generate(model, request)
     peak = torch.cuda.max_memory_allocated(setup.device) if cuda else None
     lines = [f"48 frames {height}x{width}, 8 steps, cache off: peak allocated "
              + (f"{peak / 2**30:.2f} GiB against the plan's {plan.dit_phase / 2**30:.2f} GiB "
@@ -352,14 +354,15 @@ def section_l(setup, timer, found):
     peaks = {}
     for chunks in (2, 6, 12):
         frames = 24 * chunks
-        plan = magi1.memory_plan(config, frames, height, width, weight_dtype=str(setup.dtype).replace("torch.", ""),
-                                 compute_dtype=setup.dtype, passes=1, cache="token", decode=False)
+        request = magi1.VideoRequest(frames=frames, height=height, width=width, steps=8, caption=caption,
+                                     caption_mask=mask, policy=CachePolicy.preset("slow"))
+        plan = magi1.memory_plan(config, request, weight_dtype=str(setup.dtype).replace("torch.", ""),
+                                 compute_dtype=setup.dtype, passes=1, decode=False)
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats(setup.device)
         began = time.perf_counter()
-        magi1.generate(model, caption, mask, frames=frames, height=height, width=width, steps=8, seed=0,
-                       policy=CachePolicy.preset("slow"))
+        magi1.generate(model, request)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began

@@ -141,6 +141,21 @@ class CachePolicy:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def to_dict(self):
+        """Every field by name, as plain JSON values (``from_dict`` reads it back): a worker job's format."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data):
+        """The policy ``to_dict`` wrote, validated again; a field this version does not know is refused by name
+        (a job written by another version of the pack), and a missing one takes its default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"the cache policy has fields this version of cache_core does not know: {unknown}: the "
+                             "job was written by another version of the pack; update both sides to the same version")
+        return cls(**data)
+
     def phase(self, step, num_steps):
         """Which phase a chunk is in at its own step ``step`` of ``num_steps``.
 
@@ -168,7 +183,7 @@ class CachePolicy:
         return (f"token phase never reached at {num_steps} steps: warm-up {self.warmup_steps} + chunk-level "
                 f"{self.chunk_wise_steps} + final {self.final_full_steps}; lower them or use more steps")
 
-    # Presets, calibrated by ``python -m bench.policies --model bench --prompts bench/setups/calibration.json
+    # Presets, calibrated by ``python -m bench.quality.policies --model bench --prompts bench/setups/calibration.json
     # --calibrate`` on the benchmark model's calibration set at 16 steps (bench/results/calibration_bench.md). τ depends on the model and the step count:
     # on another model, check the cache report and adjust.
     SLOW_TAU = 0.1

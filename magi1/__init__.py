@@ -11,6 +11,7 @@ from .prompts.text import (ChunkCaptions, SpecialTokens, chunk_captions, find_sp
                            parse_prompt_schedule, prepare_prompt, scheduled_caption_rows, scheduled_captions)
 from .sampling.guidance import Guidance
 from .sampling.layout import VideoLayout
+from .sampling.request import VideoRequest, release_guidance
 from .sampling.reuse_contract import ReuseDecision, ReusePolicy, ReuseState
 from .sampling.sample_stats import ChunkStepRecord, MaskRecorder, SampleStats
 from .sampling.sampler import SampleResult, SamplingInterrupted, StepProgress, generate
@@ -21,6 +22,6 @@ from .video.vae import LATENT_SCALE, MagiVAE, VAEConfig, VAETiling, build_vae, l
 __all__ = [
     "LATENT_SCALE", "CastOps", "ChunkCaptions", "ChunkStepRecord", "FlopCount", "Guidance", "KVCache", "LayerStreamer", "MagiDiT", "MagiVAE", "MaskRecorder", "MemoryPlan", "Parallel",
     "ModelConfig", "ReuseDecision", "ReusePolicy", "ReuseState", "SampleResult", "SampleStats", "SamplingInterrupted", "SpecialTokens", "StepProgress", "VAEConfig",
-    "VAETiling", "VideoLayout", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
-    "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "parse_prompt_schedule", "prepare_prompt", "random_dit", "random_vae", "scheduled_caption_rows", "scheduled_captions", "stream_layers",
+    "VAETiling", "VideoLayout", "VideoRequest", "build_dit", "build_vae", "chunk_captions", "distill_dt", "find_special_tokens",
+    "flops", "generate", "load_dit", "load_vae", "memory_plan", "null_caption", "parse_prompt_schedule", "prepare_prompt", "random_dit", "random_vae", "release_guidance", "scheduled_caption_rows", "scheduled_captions", "stream_layers",
 ]

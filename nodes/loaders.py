@@ -18,8 +18,8 @@ from .memory_check import weights_line
 from .queue_checks import CheckedNode
 
 TINY_CHOICE = "MAGI-1 tiny demo (built-in)"  # the demo model shipped in magi1/builtin/weights
-BENCH_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/builtin/bench_weights
-BUILTIN = {TINY_CHOICE: builtin.TINY, BENCH_CHOICE: builtin.BENCH}
+BENCHMARK_CHOICE = "MAGI-1 benchmark model (built-in, 128x128)"  # magi1/builtin/benchmark_model
+BUILTIN = {TINY_CHOICE: builtin.TINY, BENCHMARK_CHOICE: builtin.BENCHMARK_MODEL}
 MAGI1_VAE = io.Custom("MAGI1_VAE")  # a magi1.MagiVAE
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32}
 FP8_CHOICES = ("fp8_e4m3fn", "fp8_e4m3fn_scaled")  # DiT weights stored in float8, computed in bfloat16

@@ -9,23 +9,15 @@ from ..magi1.weights.loader import model_description
 from ..magi1.planning.memory_plan import GB, dtype_name, replan
 
 
-def cache_kind(policy):
-    """What the cache policy keeps, in the plan's terms."""
-    if policy is None or not policy.enabled:
-        return "off"
-    return "token" if policy.uses_token_weights else "chunk"
-
-
 def weight_kind(dit):
     return dit.weights or dtype_name(dit.dtype)
 
 
-def plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device=None, token_block=None):
-    """The memory plan of this run, before anything is allocated; ``device``: where it runs (the plan's
-    lines say "GPU" there, "memory" on the CPU; None: a GPU)."""
-    return memory_plan(dit.config, frames, height, width, weight_dtype=weight_kind(dit), compute_dtype=dit.dtype,
-                       passes=1 if dit.distill else 3, prefix_frames=prefix_frames, kv_offload=kv_offload,
-                       cache=cache_kind(policy), decode=False, device=device, token_block=token_block)
+def plan_run(dit, request, device=None):
+    """The memory plan of this run (a ``VideoRequest``), before anything is allocated; ``device``: where it
+    runs (the plan's lines say "GPU" there, "memory" on the CPU; None: a GPU)."""
+    return memory_plan(dit.config, request, weight_dtype=weight_kind(dit), compute_dtype=dit.dtype,
+                       passes=1 if dit.distill else 3, decode=False, device=device)
 
 
 def available_bytes(device):
@@ -46,17 +38,25 @@ def check_plan(plan, available):
     if partial.fits(available):
         return (f"the weights do not all fit beside the run ({plan.total_gpu / GB:.1f} GB needed, "
                 f"{available / GB:.1f} GB available): ComfyUI keeps part of them in host memory (slower)")
-    changes = [text.replace("resident_layers", "partial loading with") for text, _ in plan.savings(available)]
+    changes = [worded(saving) for saving in plan.savings(available)]
     raise ValueError(
         f"MAGI-1 Sampler: this run needs {plan.total_gpu / GB:.1f} GB on the GPU ({plan.dit_phase / GB:.1f} GB while "
         f"sampling) but {available / GB:.1f} GB can be made free. Cheapest changes that would fit: "
         + ("; ".join(changes) or "none found: use a larger GPU") + ".\n" + "\n".join(plan.lines()))
 
 
-def checked_plan(patcher, dit, policy, frames, height, width, prefix_frames, kv_offload, token_block=None):
+def worded(saving):
+    """A change of the memory check's ladder in the sampler's terms: ComfyUI's partial loading is how a
+    node user gets the plan's block swap (``resident_layers``)."""
+    if "resident_layers" in saving.changes:
+        return f"partial loading with {saving.changes['resident_layers']} saves {saving.saved / GB:.2f} GB"
+    return str(saving)
+
+
+def checked_plan(patcher, dit, request):
     """The plan, its note, and the memory ComfyUI should keep free for the run beside the weights."""
     device = patcher.load_device
-    plan = plan_run(dit, policy, frames, height, width, prefix_frames, kv_offload, device, token_block)
+    plan = plan_run(dit, request, device)
     note = None
     if device.type == "cpu":
         check_host_memory(plan, mm.get_free_memory(device))

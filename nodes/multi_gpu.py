@@ -1,7 +1,6 @@
 """MAGI1MultiGPU: run MAGI-1 Sampler on several GPUs of this machine, in worker processes the pack starts
 and stops (``magi1.distributed.workers``); and the sampler's side of such a run (``sample_on_workers``)."""
 
-import dataclasses
 import logging
 import os
 import shutil
@@ -144,22 +143,22 @@ class MAGI1MultiGPU(CheckedNode):
         return io.NodeOutput(patched)
 
 
-def job_of(model, policy, request, cfg_parallel, split_weights=True):
-    """The worker's job (``programs.worker``): the model's source, the generate options, the policy's fields."""
+def job_of(model, request, cfg_parallel, split_weights=True):
+    """The worker's job (``programs.worker``): the model's source and the request in its written format
+    (``VideoRequest.to_dict``, the policy included); the request's tensors travel apart."""
     source = getattr(model.model, "source", None)
     if source is None:
         raise ValueError("MAGI-1 Sampler on several GPUs needs a model from MAGI-1 DiT Loader (the workers load it "
                          "themselves from where it came from)")
-    return {"model": dict(source), "generate": dict(request), "cfg_parallel": cfg_parallel,
-            "split_weights": bool(split_weights),
-            "policy": None if policy is None else dataclasses.asdict(policy)}
+    return {"model": dict(source), "request": request.to_dict(), "cfg_parallel": cfg_parallel,
+            "split_weights": bool(split_weights)}
 
 
-def sample_on_workers(model, option, policy, inputs, request, progress):
-    """Run one generation on the workers ``option`` describes; ``(tensors, summary)`` as rank 0 wrote them.
+def sample_on_workers(model, option, request, progress):
+    """Run the generation ``request`` (a ``VideoRequest``) describes on the workers ``option`` describes;
+    ``(tensors, summary)`` as rank 0 wrote them.
 
-    ``inputs``: the tensors ``magi1.generate`` takes (caption, masks, prefix); ``request``: its options. The
-    job lives in a fresh folder under ComfyUI's temp directory, removed afterwards. ComfyUI's interrupt is
+    The job lives in a fresh folder under ComfyUI's temp directory, removed afterwards. ComfyUI's interrupt is
     checked while the workers run, and stops (and frees) them all.
     """
     # The workers need the GPUs: the main process keeps nothing there (it computes nothing in this run).
@@ -175,8 +174,8 @@ def sample_on_workers(model, option, policy, inputs, request, progress):
             progress.update_absolute(*done)
 
     try:
-        job = job_of(model, policy, request, option["cfg_parallel"], option.get("split_weights", True))
-        write_job(job_dir, job, inputs)
+        job = job_of(model, request, option["cfg_parallel"], option.get("split_weights", True))
+        write_job(job_dir, job, request.tensors())
         run_workers(job_dir, option["workers"], devices=option["devices"], stop=poll)
         return read_result(job_dir)
     finally:

@@ -9,10 +9,11 @@ from comfy_api.latest import io
 import comfy.model_management as mm
 import comfy.utils
 
-from ..magi1 import Guidance, VideoLayout, generate
-from ..magi1.prompts.text import scheduled_caption_rows
-from ..magi1.sampling.layout import FRAMES_RULE, check_pixel_size, frames_made, frames_to_generate
+from ..magi1 import VideoRequest, generate, release_guidance
 from ..magi1.planning.run_time import estimate_run
+from ..magi1.prompts.text import scheduled_caption_rows
+from ..magi1.sampling.layout import FRAMES_RULE, check_pixel_size
+from ..magi1.sampling.request import WINDOW_SIZE
 from ..magi1.sampling.schedule import check_steps
 from .cache_policy import POLICY_KEY
 from .loaders import MAGI1_VAE
@@ -26,7 +27,6 @@ from .text_encode import ENCODER_KEY, FIRST_CHUNK_KEY, UNKNOWN_WORDS_KEY, unknow
 
 T5_WIDTH = 4096  # what the official checkpoints read
 REMOVED_INPUTS = ("vae", "start_image", "prefix_video")  # the sampler's image inputs before 0.2.0
-WINDOW_SIZE = 4  # generate's default: steps must be a multiple of it
 SIZE_CHECKS = {"width": check_pixel_size, "height": check_pixel_size,  # what execution would refuse
                "steps": lambda name, steps: check_steps(steps, WINDOW_SIZE)}
 LIMITS = {"width": (16, 4096), "height": (16, 4096), "steps": (4, 1000)}  # the widgets' ranges
@@ -164,13 +164,11 @@ WARN_SECONDS = 600  # a run estimated longer is named in the log and the report,
 CPU_REFUSED_SECONDS = 4 * 3600
 
 
-def checked_time(dit, device, frames, height, width, steps, prefix_frames):
+def checked_time(dit, device, request):
     """The run's estimated time on ``device`` (``magi1.planning.run_time``): None when short, a note when long, a
     ValueError naming the estimate and the fix when it would take over 4 hours on the CPU."""
     try:
-        estimate = estimate_run(dit.config, frames=frames, height=height, width=width, steps=steps,
-                                passes=1 if dit.distill else 3, prefix_frames=prefix_frames, device=device,
-                                dtype=dit.dtype)
+        estimate = estimate_run(dit.config, request, passes=1 if dit.distill else 3, device=device, dtype=dit.dtype)
     except torch.cuda.OutOfMemoryError:  # its matrix-product measurement found no room: no estimate, no check
         logging.info("MAGI-1 Sampler: no time estimate (the GPU is full before the run)")
         return None
@@ -178,19 +176,12 @@ def checked_time(dit, device, frames, height, width, steps, prefix_frames):
         raise ValueError(
             f"MAGI-1 Sampler: this run would take {estimate.describe()} (an estimate from its "
             f"{estimate.flops / 1e12:.0f} TFLOP; a cache policy saves part of it): make the video smaller "
-            f"(width x height: {width}x{height}), shorter (frames) or use fewer steps, or run on a GPU")
+            f"(width x height: {request.width}x{request.height}), shorter (frames) or use fewer steps, or run on a GPU")
     if estimate.seconds > WARN_SECONDS:
         note = f"this run is estimated to take {estimate.describe()} (the DiT alone, without the cache's savings)"
         logging.warning("MAGI-1 Sampler: %s", note)
         return note
     return None
-
-
-def made_note(prefix_frames):
-    """How a prefix counts in the frames made (FRAMES_RULE)."""
-    if prefix_frames == 1:
-        return ", the start image the first frame"
-    return f", after the prefix's {frames_made(prefix_frames)} frames" if prefix_frames else ""
 
 
 def special_tokens(model):
@@ -291,32 +282,24 @@ class MAGI1Sampler(CheckedNode):
             if conditioning is not None:  # before anything loads: a prompt this run cannot use is refused now
                 check_entries(conditioning, name)
                 check_encoder(conditioning, name, builtin, config.caption_channels)
-        prefix = prefix_latents(prefix_latent, width, height, config.latent_channels)
-        prefix_frames = 0 if prefix is None else prefix.shape[1]
-        asked, frames = frames, frames_to_generate(frames, prefix_frames)  # FRAMES_RULE
-        layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, patch_size=config.patch_size)
+        request = VideoRequest(frames=frames, width=width, height=height, steps=steps, seed=seed,
+                               prefix=prefix_latents(prefix_latent, width, height, config.latent_channels),
+                               guidance=release_guidance(guidance), policy=policy, kv_offload=kv_offload,
+                               token_block=token_block or None, record_masks=record_masks)
+        chunks = request.chunks  # FRAMES_RULE: whole chunks; the captions are made for them
+        request = request.with_changes(**run_captions(positive, negative, chunks, tokens, config))
         plan = plan_note = time_note = None
         if workers is None:
-            plan, plan_note, run_bytes = checked_plan(model, dit, policy, frames, height, width, prefix_frames,
-                                                      kv_offload, token_block or None)
-            time_note = checked_time(dit, model.load_device, frames, height, width, steps, prefix_frames)
+            plan, plan_note, run_bytes = checked_plan(model, dit, request)
+            time_note = checked_time(dit, model.load_device, request)
             # ComfyUI frees what the run needs beside the weights, and loads the weights partially if they do not fit.
             mm.load_models_gpu([model], memory_required=run_bytes, minimum_memory_required=run_bytes)
             dit.configure(execution_device=model.load_device)  # where it computes, whatever stays in host memory
-        # With workers, each loads its share of the model on its own GPU: nothing is loaded here, and the memory
-        # check of one device does not apply.
-        chunks = layout.chunk_num - layout.chunk_offset
-        inputs = dict(prefix=prefix, **run_captions(positive, negative, chunks, tokens, config))
-        request = dict(frames=frames, height=height, width=width, steps=steps, seed=seed)
-        if workers is None:
-            latent, summary, mask_frames = run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks,
-                                                    preview_vae, token_block or None)
+            latent, summary, mask_frames = run_here(dit, request, preview_vae)
             run_lines, notes = [], []
-        else:
-            latent, summary, mask_frames, run_lines, notes = run_on_workers(
-                model, workers, inputs, dict(request, guidance=guidance, kv_offload=kv_offload,
-                                             record_masks=record_masks, token_block=token_block or None), policy,
-                preview_vae)
+        else:  # each worker loads its share of the model on its own GPU: nothing is loaded here, and the memory
+            # check of one device does not apply
+            latent, summary, mask_frames, run_lines, notes = run_on_workers(model, workers, request, preview_vae)
         samples = {"samples": latent[None].to(mm.intermediate_device())}
         if record_masks and mask_frames is not None:
             masks = visible(mask_frames)[..., None].expand(-1, -1, -1, 3).contiguous()
@@ -324,16 +307,15 @@ class MAGI1Sampler(CheckedNode):
             masks = torch.zeros(1, 8, 8, 3)
         notes = [plan_note, time_note, *notes, policy.unreached_token_phase(steps) if policy is not None else None,
                  *conditioning_notes(positive, chunks)]
-        lines = [summary, f"MAGI-1 frames: {asked} asked, {frames_made(latent.shape[1])} made ({chunks} chunk"
-                          f"{'s' * (chunks > 1)} of 24{made_note(prefix_frames)})",
-                 *run_lines, weights_line(dit, model.load_device)]
+        lines = [summary, f"MAGI-1 frames: {request.frames_report(latent.shape[1])}", *run_lines,
+                 weights_line(dit, model.load_device)]
         report = "\n".join(lines + [f"MAGI-1 note: {note}" for note in notes if note]
                            + (plan.lines() if plan is not None else []))
         return io.NodeOutput(samples, report, masks)
 
 
 def run_captions(positive, negative, chunks, tokens, config):
-    """The captions ``magi1.generate`` takes: per chunk, from the prompt (and the negative prompt, if any), as
+    """The request's captions: per chunk, from the prompt (and the negative prompt, if any), as
     ``ChunkCaptions`` (a prompt's distinct rows, not one per chunk: a long video's are no larger)."""
     caption = scheduled_caption_rows(conditioning_schedule(positive, "positive", config.caption_channels), chunks,
                                      tokens, length=config.caption_max_length)
@@ -344,18 +326,8 @@ def run_captions(positive, negative, chunks, tokens, config):
     return dict(caption=caption, caption_mask=None, negative_caption=negative_caption, negative_mask=None)
 
 
-def dense_captions(inputs):
-    """``inputs`` with the captions as one row per chunk (the tensors a worker job file holds)."""
-    out = dict(inputs)
-    for name, mask in (("caption", "caption_mask"), ("negative_caption", "negative_mask")):
-        if out[name] is not None:
-            out[name], out[mask] = out[name].dense()
-    return out
-
-
-def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, preview_vae, token_block=None):
-    """The run in this process, on the model's device: ``(latent, summary, mask frames or None)``; the model's
-    low-memory mode ``token_block`` for this run only."""
+def run_here(dit, request, preview_vae):
+    """The run in this process, on the model's device: ``(latent, summary, mask frames or None)``."""
     progress = comfy.utils.ProgressBar(1)
     live_preview = LivePreview(preview_vae)  # gives None each step without a VAE or with previews off
 
@@ -363,27 +335,20 @@ def run_here(dit, inputs, request, guidance, policy, kv_offload, record_masks, p
         mm.throw_exception_if_processing_interrupted()
         progress.update_absolute(step.step + 1, step.total, live_preview(step))
 
-    before = dit.configure(token_block=token_block)
-    try:
-        result = generate(dit, inputs["caption"], inputs["caption_mask"], **request,
-                          negative_caption=inputs["negative_caption"], negative_mask=inputs["negative_mask"],
-                          prefix=inputs["prefix"], guidance=Guidance().with_text_scale(guidance), policy=policy,
-                          kv_offload=kv_offload, on_step=on_step, record_masks=record_masks,
-                          stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
-    finally:
-        dit.configure(**before)
-    return result.latent, result.stats.summary(), result.stats.masks.window_frames() if record_masks else None
+    result = generate(dit, request, on_step=on_step,
+                      stop=mm.throw_exception_if_processing_interrupted)  # polled inside every DiT call too
+    masks = result.stats.masks.window_frames() if request.record_masks else None
+    return result.latent, result.stats.summary(), masks
 
 
-def run_on_workers(model, workers, inputs, request, policy, preview_vae):
+def run_on_workers(model, workers, request, preview_vae):
     """The run on the worker processes of MAGI-1 Multi-GPU: ``(latent, summary, mask frames or None, report
     lines, notes)``."""
-    tensors, summary = sample_on_workers(model, workers, policy, dense_captions(inputs), request,
-                                         comfy.utils.ProgressBar(1))
+    tensors, summary = sample_on_workers(model, workers, request, comfy.utils.ProgressBar(1))
     where = (f"CUDA devices {workers['devices']}" if workers["devices"] is not None else
              f"the first {workers['workers']} CUDA devices" if torch.cuda.is_available() else "the CPU (gloo)")
     lines = [f"MAGI-1 ran on {workers['workers']} worker processes ({where}; cfg parallel {workers['cfg_parallel']})"]
     notes = ["live previews are not shown when the sampler runs on several GPUs" if preview_vae is not None else None,
-             "the cache masks did not come back from the workers" if request["record_masks"] and "masks" not in tensors
+             "the cache masks did not come back from the workers" if request.record_masks and "masks" not in tensors
              else None]
     return tensors["latent"], summary, tensors.get("masks"), lines, notes

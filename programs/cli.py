@@ -29,11 +29,12 @@ from safetensors.torch import save_file
 
 from cache_core import CachePolicy
 
-from magi1 import Guidance, VideoLayout, generate, load_dit, load_vae, parse_prompt_schedule
+from magi1 import VideoLayout, VideoRequest, generate, load_dit, load_vae, parse_prompt_schedule, release_guidance
 from magi1.planning.run_time import estimate_run, eta, format_clock
 from magi1.prompts.caption_states import CaptionStates, load_caption_states
 from magi1.prompts.text import SPECIAL_TOKENS_SOURCE, SpecialTokens, find_special_tokens, scheduled_caption_rows
-from magi1.sampling.layout import FRAMES_RULE, frames_to_generate
+from magi1.sampling.layout import FRAMES_RULE
+from magi1.sampling.request import WINDOW_SIZE
 from magi1.sampling.schedule import check_steps
 from magi1.builtin import MODELS, TINY
 from magi1.builtin.text_encoder import unknown_note
@@ -43,7 +44,6 @@ from magi1.weights.loader import checkpoint_summary, model_description
 from magi1.weights.safetensors_io import refuse_pickle
 
 PROG = "python -m magi1"
-WINDOW_SIZE = 4  # the sampler's (official) window: steps must be a multiple of it
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed's range, and ComfyUI's
 MAX_FRAMES = 4096  # MAGI-1 Sampler's limit
 CHECKPOINT_SIZE, CHECKPOINT_STEPS = 720, 16  # MAGI-1 Sampler's defaults for an official checkpoint
@@ -69,13 +69,7 @@ class Run:
     prompt: Optional[str]
     caption_states: Optional[CaptionStates]
     caption_states_path: Optional[str]
-    frames: int  # generate's frames argument: the frames asked, by magi1.sampling.layout.frames_to_generate
-    frames_asked: int
-    width: int
-    height: int
-    steps: int
-    seed: int
-    policy: CachePolicy
+    request: VideoRequest  # what to generate (its captions are added once the DiT's header is read)
     text_scale: Optional[float]  # --guidance; None: the release's guidance
     cfg: int
     replicate: bool  # --replicate-weights: every process keeps every layer
@@ -85,8 +79,6 @@ class Run:
     dtype: Optional[torch.dtype]
     device: torch.device
     decode: str = "during"  # --decode: each chunk decoded and written as it is finished, or after the run
-    kv_offload: bool = False
-    token_block: Optional[int] = None  # --token-block: the DiT's low-memory mode
 
 
 # -------------------------------------------------------------------------------------------- options
@@ -324,11 +316,12 @@ def checked_options(args, environ=os.environ):
         raise UsageError(f"--cache must be one of {', '.join(CACHE_PRESETS)}, got {args.cache!r}")
     return Run(builtin=builtin, checkpoint=checkpoint, vae=vae, special_tokens=tokens, prompt=prompt,
                caption_states=caption_states, caption_states_path=args.caption_states,
-               frames=frames_to_generate(args.frames), frames_asked=args.frames,  # text to video: no prefix
-               width=width, height=height, steps=steps, seed=args.seed, policy=CachePolicy.preset(args.cache),
+               request=VideoRequest(frames=args.frames, width=width, height=height, steps=steps, seed=args.seed,
+                                    guidance=release_guidance(args.guidance), policy=CachePolicy.preset(args.cache),
+                                    kv_offload=args.kv_offload, token_block=args.token_block),
                text_scale=args.guidance, cfg=args.cfg_parallel, replicate=args.replicate_weights, world=world, out=out,
                latent_out=args.latent_out, dtype=DTYPES[args.dtype], device=check_device(args, environ, world),
-               decode=args.decode, kv_offload=args.kv_offload, token_block=args.token_block)
+               decode=args.decode)
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -392,7 +385,7 @@ def captions(run, config, distill, tokens):
         raise ValueError(f"{source} are {states.width} wide but this model reads {config.caption_channels}-wide ones: "
                          + ("encode the prompt with T5-XXL (MAGI-1 Text Encode)" if config.caption_channels == 4096
                             else "encode it for this built-in model (--prompt)"))
-    chunks = VideoLayout.plan(run.frames, run.height, run.width, patch_size=config.patch_size).chunk_num
+    chunks = run.request.chunks
     caption = scheduled_caption_rows(list(states.positive), chunks, tokens, length=config.caption_max_length)
     negative = None if states.negative is None else scheduled_caption_rows(list(states.negative), chunks,
                                                                            length=config.caption_max_length)
@@ -401,7 +394,7 @@ def captions(run, config, distill, tokens):
              unused and f"the prompts scheduled from chunks {unused} are not used: this run makes {chunks} chunks",
              states.negative and distill and "the negative prompt is not used: distilled models make one pass",
              run.text_scale is not None and distill and "--guidance is not used: distilled models make one pass"]
-    return (caption, None, negative, None), chunks, [note for note in notes if note]
+    return dict(caption=caption, negative_caption=negative), [note for note in notes if note]
 
 
 def sample(run, par):
@@ -412,24 +405,19 @@ def sample(run, par):
         raise ValueError(f"--cfg-parallel {run.cfg} needs a base model, and this one is distilled ({why}; one "
                          "guidance pass): drop --cfg-parallel")
     tokens = run.builtin.special_tokens() if run.builtin is not None else SpecialTokens.load(run.special_tokens)
-    (caption, mask, negative, negative_mask), chunks, notes = captions(run, config, distill, tokens)
+    prompt, notes = captions(run, config, distill, tokens)
+    request = run.request.with_changes(**prompt)
     estimate = None
     if par is None or par.is_main:
-        estimate = estimate_run(config, frames=run.frames, height=run.height, width=run.width, steps=run.steps,
-                                passes=1 if distill else 3, device=run.device, dtype=_compute_dtype(run),
-                                processes=run.world)
-        print(estimate_line(estimate, run.policy.mode != "off"), file=sys.stderr, flush=True)
+        estimate = estimate_run(config, request, passes=1 if distill else 3, device=run.device,
+                                dtype=_compute_dtype(run), processes=run.world)
+        print(estimate_line(estimate, request.reuse != "off"), file=sys.stderr, flush=True)
     dit, vae = load_models(run, par)
-    dit.configure(token_block=run.token_block)
-    guidance = Guidance() if run.text_scale is None else Guidance().with_text_scale(run.text_scale)
     extra = {} if par is None else {"parallel": par}
     video = start_video(run, vae) if vae is not None and run.decode == "during" else None
     progress = Progress(estimate) if estimate is not None else None  # its clock starts here
     try:
-        result = generate(dit, caption, mask, frames=run.frames, height=run.height, width=run.width,
-                          steps=run.steps, seed=run.seed, negative_caption=negative, negative_mask=negative_mask,
-                          guidance=guidance, policy=run.policy, on_step=progress, kv_offload=run.kv_offload,
-                          on_frames=video, **extra)
+        result = generate(dit, request, on_step=progress, on_frames=video, **extra)
     except BaseException:
         if video is not None:
             video.abort()
@@ -438,16 +426,15 @@ def sample(run, par):
         if progress is not None:
             progress.close()
     variant = model_description(dit)  # as MAGI-1 Sampler's report names it
-    made = (f"{run.frames_asked} frames asked, {result.latent.shape[1] * 4} made "
-            f"({chunks} chunk{'s' * (chunks > 1)} of 24)")
     lines = [result.stats.summary(),
-             f"MAGI-1 model: {variant}; {made}, {run.width}x{run.height}, {run.steps} steps, seed {run.seed}"]
+             f"MAGI-1 model: {variant}; frames: {request.frames_report(result.latent.shape[1])}, "
+             f"{request.width}x{request.height}, {request.steps} steps, seed {request.seed}"]
     return result.latent, video or vae, lines + [f"MAGI-1 note: {note}" for note in notes]
 
 
 def start_video(run, vae):
     """The mp4 written during the run (rank 0): each finished chunk decoded with the seamless tiling."""
-    latent_frames = VideoLayout.plan(run.frames, run.height, run.width).latent_frames
+    latent_frames = run.request.layout().latent_frames
     return StreamedVideo(vae.to(run.device), run.out, total_latent_frames=latent_frames,
                          keep_frames=vae.decoded_frames(latent_frames))
 
@@ -502,8 +489,9 @@ class Progress:
 def save_latent(latent, path, run):
     """The latent as ComfyUI's Save Latent writes it (Load Latent reads it back for MAGI-1 Decode, from a file
     named ``*.latent`` in ComfyUI's input folder)."""
-    metadata = {"magi1_frames": str(latent.shape[1] * 4), "magi1_width": str(run.width),
-                "magi1_height": str(run.height), "magi1_seed": str(run.seed), "magi1_steps": str(run.steps)}
+    r = run.request
+    metadata = {"magi1_frames": str(latent.shape[1] * 4), "magi1_width": str(r.width), "magi1_height": str(r.height),
+                "magi1_seed": str(r.seed), "magi1_steps": str(r.steps)}
     save_file({LATENT_KEY: latent[None].float().cpu().contiguous(), LATENT_VERSION_KEY: torch.tensor([])}, path,
               metadata=metadata)
 
@@ -531,7 +519,7 @@ def write_outputs(run, latent, video, began):
                 raise
         else:  # the latent stays in host memory: a tile's latents go to the VAE at a time
             frames = write_video(video.to(run.device), latent, run.out, keep_frames=video.decoded_frames(latent.shape[1]))
-        lines.append(f"wrote {run.out}: {frames} frames, {run.width}x{run.height}, "
+        lines.append(f"wrote {run.out}: {frames} frames, {run.request.width}x{run.request.height}, "
                      f"in {time.perf_counter() - began:.1f} s")
     return lines
 

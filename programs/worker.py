@@ -3,8 +3,8 @@ folder by ``magi1.distributed.workers.run_workers`` with torchrun's environment 
 
 It reads the job (``job.json`` and ``inputs.safetensors``, see ``magi1.distributed.workers``), joins the run
 (``Parallel.from_environment``; a single worker runs alone), loads the DiT itself with its share of the
-weights on its own device, rebuilds the cache policy, runs ``magi1.generate``, and rank 0 writes the result
-and its progress. A program, not a module of the library: neither ComfyUI nor ``magi1/__init__.py`` imports
+weights on its own device, reads the request (``VideoRequest.from_dict``, the cache policy included), runs
+``magi1.generate``, and rank 0 writes the result and its progress. A program, not a module of the library: neither ComfyUI nor ``magi1/__init__.py`` imports
 it, and it is the one place where ``magi1`` meets ``cache_core`` outside the nodes (it imports
 ``cache_core`` absolutely: run from the pack's folder, both are top-level packages there).
 """
@@ -19,7 +19,7 @@ import time
 import torch
 
 from cache_core import CachePolicy
-from magi1 import Guidance, generate, load_dit
+from magi1 import VideoRequest, generate, load_dit
 from magi1.distributed.parallel import Parallel, default_device
 from magi1.distributed.workers import PARENT_ENV, read_job, save_result, write_progress
 from magi1.builtin import MODELS
@@ -66,33 +66,26 @@ def load_model(source, device, parallel):
     return model
 
 
-def guidance_of(scale):
-    """The release's guidance table, at the node's text scale when the job gives one."""
-    return Guidance() if scale is None else Guidance().with_text_scale(float(scale))
+def read_request(job_dir):
+    """``(job, VideoRequest)`` of the job in ``job_dir``: a job or request of a format this version does not
+    read is refused here, before any process joins the run."""
+    job, inputs = read_job(job_dir)
+    return job, VideoRequest.from_dict(job["request"], inputs, policy_from_dict=CachePolicy.from_dict)
 
 
-def run(job_dir, job, inputs, parallel, device):
+def run(job_dir, job, request, parallel, device):
     """Load, generate, and (rank 0) write the result."""
-    options = dict(job["generate"])
     main = parallel is None or parallel.is_main
     model = load_model(job["model"], device, parallel)
-    policy = CachePolicy(**job["policy"]) if job.get("policy") is not None else None
-    model.configure(token_block=options.get("token_block"))  # the node's low-memory mode (None: off)
 
     def on_step(step):  # for the node's progress bar
         if main:
             write_progress(job_dir, step.step + 1, step.total)
 
-    result = generate(model, inputs["caption"], inputs["caption_mask"],
-                      negative_caption=inputs.get("negative_caption"), negative_mask=inputs.get("negative_mask"),
-                      prefix=inputs.get("prefix"), frames=options["frames"], height=options["height"],
-                      width=options["width"], steps=options["steps"], seed=options["seed"],
-                      guidance=guidance_of(options.get("guidance")), policy=policy,
-                      kv_offload=bool(options.get("kv_offload", False)),
-                      record_masks=bool(options.get("record_masks", False)), on_step=on_step, parallel=parallel)
+    result = generate(model, request, on_step=on_step, parallel=parallel)
     if main:
         tensors = {"latent": result.latent}
-        if options.get("record_masks") and result.stats.masks is not None:
+        if request.record_masks and result.stats.masks is not None:
             tensors["masks"] = result.stats.masks.window_frames()
         save_result(job_dir, tensors, result.stats.summary())
 
@@ -103,14 +96,14 @@ def main(argv=None):
         raise SystemExit("usage: python -m programs.worker JOB_DIR (run from the pack's folder)")
     exit_with_parent()
     job_dir = argv[0]
-    job, inputs = read_job(job_dir)  # before joining the run: cfg_parallel sets its groups
+    job, request = read_request(job_dir)  # before joining the run: cfg_parallel sets its groups
     parallel = Parallel.from_environment(cfg=int(job.get("cfg_parallel", 1)),
                                          shard_weights=bool(job.get("split_weights", True)))
     device = parallel.device if parallel is not None else default_device(int(os.environ.get("LOCAL_RANK", "0")))
     print(f"MAGI-1 worker {parallel or 'alone'} on {device}", flush=True)
     done = False
     try:
-        run(job_dir, job, inputs, parallel, device)
+        run(job_dir, job, request, parallel, device)
         done = True
     finally:
         if parallel is not None:

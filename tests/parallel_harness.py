@@ -1,4 +1,4 @@
-"""Multi-process generations on CPU (gloo) for tests/test_parallel.py and bench/parallel_scaling.py.
+"""Multi-process generations on CPU (gloo) for tests/test_parallel.py and bench/scaling/parallel_scaling.py.
 
 ``run_world(world, cases, cfg)`` starts ``world`` processes; each runs every case with its model shared
 through ``magi1.weights.layer_sharding.distribute`` and rank 0 saves the latents. ``single(case)`` is the same
@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from cache_core import CachePolicy
-from magi1 import generate
+from run_request import generate
 from magi1.weights.layer_sharding import distribute
 from magi1.distributed.parallel import Parallel
 from magi1.distributed.workers import free_port
@@ -189,7 +189,7 @@ def uneven_request(generator_seed=0):
     mask = torch.zeros(1, 3, 800, dtype=torch.bool)
     mask[..., :9] = True
     return model, dict(x=x, t=torch.tensor([[0.2, 0.5, 0.7]]), caption=caption, caption_mask=mask,
-                       kv_range=[(0, 8), (0, 16), (0, 24)], active=active, cache_write_chunks=3)
+                       kv_range=[(0, 8), (0, 16), (0, 24)], active=active, kv_write_chunks=3)
 
 
 def uneven_forward(model, request):
@@ -204,7 +204,7 @@ def uneven_forward(model, request):
         for b in buffers:  # every rank draws every head, and keeps its own
             b.copy_(torch.randn(24, full, b.shape[-1], generator=g)[:, heads])
     with torch.no_grad():
-        return model(**{k: v for k, v in request.items() if k != "x"}, x=request["x"], cache=cache)
+        return model(**{k: v for k, v in request.items() if k != "x"}, x=request["x"], kv_cache=cache)
 
 
 def _uneven_job(par):
@@ -223,7 +223,7 @@ def lonely_request():
     one = torch.tensor([5])
     return model, dict(request, x=request["x"][:, :, :2], t=request["t"][:, :1], caption=request["caption"][:, :1],
                        caption_mask=request["caption_mask"][:, :1], kv_range=[(0, 8)], active=[one],
-                       cache_write_chunks=1)
+                       kv_write_chunks=1)
 
 
 class _Failing(Recording):

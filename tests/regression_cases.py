@@ -11,7 +11,7 @@ from contextlib import contextmanager
 import torch
 
 from cache_core import CachePolicy
-from magi1 import generate
+from run_request import generate
 from pipeline_fixtures import load, request
 
 

@@ -17,9 +17,10 @@ import torch
 import torch.multiprocessing as mp
 
 import magi1
-from magi1 import generate, random_dit
+from magi1 import random_dit
+from run_request import generate, memory_plan
 from magi1.sampling.layout import VideoLayout
-from magi1.planning.memory_plan import WindowCalls, dit_activation_bytes, memory_plan, window_calls
+from magi1.planning.memory_plan import WindowCalls, dit_activation_bytes, window_calls
 from pipeline_fixtures import load, relative_error, request
 from test_dit_sparse import CHUNKS, CONFIG, CT, SLICE, cache_with_clean_prefix, window_inputs
 from test_memory_plan import CONFIG_24B, CONFIG_4_5B, LiveBytes
@@ -43,7 +44,7 @@ def call(kind):
         return dict(inputs, x=torch.randn(2, *inputs["x"].shape[1:], generator=g), t=inputs["t"].repeat(2, 1),
                     caption=inputs["caption"].repeat(2, 1, 1, 1), caption_mask=inputs["caption_mask"].repeat(2, 1, 1),
                     kv_range=[(SLICE * CT, (SLICE + j + 1) * CT) for j in range(CHUNKS)])
-    inputs.update(cache_write_chunks=CHUNKS)
+    inputs.update(kv_write_chunks=CHUNKS)
     if kind == "sparse":  # uneven chunk runs, one of them empty
         g = torch.Generator().manual_seed(4)
         inputs["active"] = [torch.randperm(CT, generator=g)[:7].sort().values, None, torch.tensor([], dtype=torch.long),
@@ -55,8 +56,8 @@ def forward(model, inputs, block):
     """The call's velocities and the keys/values it leaves in its cache (None without one)."""
     model.set_token_block(block)
     try:
-        cache = cache_with_clean_prefix(model, 5) if "cache_write_chunks" in inputs else None
-        out = model(**inputs, cache=cache)
+        cache = cache_with_clean_prefix(model, 5) if "kv_write_chunks" in inputs else None
+        out = model(**inputs, kv_cache=cache)
     finally:
         model.set_token_block(None)
     return out, None if cache is None else torch.stack(cache.keys + cache.values)
@@ -133,7 +134,7 @@ def test_context_parallel_blocks_match_one_whole_process(world, block):
                          [(CONFIG_24B, 720, 1280, "off"), (CONFIG_4_5B, 720, 720, "token")])
 def test_planned_peak_falls_with_the_block(config, height, width, cache):
     layout = VideoLayout.plan(96, height, width, patch_size=config.patch_size)
-    calls = window_calls(layout, passes=1, cache=cache)
+    calls = window_calls(layout, passes=1, reuse=cache)
     peaks = [dit_activation_bytes(config, layout, calls, token_block=block) for block in (None, 16384, 8192, 4096)]
     assert peaks == sorted(peaks, reverse=True) and peaks[-1] < 0.4 * peaks[0]
     with pytest.raises(ValueError, match="token_block must be a positive integer or None"):
@@ -156,7 +157,7 @@ def test_measured_peak_falls_and_stays_under_the_plan(name, dtype, block):
                 caption=args["caption"][:1], caption_mask=args["caption_mask"][:1])
     plan = memory_plan(model.config, args["frames"], args["height"], args["width"], compute_dtype=dtype,
                        weight_dtype=str(dtype)[6:], passes=1, chunk_width=args["chunk_width"],
-                       window_size=args["window_size"], cache="off", decode=False)
+                       window_size=args["window_size"], decode=False)
     calls = window_calls(plan.layout, passes=1, window_size=args["window_size"])
     activations = dit_activation_bytes(model.config, plan.layout, calls, compute_dtype=dtype, token_block=block)
     planned = plan.kv_on_gpu + plan.policy_state + max(activations, plan.policy_transient)

@@ -6,7 +6,7 @@ import pytest
 
 import torch
 
-from bench.metrics import psnr, ssim, temporal_psnr
+from bench.quality.metrics import psnr, ssim, temporal_psnr
 
 
 def slow_ssim(video, reference, size=11, sigma=1.5):
@@ -64,7 +64,7 @@ def test_temporal_psnr_compares_frame_to_frame_changes():
 
 
 def test_equal_quality_reads_a_results_table_and_interpolates_the_largest_ratio_above_the_bar():
-    from bench.equal_quality import ratio_at_quality, read_rows, report
+    from bench.quality.equal_quality import ratio_at_quality, read_rows, report
 
     table = "\n".join([
         "| policy | τ | token-steps computed | FLOP ratio | wall speed-up | speed-up / FLOP ratio | PSNR dB | x |",

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from bench.continuity import object_track
+from bench.quality.continuity import object_track
 from train import bench_scenes
 from train.bench_scenes import BenchScene, MovingObject, render, scene_batch
 
@@ -59,11 +59,11 @@ def test_the_benchmark_recipe_trains_a_few_steps(tmp_path):
     import dataclasses
 
     import magi1
-    from train import bench, tiny
+    from train import benchmark_model as bench, tiny
 
-    assert bench.BENCH.size == 128 and set(bench_scenes.caption_vocabulary()) <= set(bench.vocabulary())
+    assert bench.BENCHMARK_MODEL.size == 128 and set(bench_scenes.caption_vocabulary()) <= set(bench.vocabulary())
     small = magi1.VAEConfig(**{**tiny.VAE_CONFIG.__dict__, "video_size": 32})
-    recipe = dataclasses.replace(bench.BENCH, size=32, vae_config=small)
+    recipe = dataclasses.replace(bench.BENCHMARK_MODEL, size=32, vae_config=small)
     model, captions = tiny.train_dit(magi1.random_vae(small, seed=0), seed=1, steps=3, batch=2, scenes=2,
                                      log=lambda line: None, recipe=recipe)
     assert all(torch.isfinite(p).all() for p in model.parameters())

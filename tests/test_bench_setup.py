@@ -1,4 +1,4 @@
-"""bench.policies on either built-in model, with its prompts, seeds, policies and τ values taken from the
+"""bench.quality.policies on either built-in model, with its prompts, seeds, policies and τ values taken from the
 command line or a setup file; the benchmark model's held-out set is its default."""
 
 import argparse
@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bench import policies
+from bench.quality import policies
 from cache_core import CachePolicy
-from train.bench import heldout_prompts
+from train.benchmark_model import heldout_prompts
 
 
 def test_policies_are_written_as_mode_combine_proxy():
@@ -116,20 +116,20 @@ def test_the_benchmark_model_loads_with_the_ordinary_loaders():
     import os
 
     import magi1
-    from magi1 import builtin as tiny
-    from train import bench as trainer
+    from magi1 import builtin
+    from train import benchmark_model as trainer
     from train import bench_scenes
 
-    model = tiny.BENCH
+    model = builtin.BENCHMARK_MODEL
     dit = magi1.load_dit(model.dit_file)
-    assert dit.distill and dit.config == trainer.BENCH.dit_config
+    assert dit.distill and dit.config == trainer.BENCHMARK_MODEL.dit_config
     vae = magi1.load_vae(model.vae_file)
     layout = magi1.VideoLayout.plan(24, model.size, model.size, patch_size=dit.config.patch_size)
     tokens_per_frame = (model.size // vae.spatial_factor // dit.config.patch_size) ** 2
     assert tokens_per_frame >= 64 and layout.chunk_num == 1
     encoder = model.load_text_encoder()
     assert encoder.config.vocabulary == tuple(trainer.vocabulary())
-    assert encoder.config.max_tokens == trainer.BENCH.text_tokens
+    assert encoder.config.max_tokens == trainer.BENCHMARK_MODEL.text_tokens
     for caption in heldout_prompts():  # every held-out word is known, and the longest caption fits
         ids, mask = encoder.tokenize(caption)
         assert "<unk>" not in [encoder.config.vocabulary[i] for i in ids[mask]], caption
@@ -143,13 +143,13 @@ def test_the_benchmark_model_loads_with_the_ordinary_loaders():
 def test_the_calibration_set_never_touches_the_held_out_set():
     import os
 
-    with open(os.path.join(os.path.dirname(policies.__file__), "setups", "calibration.json")) as f:
+    with open(os.path.join(policies.HERE, "setups", "calibration.json")) as f:
         calibration = json.load(f)
     with open(policies.HELDOUT_FILE) as f:
         heldout = json.load(f)
     assert len(calibration["prompts"]) >= 8 and len(set(calibration["prompts"])) == len(calibration["prompts"])
     assert not set(calibration["prompts"]) & set(heldout["prompts"])
     assert not set(calibration["seeds"]) & set(heldout["seeds"])
-    prompts, seeds, *_ = _setup({"model": "bench", "setup": os.path.join(os.path.dirname(policies.__file__),
+    prompts, seeds, *_ = _setup({"model": "bench", "setup": os.path.join(policies.HERE,
                                                                           "setups", "calibration.json")})
     assert (prompts, seeds) == (calibration["prompts"], calibration["seeds"])

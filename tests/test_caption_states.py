@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
 from magi1 import scheduled_captions
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.prompts.caption_states import CaptionStates, load_caption_states, save_caption_states
 
 
@@ -62,7 +62,7 @@ def test_prompts_that_share_memory_are_saved(tmp_path):
 def test_captions_are_the_samplers(tmp_path):
     """The captions a file gives are scheduled_captions of its prompts: the special tokens for the positive
     prompts, none for the negative ones (as MAGI-1 Sampler builds them)."""
-    tokens = tiny.tiny_special_tokens()
+    tokens = builtin.tiny_special_tokens()
     width = tokens.hq.shape[0]
     positive = [(first, torch.randn(states.shape[0], width).to(states.dtype), mask) for first, states, mask in SCHEDULE]
     negative = [(0, torch.randn(5, width), torch.arange(5) < 4)]
@@ -139,7 +139,7 @@ def test_missing_and_foreign_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"junk.safetensors is not a caption-states file: not a readable .safetensors"):
         load_caption_states(tmp_path / "junk.safetensors")
     with pytest.raises(ValueError, match="vae.safetensors is not a valid caption-states file: no 'magi1_caption"):
-        load_caption_states(tiny.VAE_FILE)  # a safetensors file of another kind
+        load_caption_states(builtin.VAE_FILE)  # a safetensors file of another kind
 
 
 class _Trap:
@@ -224,7 +224,7 @@ def test_save_node_writes_the_captions_the_sampler_builds(pack, output_dir):
     assert [first for first, _, _ in loaded.positive] == [0, 1, 3] and len(loaded.negative) == 1
 
     sampler = pack.modules["sampler"]
-    tokens, width = tiny.tiny_special_tokens(), loaded.width
+    tokens, width = builtin.tiny_special_tokens(), loaded.width
     want = scheduled_captions(sampler.conditioning_schedule(positive, "positive", width), 4, tokens, length=20)
     want_negative = scheduled_captions(sampler.conditioning_schedule(negative, "negative", width), 4, length=20)
     for got, expected in zip(loaded.captions(4, tokens, length=20) + loaded.negative_captions(4, length=20),

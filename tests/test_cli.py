@@ -19,12 +19,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from cache_core import CachePolicy
-from magi1 import Guidance, StepProgress, generate, load_dit, parse_prompt_schedule, scheduled_captions
-from magi1 import builtin as tiny
+from magi1 import Guidance, StepProgress, load_dit, parse_prompt_schedule, scheduled_captions
+from run_request import generate
+from magi1 import builtin
 from programs import cli
 from magi1.prompts.caption_states import save_caption_states
 from magi1.sampling.layout import FRAMES_RULE
-from magi1.planning.run_time import estimate_run
+from run_request import estimate_run
 from magi1.sampling.schedule import window_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ def saved_latent(path):
     return tensors[cli.LATENT_KEY][0]
 
 
-def encoded(text, model=tiny.TINY):
+def encoded(text, model=builtin.TINY):
     """A prompt (or schedule) through a built-in's text encoder: ``[(first_chunk, states, mask), ...]``."""
     encoder = model.load_text_encoder()
     return [(first, *encoder.encode(prompt)) for first, prompt in parse_prompt_schedule(text)]
@@ -77,14 +78,14 @@ def test_writes_a_playable_mp4_and_a_report(scheduled_run):
         frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     assert len(frames) == 48 and frames[0].shape == (64, 64, 3)
     assert "MAGI-1 cache hybrid: computed" in stdout
-    assert "48 frames asked, 48 made (2 chunks of 24), 64x64, 8 steps, seed 7" in stdout
+    assert "frames: 48 asked, 48 made (2 chunks of 24), 64x64, 8 steps, seed 7" in stdout
     assert f"wrote {folder / 'video.mp4'}: 48 frames, 64x64" in stdout
 
 
 def test_latent_is_what_generate_makes_of_the_same_inputs(scheduled_run):
     folder, stdout = scheduled_run
-    dit = tiny.TINY.load_dit()
-    caption, mask = scheduled_captions(encoded(SCHEDULE), 2, tiny.TINY.special_tokens(),
+    dit = builtin.TINY.load_dit()
+    caption, mask = scheduled_captions(encoded(SCHEDULE), 2, builtin.TINY.special_tokens(),
                                        length=dit.config.caption_max_length)
     expected = generate(dit, caption, mask, frames=48, height=64, width=64, steps=8, seed=7,
                         policy=CachePolicy.preset("slow")).latent
@@ -113,7 +114,7 @@ class Terminal(io.StringIO):
 def progress_output(stream, chunks=3, steps=8):
     """What ``Progress`` writes on ``stream`` over a run of ``chunks`` chunks of the tiny model, one second a
     step: ``(output, the windows of its steps)``."""
-    estimate = estimate_run(tiny.TINY.load_dit().config, frames=24 * chunks, height=64, width=64, steps=steps,
+    estimate = estimate_run(builtin.TINY.load_dit().config, frames=24 * chunks, height=64, width=64, steps=steps,
                             passes=1, throughput=1e9)
     seconds = iter(range(100))
     progress = cli.Progress(estimate, stream, clock=lambda: float(next(seconds)))
@@ -181,11 +182,11 @@ def base(tmp_path_factory):
     a caption-states file with a negative prompt: ``(checkpoint, states file, positive, negative)``."""
     folder = tmp_path_factory.mktemp("base")
     checkpoint = folder / "dit.safetensors"
-    with safe_open(tiny.TINY.dit_file, framework="pt") as f:
+    with safe_open(builtin.TINY.dit_file, framework="pt") as f:
         metadata = {k: v for k, v in f.metadata().items() if k != "magi1_distill"}
         save_file({k: f.get_tensor(k) for k in f.keys()}, checkpoint, metadata=metadata)
-    shutil.copy(tiny.TINY.special_tokens_file, folder / "special_tokens.npz")
-    positive, negative = encoded(tiny.TINY.example_prompt), encoded("a white square spinning over a blue sky")
+    shutil.copy(builtin.TINY.special_tokens_file, folder / "special_tokens.npz")
+    positive, negative = encoded(builtin.TINY.example_prompt), encoded("a white square spinning over a blue sky")
     save_caption_states(folder / "states.safetensors", positive, negative)
     return checkpoint, folder / "states.safetensors", positive, negative
 
@@ -196,7 +197,7 @@ def base_latent(base, scale):
     dit = load_dit(checkpoint)
     assert not dit.distill
     length = dit.config.caption_max_length
-    caption, mask = scheduled_captions(positive, 1, tiny.TINY.special_tokens(), length=length)
+    caption, mask = scheduled_captions(positive, 1, builtin.TINY.special_tokens(), length=length)
     negative_caption, negative_mask = scheduled_captions(negative, 1, length=length)
     return generate(dit, caption, mask, frames=24, height=64, width=64, steps=8, seed=0,
                     negative_caption=negative_caption, negative_mask=negative_mask,
@@ -346,9 +347,11 @@ def test_good_options_reach_loading_with_the_defaults(no_loading, monkeypatch, t
     with pytest.raises(Loaded):
         cli.main([])
     (run, parallel), _ = no_loading[0]
-    assert parallel is None and run.builtin is tiny.TINY and run.prompt is None and run.caption_states is None
-    assert (run.frames, run.width, run.height, run.steps, run.seed) == (48, 64, 64, tiny.TINY.steps, 0)
-    assert run.policy == CachePolicy.preset("slow") and run.text_scale is None and run.cfg == 1
+    assert parallel is None and run.builtin is builtin.TINY and run.prompt is None and run.caption_states is None
+    r = run.request
+    assert (r.frames, r.width, r.height, r.steps, r.seed) == (48, 64, 64, builtin.TINY.steps, 0)
+    assert r.policy == CachePolicy.preset("slow") and r.guidance == Guidance() and run.text_scale is None
+    assert run.cfg == 1 and not r.kv_offload and r.token_block is None
     assert run.out == cli.DEFAULT_OUT and run.latent_out is None and run.device == torch.device("cpu")
     assert run.dtype is None
 
@@ -362,9 +365,11 @@ def test_options_are_passed_on(no_loading, files):
                   "--latent-out", str(latent), "--dtype", "bfloat16", "--device", "cpu", "--seed", str(2**64 - 1)])
     (run, _), _ = no_loading[0]
     assert run.checkpoint == str(files / "ckpt.safetensors") and run.special_tokens == str(files / "special_tokens.npz")
-    assert (run.frames_asked, run.frames) == (25, 28)  # whole latent frames, as MAGI-1 Sampler rounds
-    assert (run.width, run.height, run.steps) == (96, 48, cli.CHECKPOINT_STEPS)
-    assert run.policy == CachePolicy.preset("fast") and run.text_scale == 6.0 and run.seed == 2**64 - 1
+    r = run.request
+    assert (r.frames, r.frames_to_generate) == (25, 28)  # whole latent frames, as MAGI-1 Sampler rounds
+    assert (r.width, r.height, r.steps) == (96, 48, cli.CHECKPOINT_STEPS)
+    assert r.policy == CachePolicy.preset("fast") and run.text_scale == 6.0 and r.seed == 2**64 - 1
+    assert r.guidance == Guidance().with_text_scale(6.0)
     assert run.out is None and run.latent_out == str(latent) and run.dtype == torch.bfloat16
     assert [first for first, _, _ in run.caption_states.positive] == [0]
 

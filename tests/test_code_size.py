@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_FUNCTION_LINES, MAX_CLASS_LINES = 60, 200
-EXCEPTIONS = {("magi1/network/dit.py", "_Call.__init__")}  # the call set-up
+EXCEPTIONS = set()
 
 
 def definitions(path):

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.sampling.layout import frames_to_generate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ PARTIAL_LOAD = textwrap.dedent(
     import torch
     import comfy.model_management as mm
     import comfy.ops
-    from magipack.magi1 import builtin, chunk_captions, generate, load_dit
+    from magipack.magi1 import VideoRequest, builtin, chunk_captions, generate, load_dit
     from magipack.nodes.loaders import MAGI1DiTLoader, TINY_CHOICE
 
     model = builtin.TINY
@@ -316,7 +316,8 @@ PARTIAL_LOAD = textwrap.dedent(
 
     def run(dit):
         dit.execution_device = torch.device("cpu")
-        return generate(dit, caption, caption_mask, frames=48, height=32, width=32, steps=8, seed=3).latent
+        request = VideoRequest(frames=48, height=32, width=32, steps=8, seed=3, caption=caption, caption_mask=caption_mask)
+        return generate(dit, request).latent
 
     def loaded(**options):
         patcher = MAGI1DiTLoader.execute(checkpoint=TINY_CHOICE, variant="auto", attention="auto",
@@ -396,7 +397,7 @@ def server():
         models = tmp / "models"
         write_sharded_tiny(models / "diffusion_models" / OFFICIAL_FOLDER)
         (models / "text_encoders").mkdir(parents=True)
-        (models / "text_encoders" / "special_tokens.npz").write_bytes(Path(tiny.TINY.special_tokens_file).read_bytes())
+        (models / "text_encoders" / "special_tokens.npz").write_bytes(Path(builtin.TINY.special_tokens_file).read_bytes())
         for name in ("vae/magi1_vae.safetensors", "text_encoders/t5xxl_fp16.safetensors"):
             (models / name).parent.mkdir(parents=True, exist_ok=True)
             (models / name).write_text("{}")
@@ -445,7 +446,7 @@ def write_sharded_tiny(folder, shards=2):
     """The built-in tiny DiT saved as the official checkpoints are: shards named model-0000i-of-0000n and the
     model.safetensors.index.json mapping every tensor to its shard."""
     folder.mkdir(parents=True)
-    state = load_file(tiny.TINY.dit_file)
+    state = load_file(builtin.TINY.dit_file)
     keys, weight_map = sorted(state), {}
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench.continuity import boundary_ratios, caption_objects, direction_matches, object_track, report
+from bench.quality.continuity import boundary_ratios, caption_objects, direction_matches, object_track, report
 from train.scenes import COLORS, Scene, render
 
 MOVING = Scene("ball", "red", "moving right", "gray wall", None, 0.2, 0.5, 0.12, 0.25, 0)
@@ -79,7 +79,7 @@ def test_a_staircase_track_is_measured_per_latent_frame():
 def test_a_camera_pan_is_taken_out_of_the_direction():
     """A benchmark object that moves up slowly, stops, and is carried sideways by a pan: in the frame it
     moves more across than along; in the world (the pan taken out) it goes up."""
-    from bench.continuity import caption_pan, measure
+    from bench.quality.continuity import caption_pan, measure
     from train import bench_scenes
 
     thing = bench_scenes.MovingObject("ball", "red", "stopping", "up", "slowly", 0.5, 0.6, 0.08, 0.6)
@@ -93,7 +93,7 @@ def test_a_camera_pan_is_taken_out_of_the_direction():
 
 
 def test_the_command_measures_a_model_and_real_scenes(tmp_path):
-    from bench import continuity
+    from bench.quality import continuity
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red ball moving right over a checkerboard\n")
@@ -101,7 +101,7 @@ def test_the_command_measures_a_model_and_real_scenes(tmp_path):
     assert continuity.main(["--model", "tiny", "--prompts", str(prompts), "--seeds", "0", "--frames", "48",
                             "--reference", "2", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# python -m bench.continuity --model tiny (1 prompts, seeds 0, 48 frames, no cache)")
+    assert text.startswith("# python -m bench.quality.continuity --model tiny (1 prompts, seeds 0, 48 frames, no cache)")
     assert "'a red ball moving right over a checkerboard' seed 0, the red object: boundary ratios " in text
     for title in ("tiny model, no cache", "2 real scenes as rendered", "the same scenes through the VAE"):
         assert f"{title}, per latent frame:" in text and f"{title}, per decoded frame" in text

@@ -9,7 +9,7 @@ import torch
 
 from comfy_stubs import pack_nodes
 from magi1 import VAETiling
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.video.vae import SEAMLESS
 
 SEAMLESS_CHOICE, RELEASED_CHOICE = "seamless", "as released (12 frames, no overlap)"
@@ -24,7 +24,7 @@ def pack():
 
 @pytest.fixture(scope="module")
 def vae():
-    return tiny.load_tiny_vae()
+    return builtin.load_tiny_vae()
 
 
 @pytest.fixture(scope="module")

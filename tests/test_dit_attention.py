@@ -111,7 +111,7 @@ def test_host_syncs_do_not_grow_with_the_number_of_layers(monkeypatch, sparse):
         g = torch.Generator().manual_seed(0)
         args = dict(x=torch.randn(1, 16, 4, 4, 6, generator=g), t=torch.tensor([[0.3, 0.1]]),
                     caption=torch.randn(1, 2, 4, 8, generator=g), caption_mask=torch.ones(1, 2, 4, dtype=torch.bool),
-                    kv_range=[(0, 24), (0, 36)], slice_point=1, cache=cache, cache_write_chunks=2,
+                    kv_range=[(0, 24), (0, 36)], slice_point=1, kv_cache=cache, kv_write_chunks=2,
                     active=[torch.arange(0, 12, 2), None] if sparse else None)
         with monkeypatch.context() as m:
             counter = SyncCounter(m)
@@ -121,7 +121,7 @@ def test_host_syncs_do_not_grow_with_the_number_of_layers(monkeypatch, sparse):
 
 
 def test_timing_script_runs_on_cpu(capsys):
-    from bench import dit_timing
+    from bench.speed import dit_timing
 
     dit_timing.main(["--size", "tiny", "--device", "cpu", "--height", "32", "--width", "48", "--repeats", "1",
                      "--fractions", "0.5"])

@@ -265,9 +265,9 @@ def test_damaged_index_and_special_tokens_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"model.safetensors.index.json is not valid JSON .*download the index"):
         magi1.load_dit(index)
     truncated = tmp_path / "special_tokens.npz"
-    from magi1 import builtin as tiny
+    from magi1 import builtin
 
-    source = tiny.TINY.special_tokens_file
+    source = builtin.TINY.special_tokens_file
     truncated.write_bytes(open(source, "rb").read()[:200])
     with pytest.raises(ValueError, match=r"special_tokens.npz is not a readable .npz file .*download"):
         magi1.SpecialTokens.load(truncated)

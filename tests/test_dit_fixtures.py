@@ -58,7 +58,7 @@ def call_arguments(description, tensors, model):
                 slice_point=kw.get("slice_point", 0),
                 unconditional=bool(tensors["in.caption_dropout_mask"][0]),
                 distill_dt=distill_dt(kw["num_steps"], kw["distill_interval"]) if description["distill"] else None,
-                cache=cache, cache_write_chunks=written)
+                kv_cache=cache, kv_write_chunks=written)
     return args
 
 
@@ -78,17 +78,17 @@ def test_forward_matches_official(name):
     assert err <= TOLERANCE, f"{name}: relative error {err:.2e}"
 
     written = description["kv_cache_written"]
-    if args["cache_write_chunks"]:
+    if args["kv_write_chunks"]:
         # The rows the official call wrote into its cache: this call's keys (after norm and RoPE) and values.
         start, count = written["start_token"], written["num_tokens"]
         hd = model.config.kv_channels
         for i in range(model.config.num_layers):
             kv = tensors[f"mid.kv_current.layer{i}"][:count]
-            cache = args["cache"]
+            cache = args["kv_cache"]
             assert relative_error(cache.keys[i][start:start + count], kv[..., :hd]) <= TOLERANCE
             assert relative_error(cache.values[i][start:start + count], kv[..., hd:]) <= TOLERANCE
     else:
-        assert written is None or description["inference_params"] is None or not args["cache"]
+        assert written is None or description["inference_params"] is None or not args["kv_cache"]
 
 
 @pytest.mark.parametrize("name, change", [
@@ -105,7 +105,7 @@ def test_fixtures_detect_a_wrong_call(name, change):
     args = call_arguments(description, tensors, model)
     change = dict(change)
     if change.pop("zero_cache", False):
-        for buffer in args["cache"].keys + args["cache"].values:
+        for buffer in args["kv_cache"].keys + args["kv_cache"].values:
             buffer.zero_()
     if change.pop("first_range_for_all", False):  # the released cache code's mistake (cache.md 7.1 P1)
         change["kv_range"] = [args["kv_range"][0].tolist()] * len(args["kv_range"])

@@ -50,7 +50,7 @@ def cache_with_clean_prefix(model, seed):
 def dense_reference(model, inputs):
     """Dense call writing every window chunk: its output and the cache it leaves (current keys/values)."""
     cache = cache_with_clean_prefix(model, 5)
-    out = model(**inputs, cache=cache, cache_write_chunks=CHUNKS)
+    out = model(**inputs, kv_cache=cache, kv_write_chunks=CHUNKS)
     return out, cache
 
 
@@ -68,7 +68,7 @@ def test_all_active_equals_dense_at_every_window_position(model, j):
     cache = cache_with_clean_prefix(model, 5)
     active = [None] * CHUNKS
     active[j] = torch.arange(CT)
-    out = model(**inputs, cache=cache, cache_write_chunks=CHUNKS, active=active)
+    out = model(**inputs, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
     assert relative_error(out, dense) <= 1e-6
     for layer in range(CONFIG["num_layers"]):
         assert relative_error(cache.keys[layer], dense_cache.keys[layer]) <= 1e-6
@@ -84,7 +84,7 @@ def test_partial_mask_with_current_store_gives_dense_outputs_on_active_tokens(mo
     chosen = torch.randperm(CT, generator=g)[: CT // 3].sort().values
     active = [None] * CHUNKS
     active[j] = chosen
-    out = model(**inputs, cache=cache, cache_write_chunks=CHUNKS, active=active)
+    out = model(**inputs, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
     sparse_rows, dense_rows = tokens_of(out, j), tokens_of(dense, j)
     assert relative_error(sparse_rows[chosen], dense_rows[chosen]) <= 1e-5
     inactive = torch.ones(CT, dtype=torch.bool)
@@ -102,7 +102,7 @@ def test_every_chunk_sparse_and_one_skipped(model):
     dense, cache = dense_reference(model, inputs)
     g = torch.Generator().manual_seed(7)
     active = [torch.randperm(CT, generator=g)[:n].sort().values for n in (5, 0, CT // 2, 1)]
-    out = model(**inputs, cache=cache, cache_write_chunks=CHUNKS, active=active)
+    out = model(**inputs, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
     for j, chosen in enumerate(active):
         rows = tokens_of(out, j)
         if len(chosen):
@@ -119,7 +119,7 @@ def test_sparse_reads_the_stored_keys_and_values(model):
         k[SLICE * CT:] += 0.5  # corrupt the window's stored keys
     chosen = torch.arange(0, CT, 2)
     active = [None, chosen, None, None]
-    out = model(**inputs, cache=cache, cache_write_chunks=CHUNKS, active=active)
+    out = model(**inputs, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
     assert relative_error(tokens_of(out, 1)[chosen], tokens_of(dense, 1)[chosen]) > 1e-3
 
 
@@ -131,7 +131,7 @@ def test_each_chunk_uses_its_own_key_range(model):
     narrow = dict(inputs, kv_range=RANGES[:3] + [((SLICE + 3) * CT, (SLICE + 4) * CT)])
     cache = cache_with_clean_prefix(model, 5)
     active = [None, None, None, torch.arange(0, CT, 3)]
-    out = model(**narrow, cache=cache, cache_write_chunks=CHUNKS, active=active)
+    out = model(**narrow, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
     for j in range(3):
         assert relative_error(tokens_of(out, j), tokens_of(dense, j)) <= 1e-6
     assert relative_error(tokens_of(out, 3)[::3], tokens_of(dense, 3)[::3]) > 1e-3
@@ -144,12 +144,12 @@ def test_offloaded_cache_gives_the_same_results(model):
     prefix = cache_with_clean_prefix(model, 5)
     for dst, src in zip(offloaded.keys + offloaded.values, prefix.keys + prefix.values):
         dst.copy_(src)
-    out = model(**inputs, cache=offloaded, cache_write_chunks=CHUNKS)
+    out = model(**inputs, kv_cache=offloaded, kv_write_chunks=CHUNKS)
     assert torch.equal(out, dense)
     for a, b in zip(offloaded.keys + offloaded.values, resident.keys + resident.values):
         assert torch.equal(a, b)
     active = [torch.arange(0, CT, 2), None, torch.arange(5), None]
-    sparse = model(**inputs, cache=offloaded, cache_write_chunks=CHUNKS, active=active)
+    sparse = model(**inputs, kv_cache=offloaded, kv_write_chunks=CHUNKS, active=active)
     assert relative_error(tokens_of(sparse, 0)[::2], tokens_of(dense, 0)[::2]) <= 1e-5
 
 
@@ -157,20 +157,20 @@ def test_read_only_call_leaves_the_cache_alone(model):
     inputs = window_inputs(7)
     cache = cache_with_clean_prefix(model, 5)
     before = [b.clone() for b in cache.keys + cache.values]
-    model(**inputs, cache=cache, cache_write_chunks=0)
+    model(**inputs, kv_cache=cache, kv_write_chunks=0)
     assert all(torch.equal(a, b) for a, b in zip(before, cache.keys + cache.values))
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(active=[torch.arange(3), None, None, None], cache_write_chunks=0), "sparse chunks must be among"),
-    (dict(cache=None, cache_write_chunks=0), "need a cache"),
+    (dict(active=[torch.arange(3), None, None, None], kv_write_chunks=0), "sparse chunks must be among"),
+    (dict(kv_cache=None, kv_write_chunks=0), "need a KV cache"),
     (dict(kv_range=RANGES[:3]), "one [start, end) per window chunk"),
     (dict(kv_range=RANGES[:3] + [(0, 99 * CT)]), "must lie in"),
-    (dict(cache_write_chunks=5), "cache_write_chunks must be in"),
+    (dict(kv_write_chunks=5), "kv_write_chunks must be in"),
 ])
 def test_bad_calls_are_refused_clearly(model, bad, message):
     inputs = window_inputs(8)
-    args = dict(inputs, cache=cache_with_clean_prefix(model, 5), cache_write_chunks=CHUNKS)
+    args = dict(inputs, kv_cache=cache_with_clean_prefix(model, 5), kv_write_chunks=CHUNKS)
     args.update(bad)
     with pytest.raises(ValueError, match=re.escape(message)):
         model(**args)

@@ -82,12 +82,12 @@ def test_official_fp8_layers_match_the_official_code(name):
     fp8_vs_dequant = relative_error(tensors["out.x"], tensors["out.x_dequant"])
     print(f"{name}: against the official fp8 recording {err:.1e}; fp8 against dequantised {fp8_vs_dequant:.1e}")
     assert err < 1e-4, err
-    if args["cache_write_chunks"]:  # every layer's keys/values, the quantised layers' included
+    if args["kv_write_chunks"]:  # every layer's keys/values, the quantised layers' included
         hd = model.config.kv_channels
         for i in range(model.config.num_layers):
             written = tensors[f"mid.kv_current.layer{i}"]
             first = description["kv_cache_prefix_tokens"]
-            ours = args["cache"].keys[i][first:first + written.shape[0]]
+            ours = args["kv_cache"].keys[i][first:first + written.shape[0]]
             assert relative_error(ours, written[: ours.shape[0], ..., :hd].float()) < 1e-4, i
 
 

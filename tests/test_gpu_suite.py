@@ -4,7 +4,7 @@ policy it uses to force active fractions does what it says."""
 import torch
 
 from bench import gpu_suite
-from bench.forced_reuse import ForcedFraction
+from bench.speed.forced_reuse import ForcedFraction
 from magi1 import ReusePolicy, ReuseState
 
 

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import magi1
-from magi1 import chunk_captions, generate
-from magi1 import builtin as tiny
+from magi1 import chunk_captions
+from run_request import generate
+from magi1 import builtin
 import magi1.network.dit as dit_module
 
-MODEL = tiny.TINY
+MODEL = builtin.TINY
 
 
 class Stop(Exception):
@@ -44,7 +45,7 @@ def run(setup, size, stop=None, steps=4):
 
 
 def test_a_stop_check_that_never_fires_changes_nothing(setup):
-    size = tiny.SIZE  # blocks of queries: test_dit_polls_between_query_blocks
+    size = builtin.SIZE  # blocks of queries: test_dit_polls_between_query_blocks
     check = Countdown()
     assert torch.equal(run(setup, size, stop=check), run(setup, size))
     layers = setup[0].config.num_layers
@@ -52,7 +53,7 @@ def test_a_stop_check_that_never_fires_changes_nothing(setup):
 
 
 def test_interrupt_inside_a_call_stops_and_leaves_nothing_behind(setup):
-    size = tiny.SIZE
+    size = builtin.SIZE
     reference = run(setup, size)
     layers = setup[0].config.num_layers
     check = Countdown(at=layers + 2)  # inside the first DiT call: after its first layers

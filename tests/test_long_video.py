@@ -7,7 +7,8 @@ import torch
 
 import magi1.sampling.sampler
 from cache_core import CachePolicy
-from magi1 import KVCache, generate
+from magi1 import KVCache
+from run_request import generate
 from magi1.sampling.schedule import kv_span
 from pipeline_fixtures import load, request
 

@@ -15,9 +15,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import magi1
 from magi1.weights.fp8 import nbytes_by_dtype
 from cache_core import CachePolicy
-from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, build_dit, generate
+from magi1 import KVCache, ModelConfig, VAEConfig, VideoLayout, VideoRequest, build_dit
+from run_request import generate, memory_plan
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.planning.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits, memory_plan,
+from magi1.planning.memory_plan import (FP8_LINEARS, OFFICIAL_FP8, OFFICIAL_SMOOTHED, fits,
                                         replan, vae_weight_bytes, weight_bytes, window_calls)
 from pipeline_fixtures import FIXTURES, load, request
 
@@ -108,7 +109,7 @@ def test_official_sizes():
     assert weights["bfloat16"] == 2 * sum(p.numel() for p in layers.parameters() if p.dtype == torch.bfloat16)
     plan = memory_plan(CONFIG_24B, 96, 720, 1280)
     assert plan.kv_caches["main"] == 4 * 21600 * 48 * 2 * 8 * 128 * 2  # 17.0 GB: 4 chunks of 21600 tokens
-    assert 21.0e9 < memory_plan(CONFIG_24B, 96, 720, 1280, cache="chunk").kv_caches["main"] < 21.5e9  # + 1 block
+    assert 21.0e9 < memory_plan(CONFIG_24B, 96, 720, 1280, reuse="chunk").kv_caches["main"] < 21.5e9  # + 1 block
     fp8 = weight_bytes(CONFIG_24B, "fp8_e4m3fn")
     assert 23.5e9 < sum(fp8.values()) < 24.5e9
     assert vae_weight_bytes(VAEConfig(), torch.bfloat16) == sum(
@@ -165,7 +166,7 @@ def test_kv_bytes_match_a_real_generation(monkeypatch, fixture_runs, name, mode,
     plan = memory_plan(model.config, args["frames"], args["height"], args["width"], compute_dtype=torch.float32,
                        weight_dtype="float32", passes=1 if model.distill else 3, chunk_width=args["chunk_width"],
                        window_size=args["window_size"], prefix_frames=0 if prefix is None else prefix.shape[1],
-                       cache=cache, kv_offload=offload)
+                       reuse=cache, kv_offload=offload)
     if model.distill:
         assert made == [plan.kv_caches["main"]]
     else:
@@ -230,7 +231,7 @@ def test_measured_peak_stays_under_the_plan(fixture_runs, name, mode, cache, dty
     args.update(caption=args["caption"][:1], caption_mask=args["caption_mask"][:1])
     plan = memory_plan(model.config, args["frames"], args["height"], args["width"], compute_dtype=dtype,
                        weight_dtype=str(dtype)[6:], passes=1 if model.distill else 3, chunk_width=args["chunk_width"],
-                       window_size=args["window_size"], cache=cache, decode=False)
+                       window_size=args["window_size"], reuse=cache, decode=False)
     with LiveBytes() as live:
         generate(model, **args, policy=None if mode == "off" else policy(mode))
     planned = plan.dit_phase - plan.weights_on_gpu
@@ -241,7 +242,7 @@ def test_measured_peak_stays_under_the_plan(fixture_runs, name, mode, cache, dty
 def test_window_calls_follow_the_schedule():
     layout = VideoLayout.plan(96, 720, 720)
     assert window_calls(layout, passes=1) == window_calls(layout, passes=1, window_size=4)
-    calls = window_calls(layout, passes=1, cache="chunk")
+    calls = window_calls(layout, passes=1, reuse="chunk")
     assert calls.query == 4 + 1  # the most chunks one call holds: 4 (refresh + 3, or 4 noisy) + the copy
     long = VideoLayout.plan(240, 720, 720)
     assert window_calls(long, passes=1).query == 4 + 1 + 1 and window_calls(long, passes=3).query == 5
@@ -249,11 +250,14 @@ def test_window_calls_follow_the_schedule():
 
 # ---------------------------------------------------------------------------------------------- advice
 def test_savings_name_offload_and_fp8_with_their_bytes():
-    plan = memory_plan(CONFIG_24B, 96, 720, 1280, cache="chunk")
+    plan = memory_plan(CONFIG_24B, 96, 720, 1280, reuse="chunk")
     budget = 48e9
     assert not fits(plan, budget) and not plan.fits(budget)
     advice = plan.savings(budget)
-    assert [d.split(" saves")[0] for d, _ in advice] == ["kv_offload", "token_block 4096", "weight_dtype fp8_e4m3fn_scaled"]
+    assert [s.name for s in advice] == ["kv_offload", "token_block 4096", "weight_dtype fp8_e4m3fn_scaled"]
+    assert [s.changes for s in advice] == [{"kv_offload": True}, {"token_block": 4096},
+                                           {"weight_dtype": "fp8_e4m3fn_scaled"}]
+    assert str(advice[0]) == f"kv_offload saves {advice[0].saved / 1e9:.2f} GB"
     offloaded = replan(plan, kv_offload=True)
     assert advice[0][1] == plan.total_gpu - offloaded.total_gpu > 15e9
     blocked = replan(offloaded, token_block=4096)  # no block size fits alone: the smallest is kept
@@ -266,21 +270,21 @@ def test_savings_name_offload_and_fp8_with_their_bytes():
 def test_savings_reach_block_swap_and_fewer_frames():
     plan = memory_plan(CONFIG_24B, 96, 720, 1280)
     advice = plan.savings(24e9)
-    names = [d.split(" saves")[0] for d, _ in advice]
+    names = [s.name for s in advice]
     assert names[:3] == ["kv_offload", "token_block 4096", "weight_dtype fp8_e4m3fn_scaled"]
     assert names[3].startswith("resident_layers")
     k = int(names[3].split()[1])
     fitted = replan(plan, kv_offload=True, token_block=4096, weight_dtype="fp8_e4m3fn_scaled", resident_layers=k)
     assert fits(fitted, 24e9) and not fits(replan(fitted, resident_layers=k + 1), 24e9)
-    assert sum(s for _, s in advice) == plan.total_gpu - fitted.total_gpu
+    assert sum(s.saved for s in advice) == plan.total_gpu - fitted.total_gpu
     small = memory_plan(CONFIG_4_5B, 480, 720, 720, weight_dtype="fp8_e4m3fn", kv_offload=True, resident_layers=0,
                         token_block=4096)
     tight = small.savings(small.total_gpu - 1)
-    assert tight and "fewer frames" in tight[-1][0]
+    assert tight and "fewer frames" in tight[-1].name
 
 
 def test_lines_and_bad_arguments():
-    text = "\n".join(memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", kv_offload=True).lines())
+    text = "\n".join(memory_plan(CONFIG_4_5B, 96, 720, 720, reuse="token", kv_offload=True).lines())
     assert "KV cache main" in text and "total GPU" in text and " GB" in text
     with pytest.raises(ValueError, match="weight_dtype"):
         memory_plan(CONFIG_4_5B, 96, 720, 720, weight_dtype="int4")
@@ -296,7 +300,7 @@ def test_the_text_to_video_workflow_note_quotes_the_plan():
     from pathlib import Path
 
     text = (Path(__file__).resolve().parents[1] / "workflows" / "build_workflows.py").read_text()
-    plan = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token")
+    plan = memory_plan(CONFIG_4_5B, 96, 720, 720, reuse="token")
     fp8 = replan(plan, weight_dtype="fp8_e4m3fn_scaled")
     offload = replan(plan, kv_offload=True)
     assert re.search(r"plans (\d+\.\d) GB", text).group(1) == f"{plan.total_gpu / 1e9:.1f}"
@@ -313,9 +317,9 @@ def numbers(lines):
 def test_lines_word_the_memory_by_the_device_and_keep_the_numbers():
     """On the CPU the plan's lines speak of memory, never of a GPU; on a GPU (or none named, as before)
     of the GPU; the bytes are the same, and a replanned request keeps its device."""
-    gpu = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4)
-    cuda = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4, device=torch.device("cuda", 0))
-    cpu = memory_plan(CONFIG_4_5B, 96, 720, 720, cache="token", resident_layers=4, device="cpu")
+    gpu = memory_plan(CONFIG_4_5B, 96, 720, 720, reuse="token", resident_layers=4)
+    cuda = memory_plan(CONFIG_4_5B, 96, 720, 720, reuse="token", resident_layers=4, device=torch.device("cuda", 0))
+    cpu = memory_plan(CONFIG_4_5B, 96, 720, 720, reuse="token", resident_layers=4, device="cpu")
     assert gpu == cuda == cpu and gpu.device is None and cpu.device == torch.device("cpu")
     assert numbers(gpu.lines()) == numbers(cuda.lines()) == numbers(cpu.lines())
     for plan in (gpu, cuda):
@@ -337,8 +341,9 @@ def test_lines_word_the_memory_by_the_device_and_keep_the_numbers():
     (28, 0, 48, 2),  # 7 latent frames: two whole chunks are made
     (48, 0, 48, 2),
     (4, 0, 24, 1),
-    (44, 1, 48, 2),  # a start image: the video's first frame, then 11 latent frames
-    (48, 1, 72, 3),  # 1 + 12 latent frames: three chunks
+    (44, 1, 48, 2),  # a start image: the video's first frame, then 10 latent frames
+    (48, 1, 48, 2),  # 48 asked with a start image: 48 made (FRAMES_RULE)
+    (52, 1, 72, 3),  # 1 + 12 latent frames: three chunks
     (48, 4, 56, 3),  # after a 4-latent-frame prefix video: what follows it, to the end of the third chunk
     (24, 6, 24, 2),  # a whole chunk of prefix, one chunk made
 ])
@@ -354,13 +359,12 @@ def test_lines_state_the_frames_the_run_makes(frames, prefix_frames, made, chunk
     assert replan(plan, frames=frames + 24).frames_made == made + 24
 
 
-@pytest.mark.parametrize("frames, prefix_frames", [(28, 0), (44, 1), (48, 1), (48, 4), (24, 6)])
+@pytest.mark.parametrize("frames, prefix_frames", [(28, 0), (44, 1), (48, 1), (52, 1), (48, 4), (24, 6)])
 def test_frames_made_are_the_frames_generate_returns(frames, prefix_frames):
-    from magi1 import builtin as tiny
+    from magi1 import builtin
 
-    dit = tiny.load_tiny_dit()
-    layout = VideoLayout.plan(frames, 64, 64, prefix_frames=prefix_frames)
-    chunks = layout.chunk_num - layout.chunk_offset
+    dit = builtin.load_tiny_dit()
+    chunks = VideoRequest(frames=frames, height=64, width=64, prefix_frames=prefix_frames).chunks
     caption = torch.randn(chunks, dit.config.caption_max_length, dit.config.caption_channels)
     mask = torch.ones(chunks, dit.config.caption_max_length, dtype=torch.bool)
     prefix = torch.randn(dit.config.latent_channels, prefix_frames, 8, 8) if prefix_frames else None
@@ -371,10 +375,10 @@ def test_frames_made_are_the_frames_generate_returns(frames, prefix_frames):
 
 
 @pytest.mark.parametrize("config, passes, size, options", [
-    (CONFIG_4_5B, 1, (720, 720), dict(cache="token")),
-    (CONFIG_4_5B, 3, (720, 720), dict(cache="token")),
+    (CONFIG_4_5B, 1, (720, 720), dict(reuse="token")),
+    (CONFIG_4_5B, 3, (720, 720), dict(reuse="token")),
     (CONFIG_24B, 1, (720, 1280), dict(weight_dtype="fp8_e4m3fn_scaled", kv_offload=True, resident_layers=2)),
-    (CONFIG_24B, 3, (720, 1280), dict(cache="chunk", kv_offload=True)),
+    (CONFIG_24B, 3, (720, 1280), dict(reuse="chunk", kv_offload=True)),
 ])
 def test_the_plan_is_flat_in_the_videos_length(config, passes, size, options):
     """Since 0.9 nothing on the GPU grows with the video: 100 s plan within 5% of 20 s, and no KV cache wider

@@ -3,17 +3,20 @@ model: MAGI-1 Encode Prefix (one of its two inputs, the frames it keeps, the siz
 of the prefix latent, and the special-token table that only MAGI-1 DiT Loader finds. tests/test_comfyui.py
 runs the same nodes inside a real ComfyUI."""
 
+import dataclasses
 import logging
+import re
 import sys
 import types
 
 import numpy as np
 import pytest
+from run_request import memory_plan
 import torch
 
 from comfy_stubs import pack_namespace
-from magi1 import Guidance, VAETiling
-from magi1 import builtin as tiny
+from magi1 import Guidance, VAETiling, VideoRequest
+from magi1 import builtin
 
 TINY = "MAGI-1 tiny demo (built-in)"
 
@@ -27,7 +30,7 @@ def pack():
 
 @pytest.fixture(scope="module")
 def vae():
-    return tiny.load_tiny_vae()
+    return builtin.load_tiny_vae()
 
 
 @pytest.fixture(scope="module")
@@ -119,10 +122,11 @@ def captured(pack, monkeypatch):
     """What the sampler hands to ``generate`` (stubbed: these tests are about the node, not the sampler)."""
     calls = []
 
-    def generate(model, caption, caption_mask, **kwargs):
-        rows = caption  # the node passes a ChunkCaptions (a prompt's distinct rows); the tests read it per chunk
-        caption, caption_mask = rows.dense()
-        calls.append(dict(caption=caption, caption_mask=caption_mask, rows=rows, **kwargs))
+    def generate(model, request, **hooks):
+        fields = {f.name: getattr(request, f.name) for f in dataclasses.fields(request)}
+        rows = request.caption  # the node passes a ChunkCaptions (a prompt's distinct rows); the tests read it per chunk
+        fields["caption"], fields["caption_mask"] = rows.dense()
+        calls.append(dict(fields, rows=rows, request=request, frames_to_generate=request.frames_to_generate, **hooks))
         stats = types.SimpleNamespace(summary=lambda: "computed 100%")
         return types.SimpleNamespace(latent=torch.zeros(16, 12, 8, 8), stats=stats)
 
@@ -132,7 +136,7 @@ def captured(pack, monkeypatch):
 
 def test_sampler_reads_the_special_tokens_and_prefix_from_the_model_and_latent(pack, model, vae, captured):
     table = model.model.special_tokens
-    assert torch.equal(table.hq, tiny.tiny_special_tokens().hq)  # attached by the loader
+    assert torch.equal(table.hq, builtin.tiny_special_tokens().hq)  # attached by the loader
     prefix = pack.MAGI1EncodePrefix.execute(vae=vae, width=64, height=64, start_image=frames(1)).result[0]
     own = type(table)(hq=table.hq * 2, durations=table.durations + 1)  # another table: the one read must be this
     clone = model.clone()
@@ -141,7 +145,7 @@ def test_sampler_reads_the_special_tokens_and_prefix_from_the_model_and_latent(p
     call = captured[-1]
     # 48 frames from a start image (FRAMES_RULE: the image is the first of them): 1 + 11 latent frames, 2 chunks
     # of 6 to generate, each captioned [DURATION (chunks after it), HQ, T5 ...] from the MODEL's table
-    assert call["frames"] == 44 and "48 asked, 48 made (2 chunks of 24, the start image the first frame)" in report
+    assert (call["frames"], call["frames_to_generate"]) == (48, 44) and "48 asked, 48 made (2 chunks of 24, the start image the first frame)" in report
     assert call["caption"].shape[0] == 2 and torch.equal(call["caption"][:, 1], own.hq.expand(2, -1))
     assert [torch.equal(call["caption"][c, 0], own.duration(1 - c)) for c in range(2)] == [True] * 2
     assert torch.equal(call["prefix"], prefix["samples"][0])
@@ -171,10 +175,10 @@ def test_dit_loader_finds_the_special_tokens_once(pack, tmp_path):
     text_encoders.mkdir(), empty.mkdir()
     load = dict(checkpoint="dit.safetensors", variant="auto", weight_dtype="auto", attention="auto")
     # the tiny weights folder stands in for models/diffusion_models (it holds a special_tokens.npz too)
-    folder_paths.folders = {"text_encoders": [str(empty)], "diffusion_models": [tiny.WEIGHTS]}
+    folder_paths.folders = {"text_encoders": [str(empty)], "diffusion_models": [builtin.WEIGHTS]}
     try:
         model = pack.MAGI1DiTLoader.execute(**load).result[0]
-        assert torch.equal(model.model.special_tokens.hq, tiny.tiny_special_tokens().hq)
+        assert torch.equal(model.model.special_tokens.hq, builtin.tiny_special_tokens().hq)
         other = np.random.default_rng(0).normal(size=(100, 64))
         np.savez(text_encoders / "special_tokens.npz", other_tokens=other)
         folder_paths.folders["text_encoders"] = [str(text_encoders)]
@@ -205,21 +209,21 @@ def test_the_benchmark_model_loads_and_encodes_through_the_nodes(pack):
     """Both built-in models are listed first, load with their own special tokens and share the VAE file; the
     text-encode node reads the chosen model's own encoder (an old workflow without the input gets tiny's)."""
     loaders = pack.modules["loaders"]
-    assert loaders.checkpoint_choices("diffusion_models")[:2] == [TINY, loaders.BENCH_CHOICE]
-    model = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCH_CHOICE, variant="auto", weight_dtype="auto",
+    assert loaders.checkpoint_choices("diffusion_models")[:2] == [TINY, loaders.BENCHMARK_CHOICE]
+    model = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCHMARK_CHOICE, variant="auto", weight_dtype="auto",
                                         attention="auto").result[0]
     dit = model.model.diffusion_model
     assert dit.config.caption_channels == 64 and dit.distill
-    assert torch.equal(model.model.special_tokens.hq, tiny.BENCH.special_tokens().hq)
-    assert not torch.equal(model.model.special_tokens.hq, tiny.tiny_special_tokens().hq)
-    vae = pack.MAGI1VAELoader.execute(vae_name=loaders.BENCH_CHOICE, weight_dtype="auto").result[0]
-    assert repr(vae.config) == repr(tiny.load_tiny_vae().config)  # the pack's own copy of magi1: by value
+    assert torch.equal(model.model.special_tokens.hq, builtin.BENCHMARK_MODEL.special_tokens().hq)
+    assert not torch.equal(model.model.special_tokens.hq, builtin.tiny_special_tokens().hq)
+    vae = pack.MAGI1VAELoader.execute(vae_name=loaders.BENCHMARK_CHOICE, weight_dtype="auto").result[0]
+    assert repr(vae.config) == repr(builtin.load_tiny_vae().config)  # the pack's own copy of magi1: by value
     prompt = "a red ball moving right slowly and a blue square standing still over a brick wall"
     (states, extra), = pack.MAGI1TinyTextEncode.execute(prompt=prompt, model="bench").result[0]
-    expected_states, expected_mask = tiny.BENCH.load_text_encoder().encode(prompt)
+    expected_states, expected_mask = builtin.BENCHMARK_MODEL.load_text_encoder().encode(prompt)
     assert torch.equal(states[0], expected_states) and torch.equal(extra["attention_mask"][0], expected_mask)
     (old_states, _), = pack.MAGI1TinyTextEncode.execute(prompt=prompt).result[0]
-    assert torch.equal(old_states[0], tiny.load_tiny_text_encoder().encode(prompt)[0])
+    assert torch.equal(old_states[0], builtin.load_tiny_text_encoder().encode(prompt)[0])
     assert not torch.equal(old_states, states)
 
 
@@ -272,9 +276,9 @@ def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
     memory passes with a note, one that does not fit is refused naming the cheapest changes and the plan."""
     memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory_check"]
     from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
-    from magi1.planning.memory_plan import memory_plan, replan
+    from magi1.planning.memory_plan import replan
 
-    plan = memory_plan(OFFICIAL_MODEL_CONFIGS["4.5B"], 96, 720, 720, weight_dtype="bfloat16", cache="token")
+    plan = memory_plan(OFFICIAL_MODEL_CONFIGS["4.5B"], 96, 720, 720, weight_dtype="bfloat16", reuse="token")
     assert memory.check_plan(plan, plan.total_gpu) is None
     partial = replan(plan, resident_layers=0)
     note = memory.check_plan(plan, (partial.total_gpu + plan.total_gpu) // 2)
@@ -284,12 +288,19 @@ def test_memory_check_refuses_before_allocating_and_names_the_fixes(pack):
     text = str(refused.value)
     assert "kv_offload saves" in text and "MAGI-1 memory plan: 96 frames 720x720" in text
     assert "can be made free" in text
+    # block swap in the sampler's terms: ComfyUI's partial loading (the plan's name for it is not shown)
+    large = memory_plan(OFFICIAL_MODEL_CONFIGS["24B"], 96, 720, 1280)
+    assert any("resident_layers" in saving.changes for saving in large.savings(24e9))
+    with pytest.raises(ValueError) as refused:
+        memory.check_plan(large, 24e9)
+    text = str(refused.value)
+    assert re.search(r"partial loading with \d+ saves", text) and "resident_layers" not in text
 
 
 def test_a_run_larger_than_host_memory_is_refused_with_the_numbers(pack):
     memory = sys.modules[pack.modules["sampler"].__name__.rsplit(".", 1)[0] + ".memory_check"]
     dit = pack.modules["loaders"].builtin.TINY.load_dit()  # the pack's own copy of magi1
-    plan = memory.plan_run(dit, None, 96, 4096, 4096, 0, False)
+    plan = memory.plan_run(dit, VideoRequest(frames=96, height=4096, width=4096))
     need = plan.dit_phase - plan.weights_on_gpu
     memory.check_host_memory(plan, need)  # fits exactly
     with pytest.raises(ValueError, match=r"needs \d+\.\d GB of memory beside the weights .* make the video smaller"):
@@ -299,10 +310,10 @@ def test_a_run_larger_than_host_memory_is_refused_with_the_numbers(pack):
 def test_frames_are_rounded_up_to_whole_chunks_and_reported(pack, model, captured):
     """25 frames make two chunks (48 frames), not one (the release floors 25 to 24 frames)."""
     _, report, _ = sample(pack, model, frames=25).result
-    assert captured[-1]["frames"] == 28  # 7 latent frames: two chunks
+    assert captured[-1]["frames_to_generate"] == 28  # 7 latent frames: two chunks
     assert "MAGI-1 frames: 25 asked, 48 made (2 chunks of 24)" in report
     _, report, _ = sample(pack, model, frames=48).result
-    assert captured[-1]["frames"] == 48 and "48 asked, 48 made" in report
+    assert captured[-1]["frames_to_generate"] == 48 and "48 asked, 48 made" in report
 
 
 def test_report_names_a_schedule_that_never_reaches_the_token_phase(pack, model, captured):
@@ -381,8 +392,8 @@ def test_built_in_models_report_their_own_names(pack, model, captured):
     """Not "custom_distill (as chosen)": the loader's log and the sampler's report name the built-in model as
     the loader lists it."""
     loaders, memory = pack.modules["loaders"], memory_module(pack)
-    assert [m.title for m in loaders.BUILTIN.values()] == [TINY, loaders.BENCH_CHOICE] == list(loaders.BUILTIN)
-    bench = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCH_CHOICE, variant="auto", weight_dtype="auto",
+    assert [m.title for m in loaders.BUILTIN.values()] == [TINY, loaders.BENCHMARK_CHOICE] == list(loaders.BUILTIN)
+    bench = pack.MAGI1DiTLoader.execute(checkpoint=loaders.BENCHMARK_CHOICE, variant="auto", weight_dtype="auto",
                                         attention="auto").result[0].model.diffusion_model
     assert memory.weights_line(bench, torch.device("cpu")) == (
         "MAGI-1 model: MAGI-1 benchmark model (built-in, 128x128), distilled; weights: float32")
@@ -398,11 +409,12 @@ def test_the_plan_on_the_cpu_speaks_of_memory_and_the_frames_made(pack, model, c
     assert "MAGI-1 memory plan: 48 frames 64x64, 2 chunks of" in report and "28 frames" not in report
     assert "on the CPU" in report and "total memory (peak)" in report and "GPU" not in report, report
     memory, dit = memory_module(pack), model.model.diffusion_model
-    plan, _, _ = memory.checked_plan(model, dit, None, 28, 64, 64, 0, False)
+    request = VideoRequest(frames=25, height=64, width=64)
+    plan, _, _ = memory.checked_plan(model, dit, request)
     assert plan.device == torch.device("cpu") and plan.frames_made == 48
-    gpu = memory.plan_run(dit, None, 28, 64, 64, 0, False)  # no device: worded for a GPU, as before
+    gpu = memory.plan_run(dit, request)  # no device: worded for a GPU, as before
     assert gpu == plan and gpu.lines()[-1].lstrip().startswith("total GPU (peak)")
-    assert memory.plan_run(dit, None, 28, 64, 64, 0, False, torch.device("cpu")).lines() == plan.lines()
+    assert memory.plan_run(dit, request, torch.device("cpu")).lines() == plan.lines()
     with pytest.raises(ValueError) as refused:
         memory.check_host_memory(plan, 0)
     plan_text = str(refused.value).split("\n", 1)[1]  # after "... or use a GPU."

@@ -108,7 +108,7 @@ def test_irregular_head_grouping(runs, references):
 
 
 def test_builtin_model_loaded_by_layer_owners(runs):
-    from magi1 import generate
+    from run_request import generate
     from magi1.builtin import TINY
     whole = TINY.load_dit()
     with torch.no_grad():

@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 
 import magi1
+import run_request
 from comfy_stubs import pack_nodes
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.video import preview
 
 
@@ -40,7 +41,7 @@ def psnr(a, b):
 
 @pytest.fixture(scope="module")
 def vae():
-    return tiny.load_tiny_vae()
+    return builtin.load_tiny_vae()
 
 
 # ------------------------------------------------------------------------------------------- the fit
@@ -92,12 +93,12 @@ def test_preview_frame_is_the_middle_of_the_first_chunk():
 # ------------------------------------------------------------------------------------ a real tiny run
 @pytest.fixture(scope="module")
 def run_steps():
-    dit, encoder = tiny.load_tiny_dit(), tiny.load_tiny_text_encoder()
-    states, mask = encoder.encode(tiny.TINY.example_prompt)
-    chunks = magi1.VideoLayout.plan(24, tiny.SIZE, tiny.SIZE).chunk_num
-    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, tiny.tiny_special_tokens())
+    dit, encoder = builtin.load_tiny_dit(), builtin.load_tiny_text_encoder()
+    states, mask = encoder.encode(builtin.TINY.example_prompt)
+    chunks = magi1.VideoLayout.plan(24, builtin.SIZE, builtin.SIZE).chunk_num
+    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, builtin.tiny_special_tokens())
     steps = []
-    magi1.generate(dit, caption, caption_mask, frames=24, height=tiny.SIZE, width=tiny.SIZE, steps=tiny.STEPS,
+    run_request.generate(dit, caption, caption_mask, frames=24, height=builtin.SIZE, width=builtin.SIZE, steps=builtin.STEPS,
                    seed=0, on_step=steps.append)
     return steps
 
@@ -144,7 +145,7 @@ def test_live_preview_sends_comfyuis_preview_tuple(live, vae, run_steps):
     previewer = live.LivePreview(vae)
     kind, image, size = previewer(run_steps[-1])
     assert (kind, size) == ("JPEG", 512) and isinstance(image, Image.Image)
-    assert image.size == (tiny.SIZE // 8, tiny.SIZE // 8) and image.mode == "RGB"
+    assert image.size == (builtin.SIZE // 8, builtin.SIZE // 8) and image.mode == "RGB"
     pack_preview = sys.modules[live.__name__.replace(".nodes.preview", ".magi1.video.preview")]  # the pack's own magi1.video.preview
     assert previewer.projection is pack_preview.projection_for(vae)  # fitted once, shared
 

@@ -7,7 +7,7 @@ import torch
 
 from magi1 import chunk_captions, parse_prompt_schedule, scheduled_captions
 
-from magi1 import builtin as tiny
+from magi1 import builtin
 
 
 def test_a_plain_prompt_is_one_prompt_for_every_chunk():
@@ -64,7 +64,7 @@ def random_prompt(seed, width=64, length=20):
 
 
 def test_one_prompt_schedule_is_chunk_captions_bit_for_bit():
-    tokens = tiny.TINY.special_tokens()
+    tokens = builtin.TINY.special_tokens()
     states, mask = random_prompt(0)
     one = scheduled_captions([(0, states, mask)], 5, tokens, length=64)
     expected = chunk_captions(states, mask, 5, tokens, length=64)
@@ -73,7 +73,7 @@ def test_one_prompt_schedule_is_chunk_captions_bit_for_bit():
 
 @pytest.mark.parametrize("starts", [(0, 2), (0, 1, 3), (0, 4)])
 def test_each_chunk_reads_its_own_prompt(starts):
-    tokens, chunks = tiny.TINY.special_tokens(), 5
+    tokens, chunks = builtin.TINY.special_tokens(), 5
     prompts = [(first, *random_prompt(seed)) for seed, first in enumerate(starts)]
     caption, mask = scheduled_captions(prompts, chunks, tokens, length=64)
     for k in range(chunks):
@@ -87,7 +87,7 @@ def test_each_chunk_reads_its_own_prompt(starts):
 
 def test_a_schedule_needs_chunk_zero():
     with pytest.raises(ValueError, match="chunk 0"):
-        scheduled_captions([(1, *random_prompt(0))], 3, tiny.TINY.special_tokens(), length=64)
+        scheduled_captions([(1, *random_prompt(0))], 3, builtin.TINY.special_tokens(), length=64)
 
 
 @pytest.mark.parametrize("starts, chunks", [([0, 2, 5], 9), ([0, 1], 1), ([0, 3, 40, 90], 12), ([0], 4)])

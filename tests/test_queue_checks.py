@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_stubs import pack_namespace
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.weights.loader import checkpoint_entries, checkpoint_files
 
 WIDGETS = ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
@@ -202,7 +202,7 @@ def test_the_loader_lists_the_index_and_still_takes_a_shard(pack, tmp_path, monk
 
 
 # --------------------------------------------------------------------------------- prompts the sampler reads
-def tiny_prompt(pack, model_name="tiny", prompt=tiny.TINY.example_prompt):
+def tiny_prompt(pack, model_name="tiny", prompt=builtin.TINY.example_prompt):
     return pack.MAGI1TinyTextEncode.execute(prompt=prompt, model=model_name).result[0]
 
 
@@ -259,9 +259,9 @@ def test_a_file_given_to_the_wrong_loader_is_named():
     import magi1
 
     with pytest.raises(ValueError, match=r"not a MAGI-1 DiT checkpoint: this file is a MAGI-1 VAE: load it as the VAE"):
-        magi1.load_dit(tiny.TINY.vae_file)
+        magi1.load_dit(builtin.TINY.vae_file)
     with pytest.raises(ValueError, match=r"not a MAGI-1 VAE checkpoint: this file is a MAGI-1 DiT: load it as the DiT"):
-        magi1.load_vae(tiny.TINY.dit_file)
+        magi1.load_vae(builtin.TINY.dit_file)
 
 
 def test_every_node_reads_all_its_inputs_so_comfyui_defers_to_these_checks(pack):

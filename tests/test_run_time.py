@@ -5,10 +5,12 @@ rate, and the rate is measured once per device and dtype."""
 import pytest
 import torch
 
-from magi1 import Guidance, ModelConfig, flops, generate
+from magi1 import Guidance, ModelConfig, flops
+from run_request import generate
 from magi1.planning import run_time
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
-from magi1.planning.run_time import estimate_run, format_clock, format_duration, matmul_throughput, run_flops
+from magi1.planning.run_time import format_clock, format_duration, matmul_throughput
+from run_request import estimate_run, run_flops
 from magi1.builtin import TINY
 
 PROMPT_TOKENS = 20

@@ -14,7 +14,9 @@ from cache_core import CachePolicy
 from cache_core import Decision
 from magi1 import KVCache, distill_dt, flops
 from magi1.sampling.caption_rows import CaptionRows
-from magi1.sampling.sampler import Guidance, SamplingInterrupted, VideoLayout, generate
+from magi1 import Guidance, VideoLayout
+from magi1.sampling.sampler import SamplingInterrupted
+from run_request import generate
 from magi1.sampling.schedule import CLEAN_T, step_intervals, time_grid, total_forward_steps, window_step
 from pipeline_fixtures import FIXTURES, load, relative_error, request
 
@@ -80,15 +82,15 @@ def plain_loop(model, caption, caption_mask, noise, *, steps, window_size, chunk
                 t = torch.cat([t, t[:, r:r + 1]], dim=1)
                 cap, mask = torch.cat([cap, cap[:, r:r + 1]], 1), torch.cat([mask, mask[:, r:r + 1]], 1)
                 kvr.append(((sp + m) * ct, (sp + m + 1) * ct))
-            out = model(X, t, cap, mask, kvr, slice_point=sp, distill_dt=dt_embed, cache=cache,
-                        cache_write_chunks=m)[0]
+            out = model(X, t, cap, mask, kvr, slice_point=sp, distill_dt=dt_embed, kv_cache=cache,
+                        kv_write_chunks=m)[0]
             v = [out[:, (r + j) * cw:(r + j + 1) * cw] for j in range(n)]
             if near_clean:
                 v[0] = v[0] * 0.7 + out[:, m * cw:] * (1 - 0.7)
         else:
-            cond = model(xc[None], t, *captions(True, noisy), kv, slice_point=sp, cache=cache)[0, :, r * cw:]
-            pre = model(xc[None], t, *captions(False, noisy), kv, slice_point=sp, unconditional=True, cache=cache,
-                        cache_write_chunks=m)[0, :, r * cw:]
+            cond = model(xc[None], t, *captions(True, noisy), kv, slice_point=sp, kv_cache=cache)[0, :, r * cw:]
+            pre = model(xc[None], t, *captions(False, noisy), kv, slice_point=sp, unconditional=True, kv_cache=cache,
+                        kv_write_chunks=m)[0, :, r * cw:]
             xu = torch.stack([xc[:, (r + j) * cw:(r + j + 1) * cw] for j in range(n)])
             caps = torch.stack([null] * n)[:, None]
             masks = torch.stack([null_mask] * n)[:, None]
@@ -172,8 +174,8 @@ class ForwardLog:
 
         def forward(x, t, *a, **kw):
             self.calls.append(dict(N=x.shape[0], t=t[0].tolist(), slice_point=kw["slice_point"],
-                                   active=kw.get("active"), cache=kw.get("cache"),
-                                   unconditional=kw.get("unconditional"), write=kw.get("cache_write_chunks")))
+                                   active=kw.get("active"), kv_cache=kw.get("kv_cache"),
+                                   unconditional=kw.get("unconditional"), write=kw.get("kv_write_chunks")))
             return original(x, t, *a, **kw)
 
         monkeypatch.setattr(model, "forward", forward)
@@ -238,10 +240,10 @@ def test_three_pass_streams_use_their_own_caches(runs, monkeypatch):
     for c in log.calls:  # re-encoded clean chunks are computed whole in every stream
         if c["t"][0] == pytest.approx(CLEAN_T) and c["active"] is not None:
             assert c["active"][0] is None
-    cond = {id(c["cache"]) for c in log.calls if c["unconditional"] is False}
-    cond_pre = {id(c["cache"]) for c in log.calls if c["unconditional"] and c["slice_point"] > 0}
-    uncond = {id(c["cache"]) for c in log.calls if c["unconditional"] and c["write"] == 1 and len(c["t"]) == 1
-              and c["slice_point"] == 0 and c["cache"] is not None and id(c["cache"]) not in cond_pre}
+    cond = {id(c["kv_cache"]) for c in log.calls if c["unconditional"] is False}
+    cond_pre = {id(c["kv_cache"]) for c in log.calls if c["unconditional"] and c["slice_point"] > 0}
+    uncond = {id(c["kv_cache"]) for c in log.calls if c["unconditional"] and c["write"] == 1 and len(c["t"]) == 1
+              and c["slice_point"] == 0 and c["kv_cache"] is not None and id(c["kv_cache"]) not in cond_pre}
     assert len(cond) == 1 and len(cond_pre) == 1 and cond != cond_pre
     assert len(uncond) == args["window_size"] and not uncond & (cond | cond_pre)
 
@@ -447,7 +449,7 @@ def test_stats_count_every_chunk_step(runs):
 @pytest.mark.parametrize("change, message", [
     (dict(steps=10), "steps must be a multiple of 4"),
     (dict(height=40), "height must be a multiple of 16; the nearest valid value is 48"),
-    (dict(frames=2), "frames must be at least 4"),
+    (dict(frames=0), "frames must be a positive integer"),
     (dict(caption=torch.zeros(3, 12, 24), caption_mask=torch.ones(3, 12)), "this video generates 4"),
     (dict(caption=torch.zeros(4, 12, 7), caption_mask=torch.ones(4, 12)), "caption must be (chunks, 12, 24)"),
     (dict(prefix=torch.zeros(16, 1, 3, 4)), "prefix must be latents [16, P, 4, 4]"),
@@ -469,7 +471,7 @@ def test_bad_guidance_is_refused_clearly():
 
 
 def test_the_cache_benchmark_runs_and_reports_every_policy(capsys):
-    from bench import sampler_cache
+    from bench.speed import sampler_cache
 
     assert sampler_cache.main(["--size", "fixture", "--height", "32", "--width", "32", "--frames", "24",
                                "--steps", "8", "--repeats", "1", "--taus", "0.1,1"]) == 0

@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from magi1.sampling.sampler import Guidance, generate
+from magi1 import Guidance
+from run_request import generate
 from pipeline_fixtures import CONFIGS, FIXTURES, load, relative_error, request
 
 TOLERANCE = 1e-4  # relative L2, float32

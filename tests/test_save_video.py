@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfy_stubs import pack_namespace
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.video.mp4 import write_mp4
 
 
@@ -19,7 +19,7 @@ def pack():
 
 @pytest.fixture(scope="module")
 def vae():
-    return tiny.load_tiny_vae()
+    return builtin.load_tiny_vae()
 
 
 def read_mp4(path):

@@ -1,9 +1,9 @@
-"""bench.sparse_efficiency: the fixed protocol's report, and a short run on the tiny model."""
+"""bench.speed.sparse_efficiency: the fixed protocol's report, and a short run on the tiny model."""
 
 from types import SimpleNamespace
 
-from bench import sparse_efficiency
-from magi1 import builtin as tiny
+from bench.speed import sparse_efficiency
+from magi1 import builtin
 
 
 def test_the_report_divides_each_rounds_speed_up_by_the_flop_ratio():
@@ -25,17 +25,17 @@ def test_a_short_run_on_the_tiny_model(tmp_path):
     out = tmp_path / "sparse.txt"
     assert sparse_efficiency.main(["--model", "tiny", "--rounds", "1", "--frames", "24", "--out", str(out)]) == 0
     text = out.read_text()
-    assert text.startswith("# python -m bench.sparse_efficiency --model tiny --fraction 0.5 --rounds 1")
+    assert text.startswith("# python -m bench.speed.sparse_efficiency --model tiny --fraction 0.5 --rounds 1")
     computed = float(text.split("tokens computed ")[1].split("%")[0])
     assert 50 < computed < 100  # half of every step after each chunk's first, which is dense
     assert "sparse efficiency (wall speed-up / FLOP ratio): median" in text
-    assert f"{tiny.TINY.size}x{tiny.TINY.size}" in text
+    assert f"{builtin.TINY.size}x{builtin.TINY.size}" in text
 
 
 def test_the_forced_fraction_keeps_fresh_velocities_exactly_on_its_chosen_tokens():
     import torch
 
-    from bench.forced_reuse import ForcedFraction
+    from bench.speed.forced_reuse import ForcedFraction
 
     torch.manual_seed(3)
     channels, frames, height, width, patch = 4, 3, 6, 10, (2, 2)

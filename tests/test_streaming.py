@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import magi1
+import run_request
 from cache_core import CachePolicy
 from magi1 import KVCache
 from magi1.weights.streaming import stream_layers, streamed_device_bytes
@@ -41,9 +42,9 @@ def calls(dit, device="cpu"):
     with torch.no_grad():
         cache = KVCache.for_model(dit, CHUNKS * CT)
         args = inputs(device=device)
-        dense = dit(**args, cache=cache, cache_write_chunks=CHUNKS)
+        dense = dit(**args, kv_cache=cache, kv_write_chunks=CHUNKS)
         active = [torch.arange(0, CT, 3, device=device), None]
-        sparse = dit(**args, cache=cache, cache_write_chunks=CHUNKS, active=active)
+        sparse = dit(**args, kv_cache=cache, kv_write_chunks=CHUNKS, active=active)
         pair = {k: torch.cat([v, v.flip(0) + 0.1]) if k in ("x", "caption") else v for k, v in args.items()}
         pair["t"], pair["caption_mask"] = args["t"].repeat(2, 1), args["caption_mask"].repeat(2, 1, 1)
         batch = dit(**pair, unconditional=True)
@@ -164,7 +165,7 @@ def test_streamed_generation_equals_resident(config, resident):
         dit.distill = description["engine_config"]["distill"]
         streamer = stream_layers(dit, "cpu", resident) if streamed else None
         policy = CachePolicy(mode="motion_detail", tau=0.05, warmup_steps=1, chunk_wise_steps=2, final_full_steps=1)
-        return magi1.generate(dit, **args, policy=policy), streamer
+        return run_request.generate(dit, **args, policy=policy), streamer
 
     (plain, _), (streamed, streamer) = run(False), run(True)
     assert torch.equal(streamed.latent, plain.latent)

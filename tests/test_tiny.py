@@ -11,15 +11,16 @@ import pytest
 import torch
 
 import magi1
+import run_request
 import cache_core
 from cache_core import CachePolicy
-from magi1 import builtin as tiny
+from magi1 import builtin
 from train import scenes
 from train import tiny as trainer
 from train.scenes import grammar_vocabulary
 
 ROOT = Path(__file__).resolve().parents[1]
-FILES = (tiny.DIT_FILE, tiny.VAE_FILE, tiny.TEXT_ENCODER_FILE, tiny.SPECIAL_TOKENS_FILE)
+FILES = (builtin.DIT_FILE, builtin.VAE_FILE, builtin.TEXT_ENCODER_FILE, builtin.SPECIAL_TOKENS_FILE)
 
 
 def test_shipped_files_are_small_safetensors_and_npz():
@@ -28,16 +29,16 @@ def test_shipped_files_are_small_safetensors_and_npz():
 
 
 def test_loads_with_the_official_loaders():
-    dit = tiny.load_tiny_dit()
+    dit = builtin.load_tiny_dit()
     assert dit.distill and dit.config == trainer.DIT_CONFIG
-    assert magi1.load_dit(tiny.DIT_FILE).distill  # the checkpoint says so itself
-    vae = tiny.load_tiny_vae()
+    assert magi1.load_dit(builtin.DIT_FILE).distill  # the checkpoint says so itself
+    vae = builtin.load_tiny_vae()
     assert vae.config == trainer.VAE_CONFIG and (vae.spatial_factor, vae.temporal_factor) == (8, 4)
-    tokens = tiny.tiny_special_tokens()
+    tokens = builtin.tiny_special_tokens()
     assert tokens.hq.shape == (dit.config.caption_channels,)
 
 
-@pytest.mark.parametrize("model", [tiny.TINY, tiny.BENCH], ids=lambda m: m.name)
+@pytest.mark.parametrize("model", [builtin.TINY, builtin.BENCHMARK_MODEL], ids=lambda m: m.name)
 def test_built_in_models_are_named_as_the_loaders_list_them(model, tmp_path):
     """Loaded by their own method, by file through magi1.load_dit (as MAGI-1 DiT Loader does, distill chosen
     or not) or through a link, a built-in model reports its title, not "custom_distill (as chosen)"."""
@@ -51,8 +52,8 @@ def test_built_in_models_are_named_as_the_loaders_list_them(model, tmp_path):
         assert model_description(dit) == f"{model.title}, distilled"
     as_base = magi1.load_dit(model.dit_file, distill=False)
     assert not as_base.distill and model_description(as_base) == f"{model.title}, run as a base model (as chosen)"
-    assert tiny.builtin_at(model.dit_file) is model and tiny.builtin_at(link) is model
-    assert tiny.builtin_at(model.text_encoder_file) is None and tiny.builtin_at(tmp_path / "absent") is None
+    assert builtin.builtin_at(model.dit_file) is model and builtin.builtin_at(link) is model
+    assert builtin.builtin_at(model.text_encoder_file) is None and builtin.builtin_at(tmp_path / "absent") is None
 
 
 def test_a_copy_of_a_built_in_file_is_a_checkpoint_like_any_other(tmp_path):
@@ -60,16 +61,16 @@ def test_a_copy_of_a_built_in_file_is_a_checkpoint_like_any_other(tmp_path):
     from magi1.weights.loader import model_description
 
     copy = tmp_path / "my_model.safetensors"
-    copy.write_bytes(Path(tiny.DIT_FILE).read_bytes())
+    copy.write_bytes(Path(builtin.DIT_FILE).read_bytes())
     dit = magi1.load_dit(copy)
     assert dit.builtin is None and dit.variant == "custom_distill"
     assert model_description(dit) == "custom_distill (its metadata says magi1_distill)"
     assert model_description(magi1.load_dit(copy, distill=True)) == "custom_distill (as chosen)"
-    assert tiny.builtin_at(copy) is None
+    assert builtin.builtin_at(copy) is None
 
 
 def test_text_encoder_reads_the_caption_grammar():
-    encoder = tiny.load_tiny_text_encoder()
+    encoder = builtin.load_tiny_text_encoder()
     ids, mask = encoder.tokenize("A red ball, moving LEFT over a checkerboard!")
     words = [encoder.config.vocabulary[i] for i in ids[mask]]
     assert words == ["a", "red", "ball", "moving", "left", "over", "a", "checkerboard", "<end>"]
@@ -83,7 +84,7 @@ def test_text_encoder_reads_the_caption_grammar():
 
 def test_scene_captions_use_only_known_words_and_render_deterministically():
     # the shipped encoder reads the vocabulary the trainer builds from the grammar
-    assert tiny.load_tiny_text_encoder().config.vocabulary == tuple(grammar_vocabulary())
+    assert builtin.load_tiny_text_encoder().config.vocabulary == tuple(grammar_vocabulary())
     vocabulary = set(grammar_vocabulary())
     videos, captions = scenes.scene_batch(5, 24, 8, 32)
     assert videos.shape == (24, 3, 8, 32, 32) and videos.min() >= -1 and videos.max() <= 1
@@ -99,19 +100,19 @@ def test_scene_captions_use_only_known_words_and_render_deterministically():
     assert centre[-1] > centre[0] + 5  # it moves right
 
 
-def generate(prompt, policy=None, frames=24, steps=tiny.STEPS):
-    dit, encoder = tiny.load_tiny_dit(), tiny.load_tiny_text_encoder()
+def generate(prompt, policy=None, frames=24, steps=builtin.STEPS):
+    dit, encoder = builtin.load_tiny_dit(), builtin.load_tiny_text_encoder()
     states, mask = encoder.encode(prompt)
-    chunks = magi1.VideoLayout.plan(frames, tiny.SIZE, tiny.SIZE).chunk_num
-    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, tiny.tiny_special_tokens())
-    return magi1.generate(dit, caption, caption_mask, frames=frames, height=tiny.SIZE, width=tiny.SIZE, steps=steps,
+    chunks = magi1.VideoLayout.plan(frames, builtin.SIZE, builtin.SIZE).chunk_num
+    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, builtin.tiny_special_tokens())
+    return run_request.generate(dit, caption, caption_mask, frames=frames, height=builtin.SIZE, width=builtin.SIZE, steps=steps,
                           seed=0, policy=policy)
 
 
 def test_generates_and_decodes_a_video_end_to_end():
     result = generate("a yellow square bouncing over a striped wall", frames=48)
     assert result.latent.shape == (16, 12, 8, 8) and torch.isfinite(result.latent).all()
-    video = tiny.load_tiny_vae().decode(result.latent)
+    video = builtin.load_tiny_vae().decode(result.latent)
     assert video.shape == (3, 48, 64, 64) and torch.isfinite(video).all()
     cached = generate("a yellow square bouncing over a striped wall", CachePolicy(tau=0.1, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
                                                                              max_reuse=4),
@@ -175,11 +176,11 @@ def test_demo_writes_an_mp4_and_prints_the_cache_report(tmp_path, capsys):
     with av.open(str(out)) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(stream))
-        assert (frames, stream.width, stream.height) == (24, tiny.SIZE, tiny.SIZE)
+        assert (frames, stream.width, stream.height) == (24, builtin.SIZE, builtin.SIZE)
 
 
 def test_policy_benchmark_quick_run_writes_table_and_plot(tmp_path, capsys):
-    from bench import policies
+    from bench.quality import policies
 
     rows = policies.main(["--quick", "--frames", "24", "--steps", "8", "--out", str(tmp_path)])
     families = {r.family for r in rows}
@@ -200,7 +201,7 @@ def test_policy_benchmark_quick_run_writes_table_and_plot(tmp_path, capsys):
 
 
 def test_preset_suggestion_rule():
-    from bench.policies import Row, suggest_presets
+    from bench.quality.policies import Row, suggest_presets
 
     def row(family, tau, ratio, psnr, speedup):
         return Row(family, tau, None, computed=1 / ratio, flop_ratio=ratio, speedup=speedup, psnr=psnr)
@@ -218,7 +219,7 @@ def test_preset_suggestion_rule():
 
 
 def test_calibration_sweep_runs_the_default_policy_over_the_fine_grid(tmp_path):
-    from bench import policies
+    from bench.quality import policies
 
     rows = policies.main(["--calibrate", "--quick", "--frames", "24", "--steps", "8", "--out", str(tmp_path)])
     assert [r.tau for r in rows[1:]] == list(policies.CALIBRATION_TAUS)
@@ -229,9 +230,9 @@ def test_calibration_sweep_runs_the_default_policy_over_the_fine_grid(tmp_path):
 
 def test_presets_are_the_committed_calibration():
     """The presets are what bench/results/calibration_bench.md (the benchmark model's calibration set, python -m
-    bench.policies --model bench --prompts bench/setups/calibration.json --calibrate) suggests, for the
+    bench.quality.policies --model bench --prompts bench/setups/calibration.json --calibrate) suggests, for the
     policy that run swept; the bench spec of that policy is the presets' policy at every τ."""
-    from bench import policies
+    from bench.quality import policies
 
     text = (ROOT / "bench" / "results" / "calibration_bench.md").read_text()
     suggested = {name: float(tau) for name, tau in re.findall(r"^- (slow|fast): τ ([0-9.]+) ", text, re.M)}

@@ -3,7 +3,6 @@ worker gives the in-process latent bit for bit, two give it within 1e-5; an inte
 leaves no worker process behind; the node puts its option on a clone, and the sampler with it gives the
 latent of the normal path."""
 
-import dataclasses
 import os
 import signal
 import stat
@@ -17,13 +16,14 @@ import torch
 
 from cache_core import CachePolicy
 from comfy_stubs import pack_namespace
-from magi1 import chunk_captions, generate
-from magi1 import builtin as tiny
+from magi1 import VideoRequest, chunk_captions
+from run_request import generate
+from magi1 import builtin
 from magi1.distributed.workers import read_progress, read_result, run_workers, worker_environment, write_job
 from pipeline_fixtures import relative_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = tiny.TINY
+MODEL = builtin.TINY
 REQUEST = dict(frames=24, height=64, width=64, steps=8, seed=3)
 SOURCE = dict(builtin="tiny", path=None, dtype="float32", weights="auto", distill=True, attention="auto")
 
@@ -88,9 +88,10 @@ def reference(captions):
 
 def tiny_job(job_dir, captions, source=SOURCE, split_weights=True, **changes):
     _, caption, caption_mask = captions
-    job = dict(model=source, generate=dict(REQUEST, guidance=None, kv_offload=False, record_masks=False, **changes),
-               cfg_parallel=1, split_weights=split_weights, policy=dataclasses.asdict(CachePolicy.slow()))
-    write_job(str(job_dir), job, {"caption": caption, "caption_mask": caption_mask})
+    request = VideoRequest(**{**REQUEST, **changes}, caption=caption, caption_mask=caption_mask,
+                           policy=CachePolicy.slow())
+    job = dict(model=source, request=request.to_dict(), cfg_parallel=1, split_weights=split_weights)
+    write_job(str(job_dir), job, request.tensors())
     return str(job_dir)
 
 

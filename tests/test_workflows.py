@@ -13,7 +13,7 @@ import pytest
 
 from cache_core import CachePolicy
 from comfy_stubs import WIDGET_KINDS, pack_nodes
-from magi1 import builtin as tiny
+from magi1 import builtin
 
 ROOT = Path(__file__).resolve().parents[1]
 UI_FILES = sorted((ROOT / "workflows").glob("*.json"))
@@ -129,8 +129,8 @@ def test_our_widget_values_are_valid(path, schemas):
         for inp in widget_inputs(schema):
             value, where = node["inputs"][inp.id], f"{path.stem}: {schema.node_id}.{inp.id}"
             if inp.id in ("checkpoint", "vae_name"):  # file lists: a built-in model or a safetensors file
-                builtin = ("MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)")
-                assert value in builtin or value.endswith((".safetensors", ".index.json")), where
+                builtin_choices = ("MAGI-1 tiny demo (built-in)", "MAGI-1 benchmark model (built-in, 128x128)")
+                assert value in builtin_choices or value.endswith((".safetensors", ".index.json")), where
             elif "options" in inp.options:
                 assert value in inp.options["options"], where
             elif "min" in inp.options:
@@ -209,7 +209,7 @@ def test_demo_runs_the_builtin_tiny_model():
     assert "MAGI1TinyTextEncode" in kinds and "CLIPLoader" not in kinds
     assert kinds["MAGI1MotionDetailCache"]["mode"] == CachePolicy.slow().mode  # the node default: hybrid
     assert {"SaveVideo", "CreateVideo"} <= set(kinds)
-    assert kinds["MAGI1Sampler"]["steps"] == tiny.STEPS and kinds["MAGI1Sampler"]["width"] == tiny.SIZE
+    assert kinds["MAGI1Sampler"]["steps"] == builtin.STEPS and kinds["MAGI1Sampler"]["width"] == builtin.SIZE
 
 
 def test_bench_demo_runs_the_builtin_benchmark_model():
@@ -218,9 +218,9 @@ def test_bench_demo_runs_the_builtin_benchmark_model():
     choice = "MAGI-1 benchmark model (built-in, 128x128)"
     assert kinds["MAGI1DiTLoader"]["checkpoint"] == kinds["MAGI1VAELoader"]["vae_name"] == choice
     assert kinds["MAGI1TinyTextEncode"]["model"] == "bench" and "CLIPLoader" not in kinds
-    assert kinds["MAGI1Sampler"]["width"] == kinds["MAGI1Sampler"]["height"] == tiny.BENCH.size
-    assert kinds["MAGI1Sampler"]["steps"] == tiny.BENCH.steps
-    words = set(tiny.BENCH.load_text_encoder().config.vocabulary)
+    assert kinds["MAGI1Sampler"]["width"] == kinds["MAGI1Sampler"]["height"] == builtin.BENCHMARK_MODEL.size
+    assert kinds["MAGI1Sampler"]["steps"] == builtin.BENCHMARK_MODEL.steps
+    words = set(builtin.BENCHMARK_MODEL.load_text_encoder().config.vocabulary)
     assert set(kinds["MAGI1TinyTextEncode"]["prompt"].replace(",", " ").split()) <= words  # no unknown word
 
 

@@ -5,7 +5,7 @@ A large detailed background (bricks, tiles, a checkerboard, stripes, grass, a cl
 frame, seen by a static camera or one that pans. One to three small objects (each under ~10% of the
 frame) move at their own speeds: steadily, or stopping, or starting late, or entering from outside the
 frame; a fast object may leave it. Each object has its own colour, so that it can be found in a video
-by its colour (``bench/continuity.py``). Videos are ``[3, frames, size, size]`` in [-1, 1], rendered
+by its colour (``bench/quality/continuity.py``). Videos are ``[3, frames, size, size]`` in [-1, 1], rendered
 from a seed; the caption names every object, its motion and speed, the background and the camera.
 """
 

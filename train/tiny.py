@@ -60,7 +60,7 @@ DISTILL_DTS = (4.0, 8.0)  # distill_dt of 8 and 16 steps (and of the 12-step sho
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """What one model's training is made of; the loops below are shared (``train/bench.py`` has another)."""
+    """What one model's training is made of; the loops below are shared (``train/benchmark_model.py`` has another)."""
 
     size: int  # frame height and width in pixels
     dit_config: ModelConfig

@@ -76,7 +76,7 @@ VAE = {"name": "magi1_vae.safetensors", "directory": "vae",
        "url": "https://huggingface.co/sand-ai/MAGI-1/resolve/main/ckpt/vae/diffusion_pytorch_model.safetensors"}
 DIT_4_5B_DISTILL = "4.5B_distill/inference_weight.distill/model.safetensors.index.json"
 TINY = "MAGI-1 tiny demo (built-in)"
-BENCH = "MAGI-1 benchmark model (built-in, 128x128)"
+BENCHMARK_MODEL = "MAGI-1 benchmark model (built-in, 128x128)"
 MODEL_FILES_NOTE = (
     "### Model files\n\n"
     "- **DiT**: the folder `ckpt/magi/4.5B_distill` of [sand-ai/MAGI-1](https://huggingface.co/sand-ai/MAGI-1) "
@@ -223,8 +223,8 @@ def tiny_demo():
 def bench_demo():
     """The tiny demo's graph (same node ids) on the built-in benchmark model: 128x128 detailed scenes."""
     nodes = {node.id: node for node in tiny_demo()}
-    nodes[1].widgets.update(checkpoint=BENCH)
-    nodes[5].widgets.update(vae_name=BENCH)
+    nodes[1].widgets.update(checkpoint=BENCHMARK_MODEL)
+    nodes[5].widgets.update(vae_name=BENCHMARK_MODEL)
     nodes[4].widgets.update(prompt="a red ball moving right slowly and a blue square standing still over a brick "
                                    "wall, the camera pans left", model="bench")
     nodes[6].widgets.update(width=128, height=128)
@@ -235,7 +235,7 @@ def bench_demo():
         "detailed background, static camera or pan) with MotionDetailCache. Objects move *slowly* or "
         "*quickly*, *then stopping*, *standing still then moving*, or *entering from* a side; backgrounds: "
         "brick wall, tiled floor, checkerboard, striped wall, grassy field, cloudy sky.\n\nIt is the "
-        "cache benchmark's model (`python -m bench.policies --model bench`)."))
+        "cache benchmark's model (`python -m bench.quality.policies --model bench`)."))
     return list(nodes.values())
 
 

@@ -4,7 +4,7 @@ They run on any CPU and need no download:
 
 - ``TINY`` (``weights/``): 64x64 videos, a sprite over a plain background; seconds on a CPU. For trying the
   pack and for the tests.
-- ``BENCH`` (``bench_weights/``, the tiny model's VAE): 128x128 videos (64 tokens a frame) of one to three
+- ``BENCHMARK_MODEL`` (``benchmark_model/``, the tiny model's VAE): 128x128 videos (64 tokens a frame) of one to three
   small objects over detailed backgrounds, with camera pans; chunks that continue each other. The cache
   benchmark's model: it has static regions for token-level reuse to skip, as real videos do.
 
@@ -66,10 +66,10 @@ VAE_FILE = os.path.join(WEIGHTS, "vae.safetensors")
 # Trained on 64x64 videos with 8 to 16 distilled steps; the demo, the workflow and the presets use 16.
 TINY = BuiltinModel("tiny", WEIGHTS, VAE_FILE, size=64, steps=16,
                     example_prompt="a red ball moving right over a checkerboard", title="MAGI-1 tiny demo (built-in)")
-BENCH = BuiltinModel("bench", os.path.join(HERE, "bench_weights"), VAE_FILE, size=128, steps=16,
+BENCHMARK_MODEL = BuiltinModel("bench", os.path.join(HERE, "benchmark_model"), VAE_FILE, size=128, steps=16,
                      example_prompt="a red ball moving right slowly and a blue square standing still over a brick wall",
                      title="MAGI-1 benchmark model (built-in, 128x128)")
-MODELS = {model.name: model for model in (TINY, BENCH)}
+MODELS = {model.name: model for model in (TINY, BENCHMARK_MODEL)}
 
 
 def builtin_at(path):
@@ -88,6 +88,6 @@ SIZE, STEPS = TINY.size, TINY.steps
 load_tiny_dit, load_tiny_vae = TINY.load_dit, TINY.load_vae
 load_tiny_text_encoder, tiny_special_tokens = TINY.load_text_encoder, TINY.special_tokens
 
-__all__ = ["BENCH", "DIT_FILE", "MODELS", "SIZE", "SPECIAL_TOKENS_FILE", "STEPS", "TEXT_ENCODER_FILE", "TINY",
+__all__ = ["BENCHMARK_MODEL", "DIT_FILE", "MODELS", "SIZE", "SPECIAL_TOKENS_FILE", "STEPS", "TEXT_ENCODER_FILE", "TINY",
            "VAE_FILE", "WEIGHTS", "BuiltinModel", "builtin_at", "load_tiny_dit", "load_tiny_text_encoder",
            "load_tiny_vae", "tiny_special_tokens"]

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 PACK_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the folder holding magi1/
 JOB_FILE, INPUTS_FILE = "job.json", "inputs.safetensors"
 RESULT_FILE, PROGRESS_FILE = "result.safetensors", "progress.json"
-JOB_FORMAT = 1
-INPUT_NAMES = ("caption", "caption_mask", "negative_caption", "negative_mask", "prefix")
+JOB_FORMAT = 2  # 2: the request in VideoRequest's own format (1: generate's keywords and the policy's fields)
+INPUT_NAMES = ("caption", "caption_mask", "negative_caption", "negative_mask", "prefix")  # VideoRequest's tensors
 STOP_GRACE_S = 5.0  # how long a terminated worker may take to exit before it is killed
 LOG_TAIL_CHARS = 3000
 PARENT_ENV = "MAGI1_WORKERS_PARENT"  # the pid of the process that started the workers: they end without it
@@ -39,8 +39,8 @@ def log_path(job_dir, rank):
 
 def write_job(job_dir, job, inputs):
     """Write a job: ``job`` as ``job.json`` and the tensors of ``inputs`` (``INPUT_NAMES``; None ones are left
-    out) as ``inputs.safetensors``. ``job``: ``{"model": {...}, "generate": {...}, "cfg_parallel": int,
-    "policy": dataclasses.asdict(policy) or None}`` (the fields are read by ``programs.worker``)."""
+    out) as ``inputs.safetensors``. ``job``: ``{"model": {...}, "request": VideoRequest.to_dict(), "cfg_parallel":
+    int, "split_weights": bool}`` (read by ``programs.worker``; the request's own format has its own version)."""
     unknown = set(inputs) - set(INPUT_NAMES)
     if unknown:
         raise ValueError(f"unknown job inputs {sorted(unknown)}; expected some of {INPUT_NAMES}")
@@ -55,7 +55,8 @@ def read_job(job_dir):
     with open(os.path.join(job_dir, JOB_FILE)) as f:
         job = json.load(f)
     if job.get("format") != JOB_FORMAT:
-        raise ValueError(f"{JOB_FILE} has format {job.get('format')!r}; this worker reads format {JOB_FORMAT}")
+        raise ValueError(f"{JOB_FILE} has format {job.get('format')!r}; this worker reads format {JOB_FORMAT}: the job "
+                         "was written by another version of the pack; restart ComfyUI after updating it")
     return job, load_file(os.path.join(job_dir, INPUTS_FILE))
 
 

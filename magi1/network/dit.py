@@ -494,7 +494,7 @@ class MagiDiT(nn.Module):
         return self.x_embedder(x)
 
     def forward(self, x, t, caption, caption_mask, kv_range, *, slice_point=0, unconditional=False,
-                distill_dt=None, cache=None, cache_write_chunks=0, active=None, stop=None):
+                distill_dt=None, kv_cache=None, kv_write_chunks=0, active=None, stop=None):
         """Velocities of a window of chunks.
 
         Args:
@@ -510,13 +510,13 @@ class MagiDiT(nn.Module):
             slice_point: chunks of the video before the window (absolute positions start there).
             unconditional: adaLN reads the learned unconditional token instead of the conditional one.
             distill_dt: for distilled checkpoints, the step-size value (``magi1.network.dit.distill_dt``).
-            cache: a ``KVCache`` holding the keys/values before the window (required when a range
+            kv_cache: a ``KVCache`` holding the keys/values before the window (required when a range
                 reaches before the window, or for a sparse call).
-            cache_write_chunks: how many leading window chunks have their fresh keys/values stored
-                in ``cache`` at their positions (0: the call reads the cache only).
+            kv_write_chunks: how many leading window chunks have their fresh keys/values stored
+                in ``kv_cache`` at their positions (0: the call reads the cache only).
             active: sparse forward. ``None`` computes every token; otherwise one entry per window
                 chunk: ``None`` (all tokens), or a 1-D index tensor of the chunk's tokens to compute
-                (empty: skip the chunk). Tokens not computed keep the keys/values stored in ``cache``
+                (empty: skip the chunk). Tokens not computed keep the keys/values stored in ``kv_cache``
                 (so those chunks must be among the written ones) and get a zero velocity.
             stop: a callable that interrupts by raising (e.g. ComfyUI's interrupt check), polled before
                 every layer and between blocks of ``QUERY_BLOCK`` queries (and of tokens, see
@@ -527,7 +527,7 @@ class MagiDiT(nn.Module):
         """
         n, _, frames, height, width = x.shape
         chunks = t.shape[1]
-        call = _Call(self, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active)
+        call = _Call(self, x, t, caption_mask, kv_range, slice_point, kv_cache, kv_write_chunks, active)
         call.stop = stop
         call.token_block = self.token_block
 
@@ -627,81 +627,94 @@ class _KeySpace:
         return torch.cat(parts_k, dim=1), torch.cat(parts_v, dim=1)
 
 
+def _checked_shapes(config, x, t, caption_mask):
+    """``(sequences, chunks)`` of a forward call's inputs, or an error naming the shape that does not fit."""
+    if x.dim() != 5 or t.dim() != 2 or t.shape[0] != x.shape[0]:
+        raise ValueError(f"x must be (N, C, T, H, W) and t (N, chunks); got {tuple(x.shape)} and {tuple(t.shape)}")
+    n, channels, frames, height, width = x.shape
+    chunks = t.shape[1]
+    if channels != config.latent_channels:
+        raise ValueError(f"x has {channels} channels; this model takes {config.latent_channels}")
+    p, pt = config.patch_size, config.t_patch_size
+    if frames % chunks or (frames // chunks) % pt or height % p or width % p:
+        raise ValueError(f"x of {frames} frames x {height} x {width} does not split into {chunks} chunks of "
+                         f"{pt}x{p}x{p} patches")
+    if tuple(caption_mask.shape[:2]) != (n, chunks):
+        raise ValueError(f"caption_mask must be (N, chunks, L) = ({n}, {chunks}, L), got {tuple(caption_mask.shape)}")
+    return n, chunks
+
+
 class _Call:
     """Everything one forward call shares across layers: token layout, key ranges, cache access."""
 
     token_block = None  # the model's token-block mode (see ``MagiDiT.set_token_block``), set by its forward
 
-    def __init__(self, model, x, t, caption_mask, kv_range, slice_point, cache, cache_write_chunks, active):
-        config = model.config
-        if x.dim() != 5 or t.dim() != 2 or t.shape[0] != x.shape[0]:
-            raise ValueError(f"x must be (N, C, T, H, W) and t (N, chunks); got {tuple(x.shape)} and {tuple(t.shape)}")
-        n, channels, frames, height, width = x.shape
-        chunks = t.shape[1]
-        if channels != config.latent_channels:
-            raise ValueError(f"x has {channels} channels; this model takes {config.latent_channels}")
-        p, pt = config.patch_size, config.t_patch_size
-        if frames % chunks or (frames // chunks) % pt or height % p or width % p:
-            raise ValueError(f"x of {frames} frames x {height} x {width} does not split into {chunks} chunks of "
-                             f"{pt}x{p}x{p} patches")
-        if tuple(caption_mask.shape[:2]) != (n, chunks):
-            raise ValueError(f"caption_mask must be (N, chunks, L) = ({n}, {chunks}, L), got {tuple(caption_mask.shape)}")
+    def __init__(self, model, x, t, caption_mask, kv_range, slice_point, kv_cache, kv_write_chunks, active):
+        n, chunks = _checked_shapes(model.config, x, t, caption_mask)
+        p, pt = model.config.patch_size, model.config.t_patch_size
         self.dtype = model.dtype
         self.cp = model.context_parallel
         self.backend = resolve_backend(model.attention_backend, x.device, self.dtype)
-        self.frames_per_chunk = frames // chunks
-        self.grid_h, self.grid_w = height // p, width // p
+        self.frames_per_chunk = x.shape[2] // chunks
+        self.grid_h, self.grid_w = x.shape[3] // p, x.shape[4] // p
         self.chunk_tokens = ct = self.frames_per_chunk // pt * self.grid_h * self.grid_w
         self.start = slice_point * ct  # absolute position of the window's first token
-        self.cache = cache
+        self.kv_cache = kv_cache
         self.stop = None  # polled between layers and between blocks of queries (see ``MagiDiT.forward``)
+        self.ranges = self._key_ranges(kv_range, chunks, kv_cache)
 
-        ranges = kv_range.tolist() if torch.is_tensor(kv_range) else [list(r) for r in kv_range]
-        if len(ranges) != chunks or any(len(r) != 2 for r in ranges):
-            raise ValueError(f"kv_range must hold one [start, end) per window chunk ({chunks}), got {ranges}")
-        self.ranges = [(int(a), int(b)) for a, b in ranges]
-        window_end = self.start + chunks * ct
-        lowest = 0 if cache is not None else self.start
-        for j, (a, b) in enumerate(self.ranges):
-            if not lowest <= a < b <= window_end:
-                raise ValueError(f"kv_range[{j}] = [{a}, {b}) must lie in [{lowest}, {window_end})"
-                                 + ("" if cache is not None else " (keys before the window need a cache)"))
-
-        # Which tokens to compute.
-        written = int(cache_write_chunks)
-        if not 0 <= written <= chunks or (written and cache is None):
-            raise ValueError(f"cache_write_chunks must be in [0, {chunks}] and needs a cache, got {written}")
-        if cache is not None and n != 1:
+        written = int(kv_write_chunks)
+        if not 0 <= written <= chunks or (written and kv_cache is None):
+            raise ValueError(f"kv_write_chunks must be in [0, {chunks}] and needs a KV cache, got {written}")
+        if kv_cache is not None and n != 1:
             raise ValueError(f"a cached call takes one sequence, got N={n}")
         self.written = written
         self.query_lengths = [ct] * (n * chunks)  # per (sequence, chunk): its computed queries
         self.selected = None
         if active is not None:
-            if n != 1:
-                raise ValueError(f"a sparse call (active) takes one sequence, got N={n}")
-            if len(active) != chunks:
-                raise ValueError(f"active must hold one entry per window chunk ({chunks}), got {len(active)}")
-            indices, counts = [], []
-            for j, idx in enumerate(active):
-                if idx is None:
-                    idx = torch.arange(ct, device=x.device)
-                elif j >= written:
-                    raise ValueError(f"window chunk {j} is sparse but its keys/values are not in the cache: "
-                                     f"sparse chunks must be among the first cache_write_chunks ({written})")
-                indices.append(idx.to(device=x.device, dtype=torch.long) + j * ct)
-                counts.append(int(idx.numel()))
-            self.selected = torch.cat(indices)
-            self.query_lengths = counts
+            self.selected, self.query_lengths = self._selected_tokens(active, n, chunks, written, x.device)
         self.first = min([a for a, _ in self.ranges] + [self.start])
         self.boundary = self.start + written * ct
-        if cache is not None:  # the rows this call reads and writes (the cache slides past older ones)
-            cache.reserve(self.first, self.boundary)
+        if kv_cache is not None:  # the rows this call reads and writes (the cache slides past older ones)
+            kv_cache.reserve(self.first, self.boundary)
         self.written_tokens = sum(self.query_lengths[:written])
         if self.selected is not None and written:
             self.written_rows = self.selected[: self.written_tokens]  # relative to the window start
         else:
             self.written_rows = None
         self.local_lengths = self.query_lengths  # the queries of this process (context parallel: its share)
+
+    def _key_ranges(self, kv_range, chunks, kv_cache):
+        """The checked ``[start, end)`` key range of each window chunk: in the window, or before it with a KV cache."""
+        ranges = kv_range.tolist() if torch.is_tensor(kv_range) else [list(r) for r in kv_range]
+        if len(ranges) != chunks or any(len(r) != 2 for r in ranges):
+            raise ValueError(f"kv_range must hold one [start, end) per window chunk ({chunks}), got {ranges}")
+        ranges = [(int(a), int(b)) for a, b in ranges]
+        window_end = self.start + chunks * self.chunk_tokens
+        lowest = 0 if kv_cache is not None else self.start
+        for j, (a, b) in enumerate(ranges):
+            if not lowest <= a < b <= window_end:
+                raise ValueError(f"kv_range[{j}] = [{a}, {b}) must lie in [{lowest}, {window_end})"
+                                 + ("" if kv_cache is not None else " (keys before the window need a KV cache)"))
+        return ranges
+
+    def _selected_tokens(self, active, n, chunks, written, device):
+        """A sparse call's computed tokens (indices into the window's tokens) and their count per chunk."""
+        ct = self.chunk_tokens
+        if n != 1:
+            raise ValueError(f"a sparse call (active) takes one sequence, got N={n}")
+        if len(active) != chunks:
+            raise ValueError(f"active must hold one entry per window chunk ({chunks}), got {len(active)}")
+        indices, counts = [], []
+        for j, idx in enumerate(active):
+            if idx is None:
+                idx = torch.arange(ct, device=device)
+            elif j >= written:
+                raise ValueError(f"window chunk {j} is sparse but its keys/values are not in the KV cache: "
+                                 f"sparse chunks must be among the first kv_write_chunks ({written})")
+            indices.append(idx.to(device=device, dtype=torch.long) + j * ct)
+            counts.append(int(idx.numel()))
+        return torch.cat(indices), counts
 
     def share_tokens(self, total):
         """Context parallel: this rank's tokens ``[first, end)`` of each sequence's ``total``, and the
@@ -792,10 +805,10 @@ class _Call:
             out[:, first:last] = attend(q[:, first:last], keys, values, self.backend)
 
     def _key_space(self, k, v, layer):
-        if self.cache is None:
+        if self.kv_cache is None:
             return _KeySpace(self.first, self.boundary, None, (k, v))
         k0, v0 = k[0], v[0]
-        cached_k, cached_v = self.cache.read(layer, self.first, self.boundary)
+        cached_k, cached_v = self.kv_cache.read(layer, self.first, self.boundary)
         if self.written:
             window = self.start - self.first
             fresh_k, fresh_v = k0[: self.written_tokens], v0[: self.written_tokens]
@@ -805,7 +818,7 @@ class _Call:
             else:
                 cached_k[window:].index_copy_(0, self.written_rows, fresh_k)
                 cached_v[window:].index_copy_(0, self.written_rows, fresh_v)
-            if self.cache.offload:
-                self.cache.write(layer, self.start, cached_k[window:], cached_v[window:])
+            if self.kv_cache.offload:
+                self.kv_cache.write(layer, self.start, cached_k[window:], cached_v[window:])
         tail = (k[:, self.written_tokens:], v[:, self.written_tokens:])
         return _KeySpace(self.first, self.boundary, (cached_k, cached_v), tail)

@@ -1,7 +1,7 @@
 """GPU memory of a MAGI-1 generation, predicted before anything is allocated.
 
-``memory_plan(config, frames, height, width, ...)`` counts, analytically from the ``ModelConfig`` and the
-request, what a ``magi1.generate`` run followed by a tiled VAE decode puts on the GPU (on the CPU: in
+``memory_plan(config, request, ...)`` counts, analytically from the ``ModelConfig`` and the
+``VideoRequest``, what a ``magi1.generate`` run followed by a tiled VAE decode puts on the GPU (on the CPU: in
 memory, the same numbers; ``device`` words ``MemoryPlan.lines`` by where the run is): the DiT weights
 (by dtype, with fp8 and block-swap streaming), the KV caches each guidance stream keeps
 (``magi1.sampling.guidance``), the cache policy's per-chunk state (``cache_core``), the activation peak of one
@@ -18,19 +18,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 from ..checks import check_choice, check_int
 from ..network.config import ModelConfig
 from ..sampling.layout import TEMPORAL_DOWNSAMPLE, VideoLayout
+from ..sampling.request import VideoRequest
 from ..sampling.schedule import (NOISE2CLEAN_KVRANGE, call_rows, kv_span, prefix_pieces, total_forward_steps,
                                  window_step)
 from ..video.vae import SEAMLESS, VAEConfig, VAETiling
 
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3fn", "fp8_e4m3fn_scaled", "fp8_official")
-CACHE_MODES = ("off", "chunk", "token")
+REUSE_KINDS = ("off", "chunk", "token")  # what a policy keeps: VideoRequest.reuse
 FP8 = "float8_e4m3fn"
 # The weight matrices of a transformer layer that the fp8 kinds store in float8_e4m3fn.
 FP8_LINEARS = ("self_attention.linear_qkv.q", "self_attention.linear_qkv.qx", "self_attention.linear_qkv.k",
@@ -156,14 +157,14 @@ def streamed_weight_bytes(config, weight_dtype="bfloat16", compute_dtype=torch.b
 
 
 # ------------------------------------------------------------------------------------------- KV caches
-def kv_cache_bytes(config, layout, *, passes, cache="off", window_size=4, compute_dtype=torch.bfloat16):
+def kv_cache_bytes(config, layout, *, passes, reuse="off", window_size=4, compute_dtype=torch.bfloat16):
     """``{stream: bytes}`` of the KV caches ``generate`` allocates (``magi1.sampling.guidance``), each as wide as the
     widest call of the schedule (``magi1.sampling.schedule.kv_span``: 5 chunks once the video is longer than the
     window, whatever its length): 1 pass keeps ``main`` (one chunk more when reusing, for the nearly-clean
     copy); 3 passes keep ``cond_pre``, ``cond`` (the same, when reusing) and ``uncond`` (``window_size``
     caches of one chunk, when single tokens are reused). A row is keys and values of every layer."""
     row = 2 * config.num_layers * config.num_query_groups * config.kv_channels * _size(compute_dtype)
-    ct, reusing = layout.tokens_per_chunk, cache != "off"
+    ct, reusing = layout.tokens_per_chunk, reuse != "off"
     steps = math.lcm(window_size, len(NOISE2CLEAN_KVRANGE))  # the chunk pattern does not depend on steps
 
     def span(extra_blocks=0):
@@ -174,7 +175,7 @@ def kv_cache_bytes(config, layout, *, passes, cache="off", window_size=4, comput
     caches = {"cond_pre": span()}
     if reusing:
         caches["cond"] = span()
-    if cache == "token":
+    if reuse == "token":
         caches["uncond"] = window_size * ct * row
     return caches
 
@@ -189,11 +190,11 @@ class WindowCalls:
     gathers: bool  # some call's key range spans cache rows and fresh window rows (a concatenated copy)
 
 
-def window_calls(layout, *, passes, cache="off", window_size=4):
+def window_calls(layout, *, passes, reuse="off", window_size=4):
     """Walk the released schedule (``magi1.sampling.schedule``) and find the largest calls. A 1-pass call is
     counted with its nearly-clean copy (added while the oldest chunk's t > 0.3)."""
     steps = math.lcm(window_size, len(NOISE2CLEAN_KVRANGE))  # the chunk pattern does not depend on steps
-    offset, reusing = layout.chunk_offset, cache != "off"
+    offset, reusing = layout.chunk_offset, reuse != "off"
     copy_blocks = int(passes == 1 and reusing)  # the prefix goes in calls as wide as the cache (guidance.write_prefix)
     pieces = prefix_pieces(offset, kv_span(layout.chunk_num, steps, window_size, offset, copy_blocks))
     query = read = max([end - first for first, end in pieces], default=0)
@@ -204,7 +205,7 @@ def window_calls(layout, *, passes, cache="off", window_size=4):
         first, end = call_rows(plan, copy_blocks)  # the cache rows the call reads and writes
         query = max(query, len(plan.kv_ranges) + int(passes == 1))
         read = max(read, end - first)
-    if passes == 3 and cache == "token":
+    if passes == 3 and reuse == "token":
         read = max(read, 1)
     return WindowCalls(query, read, gathers)
 
@@ -302,7 +303,7 @@ def _sampler_bytes(config, layout, calls):
 
 
 # ---------------------------------------------------------------------------------------- policy state
-def policy_state_bytes(config, layout, *, cache="off", window_size=4, compute_dtype=torch.bfloat16,
+def policy_state_bytes(config, layout, *, reuse="off", window_size=4, compute_dtype=torch.bfloat16,
                        extrapolation=True):
     """``(held, transient)`` bytes of a cache policy's state (``cache_core``) for the window's chunks.
 
@@ -312,14 +313,14 @@ def policy_state_bytes(config, layout, *, cache="off", window_size=4, compute_dt
     reuse count, weights (4 bytes each), the pending mask (1) and with extrapolation the two compute
     times (8). Transient, while deciding (no DiT call runs then): the window's new features and a
     float32 patch embedding (the whole window's when it is at most 64 MiB, else one chunk's)."""
-    if cache == "off":
+    if reuse == "off":
         return 0, 0
     ct, d, b = layout.tokens_per_chunk, config.hidden_size, _size(compute_dtype)
     chunks = min(window_size, layout.chunk_num - layout.chunk_offset)
     feature = ct * d * b
     velocity = config.latent_channels * layout.chunk_width * layout.latent_height * layout.latent_width * 4
     per_chunk = feature + velocity * (2 if extrapolation else 1) + 16  # + the scalar accumulator
-    if cache == "token":
+    if reuse == "token":
         per_chunk += ct * (13 + (8 if extrapolation else 0))
     embedding = ct * chunks * d * 4
     if embedding > 64 * 2 ** 20:
@@ -382,7 +383,8 @@ class MemoryPlan:
     total_gpu: int
     tokens_per_chunk: int
     chunk_num: int
-    request: dict = field(default=None, repr=False, compare=False)
+    request: Optional[VideoRequest] = field(default=None, repr=False, compare=False)
+    options: dict = field(default=None, repr=False, compare=False)  # memory_plan's other arguments
     layout: Optional[VideoLayout] = field(default=None, repr=False, compare=False)
 
     @property
@@ -399,25 +401,25 @@ class MemoryPlan:
     @property
     def device(self):
         """Where the run computes (``memory_plan``'s ``device``), or None when not given."""
-        return (self.request or {}).get("device")
+        return (self.options or {}).get("device")
 
     @property
     def frames_made(self):
         """The video frames the run returns: whole chunks, less a prefix video (a start image is the video's
-        first frame), 4 per latent frame; the ``frames`` asked of ``generate`` are rounded up to them."""
+        first frame), 4 per latent frame; the request's ``frames`` are rounded up to them (``FRAMES_RULE``)."""
         return (self.layout.latent_frames - self.layout.output_start) * TEMPORAL_DOWNSAMPLE
 
     def lines(self):
         """A short table, GB with two decimals, worded by the device: on the GPU "weights on GPU", on the CPU
         "weights in memory" (the numbers are the same)."""
-        r, cpu = self.request, self.device is not None and self.device.type == "cpu"
+        r, o, cpu = self.request, self.options, self.device is not None and self.device.type == "cpu"
         on, where = ("in", "memory") if cpu else ("on", "GPU")
-        prefix = r["prefix_frames"]
-        head = (f"MAGI-1 memory plan: {self.frames_made} frames {r['height']}x{r['width']}, {self.chunk_num} chunks of "
-                f"{self.tokens_per_chunk} tokens, weights {r['weight_dtype']}, {r['passes']} pass(es), "
-                f"cache {r['cache']}" + (", KV offloaded" if r["kv_offload"] else "")
-                + (f", {r['resident_layers']} resident layers" if r["resident_layers"] is not None else "")
-                + (f", token blocks of {r['token_block']}" if r.get("token_block") else "")
+        prefix = r.prefix_frames
+        head = (f"MAGI-1 memory plan: {self.frames_made} frames {r.height}x{r.width}, {self.chunk_num} chunks of "
+                f"{self.tokens_per_chunk} tokens, weights {o['weight_dtype']}, {o['passes']} pass(es), "
+                f"cache {r.reuse}" + (", KV offloaded" if r.kv_offload else "")
+                + (f", {o['resident_layers']} resident layers" if o["resident_layers"] is not None else "")
+                + (f", token blocks of {r.token_block}" if r.token_block else "")
                 + ("" if not prefix else ", from a start image" if prefix == 1 else
                    f", after a prefix video of {prefix} latent frames")
                 + (", on the CPU" if cpu else ""))
@@ -426,61 +428,59 @@ class MemoryPlan:
                  f"all {sum(self.weights.values()) / GB:.2f}: {by_dtype}")]
         if self.weights_host:
             rows.append(("weights in host memory", self.weights_host, ""))
-        rows += [(f"KV cache {name}", nbytes, "host" if r["kv_offload"] else "CPU memory" if cpu else "GPU")
+        rows += [(f"KV cache {name}", nbytes, "host" if r.kv_offload else "CPU memory" if cpu else "GPU")
                  for name, nbytes in self.kv_caches.items()]
-        rows += [(f"KV {on} {where}", self.kv_on_gpu, "one layer's rows per call" if r["kv_offload"] else ""),
+        rows += [(f"KV {on} {where}", self.kv_on_gpu, "one layer's rows per call" if r.kv_offload else ""),
                  ("policy state", self.policy_state, f"+ {self.policy_transient / GB:.2f} while deciding"),
                  ("activations (peak call)", self.activations, ""),
                  ("DiT phase", self.dit_phase, ""),
-                 ("VAE decode", self.vae_decode, "after the DiT phase" if r["decode"] else "not counted"),
+                 ("VAE decode", self.vae_decode, "after the DiT phase" if o["decode"] else "not counted"),
                  (f"total {where} (peak)", self.total_gpu, "")]
         return [head] + [f"  {name:<26}{nbytes / GB:8.2f} GB  {note}".rstrip() for name, nbytes, note in rows]
 
 
-def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, passes=1,
-                prefix_frames=0, window_size=4, chunk_width=6, kv_offload=False, cache="off", resident_layers=None,
-                vae_tiling=SEAMLESS, decode=True, unload_dit=True, extrapolation=True,
-                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16, device=None, token_block=None):
-    """Predict the GPU memory of generating ``frames`` video frames at ``height`` x ``width`` pixels.
+def memory_plan(config, request: VideoRequest, *, weight_dtype="bfloat16", compute_dtype=torch.bfloat16, passes=1,
+                resident_layers=None, vae_tiling=SEAMLESS, decode=True, unload_dit=True, extrapolation=True,
+                vae_config: VAEConfig = VAEConfig(), vae_dtype=torch.bfloat16, device=None):
+    """Predict the GPU memory of generating the video ``request`` describes (a ``VideoRequest``: its frames,
+    size, prefix, ``kv_offload``, ``token_block`` and what its policy keeps, ``request.reuse``: "off",
+    "chunk" for chunk-level modes such as flowcache/teacache, "token" for motion/motion_detail/hybrid).
 
     ``config``: a ``ModelConfig`` (or its dict); ``weight_dtype``: one of ``WEIGHT_DTYPES`` (the fp8
-    kinds compute in ``compute_dtype``); ``passes``: 1 (distilled) or 3 (base); ``prefix_frames``: latent
-    frames given (image: 1); ``cache``: what the cache policy keeps ("off", "chunk" for chunk-level modes
-    such as flowcache/teacache, "token" for motion/motion_detail/hybrid), with ``extrapolation`` (the
-    presets' velocity extrapolation); ``resident_layers``: block swap (None = all layers resident);
-    ``vae_tiling``: the decode's tiles (None: one piece); ``decode``: count the VAE decode; ``token_block``:
-    the DiT's low-memory mode (``MagiDiT.set_token_block``, None: off).
-    The KV caches are in ``compute_dtype``. ``frames`` is ``generate``'s argument: the run makes whole
-    chunks (``MemoryPlan.frames_made``). ``device`` (a ``torch.device`` or its name; None: a GPU) is where
-    the run computes: it words ``MemoryPlan.lines`` (on the CPU the same bytes are host memory).
+    kinds compute in ``compute_dtype``); ``passes``: 1 (distilled) or 3 (base), unless the request's
+    guidance says; ``extrapolation``: count the presets' velocity extrapolation in the policy's state;
+    ``resident_layers``: block swap (None = all layers resident); ``vae_tiling``: the decode's tiles
+    (None: one piece); ``decode``: count the VAE decode. The KV caches are in ``compute_dtype``. The run
+    makes whole chunks (``MemoryPlan.frames_made``). ``device`` (a ``torch.device`` or its name; None: a
+    GPU) is where the run computes: it words ``MemoryPlan.lines`` (on the CPU the same bytes are host memory).
     """
-    request = dict(config=config, frames=frames, height=height, width=width, weight_dtype=weight_dtype,
-                   compute_dtype=compute_dtype, passes=passes, prefix_frames=prefix_frames, window_size=window_size,
-                   chunk_width=chunk_width, kv_offload=bool(kv_offload), cache=cache, resident_layers=resident_layers,
-                   vae_tiling=vae_tiling, decode=decode, unload_dit=unload_dit, extrapolation=extrapolation,
-                   vae_config=vae_config, vae_dtype=vae_dtype, device=None if device is None else torch.device(device),
-                   token_block=token_block)
+    if not hasattr(request, "frames_to_generate"):  # duck-typed: a test may load a second copy of the package
+        raise TypeError(f"memory_plan takes a magi1.VideoRequest, got {type(request).__name__}")
+    passes = request.guidance.passes or passes
+    options = dict(config=config, weight_dtype=weight_dtype, compute_dtype=compute_dtype, passes=passes,
+                   resident_layers=resident_layers, vae_tiling=vae_tiling, decode=decode, unload_dit=unload_dit,
+                   extrapolation=extrapolation, vae_config=vae_config, vae_dtype=vae_dtype,
+                   device=None if device is None else torch.device(device))
     config = config if isinstance(config, ModelConfig) else ModelConfig.from_dict(config)
     check_choice("weight_dtype", weight_dtype, WEIGHT_DTYPES)
     check_choice("passes", passes, (1, 3))
-    check_choice("cache", cache, CACHE_MODES)
     if resident_layers is not None:
         check_int("resident_layers", resident_layers, low=0, high=config.num_layers)
-    layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, chunk_width=chunk_width,
-                              patch_size=config.patch_size)
+    layout = request.layout(config.patch_size)
+    reuse, window_size, kv_offload = request.reuse, request.window_size, request.kv_offload
     weights = weight_bytes(config, weight_dtype, compute_dtype)
     on_gpu = streamed_weight_bytes(config, weight_dtype, compute_dtype, resident_layers)
-    caches = kv_cache_bytes(config, layout, passes=passes, cache=cache, window_size=window_size,
+    caches = kv_cache_bytes(config, layout, passes=passes, reuse=reuse, window_size=window_size,
                             compute_dtype=compute_dtype)
-    calls = window_calls(layout, passes=passes, cache=cache, window_size=window_size)
+    calls = window_calls(layout, passes=passes, reuse=reuse, window_size=window_size)
     kv_total = sum(caches.values())
     row = 2 * config.num_query_groups * config.kv_channels * _size(compute_dtype)  # one layer, one token
     capacity = max(caches.values()) // (config.num_layers * row)
     kv_on_gpu = min(calls.read * layout.tokens_per_chunk, capacity) * row if kv_offload else kv_total
-    held, transient = policy_state_bytes(config, layout, cache=cache, window_size=window_size,
+    held, transient = policy_state_bytes(config, layout, reuse=reuse, window_size=window_size,
                                          compute_dtype=compute_dtype, extrapolation=extrapolation)
     activations = dit_activation_bytes(config, layout, calls, compute_dtype=compute_dtype,
-                                       fp8=weight_dtype.startswith("fp8"), token_block=token_block)
+                                       fp8=weight_dtype.startswith("fp8"), token_block=request.token_block)
     vae = 0
     if decode:
         vae = vae_decode_bytes(layout.latent_frames, layout.latent_height, layout.latent_width, vae_tiling,
@@ -488,7 +488,7 @@ def memory_plan(config, frames, height, width, *, weight_dtype="bfloat16", compu
     dit_phase = on_gpu + kv_on_gpu + held + max(activations, transient)
     return MemoryPlan(weights, on_gpu, sum(weights.values()) - on_gpu, caches, kv_on_gpu,
                       kv_total if kv_offload else 0, held, transient, activations, vae, max(dit_phase, vae),
-                      layout.tokens_per_chunk, layout.chunk_num, request, layout)
+                      layout.tokens_per_chunk, layout.chunk_num, request, options, layout)
 
 
 def fits(plan, available_bytes):
@@ -497,20 +497,34 @@ def fits(plan, available_bytes):
 
 
 def replan(plan, **changes):
-    """The plan of the same request with some arguments changed."""
-    request = {**plan.request, **changes}
-    config, frames, height, width = (request.pop(k) for k in ("config", "frames", "height", "width"))
-    return memory_plan(config, frames, height, width, **request)
+    """The plan of the same request with some arguments changed: fields of its ``VideoRequest`` (e.g.
+    ``kv_offload``, ``token_block``, ``frames``, ``policy``) or ``memory_plan``'s other arguments."""
+    fields = {f.name for f in dataclasses.fields(VideoRequest)}
+    request = plan.request.with_changes(**{k: v for k, v in changes.items() if k in fields})
+    options = {**plan.options, **{k: v for k, v in changes.items() if k not in fields}}
+    return memory_plan(options.pop("config"), request, **options)
+
+
+class Saving(NamedTuple):
+    """One change of the memory check's ladder: ``name`` (e.g. ``"kv_offload"``, ``"resident_layers 5"``), the
+    ``saved`` bytes, and the ``changes`` to pass to ``replan`` (``memory_plan``'s or the request's)."""
+
+    name: str
+    saved: int
+    changes: dict
+
+    def __str__(self):
+        return f"{self.name} saves {self.saved / GB:.2f} GB"
 
 
 def savings(plan, available_bytes):
-    """``[(description, bytes saved), ...]``: changes that make ``plan`` fit ``available_bytes``, the ones
-    that change the video least first, each applied on top of the ones before it (so each saving is
-    the difference of two consecutive plans) until the plan fits; empty if it fits already. Order:
-    KV offload (same video, slower), token blocks (the same video to float rounding, a little slower),
-    fp8 weights (slightly different numbers), block swap with the most
-    resident layers that fit (same video, slower), the cache off, smaller VAE tiles, fewer frames. The
-    last entry may still not fit when nothing does (then every change is listed)."""
+    """``[Saving, ...]``: changes that make ``plan`` fit ``available_bytes``, the ones that change the video
+    least first, each applied on top of the ones before it (so each saving is the difference of two
+    consecutive plans) until the plan fits; empty if it fits already. Order: KV offload (same video,
+    slower), token blocks (the same video to float rounding, a little slower), fp8 weights (slightly
+    different numbers), block swap with the most resident layers that fit (same video, slower), the cache
+    off, smaller VAE tiles, fewer frames. The last entry may still not fit when nothing does (then every
+    change is listed)."""
     out, current = [], plan
     for change in (_offload, _token_blocks, _fp8, _resident, _cache_off, _vae_tiles, _fewer_frames):
         if fits(current, available_bytes):
@@ -518,56 +532,60 @@ def savings(plan, available_bytes):
         found = change(current, available_bytes)
         if found is None:
             continue
-        description, better = found
+        name, changes, better = found
         saved = current.total_gpu - better.total_gpu
         if saved > 0:
-            out.append((f"{description} saves {saved / GB:.2f} GB", saved))
+            out.append(Saving(name, saved, changes))
             current = better
     return out
 
 
+def _change(plan, name, **changes):
+    return name, changes, replan(plan, **changes)
+
+
 def _offload(plan, available):
-    return None if plan.request["kv_offload"] else ("kv_offload", replan(plan, kv_offload=True))
+    return None if plan.request.kv_offload else _change(plan, "kv_offload", kv_offload=True)
 
 
 TOKEN_BLOCKS = (16384, 8192, 4096)  # the low-memory mode's block sizes the memory check suggests, largest first
 
 
 def _token_blocks(plan, available):
-    if plan.request.get("token_block"):
+    if plan.request.token_block:
         return None
     return _first_fitting(plan, available, "token_block", TOKEN_BLOCKS, lambda n: f"token_block {n}")
 
 
 def _fp8(plan, available):
-    return None if plan.request["weight_dtype"].startswith("fp8") else (
-        "weight_dtype fp8_e4m3fn_scaled", replan(plan, weight_dtype="fp8_e4m3fn_scaled"))  # the more accurate kind
+    return None if plan.options["weight_dtype"].startswith("fp8") else (  # the more accurate kind
+        _change(plan, "weight_dtype fp8_e4m3fn_scaled", weight_dtype="fp8_e4m3fn_scaled"))
 
 
 def _first_fitting(plan, available, name, values, describe):
     """The first value of ``values`` whose plan fits, else the last one's plan."""
     best = None
     for value in values:
-        best = (describe(value), replan(plan, **{name: value}))
-        if fits(best[1], available):
+        best = _change(plan, describe(value), **{name: value})
+        if fits(best[2], available):
             break
     return best
 
 
 def _resident(plan, available):
-    layers = plan.request["config"]
+    layers = plan.options["config"]
     layers = (layers if isinstance(layers, ModelConfig) else ModelConfig.from_dict(layers)).num_layers
-    top = plan.request["resident_layers"] or layers
+    top = plan.options["resident_layers"] or layers
     return _first_fitting(plan, available, "resident_layers", range(top - 1, -1, -1), lambda k: f"resident_layers {k}")
 
 
 def _cache_off(plan, available):
-    return None if plan.request["cache"] == "off" else ("cache off", replan(plan, cache="off"))
+    return None if plan.request.reuse == "off" else _change(plan, "cache off", policy=None)
 
 
 def _vae_tiles(plan, available):
-    tiling = plan.request["vae_tiling"]
-    if not plan.request["decode"] or plan.vae_decode <= available:
+    tiling = plan.options["vae_tiling"]
+    if not plan.options["decode"] or plan.vae_decode <= available:
         return None
     side = tiling.height if tiling is not None else 10 ** 9
     sizes = [s for s in (192, 128, 64) if s < side]
@@ -578,6 +596,6 @@ def _vae_tiles(plan, available):
 
 def _fewer_frames(plan, available):
     r = plan.request
-    step = TEMPORAL_DOWNSAMPLE * r["chunk_width"]  # one chunk of new latent frames
-    counts = [n * step for n in range((r["frames"] - 1) // step, 0, -1)]
+    step = TEMPORAL_DOWNSAMPLE * r.chunk_width  # one chunk of new latent frames
+    counts = [n * step for n in range((r.frames - 1) // step, 0, -1)]
     return _first_fitting(plan, available, "frames", counts, lambda n: f"fewer frames ({n})")

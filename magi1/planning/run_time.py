@@ -1,6 +1,6 @@
 """How long a generation takes on a device, estimated before anything runs.
 
-``estimate_run(config, frames=..., height=..., width=..., steps=..., passes=..., device=..., dtype=...)``
+``estimate_run(config, request, passes=..., device=..., dtype=...)`` (``request``: a ``VideoRequest``)
 counts the DiT FLOPs of the whole run (``magi1.network.flops`` over the sampler's schedule) and divides them by the
 device's measured matmul rate times ``EFFICIENCY``, the share of that rate the DiT reaches:
 
@@ -34,7 +34,6 @@ from ..checks import check_choice, check_int
 from ..network.flops import flops
 from ..prompts.text import NULL_CAPTION_TOKENS
 from ..sampling.guidance import Guidance
-from ..sampling.layout import VideoLayout
 from ..sampling.schedule import CLEAN_CHUNK_KVRANGE, check_steps, time_grid, total_forward_steps, window_step
 
 # The DiT's rate as a share of a bare square matmul's in the same dtype on the same device. CPU: measured with
@@ -96,19 +95,17 @@ class RunEstimate(RunFlops):
         return sum(self.step_flops[:step + 1]) / self.flops if self.flops else 1.0
 
 
-def run_flops(config, *, frames, height, width, steps, passes, prefix_frames=0,
-              caption_tokens=DEFAULT_CAPTION_TOKENS, negative_tokens=NULL_CAPTION_TOKENS, window_size=4,
-              chunk_width=6):
-    """The dense DiT work of ``generate(frames=frames, height=height, width=width, steps=steps)`` with a
-    prefix of ``prefix_frames`` latent frames, for ``passes`` guidance passes (1: distilled, 3: base), a
-    prompt of ``caption_tokens`` valid tokens and (3 passes) a negative prompt of ``negative_tokens`` (the
-    null caption's when there is none): a ``RunFlops``."""
+def run_flops(config, request, *, passes, caption_tokens=DEFAULT_CAPTION_TOKENS, negative_tokens=NULL_CAPTION_TOKENS):
+    """The dense DiT work of ``generate(model, request)`` (a ``VideoRequest``: its frames, size, steps, prefix,
+    window), for ``passes`` guidance passes (1: distilled, 3: base), a prompt of ``caption_tokens`` valid
+    tokens and (3 passes) a negative prompt of ``negative_tokens`` (the null caption's when there is none):
+    a ``RunFlops``."""
     check_choice("passes", passes, (1, 3))
     check_int("caption_tokens", caption_tokens, low=0)
     check_int("negative_tokens", negative_tokens, low=0)
+    steps, window_size = request.steps, request.window_size
     check_steps(steps, window_size)
-    layout = VideoLayout.plan(frames, height, width, prefix_frames=prefix_frames, chunk_width=chunk_width,
-                              patch_size=config.patch_size)
+    layout = request.layout(config.patch_size)
     ct, offset = layout.tokens_per_chunk, layout.chunk_offset
 
     def call(chunks):  # one DiT call: (key tokens, caption tokens) of each chunk, ct queries each
@@ -146,23 +143,19 @@ def run_flops(config, *, frames, height, width, steps, passes, prefix_frames=0,
     return RunFlops(sum(step_flops), calls, total, layout.chunk_num - offset, offset, tuple(step_flops), tuple(done))
 
 
-def estimate_run(config, *, frames, height, width, steps, passes, prefix_frames=0, device="cpu",
-                 dtype=torch.float32, caption_tokens=DEFAULT_CAPTION_TOKENS, negative_tokens=NULL_CAPTION_TOKENS,
-                 processes=1, throughput=None, efficiency=None, window_size=4, chunk_width=6):
-    """How long ``generate`` takes with the DiT of ``config`` (its ``ModelConfig``) on ``device`` in ``dtype``
-    (the DiT's compute dtype), before anything runs: a ``RunEstimate``.
+def estimate_run(config, request, *, passes, device="cpu", dtype=torch.float32, caption_tokens=DEFAULT_CAPTION_TOKENS,
+                 negative_tokens=NULL_CAPTION_TOKENS, processes=1, throughput=None, efficiency=None):
+    """How long ``generate(model, request)`` takes with the DiT of ``config`` (its ``ModelConfig``) on
+    ``device`` in ``dtype`` (the DiT's compute dtype), before anything runs: a ``RunEstimate``.
 
-    ``frames``, ``height``, ``width``, ``steps`` and ``prefix_frames`` (latent frames given) as ``generate``
-    takes them; ``passes``: 1 for distilled models, 3 for base ones; ``caption_tokens``, ``negative_tokens``:
-    see ``run_flops``. ``processes``: devices sharing the run
-    evenly (torchrun). ``throughput``: the matmul FLOP/s to use (default: measured once per device and dtype,
-    ``matmul_throughput``); ``efficiency``: the DiT's share of it (default: ``EFFICIENCY``).
+    ``passes``: 1 for distilled models, 3 for base ones; ``caption_tokens``, ``negative_tokens``: see
+    ``run_flops``. ``processes``: devices sharing the run evenly (torchrun). ``throughput``: the matmul
+    FLOP/s to use (default: measured once per device and dtype, ``matmul_throughput``); ``efficiency``: the
+    DiT's share of it (default: ``EFFICIENCY``).
     """
     check_int("processes", processes, low=1)
     device = _device(device)
-    work = run_flops(config, frames=frames, height=height, width=width, steps=steps, passes=passes,
-                     prefix_frames=prefix_frames, caption_tokens=caption_tokens, negative_tokens=negative_tokens,
-                     window_size=window_size, chunk_width=chunk_width)
+    work = run_flops(config, request, passes=passes, caption_tokens=caption_tokens, negative_tokens=negative_tokens)
     rate = matmul_throughput(device, dtype) if throughput is None else float(throughput)
     share = EFFICIENCY.get(device.type, DEFAULT_EFFICIENCY) if efficiency is None else float(efficiency)
     seconds = work.flops / (processes * rate * share)

@@ -28,7 +28,7 @@ class DiTCall:
         caption, mask = self.captions.tensors(rows, sequences)
         t = torch.tensor(t, dtype=torch.float32).to(self.device, non_blocking=True)
         out = self.model(x, t, caption, mask, ranges, slice_point=slice_point, unconditional=unconditional,
-                         distill_dt=None if self.distill_dts is None else self.distill_dts[stage], cache=kv_cache,
-                         cache_write_chunks=kv_write, active=active, stop=self.stop)
+                         distill_dt=None if self.distill_dts is None else self.distill_dts[stage], kv_cache=kv_cache,
+                         kv_write_chunks=kv_write, active=active, stop=self.stop)
         self.recorder.count_call(rows, ranges, counts, sequences)
         return out

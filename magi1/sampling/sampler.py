@@ -21,12 +21,11 @@ import torch
 from ..distributed.parallel import collective_buffers
 from .caption_rows import CaptionRows
 from .dit_call import DiTCall
-from .guidance import Guidance, SinglePass, ThreePass
+from .guidance import SinglePass, ThreePass
 from .latent_store import LatentStore
-from .layout import VideoLayout
 from .recording import Recorder
+from .request import VideoRequest
 from .reuse import start_reuse
-from .reuse_contract import ReusePolicy
 from .sample_stats import SampleStats
 from .schedule import check_steps, kv_span, time_grid, total_forward_steps, window_step
 
@@ -51,55 +50,63 @@ class SampleResult:
     stats: SampleStats
 
 
-def generate(model, caption, caption_mask, *, frames, height, width, steps=64, seed=0, noise=None,
-             negative_caption=None, negative_mask=None, prefix=None, guidance=None, policy=None,
-             window_size=4, chunk_width=6, kv_offload=False, on_step: Optional[Callable] = None,
-             should_stop: Optional[Callable] = None, record_masks=False, stop: Optional[Callable] = None,
-             parallel=None, on_frames: Optional[Callable] = None):
-    """Generate one latent video with the MAGI-1 DiT ``model`` (a ``MagiDiT``).
+def generate(model, request: VideoRequest, *, noise=None, on_step: Optional[Callable] = None,
+             should_stop: Optional[Callable] = None, stop: Optional[Callable] = None, parallel=None,
+             on_frames: Optional[Callable] = None):
+    """Generate the latent video ``request`` describes (a ``VideoRequest``) with the MAGI-1 DiT ``model`` (a
+    ``MagiDiT``).
+
+    The request's captions: the prompt's caption tokens ``(G, L, caption_channels)`` and mask ``(G, L)``, one
+    per chunk to generate (G = ``request.chunks``), or one ``(L, ...)`` for all, or a ``ChunkCaptions``
+    (distinct rows, no mask: the text path's). An all-zero mask means no prompt. Its ``token_block``, when
+    set, is the model's low-memory mode for this run (set and restored here).
 
     Args:
-        caption, caption_mask: the prompt's caption tokens ``(G, L, caption_channels)`` and mask ``(G, L)``,
-            one per chunk to generate (G = chunks after the prefix) or one ``(L, ...)`` for all, or a
-            ``ChunkCaptions`` (distinct rows, no mask: the text path's). An all-zero mask means no prompt.
-        frames, height, width: video frames and pixel size (``VideoLayout.plan``).
-        steps: per chunk, a multiple of 4 and of ``window_size`` (12: the distilled shortcut schedule).
-        seed, noise: the initial noise is ``noise`` if given ([16, T, H/8, W/8]), else drawn on the
-            CPU from ``seed`` (the same video on any device).
-        negative_caption, negative_mask: replace the null caption in base models' unconditional passes.
-        prefix: clean latents ``[16, P, H/8, W/8]`` to continue from (image: P = 1; video), VAE-scaled.
-        guidance: ``Guidance()``; policy: a ``cache_core.CachePolicy`` (``magi1.sampling.reuse_contract``) or None.
-        window_size, chunk_width: the official 4 and 6. kv_offload: keep the KV caches in host memory.
+        noise: the initial noise ``[16, T, H/8, W/8]``; default: drawn on the CPU from ``request.seed``.
         on_step: called with a ``StepProgress`` after every step; may raise to interrupt. should_stop:
-            polled before every step; true raises ``SamplingInterrupted``. record_masks: ``stats.masks``.
+            polled before every step; true raises ``SamplingInterrupted``.
         stop: a callable that interrupts by raising, polled before every step and inside every DiT call
             (between layers and blocks of queries), so that a long step stops promptly.
         parallel: a ``magi1.Parallel`` (default: the model's, see ``magi1.distributed.parallel``): every process calls
-            with the same arguments and gets the same latent; ``on_step`` and ``on_frames`` run on rank 0
+            with the same request and gets the same latent; ``on_step`` and ``on_frames`` run on rank 0
             only, and ``stop`` / ``should_stop`` must agree on every process (else end the processes).
         on_frames: called with each finished chunk's frames of the returned latent (``[16, n, H/8, W/8]``,
             host memory, read-only), in order: what a streamed decode reads. They join into the latent.
 
     Returns:
         ``SampleResult(latent, stats)``, the latent in host memory (the device holds only the window's
-        chunks). All KV caches and per-run state are released on return, on error and on interrupt.
+        chunks); ``stats.masks`` with ``request.record_masks``. All KV caches and per-run state are
+        released on return, on error and on interrupt.
     """
-    _check_policy(policy)
-    guidance = guidance or Guidance()
+    if not hasattr(request, "frames_to_generate"):  # duck-typed: a test may load a second copy of the package
+        raise TypeError(f"generate takes a magi1.VideoRequest, got {type(request).__name__}: build one with "
+                        "VideoRequest(frames=..., width=..., height=..., caption=..., ...)")
+    if request.token_block is None:  # the model's own setting (off unless configured)
+        return _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames)
+    before = model.configure(token_block=request.token_block)
+    try:
+        return _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames)
+    finally:
+        model.configure(**before)
+
+
+def _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames):
+    r = request
     parallel = _checked_parallel(parallel, model)
     if parallel is not None and not parallel.is_main:  # progress, previews and frames from rank 0
         on_step = on_frames = None
+    steps, window_size = r.steps, r.window_size
     check_steps(steps, window_size)
-    layout = VideoLayout.plan(frames, height, width, prefix_frames=0 if prefix is None else int(prefix.shape[1]),
-                              chunk_width=chunk_width, patch_size=model.config.patch_size)
-    prefix, x = _prefix_and_noise(model, layout, prefix, noise, seed, frames)
+    layout = r.layout(model.config.patch_size)
+    prefix, x = _prefix_and_noise(model, layout, r.prefix, noise, r.seed, r.frames_to_generate)
     x = LatentStore(x, layout.chunk_width, model.device)
-    captions = CaptionRows(model, layout, caption, caption_mask, negative_caption, negative_mask)
+    captions = CaptionRows(model, layout, r.caption, r.caption_mask, r.negative_caption, r.negative_mask)
 
-    reuse = start_reuse(policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
-    recorder = Recorder(reuse.mode, model.config, captions, layout, record_masks, window_size)
+    reuse = start_reuse(r.policy, model, layout, steps, parallel)  # before any KV cache: a policy may refuse this video
+    recorder = Recorder(reuse.mode, model.config, captions, layout, r.record_masks, window_size)
     call = DiTCall(model, captions, recorder, steps, stop)
-    streams = _guidance_streams(guidance, model, layout, captions, call, reuse, kv_offload, steps, window_size, parallel)
+    streams = _guidance_streams(r.guidance, model, layout, captions, call, reuse, r.kv_offload, steps, window_size,
+                                parallel)
     recorder.stats.kv_cache_bytes = sum(c.nbytes for c in streams.kv_caches)
     loop = _Loop(layout, steps, window_size, x, prefix, streams, reuse, recorder, on_step, on_frames)
     del x, prefix  # the loop holds them now, and drops them when it closes
@@ -241,12 +248,6 @@ def _checked_parallel(parallel, model):
         raise ValueError("generate(parallel=...) needs a model shared with it: load it with load_dit(parallel=...) "
                          "or pass it through magi1.weights.layer_sharding.distribute(model, parallel)")
     return parallel
-
-
-def _check_policy(policy):
-    if policy is not None and not isinstance(policy, ReusePolicy):
-        raise TypeError(f"policy must be a cache_core.CachePolicy (or follow magi1.sampling.reuse_contract.ReusePolicy) or "
-                        f"None, got {type(policy).__name__}")
 
 
 def _prefix_and_noise(model, layout, prefix, noise, seed, frames):

@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 
 from ..distributed.parallel import collective_buffers
-from .streaming import _get, _slots
+from .tensor_slots import slot_tensor, tensor_slots
 
 ALIGN = 16  # bytes: each tensor starts aligned in the flat buffer, so that typed views of it are allowed
 
 
-def _set(slot, tensor):
+def _set_parameter(slot, tensor):
     """Point a parameter slot at ``tensor`` (a new Parameter: ``.data`` cannot switch devices to meta)."""
     owner, name, _ = slot
     owner._parameters[name] = torch.nn.Parameter(tensor, requires_grad=False)
@@ -44,8 +44,8 @@ class _SharedLayer:
 
     def __init__(self, module, owner):
         self.owner = owner
-        self.slots, _ = _slots(module)
-        self.meta = [torch.empty(_get(s).shape, dtype=_get(s).dtype, device="meta") for s in self.slots]
+        self.slots, _ = tensor_slots(module)
+        self.meta = [torch.empty(slot_tensor(s).shape, dtype=slot_tensor(s).dtype, device="meta") for s in self.slots]
         self.offsets, offset = [], 0
         for t in self.meta:
             self.offsets.append(offset)
@@ -55,18 +55,18 @@ class _SharedLayer:
     def pack(self, device):
         flat = torch.zeros(self.nbytes, dtype=torch.uint8, device=device)
         for slot, offset in zip(self.slots, self.offsets):
-            t = _get(slot)
+            t = slot_tensor(slot)
             flat[offset: offset + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8)
         return flat
 
     def point_at(self, flat):
         for slot, meta, offset in zip(self.slots, self.meta, self.offsets):
             size = meta.numel() * meta.element_size()
-            _set(slot, flat[offset: offset + size].view(meta.dtype).view(meta.shape))
+            _set_parameter(slot, flat[offset: offset + size].view(meta.dtype).view(meta.shape))
 
     def drop(self):
         for slot, meta in zip(self.slots, self.meta):
-            _set(slot, meta)
+            _set_parameter(slot, meta)
 
 
 class LayerSharding:

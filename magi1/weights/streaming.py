@@ -27,34 +27,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _slots(module):
-    """``(owner, name, is_parameter)`` of every parameter and buffer of ``module``, and their names
-    (as in the module's ``state_dict``)."""
-    slots, names = [], []
-    for prefix, owner in module.named_modules():
-        for name, is_parameter in [(n, True) for n in owner._parameters] + [(n, False) for n in owner._buffers]:
-            if (owner._parameters if is_parameter else owner._buffers)[name] is not None:
-                slots.append((owner, name, is_parameter))
-                names.append(f"{prefix}.{name}" if prefix else name)
-    return slots, names
-
-
-def _key(slot):
-    return id(slot[0]), slot[1]
-
-
-def _get(slot):
-    owner, name, is_parameter = slot
-    return owner._parameters[name].data if is_parameter else owner._buffers[name]
-
-
-def _set(slot, tensor):
-    owner, name, is_parameter = slot
-    if is_parameter:
-        owner._parameters[name].data = tensor  # the Parameter object stays: ``module.weight`` reads stay valid
-    else:
-        owner._buffers[name] = tensor
+from .tensor_slots import set_slot_tensor, slot_key, slot_tensor, tensor_slots
 
 
 def _host_copy(tensor, pin):
@@ -66,7 +39,7 @@ def _host_copy(tensor, pin):
 
 
 def _nbytes(module):
-    return sum(_get(slot).numel() * _get(slot).element_size() for slot in _slots(module)[0])
+    return sum(slot_tensor(slot).numel() * slot_tensor(slot).element_size() for slot in tensor_slots(module)[0])
 
 
 def streamed_device_bytes(model, resident_layers, in_flight=2):
@@ -88,16 +61,16 @@ class _StreamedLayer:
     loaded or being prefetched (``ready``: the CUDA event of a pending prefetch)."""
 
     def __init__(self, module, pin):
-        self.slots, self.names = _slots(module)
+        self.slots, self.names = tensor_slots(module)
         self.requires_grad = any(slot[2] and slot[0]._parameters[slot[1]].requires_grad for slot in self.slots)
-        self.host = [_host_copy(_get(slot), pin) for slot in self.slots]
+        self.host = [_host_copy(slot_tensor(slot), pin) for slot in self.slots]
         self.device_copies = None
         self.ready = None
         self.point(self.host)
 
     def point(self, tensors):
         for slot, tensor in zip(self.slots, tensors):
-            _set(slot, tensor)
+            set_slot_tensor(slot, tensor)
 
 
 class LayerStreamer:
@@ -120,10 +93,10 @@ class LayerStreamer:
         self._side = torch.cuda.Stream(self.device) if cuda and self.streamed else None
         with torch.no_grad(), torch.inference_mode(False):
             self._layers = {i: _StreamedLayer(layers[i], pin=cuda) for i in self.streamed}
-            skip = {_key(slot) for layer in self._layers.values() for slot in layer.slots}
-            for slot in _slots(model)[0]:
-                if _key(slot) not in skip:
-                    _set(slot, _get(slot).to(self.device))
+            skip = {slot_key(slot) for layer in self._layers.values() for slot in layer.slots}
+            for slot in tensor_slots(model)[0]:
+                if slot_key(slot) not in skip:
+                    set_slot_tensor(slot, slot_tensor(slot).to(self.device))
         self.resident_now = self.max_resident = self.resident_layers
         self._needs_grad = any(layer.requires_grad for layer in self._layers.values())
         self._hooks = []

@@ -2,9 +2,9 @@
 frame, the jump of its position across each chunk boundary is compared with its motion inside chunks, and
 its overall displacement with the caption's direction.
 
-    python -m bench.continuity --model tiny      # 16 built-in prompts, seeds 0 and 1 (bench/results/continuity_tiny.txt)
-    python -m bench.continuity --model bench     # the held-out set, train/bench_heldout.json (bench/results/continuity_bench.txt)
-    python -m bench.continuity --model bench --prompts prompts.txt --seeds 0,1,2 --frames 96
+    python -m bench.quality.continuity --model tiny      # 16 built-in prompts, seeds 0 and 1 (bench/results/continuity_tiny.txt)
+    python -m bench.quality.continuity --model bench     # the held-out set, train/bench_heldout.json (bench/results/continuity_bench.txt)
+    python -m bench.quality.continuity --model bench --prompts prompts.txt --seeds 0,1,2 --frames 96
 
 Positions are measured per latent frame (the mean over the four decoded frames each latent frame gives):
 the VAE decodes a latent frame into four nearly equal frames, so decoded motion is a staircase whose
@@ -26,10 +26,10 @@ import statistics
 import torch
 
 import magi1
-from bench.metrics import psnr
-from magi1 import builtin as tiny
+from bench.quality.metrics import psnr
+from magi1 import builtin
 from train import bench_scenes, scenes
-from train.bench import HELDOUT_FILE
+from train.benchmark_model import HELDOUT_FILE
 from train.scenes import COLORS
 
 CHUNK_FRAMES = 24  # decoded frames per chunk (6 latent frames)
@@ -120,11 +120,10 @@ def generate_video(model, prompt, seed, frames):
     """Decoded video ``[3, F, H, W]`` of a built-in model (no cache)."""
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     states, mask = encoder.encode(prompt)
-    chunks = magi1.VideoLayout.plan(frames, model.size, model.size).chunk_num
-    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, model.special_tokens(),
+    request = magi1.VideoRequest(frames=frames, height=model.size, width=model.size, steps=model.steps, seed=seed)
+    caption, caption_mask = magi1.chunk_captions(states, mask, request.chunks, model.special_tokens(),
                                                  length=dit.config.caption_max_length)
-    result = magi1.generate(dit, caption, caption_mask, frames=frames, height=model.size, width=model.size,
-                            steps=model.steps, seed=seed)
+    result = magi1.generate(dit, request.with_changes(caption=caption, caption_mask=caption_mask))
     return vae.decode(result.latent)
 
 
@@ -209,7 +208,7 @@ def reference_videos(model, count, frames, seed=12345):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(tiny.MODELS), default="tiny", help="the built-in model")
+    parser.add_argument("--model", choices=sorted(builtin.MODELS), default="tiny", help="the built-in model")
     parser.add_argument("--prompts", help="a text file, one prompt a line, or a JSON file with 'prompts' (and "
                                           "'seeds'); default: 16 prompts for tiny, train/bench_heldout.json for bench")
     parser.add_argument("--seeds", help="comma-separated seeds (default: the JSON file's, else 0,1)")
@@ -220,12 +219,12 @@ def main(argv=None):
                              "the VAE (the ceiling)")
     parser.add_argument("--out", help="also write the report to this file")
     args = parser.parse_args(argv)
-    model, pan_speed = tiny.MODELS[args.model], PAN_SPEEDS[args.model]
+    model, pan_speed = builtin.MODELS[args.model], PAN_SPEEDS[args.model]
     prompts, seeds = prompt_set(args)
     for prompt in prompts:
         if not caption_objects(prompt):
             raise SystemExit(f"the prompt {prompt!r} names no colour the tracker knows ({', '.join(COLORS)})")
-    lines = [f"# python -m bench.continuity --model {args.model} ({len(prompts)} prompts, seeds "
+    lines = [f"# python -m bench.quality.continuity --model {args.model} ({len(prompts)} prompts, seeds "
              f"{','.join(map(str, seeds))}, {args.frames} frames, no cache)"]
 
     def note(line):

@@ -9,8 +9,8 @@ boundary shows as a jump of the frame-to-frame change (issue 20: 6-8 inside tile
 3. the cost at 720p (16 x 24 x 90 x 160 latents, 256-pixel spatial tiles), computed: tiles, decoder
    FLOPs relative to the release's tiling, and tokens (activation memory) of the largest tile.
 
-    python -m bench.decode_seams                 # all three (bench/results/decode_seams.txt)
-    python -m bench.decode_seams --skip-random   # the tiny model and the cost table only
+    python -m bench.quality.decode_seams                 # all three (bench/results/decode_seams.txt)
+    python -m bench.quality.decode_seams --skip-random   # the tiny model and the cost table only
 
 Metric: d_t = mean |frame_t - frame_(t-1)| over pixels and channels on the 0-255 scale (frames clamped to
 [-1, 1]). "seam" is its mean at the release's tile boundaries (t = 12, 24, ...), "elsewhere" its mean

@@ -1,6 +1,6 @@
 """Float8 weights: their error against the same model in float32, and the memory they save.
 
-    python -m bench.fp8_error        # prints the report (bench/results/fp8_error.txt)
+    python -m bench.quality.fp8_error        # prints the report (bench/results/fp8_error.txt)
 
 1. Float8 storage of any checkpoint (``fp8_e4m3fn``, ``fp8_e4m3fn_scaled``) on the tiny fixture configs
    (random weights of the official scale, 3 seeds): relative L2 error of one DiT forward against float32.

@@ -1,6 +1,6 @@
 """Time the per-step token-weight computation for one MAGI-1 chunk.
 
-    python -m bench.weights_timing [--size 720] [--repeats 50] [--device cpu]    (from the repository root)
+    python -m bench.speed.weights_timing [--size 720] [--repeats 50] [--device cpu]    (from the repository root)
 
 A chunk at 720x720 is [16, 6, 90, 90] (16 latent channels, 6 latent frames, 90x90 latent pixels, 2x2
 patches → 12150 tokens). Prints the median time of motion, detail and combine, through the public

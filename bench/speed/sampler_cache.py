@@ -1,8 +1,8 @@
 """Whole generations with and without the cache, side by side: wall time against FLOPs, and what the
 cache's bookkeeping costs.
 
-    python -m bench.sampler_cache                          # a small random DiT on the CPU
-    python -m bench.sampler_cache --size 4.5B --height 720 --width 720 --frames 96   # on a GPU
+    python -m bench.speed.sampler_cache                          # a small random DiT on the CPU
+    python -m bench.speed.sampler_cache --size 4.5B --height 720 --width 720 --frames 96   # on a GPU
 
 For ``off`` and for ``motion_detail`` at each threshold τ it prints the median wall time of
 ``--repeats`` runs (interleaved, so that machine noise hits every policy alike), the wall speed-up
@@ -62,7 +62,7 @@ def gather_scatter_share(model, layout, repeats):
 
     def call(active):
         return model(x, torch.full((1, 1), 0.5, device=device), caption, mask, [(0, 2 * ct)], slice_point=1,
-                     cache=cache, cache_write_chunks=1, active=active)
+                     kv_cache=cache, kv_write_chunks=1, active=active)
 
     times = {"dense": [], "sparse": []}
     for _ in range(2):
@@ -99,18 +99,19 @@ def main(argv=None):
     model = magi1.random_dit(SIZES[args.size], seed=args.seed, device=device, dtype=dtype)
     model.distill = args.passes == 1
     timer = InsideDiT(model)
-    layout = magi1.VideoLayout.plan(args.frames, args.height, args.width)
-    generated = layout.chunk_num
+    request = magi1.VideoRequest(frames=args.frames, height=args.height, width=args.width, steps=args.steps,
+                                 seed=args.seed, guidance=magi1.Guidance(passes=args.passes))
+    layout = request.layout(model.config.patch_size)
+    generated = request.chunks
     generator = torch.Generator().manual_seed(args.seed)
     caption = torch.randn(generated, model.config.caption_max_length, model.config.caption_channels,
                           generator=generator)
     mask = torch.zeros(generated, model.config.caption_max_length, dtype=torch.bool)
     mask[:, : model.config.caption_max_length // 2] = True
-    request = dict(frames=args.frames, height=args.height, width=args.width, steps=args.steps, seed=args.seed,
-                   guidance=magi1.Guidance(passes=args.passes))
+    request = request.with_changes(caption=caption, caption_mask=mask)
     runs = policies([float(t) for t in args.taus.split(",")], args.steps)
 
-    generate = lambda policy: magi1.generate(model, caption, mask, policy=policy, **request)  # noqa: E731
+    generate = lambda policy: magi1.generate(model, request.with_changes(policy=policy))  # noqa: E731
     generate(None)  # warm-up
     wall = {name: [] for name in runs}
     inside = {name: [] for name in runs}

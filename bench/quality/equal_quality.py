@@ -1,15 +1,15 @@
-"""Speed-ups at equal quality, read from a results table that ``bench.policies`` wrote: for each policy,
+"""Speed-ups at equal quality, read from a results table that ``bench.quality.policies`` wrote: for each policy,
 the largest FLOP ratio and wall speed-up at which its PSNR against ``off`` stays at or above a bar,
 interpolated linearly along its τ sweep (``off`` itself, 1x at any bar, starts every sweep).
 
-    python -m bench.equal_quality bench/results/policies_bench_heldout.md --bars 35,30
+    python -m bench.quality.equal_quality bench/results/policies_bench_heldout.md --bars 35,30
 """
 
 from __future__ import annotations
 
 import argparse
 
-OFF_PSNR = 99.0  # what bench.policies writes for identical videos
+OFF_PSNR = 99.0  # what bench.quality.policies writes for identical videos
 
 
 def read_rows(text):
@@ -53,13 +53,13 @@ def report(rows, bars):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="a results .md written by bench.policies")
+    parser.add_argument("results", help="a results .md written by bench.quality.policies")
     parser.add_argument("--bars", default="35,30", help="comma-separated PSNR bars in dB (default 35,30)")
     args = parser.parse_args(argv)
     with open(args.results) as f:
         rows = read_rows(f.read())
     if not rows:
-        raise SystemExit(f"{args.results}: no results table found (write one with python -m bench.policies)")
+        raise SystemExit(f"{args.results}: no results table found (write one with python -m bench.quality.policies)")
     print(report(rows, [float(b) for b in args.bars.split(",") if b.strip()]))
     return 0
 

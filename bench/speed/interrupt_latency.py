@@ -3,7 +3,7 @@ interrupt raised from another thread after a few seconds, the time until ``gener
 released its buffers. Before the stop check inside the DiT, an interrupt was only seen between steps
 (152 s at this size in issue 20's report).
 
-    python -m bench.interrupt_latency            # prints the latency (bench/results/interrupt_latency.txt)
+    python -m bench.speed.interrupt_latency            # prints the latency (bench/results/interrupt_latency.txt)
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import threading
 import time
 
 import magi1
-from magi1 import chunk_captions, generate
-from magi1 import builtin as tiny
+from magi1 import VideoRequest, chunk_captions, generate
+from magi1 import builtin
 
 SIZE = 2048
 
@@ -24,7 +24,7 @@ class Interrupted(Exception):
 
 
 def measure(after_seconds, size=SIZE):
-    model = tiny.TINY
+    model = builtin.TINY
     dit = model.load_dit()
     states, mask = model.load_text_encoder().encode(model.example_prompt)
     caption, caption_mask = chunk_captions(states, mask, 1, model.special_tokens(), length=dit.config.caption_max_length)
@@ -40,7 +40,8 @@ def measure(after_seconds, size=SIZE):
     began = time.perf_counter()
     timer.start()
     try:
-        generate(dit, caption, caption_mask, frames=24, height=size, width=size, steps=4, seed=0, stop=stop)
+        request = VideoRequest(frames=24, height=size, width=size, steps=4, caption=caption, caption_mask=caption_mask)
+        generate(dit, request, stop=stop)
     except Interrupted:
         pass
     gc.collect()

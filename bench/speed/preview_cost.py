@@ -11,7 +11,7 @@ sampling thread (timed too, for completeness).
   assumed 400 TFLOP/s effective: a lower bound on the step, so an upper bound on the share;
 - the one-time fit of the projection, on the tiny VAE and (``--full-vae``) on a random full-size VAE.
 
-    PYTHONPATH=. python bench/preview_cost.py [--full-vae] [--device cuda]
+    PYTHONPATH=. python bench/speed/preview_cost.py [--full-vae] [--device cuda]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from PIL import Image, ImageOps
 
 import magi1
-from magi1 import builtin as tiny
+from magi1 import builtin
 from magi1.video import preview
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 
@@ -52,18 +52,17 @@ def server_side(image, size=512):
 
 
 def tiny_run():
-    dit, encoder = tiny.load_tiny_dit(), tiny.load_tiny_text_encoder()
-    states, mask = encoder.encode(tiny.TINY.example_prompt)
-    chunks = magi1.VideoLayout.plan(48, tiny.SIZE, tiny.SIZE).chunk_num
-    caption, caption_mask = magi1.chunk_captions(states, mask, chunks, tiny.tiny_special_tokens())
+    dit, encoder = builtin.load_tiny_dit(), builtin.load_tiny_text_encoder()
+    states, mask = encoder.encode(builtin.TINY.example_prompt)
+    request = magi1.VideoRequest(frames=48, height=builtin.SIZE, width=builtin.SIZE, steps=builtin.STEPS)
+    caption, caption_mask = magi1.chunk_captions(states, mask, request.chunks, builtin.tiny_special_tokens())
     stamps, steps = [], []
 
     def on_step(step):
         stamps.append(time.perf_counter())
         steps.append(step)
 
-    magi1.generate(dit, caption, caption_mask, frames=48, height=tiny.SIZE, width=tiny.SIZE, steps=tiny.STEPS,
-                   seed=0, on_step=on_step)
+    magi1.generate(dit, request.with_changes(caption=caption, caption_mask=caption_mask), on_step=on_step)
     return statistics.median(b - a for a, b in zip(stamps, stamps[1:])), steps
 
 
@@ -82,7 +81,7 @@ def main():
     device = torch.device(args.device)
     torch.set_grad_enabled(False)
 
-    vae = tiny.load_tiny_vae(device=device)
+    vae = builtin.load_tiny_vae(device=device)
     fit_s = median_s(lambda: preview.fit_rgb_projection(vae), repeats=3)
     projection = preview.fit_rgb_projection(vae)
     print(f"fit on the tiny VAE ({device}): {fit_s * 1e3:.0f} ms once per VAE; solid-colour error "

@@ -1,11 +1,11 @@
 """Sparse efficiency by a fixed protocol: does the wall time follow the FLOPs when half the tokens are computed?
 
-    python -m bench.sparse_efficiency                  # the benchmark model on the CPU, 7 rounds
-    python -m bench.sparse_efficiency --model tiny --fraction 0.25 --rounds 9
+    python -m bench.speed.sparse_efficiency                  # the benchmark model on the CPU, 7 rounds
+    python -m bench.speed.sparse_efficiency --model tiny --fraction 0.25 --rounds 9
 
 Whole generations of a built-in model (its example prompt, 48 frames, its steps) with exactly
 ``--fraction`` of every chunk's tokens computed at every step after the chunk's first (a random set each
-step, no policy: ``bench.forced_reuse``), against dense generations, in interleaved rounds (dense, sparse,
+step, no policy: ``bench.speed.forced_reuse``), against dense generations, in interleaved rounds (dense, sparse,
 dense, sparse, ...) so that machine noise hits both alike. Each round gives a wall speed-up; divided by the
 analytic FLOP ratio it is the sparse efficiency (1.0: wall time follows FLOPs exactly). Printed: the
 median and range over the rounds, the same from the fastest dense and fastest sparse round (a
@@ -21,7 +21,7 @@ import statistics
 import torch
 
 import magi1
-from magi1 import builtin as tiny
+from magi1 import builtin
 
 from .forced_reuse import ForcedFraction
 from .timing import InsideDiT
@@ -31,15 +31,16 @@ def measure(model, fraction=0.5, rounds=7, frames=48, seed=0, log=print):
     """Per round: ``(dense wall, sparse wall, dense inside DiT, sparse inside DiT)`` seconds, and the stats of
     the last dense and sparse runs."""
     dit, encoder = model.load_dit(), model.load_text_encoder()
-    chunks = magi1.VideoLayout.plan(frames, model.size, model.size).chunk_num
-    caption = magi1.chunk_captions(*encoder.encode(model.example_prompt), chunks, model.special_tokens())
+    request = magi1.VideoRequest(frames=frames, height=model.size, width=model.size, steps=model.steps, seed=seed)
+    caption, caption_mask = magi1.chunk_captions(*encoder.encode(model.example_prompt), request.chunks,
+                                                 model.special_tokens())
+    request = request.with_changes(caption=caption, caption_mask=caption_mask)
     policy = ForcedFraction(fraction, seed=seed)
     timer = InsideDiT(dit)
 
     def generate(chosen):
         timer.seconds = 0.0
-        result = magi1.generate(dit, *caption, frames=frames, height=model.size, width=model.size, steps=model.steps,
-                                seed=seed, policy=chosen)
+        result = magi1.generate(dit, request.with_changes(policy=chosen))
         return result.stats, timer.seconds
 
     try:
@@ -81,7 +82,7 @@ def summary(times, last, forward_steps):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=sorted(tiny.MODELS), default="bench", help="the built-in model")
+    parser.add_argument("--model", choices=sorted(builtin.MODELS), default="bench", help="the built-in model")
     parser.add_argument("--fraction", type=float, default=0.5, help="share of tokens computed after a chunk's first step")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--frames", type=int, default=48)
@@ -91,11 +92,11 @@ def main(argv=None):
         raise SystemExit(f"--fraction must be in (0, 1], got {args.fraction}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
-    model = tiny.MODELS[args.model]
+    model = builtin.MODELS[args.model]
     times, last = measure(model, args.fraction, args.rounds, args.frames)
-    layout = magi1.VideoLayout.plan(args.frames, model.size, model.size)
+    layout = magi1.VideoRequest(frames=args.frames, height=model.size, width=model.size).layout()
     forward_steps = magi1.sampling.schedule.total_forward_steps(layout.chunk_num, model.steps, 4)
-    lines = [f"# python -m bench.sparse_efficiency --model {args.model} --fraction {args.fraction:g} "
+    lines = [f"# python -m bench.speed.sparse_efficiency --model {args.model} --fraction {args.fraction:g} "
              f"--rounds {args.rounds} ({args.frames} frames {model.size}x{model.size}, {model.steps} steps, CPU "
              f"{torch.get_num_threads()} threads)"] + summary(times, last, forward_steps)
     print("\n".join(lines))

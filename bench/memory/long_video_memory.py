@@ -4,8 +4,8 @@ and 2400 frames (4 s, 20 s, 100 s). Each run is its own process; the peak is the
 of the child). ``--decode after`` is measured too, and, with ``--against`` a checkout of an older version,
 the same runs there. Each cell is the median of 3 runs.
 
-    python -m bench.long_video_memory                      # prints the table (bench/results/long_video_memory.txt)
-    python -m bench.long_video_memory --against /tmp/old   # and an older checkout's, side by side
+    python -m bench.memory.long_video_memory                      # prints the table (bench/results/long_video_memory.txt)
+    python -m bench.memory.long_video_memory --against /tmp/old   # and an older checkout's, side by side
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Train the benchmark model: the tiny model's architecture on 128x128 scenes shaped like the videos
 people make (``train/bench_scenes.py``), where token-level reuse has room to work (64 tokens a frame).
 
-    python -m train.bench                      # from the repository root; writes magi1/builtin/bench_weights
+    python -m train.benchmark_model                      # from the repository root; writes magi1/builtin/benchmark_model
 
 It shares the tiny model's loops (``train/tiny.py``) through its own ``Recipe`` and reuses the tiny
 model's VAE (``magi1/builtin/weights/vae.safetensors``, 21 dB on these scenes at 128x128; a VAE of its own
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from magi1.builtin import BENCH as BENCH_MODEL
+from magi1.builtin import BENCHMARK_MODEL as BENCH_MODEL
 from magi1.builtin import VAE_FILE
 from magi1.builtin.text_encoder import SPECIALS
 from magi1.video.vae import load_vae
@@ -42,16 +42,16 @@ def vocabulary():
     return list(SPECIALS) + bench_scenes.caption_vocabulary()
 
 
-BENCH = shared.Recipe(SIZE, shared.DIT_CONFIG, shared.VAE_CONFIG,
+BENCHMARK_MODEL = shared.Recipe(SIZE, shared.DIT_CONFIG, shared.VAE_CONFIG,
                       functools.partial(bench_scenes.scene_batch, avoid=frozenset(heldout_prompts())), vocabulary,
                       text_tokens=40)  # the longest caption has 36 words
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.benchmark_model", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=BENCH_MODEL.folder,
                         help="folder for dit.safetensors, text_encoder.safetensors and special_tokens.npz "
-                             "(default: magi1/builtin/bench_weights)")
+                             "(default: magi1/builtin/benchmark_model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dit-steps", type=int, default=6000)
     parser.add_argument("--scenes", type=int, default=3000, help="training scenes, encoded once")
@@ -64,7 +64,7 @@ def main(argv=None):
     began = time.time()
     vae = load_vae(VAE_FILE, dtype=torch.float32)
     model, captions = shared.train_dit(vae, args.seed, args.dit_steps, scenes=args.scenes, resume=args.resume,
-                                       recipe=BENCH, checkpoint=lambda m, c: shared.save_dit(args.out, m, c))
+                                       recipe=BENCHMARK_MODEL, checkpoint=lambda m, c: shared.save_dit(args.out, m, c))
     shared.save_dit(args.out, model, captions)
     print(f"trained in {(time.time() - began) / 60:.1f} min; weights in {args.out}")
 

@@ -1,7 +1,7 @@
 """Time one DiT chunk forward, dense and sparse, against its analytic FLOPs.
 
-    python -m bench.dit_timing                                    # 4.5B at 720x720 on CUDA (random weights)
-    python -m bench.dit_timing --size tiny --device cpu           # a quick CPU run of the same code
+    python -m bench.speed.dit_timing                                    # 4.5B at 720x720 on CUDA (random weights)
+    python -m bench.speed.dit_timing --size tiny --device cpu           # a quick CPU run of the same code
 
 The call is the steady-state one: one noisy chunk (6 latent frames) attending to itself and to one
 clean chunk read from the KV cache, writing its keys/values back. Sparse calls compute a random
@@ -53,7 +53,7 @@ def main(argv=None):
         t=torch.tensor([[0.3]], device=device),
         caption=torch.randn(1, 1, length, cfg.caption_channels, generator=g).to(device, dtype),
         caption_mask=(torch.arange(length) < valid).view(1, 1, length).to(device),
-        kv_range=[(0, 2 * ct)], slice_point=1, cache_write_chunks=1,
+        kv_range=[(0, 2 * ct)], slice_point=1, kv_write_chunks=1,
     )
     cache = magi1.KVCache.for_model(model, 2 * ct)
     print(f"MAGI-1 {args.size} DiT, {args.height}x{args.width}: one chunk of {ct} tokens + 1 cached chunk, "
@@ -66,13 +66,13 @@ def main(argv=None):
     for backend in backends:
         model.set_attention_backend(backend)
         with torch.inference_mode():
-            dense_ms = median_ms(lambda: model(**inputs, cache=cache), args.repeats, device)
+            dense_ms = median_ms(lambda: model(**inputs, kv_cache=cache), args.repeats, device)
         print(f"{backend:>8} {'dense':>7} {dense_ms:10.2f} {1.0:11.3f} {1.0:11.3f} {dense_flops / dense_ms / 1e9:8.1f}")
         for fraction in fractions:
             n = max(1, round(fraction * ct))
             active = [torch.randperm(ct, generator=g)[:n].sort().values.to(device)]
             with torch.inference_mode():
-                ms = median_ms(lambda: model(**inputs, cache=cache, active=active), args.repeats, device)
+                ms = median_ms(lambda: model(**inputs, kv_cache=cache, active=active), args.repeats, device)
             f = magi1.flops(cfg, query_tokens=n, key_tokens=2 * ct, caption_tokens=valid).total
             print(f"{backend:>8} {fraction:7.2f} {ms:10.2f} {ms / dense_ms:11.3f} {f / dense_flops:11.3f} "
                   f"{f / ms / 1e9:8.1f}")

@@ -1,10 +1,10 @@
 """The cache policies side by side on a built-in model: work saved against quality lost.
 
-    python -m bench.policies                 # the tiny model: about 20 minutes on 2 CPU cores
-    python -m bench.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
-    python -m bench.policies --model bench --prompts bench/setups/calibration.json --calibrate   # the presets
-    python -m bench.policies --model bench --setup bench/setups/bench_heldout.json   # the benchmark model's held-out set
-    python -m bench.policies --model bench --prompts my.txt --seeds 0,1,2 --policies teacache,motion_detail/max/latent --taus 0.1,0.2
+    python -m bench.quality.policies                 # the tiny model: about 20 minutes on 2 CPU cores
+    python -m bench.quality.policies --quick         # a smoke run: one prompt, two thresholds, one repeat
+    python -m bench.quality.policies --model bench --prompts bench/setups/calibration.json --calibrate   # the presets
+    python -m bench.quality.policies --model bench --setup bench/setups/bench_heldout.json   # the benchmark model's held-out set
+    python -m bench.quality.policies --model bench --prompts my.txt --seeds 0,1,2 --policies teacache,motion_detail/max/latent --taus 0.1,0.2
 
 Prompts, seeds, policies and τ values come from the command line or a JSON ``--setup`` file (keys
 ``prompts``, ``seeds``, ``policies``, ``taus``, ``frames``, ``steps``; the command line wins). A policy is
@@ -37,14 +37,14 @@ from typing import Optional
 import torch
 
 import magi1
-from bench.metrics import psnr, ssim, temporal_psnr
+from bench.quality.metrics import psnr, ssim, temporal_psnr
 from cache_core import PRESET_SCHEDULE, CachePolicy
 from cache_core.policy import PROXIES
 from cache_core.token_weights import COMBINE_MODES
-from magi1 import builtin as tiny
-from train.bench import HELDOUT_FILE
+from magi1 import builtin
+from train.benchmark_model import HELDOUT_FILE
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 PROMPTS = (
     "a red ball moving right over a checkerboard",
     "a yellow square bouncing in front of a gray wall",
@@ -186,15 +186,15 @@ def configurations(taus=TAUS, policies=POLICIES):
     return rows
 
 
-def run(rows, prompts, seeds, frames, steps, repeats, model=tiny.TINY, log=print):
+def run(rows, prompts, seeds, frames, steps, repeats, model=builtin.TINY, log=print):
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
-    chunks = magi1.VideoLayout.plan(frames, model.size, model.size).chunk_num
-    captions = [magi1.chunk_captions(*encoder.encode(p), chunks, model.special_tokens()) for p in prompts]
+    request = magi1.VideoRequest(frames=frames, height=model.size, width=model.size)
+    captions = [magi1.chunk_captions(*encoder.encode(p), request.chunks, model.special_tokens()) for p in prompts]
     jobs = [(caption, seed) for caption in captions for seed in seeds]
 
     def generate(policy, caption, seed, row_steps):
-        return magi1.generate(dit, *caption, frames=frames, height=model.size, width=model.size, steps=row_steps,
-                              seed=seed, policy=policy)
+        return magi1.generate(dit, request.with_changes(caption=caption[0], caption_mask=caption[1], steps=row_steps,
+                                                        seed=seed, policy=policy))
 
     generate(None, *jobs[0], steps)  # warm-up
     references = {n: [vae.decode(generate(None, *job, n).latent) for job in jobs]
@@ -370,14 +370,14 @@ def setup(args):
     for name in ("frames", "steps"):
         if getattr(args, name) is not None:
             chosen[name] = getattr(args, name)
-    model = tiny.MODELS[args.model]
+    model = builtin.MODELS[args.model]
     return (list(chosen.get("prompts", PROMPTS)), list(chosen.get("seeds", SEEDS)), list(chosen.get("policies", POLICIES)),
             list(chosen.get("taus", TAUS)), chosen.get("frames", 48), chosen.get("steps", model.steps))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=sorted(tiny.MODELS), default="tiny", help="the built-in model")
+    parser.add_argument("--model", choices=sorted(builtin.MODELS), default="tiny", help="the built-in model")
     parser.add_argument("--setup", help="a JSON file with any of prompts, seeds, policies, taus, frames, steps")
     parser.add_argument("--prompts", help="a text file, one prompt a line, or a JSON file with 'prompts' (and 'seeds')")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1)")
@@ -395,7 +395,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the results (default: bench/results)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = tiny.MODELS[args.model]
+    model = builtin.MODELS[args.model]
     prompts, seeds, policies, taus, frames, steps = setup(args)
     repeats = args.repeats
     if args.quick:
@@ -408,7 +408,7 @@ def main(argv=None):
     if args.calibrate:
         configs = [configs[0]] + [Row(family, tau, CachePolicy.preset_family(tau)) for tau in CALIBRATION_TAUS]
     rows = run(configs, prompts, seeds, frames, steps, repeats, model=model)
-    header = (f"{'Tiny' if model is tiny.TINY else 'Benchmark'} MAGI-1 model (built-in, `--model {model.name}`), "
+    header = (f"{'Tiny' if model is builtin.TINY else 'Benchmark'} MAGI-1 model (built-in, `--model {model.name}`), "
               f"{len(prompts)} prompts x {len(seeds)} seeds ({', '.join(map(str, seeds))}), {frames} frames "
               f"{model.size}x{model.size}, {steps} steps, CPU ({torch.get_num_threads()} threads), wall time the "
               f"median of {repeats} rounds. Every policy: warm-up {COMMON['warmup_steps']}, chunk-level "
@@ -424,7 +424,7 @@ def main(argv=None):
         if any(r.family.startswith("motion_detail") for r in rows):
             report += ("\n\n" + f"Best MotionDetailCache variant at equal FLOPs: **{best_family(rows)}**. The presets "
                        "come from a finer τ sweep of the presets' policy on the benchmark model's calibration "
-                       "set: `python -m bench.policies --model bench --prompts bench/setups/calibration.json "
+                       "set: `python -m bench.quality.policies --model bench --prompts bench/setups/calibration.json "
                        "--calibrate` (bench/results/calibration_bench.md).")
         name, title = results_name + ".md", f"# Cache policies on the {model.name} model"
     print(report)

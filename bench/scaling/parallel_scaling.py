@@ -1,7 +1,7 @@
 """Several processes: per-rank memory and communication on paper for 24B, and time per step measured on CPU.
 
-    python -m bench.parallel_scaling              # writes bench/results/parallel_scaling.md
-    python -m bench.parallel_scaling --paper      # the paper table only (no processes started)
+    python -m bench.scaling.parallel_scaling              # writes bench/results/parallel_scaling.md
+    python -m bench.scaling.parallel_scaling --paper      # the paper table only (no processes started)
 
 Paper (``magi1.planning.memory_plan`` and ``magi1.distributed.parallel``'s scheme; 24B distill, 720x1280, 96 frames, one pass,
 context parallel over N processes, bf16 compute, cache off). Per rank:
@@ -34,15 +34,14 @@ import time
 
 import torch
 
-from magi1 import memory_plan
+from magi1 import VideoRequest, memory_plan
 from magi1.network.config import ModelConfig
-from magi1.sampling.layout import VideoLayout
 from magi1.weights.loader import OFFICIAL_MODEL_CONFIGS
 from magi1.planning.memory_plan import GB, dit_activation_bytes, layer_weight_bytes, window_calls
 from magi1.network.flops import flops
 from magi1.distributed.parallel import split_sizes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # bench/
 OUT = os.path.join(HERE, "results", "parallel_scaling.md")
 SIZE = dict(frames=96, height=720, width=1280)
 BF16 = 2
@@ -51,8 +50,9 @@ PER_GPU_FLOPS = 600e12  # an assumed sustained bf16 rate per GPU (H100-class), f
 
 def per_rank(config, processes, weight_dtype="bfloat16"):
     """Per-rank GB of weights, KV cache, activations, and the GB one rank receives per step."""
-    plan = memory_plan(config, **SIZE, weight_dtype=weight_dtype, passes=1, cache="off", decode=False)
-    layout = VideoLayout.plan(**SIZE, patch_size=config.patch_size)
+    request = VideoRequest(**SIZE)
+    plan = memory_plan(config, request, weight_dtype=weight_dtype, passes=1, decode=False)
+    layout = request.layout(config.patch_size)
     calls = window_calls(layout, passes=1)
     n, L = processes, config.num_layers
     layer = [sum(layer_weight_bytes(config, i, weight_dtype).values()) for i in range(L)]
@@ -99,10 +99,9 @@ def _request(frames=48, steps=16):
     from magi1 import chunk_captions
     from magi1.builtin import TINY
     states, mask = TINY.load_text_encoder().encode(TINY.example_prompt)
-    chunks = VideoLayout.plan(frames, TINY.size, TINY.size).chunk_num
-    caption, caption_mask = chunk_captions(states, mask, chunks, TINY.special_tokens(), length=800)
-    return dict(caption=caption, caption_mask=caption_mask, frames=frames, height=TINY.size, width=TINY.size,
-                steps=steps, seed=0)
+    request = VideoRequest(frames=frames, height=TINY.size, width=TINY.size, steps=steps, seed=0)
+    caption, caption_mask = chunk_captions(states, mask, request.chunks, TINY.special_tokens(), length=800)
+    return request.with_changes(caption=caption, caption_mask=caption_mask)
 
 
 def _policy():
@@ -116,11 +115,11 @@ def _run(parallel, cached):
     model = TINY.load_dit(parallel=parallel)
     if parallel is not None and parallel.world == 1:  # distribute skips the exchanges for one process: forced
         model.context_parallel = parallel.context(model.config)
-    args = _request()
+    request = _request().with_changes(policy=_policy() if cached else None, record_masks=cached)
     with torch.no_grad():
-        generate(model, **_request(frames=24, steps=8), parallel=parallel)  # warm-up
+        generate(model, _request(frames=24, steps=8), parallel=parallel)  # warm-up
         start = time.perf_counter()
-        result = generate(model, **args, policy=_policy() if cached else None, parallel=parallel, record_masks=cached)
+        result = generate(model, request, parallel=parallel)
     return result, time.perf_counter() - start
 
 

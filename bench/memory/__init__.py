@@ -1,0 +1,1 @@
+"""Memory: the plan's tables and the measured memory of long videos."""

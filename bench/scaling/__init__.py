@@ -1,0 +1,1 @@
+"""Several GPUs: the per-rank plan and the measured multi-process speed."""
