@@ -73,6 +73,9 @@ class CachePolicy:
     # How a reused token's velocity is made from its computed ones: 0 holds the last (as released), 1
     # extrapolates linearly in time from the last two, values between damp the extrapolation.
     velocity_extrapolation: float = 0.0
+    # The extrapolation's order: 1 from the last two computed velocities, 2 from the last three (a quadratic
+    # in time, still never more than one span ahead).
+    extrapolation_order: int = 1
     # Token threshold over a chunk's steps: τ·(1 + tau_ramp·(2k/(n − 1) − 1)) at step k of n, so 0 keeps
     # τ, and a positive ramp reuses less early (while the layout forms) and more late, τ on average.
     tau_ramp: float = 0.0
@@ -102,6 +105,7 @@ class CachePolicy:
         if not isinstance(self.rescale_reused_velocity, bool):
             raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
         check_number("velocity_extrapolation", self.velocity_extrapolation, low=0.0, high=1.0)
+        check_choice("extrapolation_order", self.extrapolation_order, (1, 2))
         check_number("tau_ramp", self.tau_ramp, low=0.0, high=1.0)
         if not isinstance(self.refresh_neighbours, bool):
             raise ValueError(f"refresh_neighbours must be True or False, got {self.refresh_neighbours!r}")

@@ -31,6 +31,9 @@ class ChunkMemory:
     velocity_prev: Optional[torch.Tensor] = None
     t_last: Optional[torch.Tensor] = None  # [N] float32
     t_prev: Optional[torch.Tensor] = None  # [N] float32 (NaN: computed only once so far)
+    # Second-order extrapolation only: the computed velocity before those two, and its times
+    velocity_prev2: Optional[torch.Tensor] = None
+    t_prev2: Optional[torch.Tensor] = None  # [N] float32 (NaN: computed fewer than three times so far)
     t_now: Optional[float] = None  # the chunk's time at the step being decided
     velocity_dt: Optional[torch.Tensor] = None  # [N]: step size of each token's velocity (rescale_reused_velocity=False only)
     weights: Optional[torch.Tensor] = None  # [N] float32: token weights for the next decision
@@ -48,11 +51,15 @@ class VelocityReuse:
     """Fresh velocities where computed, remembered ones where reused, for chunks of ``token_grid``
     tokens of ``patch`` latent pixels. With ``extrapolation`` e > 0 a reused token's velocity at time t
     is ``v1 + e·(v1 − v0)·min((t − t1)/(t1 − t0), 1)`` from its last two computed velocities v1 (at t1)
-    and v0 (at t0): first order in time, each token with its own times, never beyond one span."""
+    and v0 (at t0): first order in time, each token with its own times, never beyond one span. With
+    ``order`` 2 the quadratic through the last three computes (Newton's form) adds
+    ``e·(s·(s + 1)/2)·(t1 − t0)²·D2`` where ``s = min((t − t1)/(t1 − t0), 1)`` and ``D2`` is the second
+    divided difference; a token computed only twice falls back to first order."""
 
-    def __init__(self, token_grid, patch, rescale, extrapolation=0.0):
+    def __init__(self, token_grid, patch, rescale, extrapolation=0.0, order=1):
         self.token_grid, self.patch, self.rescale = token_grid, patch, rescale
         self.extrapolation = float(extrapolation)
+        self.order = int(order)
         self.n_tokens = token_grid[0] * token_grid[1] * token_grid[2]
 
     def __call__(self, mem, action, velocity, dt):
@@ -81,20 +88,41 @@ class VelocityReuse:
         valid = torch.isfinite(span) & (span != 0)
         factor = torch.where(valid, (mem.t_now - mem.t_last) / torch.where(valid, span, 1.0), 0.0)
         factor = factor.clamp(max=EXTRAPOLATION_SPANS)
-        return mem.velocity + self._to_pixels(self.extrapolation * factor) * (mem.velocity - mem.velocity_prev)
+        out = mem.velocity + self._to_pixels(self.extrapolation * factor) * (mem.velocity - mem.velocity_prev)
+        if self.order < 2:
+            return out
+        # Newton's second term over (t0, t1, t2) = (t_prev2, t_prev, t_last), at t2 + s·(t2 − t1):
+        # (t − t2)(t − t1)·D2 with D2 = ((v2 − v1)/(t2 − t1) − (v1 − v0)/(t1 − t0)) / (t2 − t0).
+        older = mem.t_prev - mem.t_prev2
+        whole = mem.t_last - mem.t_prev2
+        valid2 = valid & torch.isfinite(older) & (older != 0) & (whole != 0)
+        safe = lambda x: torch.where(valid2, x, 1.0)  # noqa: E731
+        # per token: s·(s + 1)·span² / whole, times the velocities' divided differences
+        a = torch.where(valid2, factor * (factor + 1.0) * span * span / safe(whole), 0.0)
+        first = (mem.velocity - mem.velocity_prev) / self._to_pixels(safe(span))
+        second = (mem.velocity_prev - mem.velocity_prev2) / self._to_pixels(safe(older))
+        return out + self._to_pixels(self.extrapolation * a) * (first - second)
 
     def _remember(self, mem, velocity, mask):
         """The computed tokens' new velocity and time; their previous ones move one place back."""
         now = torch.full((self.n_tokens,), float(mem.t_now), device=velocity.device)
+        second = self.order >= 2
         if mem.velocity is None:
             mem.velocity, mem.velocity_prev = velocity, velocity
             mem.t_last, mem.t_prev = now, torch.full_like(now, float("nan"))
+            if second:
+                mem.velocity_prev2, mem.t_prev2 = velocity, torch.full_like(now, float("nan"))
             return
         if mask is None:
+            if second:
+                mem.velocity_prev2, mem.t_prev2 = mem.velocity_prev, mem.t_prev
             mem.velocity_prev, mem.velocity = mem.velocity, velocity
             mem.t_prev, mem.t_last = mem.t_last, now
             return
         pixels = self._to_pixels(mask)
+        if second:
+            mem.velocity_prev2 = torch.where(pixels, mem.velocity_prev, mem.velocity_prev2)
+            mem.t_prev2 = torch.where(mask, mem.t_prev, mem.t_prev2)
         mem.velocity_prev = torch.where(pixels, mem.velocity, mem.velocity_prev)
         mem.velocity = torch.where(pixels, velocity, mem.velocity)
         mem.t_prev = torch.where(mask, mem.t_last, mem.t_prev)

@@ -220,3 +220,68 @@ def test_the_budget_keeps_the_largest_accumulators_among_the_tokens_due():
     # accumulators 0.6, 0.2, 1.0, 0.4, 0.8, 0.1: due 0, 2, 3, 4; the budget of 3 keeps 2, 4 and 0
     assert plan.active_mask.tolist() == [True, False, True, False, True, False]
     assert sync.read()[:2] == [3.0, 0.0]
+
+
+def quadratic_reference(run, extrapolation, patch=(2, 2)):
+    """Per token, by hand (numpy-free Lagrange form, independent of the Newton form the code uses): fresh
+    where computed; after three computes the quadratic through them at t1 + min(t − t1, t1 − t0) (t1 the
+    last compute, t0 the one before), scaled by e from the last velocity; after two, the line; after one,
+    the last velocity."""
+    history, expected, second_order = {}, [], 0
+    for d, fresh, _, t in run:
+        C, T, H, W = run[0][1].shape
+        gh, gw = H // patch[0], W // patch[1]
+        v = torch.empty(C, T, H, W, dtype=torch.float64)
+        for token in range(d.n_tokens):
+            f, rest = divmod(token, gh * gw)
+            i, j = divmod(rest, gw)
+            pixels = (slice(None), f, slice(i * patch[0], (i + 1) * patch[0]), slice(j * patch[1], (j + 1) * patch[1]))
+            computed = d.action == "dense" or (d.action == "sparse" and token in d.active.tolist())
+            past = history.setdefault((d.chunk_id, token), [])
+            if computed:
+                past.append((t, fresh[pixels].double().clone()))
+                v[pixels] = fresh[pixels].double()
+                continue
+            if len(past) == 1:
+                v[pixels] = past[-1][1]
+                continue
+            (ta, va), (tb, vb) = past[-2], past[-1]
+            at = tb + min(t - tb, tb - ta)
+            if len(past) == 2:
+                v[pixels] = vb + extrapolation * (vb - va) * (at - tb) / (tb - ta)
+                continue
+            (tz, vz) = past[-3]
+            second_order += 1
+            lagrange = (vz * (at - ta) * (at - tb) / ((tz - ta) * (tz - tb))
+                        + va * (at - tz) * (at - tb) / ((ta - tz) * (ta - tb))
+                        + vb * (at - tz) * (at - ta) / ((tb - tz) * (tb - ta)))
+            v[pixels] = vb + extrapolation * (lagrange - vb)
+        expected.append(v)
+    return expected, second_order
+
+
+@pytest.mark.parametrize("mode,extrapolation,seed", [("hybrid", 1.0, 0), ("motion_detail", 0.5, 1), ("flowcache", 1.0, 2)])
+def test_second_order_extrapolation_matches_the_quadratic_through_three_computes(mode, extrapolation, seed):
+    policy = CachePolicy(mode=mode, tau=0.2, chunk_tau=0.3, warmup_steps=3, chunk_wise_steps=1, final_full_steps=1,
+                         proxy="denoised", velocity_extrapolation=extrapolation, extrapolation_order=2)
+    run = drive(policy, seed, power=2)
+    expected, second_order = quadratic_reference(run, extrapolation)
+    assert second_order > 0 and any(d.action != "dense" for d, *_ in run)
+    for (_, _, got, _), want in zip(run, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_second_order_extrapolation_is_exact_for_velocities_quadratic_in_time():
+    g = torch.Generator().manual_seed(6)
+    a, b, c = (torch.randn(3, 4, 2, 6, 8, generator=g) for _ in range(3))
+    policy = CachePolicy(mode="flowcache", tau=0.2, warmup_steps=3, chunk_wise_steps=12, final_full_steps=0,
+                         proxy="denoised", velocity_extrapolation=1.0, extrapolation_order=2, max_reuse=1)
+    truth = lambda chunk, t: a[chunk] + b[chunk] * t + c[chunk] * t * t  # noqa: E731
+    run = drive(policy, 6, velocity_of=truth)
+    assert sum(d.action == "skip" for d, *_ in run) > 4
+    for d, _, got, t in run:
+        torch.testing.assert_close(got, truth(d.chunk_id, t), rtol=1e-4, atol=1e-4)
+    first = drive(policy.replace(extrapolation_order=1), 6, velocity_of=truth)
+    assert any(not torch.allclose(v, truth(d.chunk_id, t), atol=1e-4) for d, _, v, t in first)
+    with pytest.raises(ValueError, match="extrapolation_order must be one of"):
+        CachePolicy(extrapolation_order=3)
