@@ -76,3 +76,14 @@ def test_a_run_measures_every_video_once_and_resumes(tmp_path):
     text = grid.report(setup, records, "grid")
     assert "| flowcache | 0.3 | 2 |" in text and "first-chunk PSNR" in text and "not measured" in text
     json.dumps(records)  # plain JSON lines
+
+
+def test_speedup_at_quality_reads_the_crossing_only_inside_a_close_pair():
+    def videos(*values):
+        return {(v, 0): {"psnr": value} for v, value in enumerate(values)}
+
+    close = [(0.1, 1.4, videos(40, 40)), (0.2, 1.6, videos(30, 30)), (0.3, 2.5, videos(20, 20))]
+    assert grid.speedup_at_quality(close, 35.0) == pytest.approx(1.5)  # 40 dB at 1.4x, 30 at 1.6x
+    assert grid.speedup_at_quality(close, 25.0) == (1.6, 2.5)  # the crossing lies in a 0.9x gap
+    assert grid.speedup_at_quality(close, 45.0) is None
+    assert grid.speedup_at_quality(close, 15.0) == 2.5

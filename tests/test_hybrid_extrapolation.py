@@ -285,3 +285,65 @@ def test_second_order_extrapolation_is_exact_for_velocities_quadratic_in_time():
     assert any(not torch.allclose(v, truth(d.chunk_id, t), atol=1e-4) for d, _, v, t in first)
     with pytest.raises(ValueError, match="extrapolation_order must be one of"):
         CachePolicy(extrapolation_order=3)
+
+
+def _predict(past, t, order, e):
+    """A token's reused velocity at ``t`` from its computes ``past`` [(t, v), ...], by hand (Lagrange)."""
+    (tb, vb) = past[-1]
+    if order == 0 or len(past) == 1:
+        return vb
+    (ta, va) = past[-2]
+    at = tb + min(t - tb, tb - ta)
+    if order == 1 or len(past) == 2:
+        return vb + e * (vb - va) * (at - tb) / (tb - ta)
+    (tz, vz) = past[-3]
+    lagrange = (vz * (at - ta) * (at - tb) / ((tz - ta) * (tz - tb)) + va * (at - tz) * (at - tb) / ((ta - tz) * (ta - tb))
+                + vb * (at - tz) * (at - ta) / ((tb - tz) * (tb - ta)))
+    return vb + e * (lagrange - vb)
+
+
+def feedback_reference(run, e, patch=(2, 2)):
+    """Per chunk, by hand: at every compute after the first, the order (0, 1, 2) whose predictions of the
+    computed tokens had the least squared error (the first on a tie); reused tokens follow the chunk's
+    order (1 until a choice is made)."""
+    history, chosen, expected, choices = {}, {}, [], []
+    for d, fresh, _, t in run:
+        C, T, H, W = run[0][1].shape
+        gh, gw = H // patch[0], W // patch[1]
+        tokens = []
+        for token in range(d.n_tokens):
+            f, rest = divmod(token, gh * gw)
+            i, j = divmod(rest, gw)
+            tokens.append((slice(None), f, slice(i * patch[0], (i + 1) * patch[0]), slice(j * patch[1], (j + 1) * patch[1])))
+        computed = [d.action == "dense" or (d.action == "sparse" and k in d.active.tolist()) for k in range(d.n_tokens)]
+        pasts = [history.setdefault((d.chunk_id, k), []) for k in range(d.n_tokens)]
+        if any(computed) and pasts[0]:
+            errors = [sum(float(((_predict(pasts[k], t, order, e) - fresh[tokens[k]].double()) ** 2).sum())
+                          for k in range(d.n_tokens) if computed[k]) for order in (0, 1, 2)]
+            chosen[d.chunk_id] = min(range(3), key=lambda order: errors[order])
+            choices.append(chosen[d.chunk_id])
+        v = torch.empty(C, T, H, W, dtype=torch.float64)
+        for k in range(d.n_tokens):
+            if computed[k]:
+                pasts[k].append((t, fresh[tokens[k]].double().clone()))
+                v[tokens[k]] = fresh[tokens[k]].double()
+            else:
+                v[tokens[k]] = _predict(pasts[k], t, chosen.get(d.chunk_id, 1), e)
+        expected.append(v)
+    return expected, choices
+
+
+@pytest.mark.parametrize("mode,seed,smooth", [("hybrid", 0, True), ("flowcache", 1, True), ("motion_detail", 2, False)])
+def test_error_feedback_picks_the_order_that_predicted_best(mode, seed, smooth):
+    g = torch.Generator().manual_seed(seed)
+    a, b, c = (torch.randn(3, 4, 2, 6, 8, generator=g) for _ in range(3))
+    noise = torch.Generator().manual_seed(seed + 10)
+    truth = lambda chunk, t: (a[chunk] + b[chunk] * t + c[chunk] * t * t  # noqa: E731
+                              + (0.0 if smooth else 0.3 * torch.randn(4, 2, 6, 8, generator=noise)))
+    policy = CachePolicy(mode=mode, tau=0.2, chunk_tau=0.3, warmup_steps=2, chunk_wise_steps=2, final_full_steps=1,
+                         proxy="denoised", velocity_extrapolation=1.0, extrapolation_feedback=True)
+    run = drive(policy, seed, power=2, velocity_of=truth)
+    expected, choices = feedback_reference(run, 1.0)
+    assert len(set(choices)) > 1 or not smooth  # the choice is exercised
+    for (_, _, got, _), want in zip(run, expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)

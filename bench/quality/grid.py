@@ -244,7 +244,7 @@ def _fmt(value, digits=1):
 
 def equal_cost_table(table_points, default, key="psnr", ratios=RATIOS):
     """Per FLOP ratio: each policy's mean ``key`` there (or "not measured") and its paired difference from
-    ``default`` over the same videos (95% interval)."""
+    ``default`` (or another baseline) over the same videos (95% interval)."""
     specs = list(table_points)
     head = "| FLOP ratio | " + " | ".join(specs) + " |"
     lines = [head, "|---|" + "---|" * len(specs)]
@@ -260,9 +260,54 @@ def equal_cost_table(table_points, default, key="psnr", ratios=RATIOS):
             if spec != default and base:
                 diff = paired(values, base)
                 if diff is not None:
-                    cell += f" ({diff[0]:+.1f} ± {diff[1]:.1f} vs default)"
+                    cell += f" ({diff[0]:+.1f} ± {diff[1]:.1f})"
             cells.append(cell)
         lines.append(f"| {ratio:g}x | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def speedup_at_quality(rows, bar, key="psnr", seed=None):
+    """The largest FLOP ratio at which the policy's mean ``key`` (over one seed's videos, or all) is at least
+    ``bar``: a measured point, or read between two neighbours at most ``MAX_GAP`` apart where the mean
+    crosses the bar. Where the crossing lies in a wider gap, ``(low, high)``: somewhere in between, not
+    measured. None when no point reaches the bar."""
+    def mean_at(videos):
+        values = [r[key] for (_, s), r in videos.items() if (seed is None or s == seed) and r[key] is not None]
+        return statistics.mean(values) if values else None
+
+    measured = [(ratio, mean_at(videos)) for _, ratio, videos in rows]
+    measured = [(r, q) for r, q in measured if q is not None]
+    best = None
+    for i, (ratio, quality) in enumerate(measured):
+        if quality >= bar:
+            best = ratio
+            if i + 1 < len(measured) and measured[i + 1][1] < bar:
+                (r1, q1) = measured[i + 1]
+                if r1 - ratio > MAX_GAP:
+                    best = (ratio, r1)
+                else:
+                    best = ratio + (r1 - ratio) * (quality - bar) / (quality - q1)
+    return best
+
+
+def _speedup_text(value):
+    if value is None:
+        return "below the bar"
+    if isinstance(value, tuple):
+        return f"{value[0]:.2f}x to {value[1]:.2f}x (not measured between)"
+    return f"{value:.2f}x"
+
+
+def quality_bar_table(table_points, seeds, bars=(35.0, 30.0, 25.0)):
+    lines = ["| policy | " + " | ".join(f"at >= {bar:g} dB (per seed)" for bar in bars) + " |",
+             "|---|" + "---|" * len(bars)]
+    for spec, rows in table_points.items():
+        cells = []
+        for bar in bars:
+            per_seed = [speedup_at_quality(rows, bar, seed=seed) for seed in seeds]
+            cells.append(f"{_speedup_text(speedup_at_quality(rows, bar))} ("
+                         + ", ".join(_speedup_text(v) for v in per_seed) + ")")
+        lines.append(f"| {spec} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -277,7 +322,11 @@ def report(setup, records, name):
              f"{setup.get('frames', 48)} frames, {setup.get('steps', 16)} steps, built-in `{setup.get('model', 'bench')}` "
              f"model, CPU (2 cores). Seed spread: the range of the per-seed mean PSNRs. Wall speed-up: the "
              "reference runs' wall time over the policy's, on the same videos (one run each).", "",
-             "## Every point", "", point_table(table_points, off), ""]
+             "## Every point", "", point_table(table_points, off), "",
+             "## Speed-up at equal quality", "",
+             "The largest FLOP ratio whose mean PSNR against no cache is at least the bar (over all videos, and "
+             "per seed), read between measured points only where they are at most "
+             f"{MAX_GAP}x apart.", "", quality_bar_table(table_points, setup["seeds"]), ""]
     for key, title in (("psnr", "PSNR"), ("first_chunk_psnr", "first-chunk PSNR (the cache's own error)"),
                        ("moving_psnr", "moving-region PSNR"), ("static_psnr", "static-region PSNR")):
         lines += [f"## {title} at equal FLOP ratio", "",
@@ -285,6 +334,9 @@ def report(setup, records, name):
                   "else not measured; in brackets the paired difference from the default over the same videos "
                   "with its 95% interval.", "", equal_cost_table(table_points, default, key) if default else
                   "(the default policy is not in this run)", ""]
+    for base in setup.get("baselines", []):  # more paired comparisons, against other policies of the run
+        if base in table_points:
+            lines += [f"## PSNR at equal FLOP ratio against {base}", "", equal_cost_table(table_points, base), ""]
     return "\n".join(lines)
 
 
