@@ -76,9 +76,6 @@ class CachePolicy:
     # The extrapolation's order: 1 from the last two computed velocities, 2 from the last three (a quadratic
     # in time, still never more than one span ahead).
     extrapolation_order: int = 1
-    # Each chunk picks its extrapolation order (0: hold, 1, 2) at every compute after a reuse: the one that
-    # predicted that compute's velocity best (error feedback; extrapolation_order is then not read).
-    extrapolation_feedback: bool = False
     # Token threshold over a chunk's steps: τ·(1 + tau_ramp·(2k/(n − 1) − 1)) at step k of n, so 0 keeps
     # τ, and a positive ramp reuses less early (while the layout forms) and more late, τ on average.
     tau_ramp: float = 0.0
@@ -109,8 +106,6 @@ class CachePolicy:
             raise ValueError(f"rescale_reused_velocity must be True or False, got {self.rescale_reused_velocity!r}")
         check_number("velocity_extrapolation", self.velocity_extrapolation, low=0.0, high=1.0)
         check_choice("extrapolation_order", self.extrapolation_order, (1, 2))
-        if not isinstance(self.extrapolation_feedback, bool):
-            raise ValueError(f"extrapolation_feedback must be True or False, got {self.extrapolation_feedback!r}")
         check_number("tau_ramp", self.tau_ramp, low=0.0, high=1.0)
         if not isinstance(self.refresh_neighbours, bool):
             raise ValueError(f"refresh_neighbours must be True or False, got {self.refresh_neighbours!r}")

@@ -50,8 +50,7 @@ class CacheState:
         self.token_grid = (T, H // self.patch[0], W // self.patch[1])
         self.n_tokens = T * self.token_grid[1] * self.token_grid[2]
         self._reuse = VelocityReuse(self.token_grid, self.patch, policy.rescale_reused_velocity,
-                                    policy.velocity_extrapolation, policy.extrapolation_order,
-                                    policy.extrapolation_feedback)
+                                    policy.velocity_extrapolation, policy.extrapolation_order)
         self._chunks: dict[int, ChunkMemory] = {}
         self._window_acc = None  # teacache: one accumulator for the whole window
 

@@ -34,7 +34,6 @@ class ChunkMemory:
     # Second-order extrapolation only: the computed velocity before those two, and its times
     velocity_prev2: Optional[torch.Tensor] = None
     t_prev2: Optional[torch.Tensor] = None  # [N] float32 (NaN: computed fewer than three times so far)
-    chosen_order: Optional[torch.Tensor] = None  # feedback only: 0-dim, the order that predicted best last
     t_now: Optional[float] = None  # the chunk's time at the step being decided
     velocity_dt: Optional[torch.Tensor] = None  # [N]: step size of each token's velocity (rescale_reused_velocity=False only)
     weights: Optional[torch.Tensor] = None  # [N] float32: token weights for the next decision
@@ -55,17 +54,12 @@ class VelocityReuse:
     and v0 (at t0): first order in time, each token with its own times, never beyond one span. With
     ``order`` 2 the quadratic through the last three computes (Newton's form) adds
     ``e·s·(s + 1)·(t1 − t0)²·D2`` where ``s = min((t − t1)/(t1 − t0), 1)`` and ``D2`` is the second
-    divided difference of the three; a token computed only twice falls back to first order.
+    divided difference of the three; a token computed only twice falls back to first order."""
 
-    With ``feedback``, each chunk picks its order (0: hold the last velocity, 1, 2) at every compute that
-    follows a reuse: the one whose prediction of the velocity just computed was closest (squared error
-    over the computed tokens), kept on the device (no host sync)."""
-
-    def __init__(self, token_grid, patch, rescale, extrapolation=0.0, order=1, feedback=False):
+    def __init__(self, token_grid, patch, rescale, extrapolation=0.0, order=1):
         self.token_grid, self.patch, self.rescale = token_grid, patch, rescale
         self.extrapolation = float(extrapolation)
-        self.feedback = bool(feedback)
-        self.order = 2 if self.feedback else int(order)  # feedback keeps three computes to choose among
+        self.order = int(order)
         self.n_tokens = token_grid[0] * token_grid[1] * token_grid[2]
 
     def __call__(self, mem, action, velocity, dt):
@@ -87,35 +81,15 @@ class VelocityReuse:
 
     def _extrapolating(self, mem, action, velocity):
         if action != "skip":
-            fresh, mask = velocity.detach(), mem.pending_mask if action == "sparse" else None
-            if self.feedback and mem.velocity is not None:
-                mem.chosen_order = self._best_order(mem, fresh, mask)
-            self._remember(mem, fresh, mask)
+            self._remember(mem, velocity.detach(), mem.pending_mask if action == "sparse" else None)
         if action == "dense":
             return velocity
-        if not self.feedback:
-            return self._prediction(mem, self.order)
-        chosen = mem.chosen_order if mem.chosen_order is not None else torch.tensor(1)
-        predictions = torch.stack([self._prediction(mem, order) for order in (0, 1, 2)])
-        return predictions[chosen.to(predictions.device)]
-
-    def _best_order(self, mem, fresh, mask):
-        """The order (0, 1, 2) whose prediction at this compute's time was closest to ``fresh`` on the
-        computed tokens: a 0-dim int64 tensor."""
-        weight = 1.0 if mask is None else self._to_pixels(mask).float()
-        errors = torch.stack([((self._prediction(mem, order) - fresh) ** 2 * weight).sum() for order in (0, 1, 2)])
-        return torch.argmin(errors)
-
-    def _prediction(self, mem, order):
-        """The reused velocity at ``mem.t_now`` from the computed ones, of ``order`` 0, 1 or 2."""
-        if order == 0:
-            return mem.velocity
         span = mem.t_last - mem.t_prev
         valid = torch.isfinite(span) & (span != 0)
         factor = torch.where(valid, (mem.t_now - mem.t_last) / torch.where(valid, span, 1.0), 0.0)
         factor = factor.clamp(max=EXTRAPOLATION_SPANS)
         out = mem.velocity + self._to_pixels(self.extrapolation * factor) * (mem.velocity - mem.velocity_prev)
-        if order < 2:
+        if self.order < 2:
             return out
         # Newton's second term over (t0, t1, t2) = (t_prev2, t_prev, t_last), at t2 + s·(t2 − t1):
         # (t − t2)(t − t1)·D2 with D2 = ((v2 − v1)/(t2 − t1) − (v1 − v0)/(t1 − t0)) / (t2 − t0).
