@@ -108,6 +108,18 @@ def test_hybrid_without_chunk_reuse_decides_exactly_as_motion_detail(seed):
         assert torch.equal(va, vb)
 
 
+def token_pixels(d, shape, patch=(2, 2)):
+    """``(token, its pixels, whether computed)`` of every token of a decision on chunks of ``shape``."""
+    _, _, H, W = shape
+    gh, gw = H // patch[0], W // patch[1]
+    active = d.active.tolist() if d.action == "sparse" else None
+    for token in range(d.n_tokens):
+        f, rest = divmod(token, gh * gw)
+        i, j = divmod(rest, gw)
+        pixels = (slice(None), f, slice(i * patch[0], (i + 1) * patch[0]), slice(j * patch[1], (j + 1) * patch[1]))
+        yield token, pixels, d.action == "dense" or (active is not None and token in active)
+
+
 def reference_velocities(run, extrapolation, patch=(2, 2)):
     """Per token, by hand: fresh where computed, else v1 + e·(v1 − v0)·min((t − t1)/(t1 − t0), 1) from
     its last two computed velocities (v1 alone after a single computation). Also returns how many
@@ -115,14 +127,8 @@ def reference_velocities(run, extrapolation, patch=(2, 2)):
     history = {}  # (chunk, token) -> [(t, velocity of its pixels), ...]
     expected, capped = [], 0
     for d, fresh, _, t in run:
-        C, T, H, W = fresh.shape if fresh is not None else run[0][1].shape
-        gh, gw = H // patch[0], W // patch[1]
-        v = torch.empty(C, T, H, W)
-        for token in range(d.n_tokens):
-            f, rest = divmod(token, gh * gw)
-            i, j = divmod(rest, gw)
-            pixels = (slice(None), f, slice(i * patch[0], (i + 1) * patch[0]), slice(j * patch[1], (j + 1) * patch[1]))
-            computed = d.action == "dense" or (d.action == "sparse" and token in d.active.tolist())
+        v = torch.empty(run[0][1].shape)
+        for token, pixels, computed in token_pixels(d, run[0][1].shape, patch):
             past = history.setdefault((d.chunk_id, token), [])
             if computed:
                 past.append((t, fresh[pixels].clone()))
@@ -229,14 +235,8 @@ def quadratic_reference(run, extrapolation, patch=(2, 2)):
     the last velocity."""
     history, expected, second_order = {}, [], 0
     for d, fresh, _, t in run:
-        C, T, H, W = run[0][1].shape
-        gh, gw = H // patch[0], W // patch[1]
-        v = torch.empty(C, T, H, W, dtype=torch.float64)
-        for token in range(d.n_tokens):
-            f, rest = divmod(token, gh * gw)
-            i, j = divmod(rest, gw)
-            pixels = (slice(None), f, slice(i * patch[0], (i + 1) * patch[0]), slice(j * patch[1], (j + 1) * patch[1]))
-            computed = d.action == "dense" or (d.action == "sparse" and token in d.active.tolist())
+        v = torch.empty(run[0][1].shape, dtype=torch.float64)
+        for token, pixels, computed in token_pixels(d, run[0][1].shape, patch):
             past = history.setdefault((d.chunk_id, token), [])
             if computed:
                 past.append((t, fresh[pixels].double().clone()))
