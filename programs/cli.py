@@ -377,8 +377,8 @@ def prompt_states(run):
 
 
 def captions(run, config, distill, tokens):
-    """The sampler's captions (as MAGI-1 Sampler builds them) and the report's notes about the prompt, for the
-    DiT of ``config``."""
+    """The request's captions (``{"caption", "negative_caption"}``, as MAGI-1 Sampler builds them) and the
+    report's notes about the prompt, for the DiT of ``config``."""
     states, unknown = prompt_states(run)
     if states.width != config.caption_channels:
         source = f"the caption states in {run.caption_states_path}" if run.caption_states else "the prompt's states"

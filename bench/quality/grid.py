@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 import magi1
 from magi1 import builtin
+from magi1.sampling.layout import frames_made
 
 from .metrics import psnr, ssim
 from .policies import HERE, PRESET_SPEC, family_policy
@@ -113,7 +114,12 @@ def run(setup, out_path, log=print):
     frames, steps = setup.get("frames", 48), setup.get("steps", model.steps)
     dit, vae, encoder = model.load_dit(), model.load_vae(), model.load_text_encoder()
     base = magi1.VideoRequest(frames=frames, height=model.size, width=model.size, steps=steps)
+    chunk_frames = frames_made(base.chunk_width)  # the first chunk's video frames
     grid = [(entry["policy"], tau) for entry in setup["policies"] for tau in entry["taus"]]
+    for spec, tau in grid:  # before anything runs: "released" has its own step count and its own off
+        if family_policy(spec, tau)[2] is not None:
+            raise SystemExit(f"{spec}: the grid compares every policy at the setup's {steps} steps; run it with "
+                             "python -m bench.quality.policies")
     done = done_keys(out_path)
     for p, prompt in enumerate(setup["prompts"]):
         caption = magi1.chunk_captions(*encoder.encode(prompt), base.chunks, model.special_tokens())
@@ -129,7 +135,7 @@ def run(setup, out_path, log=print):
             if (OFF, 0.0, p, seed) not in done:  # the reference's own record: its wall time
                 _append(out_path, dict(policy=OFF, tau=0.0, prompt=p, seed=seed, flops=off.stats.flops,
                                        dense_flops=off.stats.dense_flops, wall=off_wall, computed=1.0,
-                                       **video_scores(reference, reference, 24)))
+                                       **video_scores(reference, reference, chunk_frames)))
             for spec, tau in todo:
                 _, policy, _ = family_policy(spec, tau)
                 began = time.perf_counter()
@@ -140,7 +146,7 @@ def run(setup, out_path, log=print):
                 record = dict(policy=spec, tau=tau, prompt=p, seed=seed, flops=stats.flops,
                               dense_flops=stats.dense_flops, wall=wall,
                               computed=stats.token_steps_computed / stats.token_steps_total,
-                              **video_scores(video, reference, 24))
+                              **video_scores(video, reference, chunk_frames))
                 _append(out_path, record)
             log(f"prompt {p + 1}/{len(setup['prompts'])} seed {seed}: {len(todo)} videos")
 
@@ -314,7 +320,8 @@ def quality_bar_table(table_points, seeds, bars=(35.0, 30.0, 25.0)):
 def report(setup, records, name):
     off = {(r["prompt"], r["seed"]): r for r in records if r["policy"] == OFF}
     table_points = points([r for r in records if r["policy"] != OFF])
-    default = next((s for s in table_points if s == setup.get("default", PRESET_SPEC)), None)
+    default = setup.get("default", PRESET_SPEC)
+    default = default if default in table_points else None
     videos = set(off)
     lines = [f"# {name}: the cache policies on a dense τ grid", "",
              f"`python -m bench.quality.grid --setup bench/setups/{name}.json`: {setup.get('about', '')}", "",

@@ -85,7 +85,7 @@ class VideoRequest:
         if self.policy is not None and not isinstance(self.policy, ReusePolicy):
             raise TypeError(f"policy must be a cache_core.CachePolicy (or follow "
                             f"magi1.sampling.reuse_contract.ReusePolicy) or None, got {type(self.policy).__name__}")
-        given = None if self.prefix is None else int(self.prefix.shape[1]) if self.prefix.dim() > 1 else None
+        given = int(self.prefix.shape[1]) if self.prefix is not None and self.prefix.dim() > 1 else None
         if self.prefix_frames is None:
             object.__setattr__(self, "prefix_frames", given or 0)
         elif given is not None and given != self.prefix_frames:
@@ -131,7 +131,9 @@ class VideoRequest:
 
     def with_changes(self, **changes):
         """A copy with some fields changed (``dataclasses.replace``): e.g. the captions, once the layout has
-        said how many chunks they are for."""
+        said how many chunks they are for. A new ``prefix`` brings its own ``prefix_frames``."""
+        if "prefix" in changes and "prefix_frames" not in changes:
+            changes["prefix_frames"] = None
         return dataclasses.replace(self, **changes)
 
     # ----------------------------------------------------------------------------- to and from dict

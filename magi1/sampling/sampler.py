@@ -81,13 +81,13 @@ def generate(model, request: VideoRequest, *, noise=None, on_step: Optional[Call
     if not hasattr(request, "frames_to_generate"):  # duck-typed: a test may load a second copy of the package
         raise TypeError(f"generate takes a magi1.VideoRequest, got {type(request).__name__}: build one with "
                         "VideoRequest(frames=..., width=..., height=..., caption=..., ...)")
-    if request.token_block is None:  # the model's own setting (off unless configured)
-        return _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames)
-    before = model.configure(token_block=request.token_block)
+    # None keeps the model's own setting (off unless configured); a value holds for this run only
+    before = {} if request.token_block is None else model.configure(token_block=request.token_block)
     try:
         return _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames)
     finally:
-        model.configure(**before)
+        if before:
+            model.configure(**before)
 
 
 def _generate(model, request, noise, on_step, should_stop, stop, parallel, on_frames):
